@@ -1,0 +1,60 @@
+"""Model builders: turn `config.model` into a Flax module."""
+
+import jax.numpy as jnp
+import ml_collections
+
+from facemoe_jax.models.moe import COMBINE_MODES
+from facemoe_jax.models.vit import ViTMoE, parse_moe_layers
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def build_model(cfg: ml_collections.ConfigDict) -> ViTMoE:
+    """Validates config.model and builds the encoder; errors name the offending field."""
+    if cfg.name != "vit_moe":
+        raise ValueError(f"config.model.name={cfg.name!r} is not a known model (known: 'vit_moe')")
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"config.model.dtype={cfg.dtype!r} is not one of {sorted(DTYPES)}")
+    if cfg.image_size % cfg.patch_size:
+        raise ValueError(
+            f"config.model.image_size={cfg.image_size} is not a multiple of "
+            f"config.model.patch_size={cfg.patch_size}"
+        )
+    if cfg.width % cfg.num_heads:
+        raise ValueError(
+            f"config.model.width={cfg.width} is not divisible by "
+            f"config.model.num_heads={cfg.num_heads}"
+        )
+    moe_layers = parse_moe_layers(cfg.moe_layers, cfg.depth)
+    if moe_layers:
+        if cfg.num_experts < 1:
+            raise ValueError(f"config.model.num_experts={cfg.num_experts} must be at least 1")
+        if not 1 <= cfg.top_k <= cfg.num_experts:
+            raise ValueError(
+                f"config.model.top_k={cfg.top_k} is impossible with "
+                f"config.model.num_experts={cfg.num_experts} (need 1 <= top_k <= experts)"
+            )
+        if cfg.router_combine not in COMBINE_MODES:
+            raise ValueError(
+                f"config.model.router_combine={cfg.router_combine!r} is not one of {COMBINE_MODES}"
+            )
+        if cfg.capacity_factor < 0:
+            raise ValueError(
+                f"config.model.capacity_factor={cfg.capacity_factor} must be >= 0 (0 = dropless)"
+            )
+    return ViTMoE(
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        width=cfg.width,
+        depth=cfg.depth,
+        num_heads=cfg.num_heads,
+        mlp_ratio=cfg.mlp_ratio,
+        embed_dim=cfg.embed_dim,
+        moe_layers=moe_layers,
+        num_experts=cfg.num_experts,
+        top_k=cfg.top_k,
+        router_combine=cfg.router_combine,
+        capacity_factor=cfg.capacity_factor or None,
+        drop_path_rate=cfg.drop_path_rate,
+        dtype=DTYPES[cfg.dtype],
+    )

@@ -1,0 +1,105 @@
+"""Shared config builder: every field of every run, with defaults a user overrides per recipe.
+
+Names other tools rely on (keep them): config.seed, config.train.num_steps,
+config.train.batch_size (global, over all hosts and devices), config.checkpoint.every_steps,
+config.mesh (axis sizes, -1 = the remaining devices), config.eval.
+"""
+
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    config.model = ml_collections.ConfigDict(
+        dict(
+            name="vit_moe",
+            image_size=112,
+            patch_size=9,
+            width=512,
+            depth=24,
+            num_heads=8,
+            mlp_ratio=4.0,
+            embed_dim=512,
+            moe_layers="every:2",  # "every:N", "last:N", "all", "none" or "1,3,5"
+            num_experts=8,
+            top_k=2,
+            router_combine="softmax_topk",  # or "raw_logits" (official FaceMoE)
+            capacity_factor=0.0,  # 0 = dropless (sorted tokens + grouped matmul); > 0 = capacity path
+            drop_path_rate=0.1,
+            dtype="float32",  # activations; "bfloat16" keeps params, router and losses float32
+        )
+    )
+
+    config.loss = ml_collections.ConfigDict(
+        dict(
+            margin="combined",  # "combined" (CosFace/ArcFace/SphereFace) or "adaface"
+            scale=64.0,
+            m1=1.0,  # SphereFace multiplicative angular margin
+            m2=0.0,  # ArcFace additive angular margin
+            m3=0.4,  # CosFace additive cosine margin
+            adaface_margin=0.4,
+            adaface_h=0.333,
+            sample_rate=1.0,  # Partial FC: share of class centres per step (1 = all)
+            router_z_loss="st_moe",  # "st_moe": mean(logsumexp^2); "official": mean(logits^2)
+            load_balance_loss="switch",  # "switch": E*sum f*P; "official": E*sum(imp*load)/T^2
+            z_coef=1e-3,
+            balance_coef=1e-2,
+        )
+    )
+
+    config.optimizer = ml_collections.ConfigDict(
+        dict(
+            name="adamw",  # "adamw" or "sgd"
+            learning_rate=1e-3,
+            weight_decay=0.1,
+            momentum=0.9,  # SGD only
+            b1=0.9,
+            b2=0.999,
+            warmup_steps=0,
+            decay_power=1.0,  # polynomial decay from the peak to end_learning_rate
+            end_learning_rate=0.0,
+            grad_clip_norm=5.0,  # 0 disables clipping
+        )
+    )
+
+    config.train = ml_collections.ConfigDict(
+        dict(
+            num_steps=1000,
+            batch_size=128,  # global
+            log_every_steps=50,
+        )
+    )
+
+    config.data = ml_collections.ConfigDict(
+        dict(
+            train="synthetic",  # the embedded procedural identities (no download)
+            num_classes=1000,  # checked against the data before training starts
+            synthetic_images_per_identity=20,
+            flip_prob=0.5,
+            low_res_prob=0.0,  # official FaceMoE low-resolution augmentation probability
+            low_res_min_ratio=0.2,
+            low_res_max_ratio=1.0,
+            worker_count=0,  # grain worker processes (0 = in the main process)
+        )
+    )
+
+    config.eval = ml_collections.ConfigDict(
+        dict(
+            synthetic_pairs=1000,  # verification pairs of held-out synthetic identities (0 = off)
+            low_resolutions="8,16",  # extra evaluation with both sides degraded to these pixel sizes
+            flip_test=True,
+            batch_size=256,
+        )
+    )
+
+    config.checkpoint = ml_collections.ConfigDict(
+        dict(
+            every_steps=1000,
+            max_to_keep=3,
+        )
+    )
+
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, expert=1))
+    return config

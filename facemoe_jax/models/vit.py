@@ -1,0 +1,208 @@
+"""ViT face encoder in the insightface arcface_torch style, with MoE feed-forward blocks.
+
+The dense layout follows insightface's face ViT (also used by PETALface) so that public dense
+checkpoints can later be imported and upcycled: patch-embedding conv with bias, a learned position
+embedding and no class token, pre-LayerNorm blocks, attention with a fused bias-free qkv, an MLP
+with ReLU6, a final LayerNorm, and an embedding head that flattens *all* tokens (the face layout is
+spatially fixed after alignment, so position matters more than pooling invariance):
+flatten -> Dense(width, no bias) -> BatchNorm -> Dense(embed_dim, no bias) -> BatchNorm.
+
+Blocks listed by `moe_layers` replace the MLP by `MoEFeedForward`. The encoder returns the
+embeddings and a dict of router metrics stacked over the MoE blocks (leading axis = MoE block).
+insightface's training-time random patch masking is not reproduced.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from facemoe_jax.models.moe import MoEFeedForward
+
+Array = jax.Array
+
+LAYER_NORM_EPS = 1e-5
+HEAD_BATCH_NORM_EPS = 2e-5
+
+
+def parse_moe_layers(spec: str, depth: int) -> tuple[int, ...]:
+    """Which blocks (0-based) use an MoE feed-forward.
+
+    spec: "every:N" (blocks N-1, 2N-1, ...: every N-th block, ending with the last when N divides
+    depth), "last:N", "all", "none", or a comma list of block indices such as "1,3,5".
+    """
+    spec = spec.strip()
+    if spec == "none":
+        return ()
+    if spec == "all":
+        return tuple(range(depth))
+    kind, _, value = spec.partition(":")
+    try:
+        if kind == "every":
+            every = int(value)
+            if every < 1:
+                raise ValueError
+            return tuple(range(every - 1, depth, every))
+        if kind == "last":
+            last = int(value)
+            if not 0 <= last <= depth:
+                raise ValueError
+            return tuple(range(depth - last, depth))
+        layers = tuple(sorted({int(v) for v in spec.split(",")}))
+    except ValueError:
+        raise ValueError(
+            f"config.model.moe_layers={spec!r} is not 'every:N', 'last:N', 'all', "
+            f"'none' or a list like '1,3,5' for depth {depth}"
+        ) from None
+    if layers and not (0 <= layers[0] and layers[-1] < depth):
+        raise ValueError(f"config.model.moe_layers={spec!r} names blocks outside 0..{depth - 1}")
+    return layers
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops the whole residual branch per sample during training."""
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool) -> Array:
+        if deterministic or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        mask = jax.random.bernoulli(
+            self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1)
+        )
+        return jnp.where(mask, x / keep, 0.0).astype(x.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused, bias-free qkv projection (insightface layout)."""
+
+    num_heads: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        b, n, d = x.shape
+        head_dim = d // self.num_heads
+        qkv = nn.Dense(3 * d, use_bias=False, dtype=self.dtype, name="qkv")(x)
+        q, k, v = jnp.moveaxis(qkv.reshape(b, n, 3, self.num_heads, head_dim), 2, 0)
+        logits = jnp.einsum("bqhc,bkhc->bhqk", q, k) * head_dim**-0.5
+        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+        out = jnp.einsum("bhqk,bkhc->bqhc", weights, v).reshape(b, n, d)
+        return nn.Dense(d, dtype=self.dtype, name="proj")(out)
+
+
+class Mlp(nn.Module):
+    hidden_dim: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        h = jax.nn.relu6(nn.Dense(self.hidden_dim, dtype=self.dtype, name="fc1")(x))
+        return nn.Dense(x.shape[-1], dtype=self.dtype, name="fc2")(h)
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block; its feed-forward is dense or MoE."""
+
+    num_heads: int
+    mlp_dim: int
+    moe: dict | None = None  # MoEFeedForward keyword arguments, None = dense MLP
+    drop_path_rate: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool):
+        drop_path = DropPath(self.drop_path_rate)
+        y = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name="norm1")(x)
+        x = x + drop_path(Attention(self.num_heads, self.dtype, name="attn")(y), not train)
+        y = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name="norm2")(x)
+        if self.moe is None:
+            y, metrics = Mlp(self.mlp_dim, self.dtype, name="mlp")(y), None
+        else:
+            y, metrics = MoEFeedForward(
+                hidden_dim=self.mlp_dim, dtype=self.dtype, name="moe", **self.moe
+            )(y)
+        return x + drop_path(y, not train), metrics
+
+
+class ViTMoE(nn.Module):
+    """Face ViT with MoE blocks: images (B, H, W, 3) in [-1, 1] -> ((B, embed_dim) float32, metrics)."""
+
+    image_size: int = 112
+    patch_size: int = 9
+    width: int = 512
+    depth: int = 24
+    num_heads: int = 8
+    mlp_ratio: float = 4.0
+    embed_dim: int = 512
+    moe_layers: Sequence[int] = ()
+    num_experts: int = 8
+    top_k: int = 2
+    router_combine: str = "softmax_topk"
+    capacity_factor: float | None = None
+    drop_path_rate: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: Array, train: bool = False):
+        if images.shape[1:3] != (self.image_size, self.image_size):
+            raise ValueError(
+                f"images of shape {images.shape} do not match config.model.image_size="
+                f"{self.image_size}"
+            )
+        x = nn.Conv(
+            self.width,
+            (self.patch_size, self.patch_size),
+            strides=self.patch_size,
+            padding="VALID",
+            dtype=self.dtype,
+            name="patch_embed",
+        )(images.astype(self.dtype))
+        b, h, w, d = x.shape
+        x = x.reshape(b, h * w, d)
+        pos = self.param("pos_embed", nn.initializers.truncated_normal(0.02), (1, h * w, d))
+        x = x + pos.astype(self.dtype)
+
+        moe = dict(
+            num_experts=self.num_experts,
+            top_k=self.top_k,
+            combine=self.router_combine,
+            capacity_factor=self.capacity_factor,
+        )
+        layer_metrics = []
+        for i in range(self.depth):
+            rate = self.drop_path_rate * i / max(self.depth - 1, 1)
+            x, metrics = Block(
+                self.num_heads,
+                int(self.width * self.mlp_ratio),
+                moe if i in self.moe_layers else None,
+                rate,
+                self.dtype,
+                name=f"blocks_{i}",
+            )(x, train)
+            if metrics is not None:
+                layer_metrics.append(metrics)
+        x = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name="norm")(x)
+
+        x = x.reshape(b, -1).astype(jnp.float32)
+        x = nn.Dense(self.width, use_bias=False, name="feature_fc1")(x)
+        x = nn.BatchNorm(
+            use_running_average=not train,
+            momentum=0.9,
+            epsilon=HEAD_BATCH_NORM_EPS,
+            name="feature_bn1",
+        )(x)
+        x = nn.Dense(self.embed_dim, use_bias=False, name="feature_fc2")(x)
+        x = nn.BatchNorm(
+            use_running_average=not train,
+            momentum=0.9,
+            epsilon=HEAD_BATCH_NORM_EPS,
+            name="feature_bn2",
+        )(x)
+        stacked = jax.tree.map(lambda *m: jnp.stack(m), *layer_metrics) if layer_metrics else {}
+        return x, stacked
