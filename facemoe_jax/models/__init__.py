@@ -15,10 +15,12 @@ def build_model(cfg: ml_collections.ConfigDict) -> ViTMoE:
         raise ValueError(f"config.model.name={cfg.name!r} is not a known model (known: 'vit_moe')")
     if cfg.dtype not in DTYPES:
         raise ValueError(f"config.model.dtype={cfg.dtype!r} is not one of {sorted(DTYPES)}")
-    if cfg.image_size % cfg.patch_size:
+    # A stride-p conv keeps image_size // p patches per side (ViT-B/9 on 112: 12 x 12, the last
+    # 4 pixel rows and columns unused, as in insightface), so only p > image_size is an error.
+    if not 1 <= cfg.patch_size <= cfg.image_size:
         raise ValueError(
-            f"config.model.image_size={cfg.image_size} is not a multiple of "
-            f"config.model.patch_size={cfg.patch_size}"
+            f"config.model.patch_size={cfg.patch_size} must be between 1 and "
+            f"config.model.image_size={cfg.image_size}"
         )
     if cfg.width % cfg.num_heads:
         raise ValueError(
