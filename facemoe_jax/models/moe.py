@@ -73,26 +73,56 @@ def top_k_routing(logits: Array, top_k: int, combine: str) -> tuple[Array, Array
 
 @struct.dataclass
 class CapacityDispatcher:
-    """Moves tokens to fixed-size expert buffers with one-hot tensors (vmoe's dense dispatch).
+    """Moves tokens into fixed-size (E, C) expert buffers and back, by slot indices.
 
-    combine_weights: (G, S, E, C) float32, the weight of token s in slot c of expert e; zero where
-    the token was not sent there (not chosen, or dropped because the buffer was full).
+    Each of the (G, S, K) assignments has an expert, a slot in that expert's buffer and a kept
+    flag (False when the buffer was full). Moving data by scatter/gather costs O(S*K*D) per
+    group, against O(S*E*C*D) for vmoe's one-hot einsums; `combine_weights` still gives that
+    dense (G, S, E, C) tensor for inspection.
     """
 
-    combine_weights: Array
+    expert_index: Array  # (G, S, K) int32
+    slot: Array  # (G, S, K) int32, position in the expert's buffer
+    kept: Array  # (G, S, K) bool
+    weights: Array  # (G, S, K) float32 combine weights
+    num_experts: int = struct.field(pytree_node=False)
+    capacity: int = struct.field(pytree_node=False)
+
+    def _flat_slot(self) -> Array:
+        """(G, S, K) row in the group's (E*C + 1) rows; dropped assignments go to the last row."""
+        trash = self.num_experts * self.capacity
+        return jnp.where(self.kept, self.expert_index * self.capacity + self.slot, trash)
 
     def dispatch(self, x: Array) -> Array:
         """(G, S, D) -> (E, G*C, D): each expert's buffer, empty slots are zeros."""
-        mask = (self.combine_weights != 0).astype(x.dtype)
-        buffers = jnp.einsum("gsec,gsd->egcd", mask, x)
-        e, g, c, d = buffers.shape
+        g, s, d = x.shape
+        k = self.expert_index.shape[-1]
+        e, c = self.num_experts, self.capacity
+        rows = jnp.zeros((g, e * c + 1, d), x.dtype)
+        group = jnp.broadcast_to(jnp.arange(g)[:, None, None], (g, s, k))
+        tokens = jnp.broadcast_to(x[:, :, None, :], (g, s, k, d))
+        rows = rows.at[group, self._flat_slot()].set(tokens, unique_indices=False)
+        buffers = rows[:, :-1].reshape(g, e, c, d).transpose(1, 0, 2, 3)
         return buffers.reshape(e, g * c, d)
 
     def combine(self, y: Array) -> Array:
-        """(E, G*C, D) expert outputs -> (G, S, D) weighted sum over each token's chosen experts."""
-        g, _, e, c = self.combine_weights.shape
-        y = y.reshape(e, g, c, y.shape[-1])
-        return jnp.einsum("gsec,egcd->gsd", self.combine_weights.astype(y.dtype), y)
+        """(E, G*C, D) expert outputs -> (G, S, D) weighted sum over each token's kept choices."""
+        e, _, d = y.shape
+        g = self.expert_index.shape[0]
+        rows = y.reshape(e, g, self.capacity, d).transpose(1, 0, 2, 3).reshape(g, -1, d)
+        rows = jnp.concatenate([rows, jnp.zeros((g, 1, d), y.dtype)], axis=1)
+        gathered = jnp.take_along_axis(rows[:, None], self._flat_slot()[..., None], axis=2)
+        w = jnp.where(self.kept, self.weights, 0.0).astype(y.dtype)
+        return jnp.einsum("gsk,gskd->gsd", w, gathered)
+
+    @property
+    def combine_weights(self) -> Array:
+        """(G, S, E, C): the weight of token s in slot c of expert e, zero elsewhere."""
+        one_hot = jax.nn.one_hot(self._flat_slot(), self.num_experts * self.capacity + 1)
+        w = jnp.where(self.kept, self.weights, 0.0)
+        dense = jnp.einsum("gskr,gsk->gsr", one_hot, w)[..., :-1]
+        g, s = w.shape[:2]
+        return dense.reshape(g, s, self.num_experts, self.capacity)
 
 
 @struct.dataclass
@@ -125,26 +155,26 @@ class DroplessDispatcher:
 
 def capacity_dispatcher(
     expert_index: Array, weights: Array, num_experts: int, capacity: int
-) -> tuple[CapacityDispatcher, Array]:
-    """Builds the one-hot dispatch of (G, S, K) choices into (E, C) slots.
+) -> CapacityDispatcher:
+    """Assigns the (G, S, K) choices to slots of (E, C) expert buffers.
 
-    Priority: all tokens' first choices take slots before any second choice (in token order within a
-    choice), so a full expert drops the least preferred assignments first (Switch/vmoe behaviour).
-    Returns the dispatcher and the (G, S, K) bool mask of kept assignments.
+    Priority: all tokens' first choices take slots before any second choice (in token order
+    within a choice), so a full expert drops the least preferred assignments first (Switch/vmoe).
     """
     g, s, k = expert_index.shape
     choice = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.int32)  # (G, S, K, E)
-    by_priority = choice.transpose(0, 2, 1, 3).reshape(g, k * s, num_experts)  # (G, K*S, E)
+    by_priority = choice.transpose(0, 2, 1, 3).reshape(g, k * s, num_experts)
     position = jnp.cumsum(by_priority, axis=1) - 1  # slot each assignment would take
     position = position.reshape(g, k, s, num_experts).transpose(0, 2, 1, 3)  # (G, S, K, E)
-    slot = jnp.sum(position * choice, axis=-1)  # (G, S, K)
-    kept = slot < capacity
-    slot_one_hot = jax.nn.one_hot(jnp.where(kept, slot, capacity), capacity, dtype=jnp.float32)
-    # (G, S, K, E) x (G, S, K, C) -> (G, S, E, C); dropped assignments have an all-zero slot row.
-    combine = jnp.einsum(
-        "gske,gskc,gsk->gsec", choice.astype(jnp.float32), slot_one_hot, weights.astype(jnp.float32)
+    slot = jnp.sum(position * choice, axis=-1).astype(jnp.int32)  # (G, S, K)
+    return CapacityDispatcher(
+        expert_index=expert_index,
+        slot=slot,
+        kept=slot < capacity,
+        weights=weights.astype(jnp.float32),
+        num_experts=num_experts,
+        capacity=capacity,
     )
-    return CapacityDispatcher(combine_weights=combine), kept
 
 
 def dropless_dispatcher(
@@ -216,9 +246,8 @@ class TopKRouter(nn.Module):
             capacity = expert_capacity(
                 x.shape[1], self.num_experts, self.top_k, self.capacity_factor
             )
-            dispatcher, kept = capacity_dispatcher(
-                expert_index, weights, self.num_experts, capacity
-            )
+            dispatcher = capacity_dispatcher(expert_index, weights, self.num_experts, capacity)
+            kept = dispatcher.kept
         return dispatcher, router_metrics(logits, expert_index, kept)
 
 

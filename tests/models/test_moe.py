@@ -34,14 +34,16 @@ TOP1_INDEX = np.array([[[0], [0], [1]], [[0], [0], [0]]])
 
 def test_capacity_dispatch_top1_exact_tensor():
     weights = jnp.full(TOP1_INDEX.shape, 0.5)
-    dispatcher, kept = moe.capacity_dispatcher(
+    dispatcher = moe.capacity_dispatcher(
         jnp.asarray(TOP1_INDEX), weights, num_experts=2, capacity=2
     )
     expected = np.zeros((2, 3, 2, 2))
     expected[0, 0, 0, 0] = expected[0, 1, 0, 1] = expected[0, 2, 1, 0] = 0.5
     expected[1, 0, 0, 0] = expected[1, 1, 0, 1] = 0.5  # token (1, 2) dropped
     np.testing.assert_array_equal(dispatcher.combine_weights, expected)
-    np.testing.assert_array_equal(kept[..., 0], [[True, True, True], [True, True, False]])
+    np.testing.assert_array_equal(
+        dispatcher.kept[..., 0], [[True, True, True], [True, True, False]]
+    )
 
     x = jnp.arange(2 * 3 * 1, dtype=jnp.float32).reshape(2, 3, 1) + 1.0  # tokens 1..6
     buffers = dispatcher.dispatch(x)  # (E, G*C, D)
@@ -54,7 +56,8 @@ def test_capacity_dispatch_top2_first_choices_have_priority():
     # Group 0: every token prefers expert 0 then expert 1; C=2 leaves token 2 with nothing.
     index = jnp.array([[[0, 1], [0, 1], [0, 1]]])
     weights = jnp.array([[[0.7, 0.3], [0.6, 0.4], [0.9, 0.1]]])
-    dispatcher, kept = moe.capacity_dispatcher(index, weights, num_experts=2, capacity=2)
+    dispatcher = moe.capacity_dispatcher(index, weights, num_experts=2, capacity=2)
+    kept = dispatcher.kept
     np.testing.assert_array_equal(kept[0], [[True, True], [True, True], [False, False]])
     cw = np.asarray(dispatcher.combine_weights[0])
     np.testing.assert_allclose(cw[0], [[0.7, 0], [0.3, 0]])
@@ -63,7 +66,8 @@ def test_capacity_dispatch_top2_first_choices_have_priority():
 
     # A second choice never takes a slot before all first choices are placed.
     index = jnp.array([[[1, 0], [0, 1], [0, 1]]])
-    dispatcher, kept = moe.capacity_dispatcher(index, weights, num_experts=2, capacity=2)
+    dispatcher = moe.capacity_dispatcher(index, weights, num_experts=2, capacity=2)
+    kept = dispatcher.kept
     # Expert 0: first choices of tokens 1, 2 fill it, so token 0's second choice is dropped.
     # Expert 1: token 0's first choice, then token 1's second; token 2's second overflows.
     np.testing.assert_array_equal(kept[0], [[True, False], [True, True], [True, False]])
