@@ -44,7 +44,8 @@ def get_base_config() -> ml_collections.ConfigDict:
             sample_rate=1.0,  # Partial FC: share of class centres per step (1 = all)
             router_z_loss="st_moe",  # "st_moe": mean(logsumexp^2); "official": mean(logits^2)
             load_balance_loss="switch",  # "switch": E*sum f*P; "official": E*sum(imp*load)/T^2
-            z_coef=1e-3,
+            aux_reduce="mean",        # router losses over MoE blocks: "mean" or "sum" (official)
+      z_coef=1e-3,
             balance_coef=1e-2,
         )
     )

@@ -1,0 +1,34 @@
+"""Embedding images with a trained encoder, with the flip test used by the field's evaluators."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from facemoe_jax.data.pipeline import eval_batches, normalize_images
+
+
+def make_embed_fn(model, flip_test: bool = True):
+    """jit(variables, uint8 images (B, H, W, 3)) -> raw float32 embeddings (B, D).
+
+    flip_test adds the raw embeddings of the image and its mirror image (insightface and the
+    FaceMoE TinyFace script: `pre_norm_vector_add`); normalise afterwards.
+    """
+
+    @jax.jit
+    def embed(variables, images):
+        x = normalize_images(images)
+        emb, _ = model.apply(variables, x, train=False)
+        if flip_test:
+            flipped, _ = model.apply(variables, x[:, :, ::-1], train=False)
+            emb = emb + flipped
+        return emb.astype(jnp.float32)
+
+    return embed
+
+
+def embed_images(embed_fn, variables, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> (N, D) float32, in fixed-size (padded) batches: one compilation."""
+    out = []
+    for batch, num_valid in eval_batches(images, batch_size):
+        out.append(np.asarray(embed_fn(variables, batch))[:num_valid])
+    return np.concatenate(out)

@@ -1,0 +1,213 @@
+"""The train loop: set up, compile the step ahead of time, train, checkpoint, evaluate.
+
+Sections, in order: (1) validate the config and build model, mesh, optimiser and data; (2) create
+or restore the state; (3) lower and compile the jitted step once, logging compile seconds and
+FLOPs per step; (4) the step loop with progress, metrics and checkpoints; (5) final evaluation on
+held-out identities at full and low resolution, written to workdir/eval/results.json.
+"""
+
+import json
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from clu import periodic_actions
+
+from facemoe_jax.data import degrade, pipeline, sources
+from facemoe_jax.evaluate import held_out
+from facemoe_jax.models import build_model
+from facemoe_jax.parallel import mesh as mesh_lib
+from facemoe_jax.train import checkpoint as checkpoint_lib
+from facemoe_jax.train import optimizer as optimizer_lib
+from facemoe_jax.train import state as state_lib
+from facemoe_jax.train import step as step_lib
+from facemoe_jax.train.writers import make_writer
+
+
+def make_augment(data_cfg: ml_collections.ConfigDict):
+    """Per-record augmentation (image, numpy Generator) -> image, from config.data."""
+
+    def augment(image, rng):
+        if data_cfg.low_res_prob > 0:
+            image = degrade.random_low_resolution(
+                image,
+                rng,
+                p=data_cfg.low_res_prob,
+                min_ratio=data_cfg.low_res_min_ratio,
+                max_ratio=data_cfg.low_res_max_ratio,
+            )
+        return degrade.horizontal_flip(image, rng, p=data_cfg.flip_prob)
+
+    return augment
+
+
+def check_workdir(workdir: str) -> None:
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, ".write_test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"--workdir={workdir} is not writable: {e.strerror}") from None
+
+
+def flops_per_step(compiled) -> float | None:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def write_eval_results(workdir: str, step: int, results: dict, writer) -> None:
+    if jax.process_index() == 0:
+        os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+        with open(os.path.join(workdir, "eval", "results.json"), "w") as f:
+            json.dump({"step": step, **results}, f, indent=2)
+    scalars = {f"eval/{name}/{k}": v for name, m in results.items() for k, v in m.items()}
+    writer.write_scalars(step, scalars)
+    for name, m in results.items():
+        print(
+            f"eval {name:>18}: accuracy {m['accuracy'] * 100:6.2f} % "
+            f"(± {m['accuracy_std'] * 100:.2f}), TAR@FAR=1e-3 {m['tar@far=1e-3'] * 100:6.2f} %",
+            flush=True,
+        )
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    # ---- (1) Set-up: every check that can fail runs before anything expensive.
+    check_workdir(workdir)
+    num_steps = config.train.num_steps
+    if num_steps < 1:
+        raise ValueError(f"config.train.num_steps={num_steps} must be >= 1")
+    model = build_model(config.model)
+    step_lib.check_loss_config(config.loss)
+    mesh = mesh_lib.make_mesh(config.mesh)
+    mesh_lib.check_batch_size(config.train.batch_size, mesh)
+    optimizer, schedule = optimizer_lib.build_optimizer(config.optimizer, num_steps)
+    source = sources.train_source(config)
+    data_iter = pipeline.train_iterator(
+        source,
+        global_batch_size=config.train.batch_size,
+        seed=config.seed,
+        augment=make_augment(config.data),
+        worker_count=config.data.worker_count,
+    )
+    writer = make_writer(workdir)
+    checkpointer = checkpoint_lib.Checkpointer(
+        workdir, config.checkpoint.every_steps, config.checkpoint.max_to_keep
+    )
+
+    # ---- (2) State: restored into the current mesh's shardings, or created there.
+    abstract_state = state_lib.abstract_train_state(model, optimizer, config)
+    state_shardings = jax.tree.map(lambda _: mesh_lib.replicated(mesh), abstract_state)
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        target = checkpoint_lib.with_shardings(abstract_state, state_shardings)
+        state = checkpointer.restore(latest, target, data_iter)
+        logging.info("Resumed from step %d in %s", latest, workdir)
+        print(f"resumed from checkpoint at step {latest}", flush=True)
+    else:
+        state = state_lib.create_train_state(model, optimizer, config, state_shardings)
+    encoder_params = state_lib.count_params(state.params["encoder"])
+    centres = state_lib.count_params(state.params["classifier"])
+    print(
+        f"model: {encoder_params / 1e6:.2f}M encoder parameters, {centres / 1e6:.2f}M class-centre "
+        f"parameters; mesh {dict(mesh.shape)}; data {source!r}",
+        flush=True,
+    )
+
+    # ---- (3) Compile the step once, ahead of the loop.
+    size = config.model.image_size
+    batch_spec = {
+        "image": jax.ShapeDtypeStruct(
+            (config.train.batch_size, size, size, 3),
+            jnp.uint8,
+            sharding=mesh_lib.batch_sharding(mesh),
+        ),
+        "label": jax.ShapeDtypeStruct(
+            (config.train.batch_size,), jnp.int32, sharding=mesh_lib.batch_sharding(mesh)
+        ),
+    }
+    train_step = jax.jit(
+        step_lib.make_train_step(model, config, optimizer, schedule),
+        donate_argnums=0,
+        out_shardings=(state_shardings, mesh_lib.replicated(mesh)),
+    )
+    t0 = time.perf_counter()
+    compiled = train_step.lower(state, batch_spec).compile()
+    compile_seconds = time.perf_counter() - t0
+    flops = flops_per_step(compiled)
+    print(
+        f"compiled train step in {compile_seconds:.1f} s; "
+        f"{(flops or 0) / 1e9:.2f} GFLOP per step (XLA cost analysis)",
+        flush=True,
+    )
+
+    # ---- (4) Train.
+    start = int(state.step)
+    report_progress = periodic_actions.ReportProgress(
+        num_train_steps=num_steps, writer=writer, every_secs=30.0
+    )
+    sums, count, interval_start = None, 0, time.perf_counter()
+    for step in range(start + 1, num_steps + 1):
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+            batch = mesh_lib.global_batch(next(data_iter), mesh)
+            state, metrics = compiled(state, batch)
+        sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
+        count += 1
+        report_progress(step)
+        if step % config.train.log_every_steps == 0 or step == num_steps:
+            means = {k: float(v) / count for k, v in jax.device_get(sums).items()}
+            seconds = time.perf_counter() - interval_start
+            means["train/steps_per_sec"] = count / seconds
+            means["train/img_per_sec"] = count * config.train.batch_size / seconds
+            means["train/img_per_sec_per_device"] = means["train/img_per_sec"] / jax.device_count()
+            if flops:
+                means["train/gflops_per_sec"] = flops * count / seconds / 1e9
+            writer.write_scalars(step, means)
+            print(
+                f"step {step:>6}/{num_steps}: loss {means['train/loss']:.4f} "
+                f"acc {means['train/accuracy'] * 100:5.1f} % lr {means['train/lr']:.2e} "
+                f"{means['train/img_per_sec']:.0f} img/s",
+                flush=True,
+            )
+            sums, count, interval_start = None, 0, time.perf_counter()
+        if checkpointer.should_save(step) or step == num_steps:
+            checkpointer.save(step, state, data_iter, config)
+    checkpointer.wait()
+
+    # ---- (5) Evaluate the final model on held-out identities.
+    variables = {"params": state.params["encoder"], "batch_stats": state.batch_stats}
+    results = held_out.synthetic_verification(model, variables, config)
+    if results:
+        write_eval_results(workdir, num_steps, results, writer)
+    writer.flush()
+    checkpointer.close()
+    return results
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """--mode=eval: the held-out evaluations of the latest checkpoint in workdir."""
+    model = build_model(config.model)
+    optimizer, _ = optimizer_lib.build_optimizer(config.optimizer, config.train.num_steps)
+    checkpointer = checkpoint_lib.Checkpointer(
+        workdir, config.checkpoint.every_steps, config.checkpoint.max_to_keep
+    )
+    step = checkpointer.latest_step()
+    if step is None:
+        raise ValueError(f"--workdir={workdir} holds no checkpoint to evaluate")
+    mesh = mesh_lib.make_mesh(config.mesh)
+    abstract_state = state_lib.abstract_train_state(model, optimizer, config)
+    shardings = jax.tree.map(lambda _: mesh_lib.replicated(mesh), abstract_state)
+    state = checkpointer.restore(step, checkpoint_lib.with_shardings(abstract_state, shardings))
+    checkpointer.close()
+    variables = {"params": state.params["encoder"], "batch_stats": state.batch_stats}
+    results = held_out.synthetic_verification(model, variables, config)
+    writer = make_writer(workdir)
+    write_eval_results(workdir, step, results, writer)
+    writer.flush()
+    return results

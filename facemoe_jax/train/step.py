@@ -1,0 +1,136 @@
+"""The jitted train step: margin softmax over the class centres plus the router auxiliary losses.
+
+total = margin CE + z_coef * router z-loss + balance_coef * load-balance loss, where the router
+losses of the MoE blocks are averaged (or summed, `config.loss.aux_reduce="sum"`, the official
+FaceMoE convention) over blocks. Losses and the margin softmax are float32 whatever the
+activation dtype.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from facemoe_jax.data.pipeline import normalize_images
+from facemoe_jax.losses import classifier, margins
+from facemoe_jax.train.state import TrainState
+
+Z_LOSS_KEYS = {"st_moe": "router_z_loss", "official": "official_router_z_loss"}
+BALANCE_KEYS = {"switch": "load_balance_loss", "official": "official_load_balance_loss"}
+
+
+def check_loss_config(cfg: ml_collections.ConfigDict) -> None:
+    if cfg.margin not in ("combined", "adaface"):
+        raise ValueError(f"config.loss.margin={cfg.margin!r} is not 'combined' or 'adaface'")
+    if cfg.router_z_loss not in Z_LOSS_KEYS:
+        raise ValueError(
+            f"config.loss.router_z_loss={cfg.router_z_loss!r} is not one of {sorted(Z_LOSS_KEYS)}"
+        )
+    if cfg.load_balance_loss not in BALANCE_KEYS:
+        raise ValueError(
+            f"config.loss.load_balance_loss={cfg.load_balance_loss!r} is not one of "
+            f"{sorted(BALANCE_KEYS)}"
+        )
+    if cfg.aux_reduce not in ("mean", "sum"):
+        raise ValueError(f"config.loss.aux_reduce={cfg.aux_reduce!r} is not 'mean' or 'sum'")
+
+
+def margin_fn_and_state(cfg, embeddings, margin_state):
+    """The margin callable for the classifier loss, and the updated margin state."""
+    if cfg.margin == "combined":
+        fn = functools.partial(
+            margins.combined_margin_logits, scale=cfg.scale, m1=cfg.m1, m2=cfg.m2, m3=cfg.m3
+        )
+        return fn, margin_state
+    norms = jnp.linalg.norm(embeddings, axis=-1)
+    mean, std = margin_state["mean"], margin_state["std"]
+
+    def fn(cosines, labels):
+        return margins.adaface_logits(
+            cosines, labels, norms, mean, std, margin=cfg.adaface_margin, h=cfg.adaface_h,
+            scale=cfg.scale,
+        )[0]
+
+    new_mean, new_std = margins.adaface_update_stats(norms, mean, std)
+    return fn, {"mean": new_mean, "std": new_std}
+
+
+def router_summary(router_metrics: dict, reduce: str) -> dict:
+    """Per-block router metrics (leading axis = MoE block) -> scalars for the loss and the logs."""
+    if not router_metrics:
+        return {}
+    combine = jnp.sum if reduce == "sum" else jnp.mean
+    summary = {
+        key: combine(router_metrics[key])
+        for key in (*Z_LOSS_KEYS.values(), *BALANCE_KEYS.values())
+    }
+    summary["router_entropy"] = jnp.mean(router_metrics["router_entropy"])
+    summary["dropped_fraction"] = jnp.mean(router_metrics["dropped_fraction"])
+    # Share of assignments taken by the busiest expert of the busiest block (1/E when balanced).
+    summary["expert_load_max"] = jnp.max(router_metrics["expert_load"])
+    return summary
+
+
+def make_train_step(model, config: ml_collections.ConfigDict, optimizer, schedule):
+    """Returns train_step(state, batch) -> (state, metrics); jit it with the state donated."""
+    loss_cfg = config.loss
+    check_loss_config(loss_cfg)
+
+    def train_step(state: TrainState, batch: dict):
+        rng = jax.random.fold_in(state.rng, state.step)
+        dropout_rng, sample_rng = jax.random.split(rng)
+        images = normalize_images(batch["image"])
+        labels = batch["label"]
+
+        def loss_fn(params):
+            (embeddings, router_metrics), mutated = model.apply(
+                {"params": params["encoder"], "batch_stats": state.batch_stats},
+                images,
+                train=True,
+                rngs={"dropout": dropout_rng},
+                mutable=["batch_stats"],
+            )
+            margin_fn, margin_state = margin_fn_and_state(
+                loss_cfg, embeddings, state.margin_state
+            )
+            margin_ce, cls_metrics = classifier.margin_classifier_loss(
+                embeddings,
+                params["classifier"]["centers"],
+                labels,
+                sample_rng,
+                sample_rate=loss_cfg.sample_rate,
+                margin_fn=margin_fn,
+            )
+            router = router_summary(router_metrics, loss_cfg.aux_reduce)
+            z_loss = router.get(Z_LOSS_KEYS[loss_cfg.router_z_loss], 0.0)
+            balance = router.get(BALANCE_KEYS[loss_cfg.load_balance_loss], 0.0)
+            total = margin_ce + loss_cfg.z_coef * z_loss + loss_cfg.balance_coef * balance
+            metrics = {
+                "train/loss": total,
+                "train/margin_ce": margin_ce,
+                "train/router_z_loss": z_loss,
+                "train/load_balance_loss": balance,
+                "train/accuracy": cls_metrics["accuracy"],
+                **{f"router/{k}": v for k, v in router.items()},
+            }
+            return total, (mutated["batch_stats"], margin_state, metrics)
+
+        grads, (batch_stats, margin_state, metrics) = jax.grad(loss_fn, has_aux=True)(
+            state.params
+        )
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics["train/grad_norm"] = optax.tree.norm(grads)
+        metrics["train/lr"] = schedule(state.step)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=params,
+            batch_stats=batch_stats,
+            opt_state=opt_state,
+            margin_state=margin_state,
+        )
+        return new_state, metrics
+
+    return train_step

@@ -1,0 +1,87 @@
+"""The command line: bad input ends in one clear line; a short run trains, resumes and evaluates."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_main(*args, devices=1, timeout=600):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return subprocess.run(
+        [sys.executable, "-m", "facemoe_jax.main", *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def assert_one_line_error(proc, *fragments):
+    assert proc.returncode != 0
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for fragment in fragments:
+        assert fragment in err[0], err[0]
+
+
+def test_unknown_config_key(tmp_path):
+    proc = run_main("--config", "configs/demo.py", "--workdir", str(tmp_path),
+                    "--config.model.num_expertz=4")
+    assert_one_line_error(proc, "num_expertz")
+
+
+def test_impossible_top_k(tmp_path):
+    proc = run_main("--config", "configs/demo.py", "--workdir", str(tmp_path),
+                    "--config.model.top_k=5")
+    assert_one_line_error(proc, "config.model.top_k=5", "num_experts=4")
+
+
+def test_batch_size_the_devices_cannot_split(tmp_path):
+    proc = run_main("--config", "configs/demo.py", "--workdir", str(tmp_path),
+                    "--config.train.batch_size=12", devices=8)
+    assert_one_line_error(proc, "config.train.batch_size=12", "8 devices")
+
+
+def test_unwritable_workdir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    proc = run_main("--config", "configs/demo.py", "--workdir", str(blocker / "run"))
+    assert_one_line_error(proc, "--workdir=", "not writable")
+
+
+def tiny_run_args(workdir, steps):
+    return ["--config", "configs/demo.py", "--workdir", str(workdir),
+            f"--config.train.num_steps={steps}", "--config.train.batch_size=16",
+            "--config.train.log_every_steps=2", "--config.checkpoint.every_steps=2",
+            "--config.data.num_classes=20", "--config.data.worker_count=0",
+            "--config.optimizer.warmup_steps=1", "--config.eval.synthetic_pairs=40",
+            "--config.eval.low_resolutions=8", "--config.eval.batch_size=20"]
+
+
+@pytest.mark.slow
+def test_train_resume_and_eval_end_to_end(tmp_path):
+    first = run_main(*tiny_run_args(tmp_path, 4))
+    assert first.returncode == 0, first.stderr[-3000:]
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    steps = [r["step"] for r in rows if "train/loss" in r]
+    assert steps == [2, 4]
+    results = json.load(open(tmp_path / "eval" / "results.json"))
+    assert set(results) == {"step", "synthetic", "synthetic@8px"}
+    assert 0.0 <= results["synthetic"]["accuracy"] <= 1.0
+    assert (tmp_path / "checkpoints" / "4").is_dir()
+
+    # The same command with more steps continues from step 4.
+    second = run_main(*tiny_run_args(tmp_path, 6))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from checkpoint at step 4" in second.stdout
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in rows if "train/loss" in r] == [2, 4, 6]
+
+    evaluated = run_main(*tiny_run_args(tmp_path, 6), "--mode=eval")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    again = json.load(open(tmp_path / "eval" / "results.json"))
+    assert again["step"] == 6
