@@ -16,7 +16,7 @@ import sys
 # accelerators JAX uses, and quiet.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 # Config files import their shared builder as `configs.common`: make the project root importable
@@ -28,10 +28,6 @@ if _PROJECT_ROOT not in sys.path:
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and eval.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (then evaluate) or eval.")
-
-
-class UserError(Exception):
-    """A mistake in the command or config: reported as one line."""
 
 
 def _hide_accelerators_from_tensorflow():
@@ -59,25 +55,41 @@ def run(config, workdir: str, mode: str) -> dict:
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        _fail(f"unexpected arguments: {' '.join(argv[1:])}")
     if _CONFIG.value is None or _WORKDIR.value is None:
-        raise app.UsageError("both --config and --workdir are required")
+        _fail("both --config and --workdir are required")
     _hide_accelerators_from_tensorflow()
     logging.set_verbosity(logging.WARNING)
     try:
         run(_CONFIG.value, _WORKDIR.value, _MODE.value)
-    except (ValueError, KeyError, UserError) as e:
-        message = e.args[0] if e.args else repr(e)
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+    except (ValueError, KeyError, OSError) as e:
+        _fail(str(e.args[0]) if e.args else repr(e))
+
+
+def _fail(message: str):
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """Parses flags and config overrides; a mistake ends in one line naming the flag."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        _fail(str(e))
+    except (KeyError, AttributeError) as e:  # ml_collections: an override names no field
+        while e.args and isinstance(e.args[0], Exception):  # AttributeError(KeyError(...))
+            e = e.args[0]
+        detail = str(e.args[0]) if e.args else ""
+        missing = detail.split("\n")[0].strip("'\"")
+        culprit = next((a for a in argv if a.startswith("--config.") and missing in a), None)
+        _fail(f"unknown config field in {culprit or 'a --config override'}: {detail}")
 
 
 def _run_cli():
-    try:
-        app.run(main)
-    except flags.Error as e:  # bad --config.x=y override: unknown key or wrong type
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    argv = _parse_flags(sys.argv)
+    logging.use_absl_handler()
+    main(argv)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
 """Test-wide settings: keep TensorFlow off accelerators and JAX deterministic on CPU."""
+
 import os
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import pytest  # noqa: E402
 
 
 def pytest_configure(config):
