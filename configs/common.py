@@ -78,6 +78,7 @@ def get_base_config() -> ml_collections.ConfigDict:
             train="synthetic",  # the embedded procedural identities (no download)
             num_classes=1000,  # checked against the data before training starts
             synthetic_images_per_identity=20,
+      synthetic_cache=False,    # keep rendered synthetic images in memory (small sets only)
             flip_prob=0.5,
             low_res_prob=0.0,  # official FaceMoE low-resolution augmentation probability
             low_res_min_ratio=0.2,

@@ -23,6 +23,7 @@ def train_source(config: ml_collections.ConfigDict):
             images_per_identity=config.data.synthetic_images_per_identity,
             image_size=config.model.image_size,
             seed=config.seed,
+            cache_images=config.data.synthetic_cache,
         )
     else:
         raise ValueError(f"config.data.train={spec!r} is not a known source (known: 'synthetic')")

@@ -118,7 +118,7 @@ def test_full_softmax_loss_matches_numpy():
     log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
     np.testing.assert_allclose(float(loss), -log_probs[np.arange(4), labels].mean(), rtol=1e-5)
     np.testing.assert_allclose(
-        float(metrics["accuracy"]), np.mean(logits.argmax(axis=1) == labels), atol=1e-7
+        float(metrics["accuracy"]), np.mean(cos.argmax(axis=1) == labels), atol=1e-7
     )
     assert set(metrics) == {"loss/margin_ce", "accuracy"}
 
