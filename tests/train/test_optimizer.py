@@ -26,6 +26,11 @@ def test_warmup_then_polynomial_decay_matches_formula():
         np.testing.assert_allclose(schedule(step), expected, rtol=1e-5, atol=1e-9)
 
 
+def test_run_shorter_than_warmup_stays_on_the_ramp():
+    schedule = learning_rate_schedule(opt_config(learning_rate=1.0, warmup_steps=100), 2)
+    np.testing.assert_allclose([schedule(0), schedule(1)], [0.0, 0.01], atol=1e-7)
+
+
 def test_sgd_uses_coupled_weight_decay():
     cfg = opt_config(name="sgd", learning_rate=0.5, momentum=0.0, weight_decay=0.1,
                      warmup_steps=0, grad_clip_norm=0.0, decay_power=1.0, end_learning_rate=0.5)
@@ -48,7 +53,7 @@ def test_gradient_clipping_bounds_the_update():
 @pytest.mark.parametrize(
     "overrides, message",
     [(dict(name="lamb"), "config.optimizer.name='lamb'"),
-     (dict(warmup_steps=50), "warmup_steps=50"),
+     (dict(warmup_steps=-1), "warmup_steps=-1"),
      (dict(grad_clip_norm=-1.0), "grad_clip_norm=-1.0")],
 )
 def test_errors_name_the_field(overrides, message):
