@@ -12,8 +12,11 @@ Determinism. Every random choice is a pure function of the seed and a position:
   - ``random_map`` seeds each element's generator from (augment seed, the element's position in
     the *global* shuffled stream); it runs before the host shard, so a record's augmentation
     depends neither on the number of hosts nor on the number of worker processes.
-The iterator's ``get_state()`` is a small dict (the next batch position); ``set_state`` on a
-fresh iterator of the same pipeline resumes with exactly the same batches.
+The iterator's ``get_state()`` is a small JSON-able dict (the next batch position, or with
+worker processes each worker's position); ``set_state`` on a fresh iterator built with the same
+arguments (worker_count included) resumes with exactly the same batches. With or without
+workers the batches themselves are identical: grain's ``mp_prefetch`` gives worker ``w`` of
+``k`` the batches ``w, w + k, ...`` and interleaves them back in order.
 
 Sharding. Host ``h`` of ``n`` takes global stream positions ``h, h + n, h + 2n, ...`` and
 batches them by ``b = global_batch_size // n``. So global batch ``j`` is stream positions
@@ -26,7 +29,7 @@ Images stay uint8 all the way to the device: the jitted step normalises them wit
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import grain
 import numpy as np
@@ -45,7 +48,7 @@ def normalize_images(images):
 class _AugmentImage:
     """grain random_map transform applying ``augment(image, rng)`` to a record's image.
 
-    A class at module level (not a closure) so that worker processes can unpickle it.
+    A named class rather than a lambda so that the pipeline's repr and stats name it.
     """
 
     def __init__(self, augment: Augment):
@@ -69,6 +72,19 @@ def _pipeline_seeds(seed: int) -> tuple[int, int]:
     return int(shuffle_seed), int(augment_seed)
 
 
+def _allow_absl_flag_reads() -> None:
+    """Lets grain read its absl flags (defaults) outside ``absl.app.run``.
+
+    Starting ``mp_prefetch`` workers reads ``--grain_enable_multiprocess_worker_profiling``;
+    under pytest, a notebook or a plain script nobody parsed the command line, and absl raises
+    ``UnparsedFlagAccessError``. Marking the flags parsed keeps every default.
+    """
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
 def train_iterator(
     source,
     *,
@@ -87,9 +103,9 @@ def train_iterator(
         ``{"image": uint8 (H, W, 3), "label": int}`` records.
       global_batch_size: batch size summed over all hosts.
       seed: pipeline seed (shuffle order and augmentation both derive from it).
-      augment: ``augment(image, rng) -> image`` applied to every record, or None. Must be
-        picklable (a module-level function or a ``functools.partial`` of one) when
-        ``worker_count > 0``.
+      augment: ``augment(image, rng) -> image`` applied to every record, or None. With
+        ``worker_count > 0`` grain ships the dataset to its workers with cloudpickle, so
+        closures are fine; whatever they capture must be picklable.
       shard_index, shard_count: this host's shard; default ``jax.process_index()`` and
         ``jax.process_count()``.
       worker_count: worker processes (grain ``mp_prefetch``); 0 computes in this process.
@@ -138,6 +154,7 @@ def train_iterator(
     )
     iter_dataset = dataset.to_iter_dataset(read_options)
     if worker_count > 0:
+        _allow_absl_flag_reads()
         iter_dataset = iter_dataset.mp_prefetch(
             grain.MultiprocessingOptions(
                 num_workers=worker_count, per_worker_buffer_size=max(prefetch, 1)

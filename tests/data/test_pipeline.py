@@ -1,5 +1,7 @@
 """The grain training pipeline, normalisation and evaluation batches."""
 
+import json
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -97,6 +99,7 @@ def test_state_restore_resumes_with_identical_batches():
     iterator = make()
     take(iterator, 7)  # into the second epoch
     state = iterator.get_state()
+    assert json.loads(json.dumps(state)) == state  # fits in a checkpoint as JSON
     expected = take(iterator, 4)
     resumed = make()
     resumed.set_state(state)
@@ -123,13 +126,16 @@ def test_augmentation_depends_on_position_not_on_worker_count():
     assert len(np.unique(stamps)) > 20  # the augmentation really draws per record
     for want, got in zip(in_process, with_workers):
         np.testing.assert_array_equal(want["image"], got["image"])
-    # The multiprocess iterator's state resumes too (in-process here: the state is portable).
+    # The multiprocess iterator's state resumes a fresh iterator with the same worker count
+    # (its state records each worker's position, so it is not portable across worker counts).
     resumed = pipeline.train_iterator(
-        IndexedSource(), global_batch_size=8, seed=5, augment=stamp_random_value
+        IndexedSource(), global_batch_size=8, seed=5, augment=stamp_random_value,
+        worker_count=2, prefetch=1,
     )
     resumed.set_state(state)
     for want, got in zip(in_process[3:], take(resumed, 2)):
         np.testing.assert_array_equal(want["image"], got["image"])
+    resumed.close()
 
 
 def test_bad_batch_sizes_raise_with_the_numbers():

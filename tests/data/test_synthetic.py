@@ -1,5 +1,7 @@
 """The procedural identities: determinism, record layout, identity signal, verification pairs."""
 
+import pickle
+
 import cv2
 import numpy as np
 import pytest
@@ -113,3 +115,15 @@ def test_verification_pairs_reject_bad_arguments():
         synthetic.verification_pairs(num_pairs=11, image_size=32, seed=0)
     with pytest.raises(ValueError, match="images_per_identity"):
         synthetic.verification_pairs(num_pairs=10, image_size=32, seed=0, images_per_identity=1)
+
+
+def test_image_cache_returns_the_same_bytes_read_only_and_is_not_pickled():
+    plain = synthetic.SyntheticFaces(3, 2, 32, seed=4)
+    cached = synthetic.SyntheticFaces(3, 2, 32, seed=4, cache_images=True)
+    first = cached[5]["image"]
+    assert cached[5]["image"] is first  # served from the cache
+    np.testing.assert_array_equal(first, plain[5]["image"])
+    assert not first.flags.writeable
+    restored = pickle.loads(pickle.dumps(cached))
+    assert len(pickle.dumps(cached)) < 1000 and restored._cache == {}
+    np.testing.assert_array_equal(restored[5]["image"], first)
