@@ -169,10 +169,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if flops:
                 means["train/gflops_per_sec"] = flops * count / seconds / 1e9
             writer.write_scalars(step, means)
+            eta = (num_steps - step) / means["train/steps_per_sec"]
             print(
                 f"step {step:>6}/{num_steps}: loss {means['train/loss']:.4f} "
                 f"acc {means['train/accuracy'] * 100:5.1f} % lr {means['train/lr']:.2e} "
-                f"{means['train/img_per_sec']:.0f} img/s",
+                f"{means['train/steps_per_sec']:.2f} steps/s {means['train/img_per_sec']:.0f} "
+                f"img/s ETA {int(eta) // 60}m{int(eta) % 60:02d}s",
                 flush=True,
             )
             sums, count, interval_start = None, 0, time.perf_counter()
