@@ -54,7 +54,8 @@ def test_unwritable_workdir(tmp_path):
 
 
 def tiny_run_args(workdir, steps):
-    return ["--config", "configs/demo.py", "--workdir", str(workdir),
+    # A relative --workdir, as users type it (Orbax itself only accepts absolute paths).
+    return ["--config", "configs/demo.py", "--workdir", os.path.relpath(workdir, ROOT),
             f"--config.train.num_steps={steps}", "--config.train.batch_size=16",
             "--config.train.log_every_steps=2", "--config.checkpoint.every_steps=2",
             "--config.data.num_classes=20", "--config.data.worker_count=0",

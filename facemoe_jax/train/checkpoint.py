@@ -8,6 +8,7 @@ mesh's shardings, so a run can continue on a different device layout.
 
 import json
 import logging
+import os
 
 import grain
 import jax
@@ -21,7 +22,8 @@ class Checkpointer:
         if every_steps < 1:
             raise ValueError(f"config.checkpoint.every_steps={every_steps} must be >= 1")
         self.every_steps = every_steps
-        self.directory = epath.Path(workdir) / "checkpoints"
+        # Orbax needs an absolute path; users type relative ones (--workdir runs/demo).
+        self.directory = epath.Path(os.path.abspath(workdir)) / "checkpoints"
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
