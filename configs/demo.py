@@ -1,4 +1,4 @@
-r"""Tiny ViT-MoE on the embedded synthetic identities: the CPU demo (about 4 minutes on 2 cores).
+r"""Tiny ViT-MoE on the embedded synthetic identities: the CPU demo (about 5.5 minutes on 2 cores).
 
 48x48 faces, patch 8 (36 tokens), width 64, depth 4 with MoE (4 experts, top-2) in blocks 1 and 3,
 CosFace m=0.35 (s=32) over 1,000 training identities x 16 images (rendered once, kept in
