@@ -238,6 +238,7 @@ class TopKRouter(nn.Module):
             kernel_init=self.kernel_init,
             name="gate",
         )(x.astype(jnp.float32))  # (G, S, E)
+        self.sow("intermediates", "router_logits", logits)  # read by evaluate/routing_map.py
         expert_index, weights = top_k_routing(logits, self.top_k, self.combine)
         if self.capacity_factor is None:
             dispatcher = dropless_dispatcher(expert_index, weights, self.num_experts)
