@@ -4,9 +4,17 @@ Low-resolution face recognition trains and evaluates on faces that were captured
 resized to the network's input size. ``to_resolution`` reproduces that for evaluation (a fixed
 number of pixels); ``random_low_resolution`` is the official FaceMoE training augmentation (a
 random size and random interpolations, so the model does not learn one resampling kernel's
-fingerprint). All functions take and return uint8 (H, W, 3) arrays and draw randomness only from
-the ``np.random.Generator`` they are given, so a grain ``random_map`` makes them reproducible
-per record.
+fingerprint).
+
+The official FaceMoE set is ``crop_with_zero_pad``, ``random_low_resolution``,
+``photometric_jitter`` and ``horizontal_flip``. Beyond it, for surveillance imagery:
+``gaussian_blur`` (defocus), ``motion_blur``, ``sensor_noise``, ``jpeg_recompress``,
+``grayscale`` (IR / monochrome cameras) and ``random_target_resolution`` (exactly N pixels).
+
+Conventions: every random function is ``f(image, rng, *, p, ...)``: it draws one uniform first
+and returns the input itself (same object) when not applied, so a record's random stream is a
+pure function of its seed. Inputs and outputs are uint8 (H, W, 3) of the same shape; nothing
+writes into its input (cached source images are read-only). ``augment.py`` composes them.
 """
 
 from __future__ import annotations
@@ -84,7 +92,167 @@ def random_low_resolution(
     height, width = image.shape[:2]
     ratio = rng.uniform(min_ratio, max_ratio)
     down, up = rng.choice(LOW_RESOLUTION_INTERPOLATIONS, size=2)
-    small_w = max(1, int(round(width * ratio)))
-    small_h = max(1, int(round(height * ratio)))
+    small_w = max(1, round(width * ratio))
+    small_h = max(1, round(height * ratio))
     small = _resize(image, small_w, small_h, int(down))
     return _resize(small, width, height, int(up))
+
+
+def _applies(rng: np.random.Generator, p: float) -> bool:
+    return rng.random() < p
+
+
+def _gray(image: np.ndarray) -> np.ndarray:
+    """ITU-R 601 luma (0.299 R + 0.587 G + 0.114 B) as float32 (H, W, 1)."""
+    return (image.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32))[..., None]
+
+
+def _to_uint8(values: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+
+
+def crop_with_zero_pad(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    p: float,
+    scale: tuple[float, float] = (0.2, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> np.ndarray:
+    """With probability ``p``, keeps a random-resized-crop box in place and blacks out the rest.
+
+    The box is drawn as torchvision's ``RandomResizedCrop`` draws it (area share U(scale),
+    log-uniform aspect ratio, up to 10 tries, else the whole image), then pasted back at its
+    own position on a black canvas: the official FaceMoE "crop with zero padding", which
+    teaches the model partially visible faces without changing their scale.
+    """
+    if not _applies(rng, p):
+        return image
+    height, width = image.shape[:2]
+    area = height * width
+    log_ratio = np.log(ratio)
+    for _ in range(10):
+        target_area = area * rng.uniform(*scale)
+        aspect = np.exp(rng.uniform(*log_ratio))
+        w = round(np.sqrt(target_area * aspect))
+        h = round(np.sqrt(target_area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            out = np.zeros_like(image)
+            out[top : top + h, left : left + w] = image[top : top + h, left : left + w]
+            return out
+    return image
+
+
+def photometric_jitter(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    p: float,
+    brightness: float = 0.5,
+    contrast: float = 0.5,
+    saturation: float = 0.5,
+) -> np.ndarray:
+    """With probability ``p``, brightness, contrast and saturation jitter in a random order.
+
+    Each factor is U(max(0, 1 - s), 1 + s) and each operation blends with a reference image as
+    torchvision's ColorJitter does: black (brightness), the mean grey level (contrast), the
+    grey image (saturation); the result is rounded and clipped to uint8 after each operation.
+    """
+    if not _applies(rng, p):
+        return image
+    strengths = (brightness, contrast, saturation)
+    factors = [rng.uniform(max(0.0, 1 - s), 1 + s) for s in strengths]
+    out = image.astype(np.float32)
+    for op in rng.permutation(3):
+        factor = np.float32(factors[op])
+        if op == 0:
+            reference = np.float32(0)
+        elif op == 1:
+            reference = np.float32(np.rint(_gray(out).mean()))
+        else:
+            reference = _gray(out)
+        out = np.clip(np.rint(factor * out + (1 - factor) * reference), 0, 255)
+    return out.astype(np.uint8)
+
+
+def gaussian_blur(
+    image: np.ndarray, rng: np.random.Generator, *, p: float, max_sigma: float = 2.0
+) -> np.ndarray:
+    """With probability ``p``, a Gaussian blur with sigma U(0.5, max_sigma) pixels (defocus)."""
+    if not _applies(rng, p):
+        return image
+    sigma = rng.uniform(0.5, max(0.5, max_sigma))
+    size = 2 * int(np.ceil(3 * sigma)) + 1
+    return cv2.GaussianBlur(image, (size, size), sigma, borderType=cv2.BORDER_REFLECT_101)
+
+
+def motion_kernel(length: int, angle_degrees: float) -> np.ndarray:
+    """A normalised (length, length) line kernel through the centre at the given angle."""
+    kernel = np.zeros((length, length), np.float32)
+    centre = (length - 1) / 2
+    dx, dy = np.cos(np.deg2rad(angle_degrees)), np.sin(np.deg2rad(angle_degrees))
+    for t in np.linspace(-centre, centre, 4 * length):
+        kernel[round(centre + t * dy), round(centre + t * dx)] = 1.0
+    return kernel / kernel.sum()
+
+
+def motion_blur(
+    image: np.ndarray, rng: np.random.Generator, *, p: float, max_length: int = 9
+) -> np.ndarray:
+    """With probability ``p``, a linear motion blur: length 3..max_length px, uniform angle."""
+    if not _applies(rng, p):
+        return image
+    length = int(rng.integers(3, max(3, max_length) + 1))
+    kernel = motion_kernel(length, rng.uniform(0.0, 180.0))
+    return cv2.filter2D(image, -1, kernel, borderType=cv2.BORDER_REFLECT_101)
+
+
+def sensor_noise(
+    image: np.ndarray, rng: np.random.Generator, *, p: float, max_sigma: float = 10.0
+) -> np.ndarray:
+    """With probability ``p``, additive Gaussian noise, sigma U(1, max_sigma) grey levels.
+
+    Independent per pixel and channel (read noise of a small sensor, amplified by gain).
+    """
+    if not _applies(rng, p):
+        return image
+    sigma = rng.uniform(1.0, max(1.0, max_sigma))
+    noise = rng.standard_normal(image.shape, dtype=np.float32) * np.float32(sigma)
+    return _to_uint8(image + noise)
+
+
+def jpeg_recompress(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    p: float,
+    min_quality: int = 10,
+    max_quality: int = 60,
+) -> np.ndarray:
+    """With probability ``p``, JPEG-encodes at quality U{min..max} and decodes again."""
+    if not _applies(rng, p):
+        return image
+    quality = int(rng.integers(min_quality, max_quality + 1))
+    bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    ok, encoded = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise RuntimeError(f"OpenCV failed to JPEG-encode an image of shape {image.shape}")
+    return cv2.cvtColor(cv2.imdecode(encoded, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+
+
+def grayscale(image: np.ndarray, rng: np.random.Generator, *, p: float) -> np.ndarray:
+    """With probability ``p``, the luma replicated into three channels (monochrome camera)."""
+    if not _applies(rng, p):
+        return image
+    return np.repeat(_to_uint8(_gray(image)), 3, axis=-1)
+
+
+def random_target_resolution(
+    image: np.ndarray, rng: np.random.Generator, *, p: float, pixels: tuple[int, ...]
+) -> np.ndarray:
+    """With probability ``p``, ``to_resolution`` at a size drawn uniformly from ``pixels``."""
+    if not _applies(rng, p):
+        return image
+    return to_resolution(image, int(pixels[int(rng.integers(len(pixels)))]))

@@ -1,10 +1,13 @@
 """Grain input pipeline: shuffled, sharded, augmented, batched records, and evaluation batches.
 
-Training reads a random-access source (``{"image": uint8 HWC, "label": int}`` records, e.g.
-``synthetic.SyntheticFaces``) through one grain ``MapDataset`` chain:
+Training reads a random-access source (``{"image": uint8 HWC or encoded bytes, "label": int,
+optionally "key": str}`` records: ``synthetic.SyntheticFaces``, ``recordio.RecordIODataSource``,
+``folder.ImageFolderSource``, ``tfds_sources``) through one grain ``MapDataset`` chain:
 
-    source -> shuffle -> repeat forever -> random_map(augment) -> host shard -> batch
+    source -> shuffle -> repeat forever -> decode + resize -> replace bad records
+           -> random_map(augment) -> host shard -> batch
            -> to_iter_dataset (thread prefetch) [-> mp_prefetch (worker processes)]
+           -> TrainIterator (counts and reports skipped records, in the main process)
 
 Determinism. Every random choice is a pure function of the seed and a position:
   - ``shuffle`` permutes each epoch with seed + epoch (grain folds the epoch of the index it
@@ -23,18 +26,49 @@ batches them by ``b = global_batch_size // n``. So global batch ``j`` is stream 
 ``j * B .. (j + 1) * B - 1``, spread over the hosts, disjoint between hosts, and the same
 whatever ``n`` is.
 
+Bad data. A record whose source read or decode raises ``recordio.BadRecordError`` (truncated
+or corrupt image, bad RecordIO header, unreadable file) is replaced by the next good record of
+the shuffled stream (position p + 1, p + 2, ...), which keeps its own label: labels never
+change, the batch shape is static, and the replacement is as deterministic as everything else
+(it sits before ``random_map`` and the shard). The replacing record carries the bad record's
+key in a ``"skipped"`` field that the batch collects, so the count survives worker processes;
+``TrainIterator`` in the main process adds it up (``skipped_records``, in the iterator state),
+logs each bad key once, and raises ``BadDataError`` when more than ``max_bad_share`` of the
+records read so far were bad (checked once ``min(1000, records per epoch)`` have been read).
+
+Paired mode: an augment that returns ``{"image": LR, "image_hr": HR}`` (``augment.Augmenter``
+with ``paired=True``) gives batches with both, for distillation.
+
 Images stay uint8 all the way to the device: the jitted step normalises them with
 ``normalize_images``, so the host sends a quarter of the bytes float32 would need.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+import logging
+from collections.abc import Callable, Iterator
 
+import cv2
 import grain
 import numpy as np
 
-Augment = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+from facemoe_jax.data.recordio import BadRecordError
+
+_log = logging.getLogger(__name__)
+
+Augment = Callable[[np.ndarray, np.random.Generator], np.ndarray | dict]
+
+# The bad-record share is judged only after this many records (or an epoch, if smaller): one
+# bad image in the first batch is not yet evidence of a broken data set.
+_MIN_RECORDS_FOR_SHARE = 1000
+# More consecutive bad records than this means the file, not a record, is broken.
+_MAX_CONSECUTIVE_BAD = 64
+# Name at most this many bad keys in the log; the count goes on.
+_MAX_REPORTED_KEYS = 100
+
+
+class BadDataError(RuntimeError):
+    """Too many records of the training data could not be read."""
 
 
 def normalize_images(images):
@@ -45,25 +79,163 @@ def normalize_images(images):
     return (images.astype("float32") / 255.0 - 0.5) / 0.5
 
 
+def decode_image(data, key: str = "?") -> np.ndarray:
+    """Encoded JPEG/PNG/BMP bytes -> uint8 (H, W, 3) RGB; a decoded (H, W, 3) array passes.
+
+    Raises:
+      BadRecordError: naming ``key`` if the bytes are empty, truncated (a JPEG without its end
+        marker, a PNG without its IEND chunk) or not decodable.
+    """
+    if isinstance(data, np.ndarray) and data.ndim == 3:
+        return data
+    buffer = np.frombuffer(data, np.uint8) if isinstance(data, bytes) else np.asarray(data)
+    if buffer.size == 0:
+        raise BadRecordError(f"{key}: empty image")
+    head, tail = buffer[:8].tobytes(), buffer[-16:].tobytes().rstrip(b"\0")
+    if head[:2] == b"\xff\xd8" and not tail.endswith(b"\xff\xd9"):
+        raise BadRecordError(f"{key}: truncated JPEG (no end-of-image marker)")
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and b"IEND" not in tail:
+        raise BadRecordError(f"{key}: truncated PNG (no IEND chunk)")
+    bgr = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise BadRecordError(f"{key}: not a decodable image ({buffer.size} bytes)")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+class _DecodeAndResize:
+    """grain map: decode a record's image to RGB and resize it to (size, size) if needed.
+
+    Shrinking uses area averaging (no aliasing), enlarging bilinear (the official training
+    resize). ``size=None`` keeps the source's size.
+    """
+
+    def __init__(self, size: int | None):
+        self.size = size
+
+    def __call__(self, record: dict) -> dict:
+        image = decode_image(record["image"], record.get("key", "?"))
+        if self.size is not None and image.shape[:2] != (self.size, self.size):
+            shrink = image.shape[0] > self.size or image.shape[1] > self.size
+            interpolation = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+            image = cv2.resize(image, (self.size, self.size), interpolation=interpolation)
+        return {**record, "image": image}
+
+
+class _ReplaceBadRecords(grain.MapDataset):
+    """Element p, or if it raises ``BadRecordError`` the next good element p + 1, p + 2, ...
+
+    The replacement keeps its own label and carries the bad record's message under
+    ``"skipped"``. The parent must be endless (``repeat(None)``) so p + k always exists.
+    """
+
+    def __init__(self, parent: grain.MapDataset):
+        super().__init__(parent)
+
+    def __len__(self) -> int:
+        return len(self._parent)
+
+    def __str__(self) -> str:
+        return "ReplaceBadRecords"
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        try:
+            return self._parent[index]
+        except BadRecordError as error:
+            skipped = str(error)
+        for offset in range(1, _MAX_CONSECUTIVE_BAD + 1):
+            try:
+                return {**self._parent[index + offset], "skipped": skipped}
+            except BadRecordError:
+                continue
+        raise BadDataError(
+            f"{_MAX_CONSECUTIVE_BAD + 1} consecutive unreadable records from stream position "
+            f"{index}, the first: {skipped}"
+        )
+
+
 class _AugmentImage:
     """grain random_map transform applying ``augment(image, rng)`` to a record's image.
 
-    A named class rather than a lambda so that the pipeline's repr and stats name it.
+    A named class rather than a lambda so that the pipeline's repr and stats name it. An
+    augment returning a dict (paired mode) sets those fields instead of ``"image"``.
     """
 
     def __init__(self, augment: Augment):
         self.augment = augment
 
     def __call__(self, record: dict, rng: np.random.Generator) -> dict:
-        return {**record, "image": self.augment(record["image"], rng)}
+        out = self.augment(record["image"], rng)
+        return {**record, **out} if isinstance(out, dict) else {**record, "image": out}
 
 
 def _stack_records(records) -> dict:
-    """Batches records into {"image": uint8 (b, H, W, 3), "label": int32 (b,)}."""
-    return {
+    """Batches records into {"image": uint8 (b, H, W, 3), "label": int32 (b,), "skipped": keys}.
+
+    ``"image_hr"`` is stacked too when present (paired mode); ``"skipped"`` is the tuple of bad
+    records' messages replaced within this batch (usually empty).
+    """
+    batch = {
         "image": np.stack([record["image"] for record in records]),
         "label": np.asarray([record["label"] for record in records], np.int32),
     }
+    if "image_hr" in records[0]:
+        batch["image_hr"] = np.stack([record["image_hr"] for record in records])
+    batch["skipped"] = tuple(record["skipped"] for record in records if "skipped" in record)
+    return batch
+
+
+class TrainIterator(grain.DatasetIterator):
+    """The host's batch iterator: counts, reports and bounds the skipped bad records.
+
+    Yields the pipeline's batches without their ``"skipped"`` field. ``skipped_records`` and
+    ``seen_records`` count this host's records since the start of training (they are part of
+    ``get_state``, so a resumed run continues the count).
+    """
+
+    def __init__(self, parent: grain.DatasetIterator, max_bad_share: float, epoch_records: int):
+        super().__init__(parent)
+        self.max_bad_share = max_bad_share
+        self.min_records = max(1, min(_MIN_RECORDS_FOR_SHARE, epoch_records))
+        self.skipped_records = 0
+        self.seen_records = 0
+        self._reported: set[str] = set()
+
+    def __next__(self) -> dict:
+        batch = dict(next(self._parent))
+        skipped = batch.pop("skipped", ())
+        self.seen_records += len(batch["label"])
+        self.skipped_records += len(skipped)
+        for message in skipped:
+            if message not in self._reported and len(self._reported) < _MAX_REPORTED_KEYS:
+                self._reported.add(message)
+                _log.warning("Skipped a bad training record: %s", message)
+        if (
+            self.seen_records >= self.min_records
+            and self.skipped_records > self.max_bad_share * self.seen_records
+        ):
+            raise BadDataError(
+                f"{self.skipped_records} of the {self.seen_records} training records read on "
+                f"this host were unreadable, more than config.data.max_bad_share="
+                f"{self.max_bad_share}; first bad: {sorted(self._reported)[:3]}"
+            )
+        return batch
+
+    def get_state(self) -> dict:
+        return {
+            "pipeline": self._parent.get_state(),
+            "skipped_records": self.skipped_records,
+            "seen_records": self.seen_records,
+        }
+
+    def set_state(self, state: dict) -> None:
+        self._parent.set_state(state["pipeline"])
+        self.skipped_records = int(state["skipped_records"])
+        self.seen_records = int(state["seen_records"])
+
+    def __str__(self) -> str:
+        return f"TrainIterator(max_bad_share={self.max_bad_share})"
 
 
 def _pipeline_seeds(seed: int) -> tuple[int, int]:
@@ -91,31 +263,37 @@ def train_iterator(
     global_batch_size: int,
     seed: int,
     augment: Augment | None = None,
+    image_size: int | None = None,
     shard_index: int | None = None,
     shard_count: int | None = None,
     worker_count: int = 0,
     prefetch: int = 2,
-) -> grain.DatasetIterator:
+    max_bad_share: float = 0.001,
+) -> TrainIterator:
     """An endless, resumable iterator over this host's training batches.
 
     Args:
       source: random-access source (``__len__``, ``__getitem__``) of
-        ``{"image": uint8 (H, W, 3), "label": int}`` records.
+        ``{"image": uint8 (H, W, 3) or encoded bytes, "label": int}`` records (an optional
+        ``"key"`` names the record in bad-data reports).
       global_batch_size: batch size summed over all hosts.
       seed: pipeline seed (shuffle order and augmentation both derive from it).
       augment: ``augment(image, rng) -> image`` applied to every record, or None. With
         ``worker_count > 0`` grain ships the dataset to its workers with cloudpickle, so
-        closures are fine; whatever they capture must be picklable.
+        closures are fine; whatever they capture must be picklable. It may return
+        ``{"image": ..., "image_hr": ...}`` (paired mode).
+      image_size: decoded images are resized to (image_size, image_size); None keeps them.
       shard_index, shard_count: this host's shard; default ``jax.process_index()`` and
         ``jax.process_count()``.
       worker_count: worker processes (grain ``mp_prefetch``); 0 computes in this process.
       prefetch: batches computed ahead: the thread prefetch buffer of the reading process and,
         with workers, each worker's output buffer. 0 reads synchronously.
+      max_bad_share: the largest tolerated share of unreadable records (see the module doc).
 
     Returns:
-      A grain ``DatasetIterator`` yielding ``{"image": uint8 (b, H, W, 3), "label": int32
-      (b,)}`` with ``b = global_batch_size // shard_count``; supports ``get_state`` and
-      ``set_state``.
+      A ``TrainIterator`` yielding ``{"image": uint8 (b, H, W, 3), "label": int32 (b,)}``
+      (plus ``"image_hr"`` in paired mode) with ``b = global_batch_size // shard_count``;
+      supports ``get_state`` and ``set_state``.
 
     Raises:
       ValueError: if ``global_batch_size`` is not a positive multiple of ``shard_count``, is
@@ -138,11 +316,16 @@ def train_iterator(
             f"global_batch_size {global_batch_size} is larger than the dataset "
             f"({len(source)} records)"
         )
+    if not 0.0 <= max_bad_share <= 1.0:
+        raise ValueError(f"max_bad_share={max_bad_share} must be in [0, 1]")
     if worker_count < 0 or prefetch < 0:
-        raise ValueError(f"need worker_count >= 0 and prefetch >= 0, got {worker_count=}, {prefetch=}")
+        raise ValueError(
+            f"need worker_count >= 0 and prefetch >= 0, got {worker_count=}, {prefetch=}"
+        )
     shuffle_seed, augment_seed = _pipeline_seeds(seed)
 
     dataset = grain.MapDataset.source(source).shuffle(seed=shuffle_seed).repeat(None)
+    dataset = _ReplaceBadRecords(dataset.map(_DecodeAndResize(image_size)))
     if augment is not None:
         dataset = dataset.random_map(_AugmentImage(augment), seed=augment_seed)
     dataset = dataset[shard_index::shard_count]
@@ -160,7 +343,7 @@ def train_iterator(
                 num_workers=worker_count, per_worker_buffer_size=max(prefetch, 1)
             )
         )
-    return iter(iter_dataset)
+    return TrainIterator(iter(iter_dataset), max_bad_share, len(source) // shard_count)
 
 
 def eval_batches(images: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, int]]:
