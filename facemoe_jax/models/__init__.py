@@ -4,15 +4,20 @@ import jax.numpy as jnp
 import ml_collections
 
 from facemoe_jax.models.moe import COMBINE_MODES
+from facemoe_jax.models.swin import SwinMoE, effective_window, stage_resolutions
 from facemoe_jax.models.vit import ViTMoE, parse_moe_layers
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def build_model(cfg: ml_collections.ConfigDict) -> ViTMoE:
+def build_model(cfg: ml_collections.ConfigDict) -> ViTMoE | SwinMoE:
     """Validates config.model and builds the encoder; errors name the offending field."""
-    if cfg.name != "vit_moe":
-        raise ValueError(f"config.model.name={cfg.name!r} is not a known model (known: 'vit_moe')")
+    if cfg.name not in ("vit_moe", "swin_moe"):
+        raise ValueError(
+            f"config.model.name={cfg.name!r} is not a known model (known: 'vit_moe', 'swin_moe')"
+        )
+    if cfg.name == "swin_moe":
+        return build_swin(cfg)
     if cfg.dtype not in DTYPES:
         raise ValueError(f"config.model.dtype={cfg.dtype!r} is not one of {sorted(DTYPES)}")
     # A stride-p conv keeps image_size // p patches per side (ViT-B/9 on 112: 12 x 12, the last
@@ -58,5 +63,73 @@ def build_model(cfg: ml_collections.ConfigDict) -> ViTMoE:
         router_combine=cfg.router_combine,
         capacity_factor=cfg.capacity_factor or None,
         drop_path_rate=cfg.drop_path_rate,
+        dtype=DTYPES[cfg.dtype],
+    )
+
+
+def build_swin(cfg: ml_collections.ConfigDict) -> SwinMoE:
+    """The official FaceMoE Swin-MoE (config.model.name="swin_moe"), every block an MoE."""
+    for field in ("depths", "stage_heads", "window_size", "head_dropout"):
+        if field not in cfg:
+            raise ValueError(f"config.model.{field} is required for config.model.name='swin_moe'")
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"config.model.dtype={cfg.dtype!r} is not one of {sorted(DTYPES)}")
+    depths, heads = tuple(cfg.depths), tuple(cfg.stage_heads)
+    if not depths or len(heads) != len(depths) or min(depths) < 1:
+        raise ValueError(
+            f"config.model.depths={depths} and config.model.stage_heads={heads} must be "
+            "non-empty, of equal length, with every depth >= 1"
+        )
+    if not 1 <= cfg.patch_size <= cfg.image_size:
+        raise ValueError(
+            f"config.model.patch_size={cfg.patch_size} must be between 1 and "
+            f"config.model.image_size={cfg.image_size}"
+        )
+    grid = cfg.image_size // cfg.patch_size
+    if grid % 2 ** (len(depths) - 1):
+        raise ValueError(
+            f"config.model.image_size={cfg.image_size} // patch_size={cfg.patch_size} = {grid} "
+            f"patches per side cannot be halved {len(depths) - 1} times (patch merging)"
+        )
+    for i, side in enumerate(stage_resolutions(grid, len(depths))):
+        window, _ = effective_window(side, cfg.window_size)
+        if side % window:
+            raise ValueError(
+                f"config.model.window_size={cfg.window_size} does not tile stage {i} "
+                f"({side}x{side} tokens)"
+            )
+        if (cfg.width * 2**i) % heads[i]:
+            raise ValueError(
+                f"stage {i} width {cfg.width * 2**i} (config.model.width={cfg.width}) is not "
+                f"divisible by config.model.stage_heads[{i}]={heads[i]}"
+            )
+    if not 1 <= cfg.top_k <= cfg.num_experts:
+        raise ValueError(
+            f"config.model.top_k={cfg.top_k} is impossible with "
+            f"config.model.num_experts={cfg.num_experts} (need 1 <= top_k <= experts)"
+        )
+    if cfg.router_combine not in COMBINE_MODES:
+        raise ValueError(
+            f"config.model.router_combine={cfg.router_combine!r} is not one of {COMBINE_MODES}"
+        )
+    if cfg.capacity_factor < 0:
+        raise ValueError(
+            f"config.model.capacity_factor={cfg.capacity_factor} must be >= 0 (0 = dropless)"
+        )
+    return SwinMoE(
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        width=cfg.width,
+        depths=depths,
+        num_heads=heads,
+        window_size=cfg.window_size,
+        mlp_ratio=cfg.mlp_ratio,
+        embed_dim=cfg.embed_dim,
+        num_experts=cfg.num_experts,
+        top_k=cfg.top_k,
+        router_combine=cfg.router_combine,
+        capacity_factor=cfg.capacity_factor or None,
+        drop_path_rate=cfg.drop_path_rate,
+        head_dropout=cfg.head_dropout,
         dtype=DTYPES[cfg.dtype],
     )

@@ -1,0 +1,90 @@
+r"""The official FaceMoE Swin-MoE (`swin_120_topk_moe_loss(num_experts=3, k=2)`) and its recipes.
+
+Model: 120x120 RGB input, patch 6 (20x20 tokens), widths 384/768/1536, depths 2/18/2, heads
+8/16/16, window 5; every block's MLP is an MoE with 3 GELU experts, top-2 on the raw router
+logits, combined with the raw logits (no softmax), every token processed; head BatchNorm ->
+Dropout(0.25) -> Linear(38400 -> 512) -> BatchNorm. 464M parameters; exports load with
+`strict=True` into the official PyTorch model (see README, "Export and import").
+
+Recipes (the arg after the colon):
+  wf4m (default): WebFace4M pre-training, CosFace m=0.4 (s=64) via Partial FC at 0.3, AdamW lr 1e-3
+    wd 0.05, global batch 1024 (128 x 8 GPUs), 26 epochs with 1 warm-up epoch, linear decay to 0,
+    gradient-norm clip 5. The official script computes the router losses but does not add them.
+  tinyface_full: full fine-tuning on TinyFace from a pre-trained model (`--config.init_from`,
+    a PyTorch .pt: the official model.pt or our export), lr 1e-4 wd 0.1, global batch 64 (8 x 8 GPUs),
+    40 epochs with 4 warm-up epochs, all classes sampled, official low-resolution augmentation
+    (p=0.2), and lambda_aux = 10 on the official router losses summed over the 22 MoE layers:
+    10 * (1e-3 * z + 1e-2 * balance) per layer.
+
+Until a real training set is given (`--config.data.train=...`), the data are the procedural
+synthetic identities with the recipe's number of classes.
+
+Run (CPU smoke test of the full-size model; about two minutes of compilation on 2 cores):
+  python -m facemoe_jax.main --config configs/swin_moe_120.py:tinyface_full --workdir /tmp/swin \
+      --config.train.num_steps=1 --config.train.batch_size=2 --config.eval.synthetic_pairs=0
+"""
+
+from configs import common
+
+RECIPES = ("wf4m", "tinyface_full")
+
+
+def get_config(arg=None):
+    recipe = arg or "wf4m"
+    if recipe not in RECIPES:
+        raise ValueError(f"configs/swin_moe_120.py:{recipe} is not one of {RECIPES}")
+    config = common.get_base_config()
+    config.model.update(
+        name="swin_moe",
+        image_size=120,
+        patch_size=6,
+        width=384,
+        mlp_ratio=4.0,
+        embed_dim=512,
+        num_experts=3,
+        top_k=2,
+        router_combine="raw_logits",
+        capacity_factor=0.0,  # dropless, as the official loop over experts
+        drop_path_rate=0.05,
+        moe_layers="all",
+    )
+    # Swin-only fields (validated by models.build_swin).
+    config.model.depths = (2, 18, 2)
+    config.model.stage_heads = (8, 16, 16)
+    config.model.window_size = 5
+    config.model.head_dropout = 0.25
+    config.loss.update(
+        margin="combined",
+        m1=1.0,
+        m2=0.0,
+        m3=0.4,
+        scale=64.0,
+        router_z_loss="official",
+        load_balance_loss="official",
+        aux_reduce="sum",
+    )
+    config.optimizer.update(name="adamw", decay_power=1.0, grad_clip_norm=5.0)
+    if recipe == "wf4m":
+        config.loss.update(sample_rate=0.3, z_coef=0.0, balance_coef=0.0)
+        config.optimizer.update(learning_rate=1e-3, weight_decay=0.05, warmup_steps=4_136)
+        config.train.update(num_steps=107_535, batch_size=1024, log_every_steps=100)
+        config.data.update(train="synthetic", num_classes=205_990, low_res_prob=0.0)
+        config.eval.update(synthetic_pairs=6000, low_resolutions="8,16,24")
+    else:
+        lambda_aux = 10.0
+        config.loss.update(
+            sample_rate=1.0, z_coef=lambda_aux * 1e-3, balance_coef=lambda_aux * 1e-2
+        )
+        # 7,804 images / 64 = 121 steps per epoch.
+        config.optimizer.update(learning_rate=1e-4, weight_decay=0.1, warmup_steps=484)
+        config.train.update(num_steps=4_840, batch_size=64, log_every_steps=50)
+        config.data.update(
+            train="synthetic",
+            num_classes=2_570,
+            low_res_prob=0.2,
+            low_res_min_ratio=0.2,
+            low_res_max_ratio=1.0,
+        )
+        config.eval.update(synthetic_pairs=2000, low_resolutions="8,16,24")
+    config.checkpoint.update(every_steps=2000, max_to_keep=3)
+    return config

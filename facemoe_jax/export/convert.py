@@ -1,0 +1,323 @@
+"""JAX variables <-> PyTorch state_dicts, for our ViT-MoE and the official Swin-MoE.
+
+One table of rules maps every leaf of the Flax variables to its PyTorch name(s) and layout; the
+same rules run in both directions, so export and import cannot drift apart:
+
+  module names   layers_0/blocks_1 -> layers.0.blocks.1, moe -> mlp, head names per architecture
+  Dense kernel   (in, out)            -> weight (out, in)          transposed
+  Conv kernel    (kh, kw, in, out)    -> weight (out, in, kh, kw)  HWIO -> OIHW
+  LayerNorm      scale, bias          -> weight, bias
+  BatchNorm      scale, bias / mean, var (batch_stats) -> weight, bias / running_mean, running_var
+  experts        stacked (E, ...)     -> experts.{e}.fc1.weight ... one entry per expert
+
+Buffers PyTorch keeps but our model computes from its shapes (`relative_position_index`,
+`attn_mask` of shifted Swin windows, BatchNorm `num_batches_tracked`) are written on export and
+checked on import: a checkpoint whose window geometry differs from the config is an error, not a
+silent mismatch. Arrays are numpy here; torch is imported only to read and write .pt files.
+
+Importing also *upcycles* a dense checkpoint (insightface/PETALface ViT naming, `mlp.fc1`...):
+with `upcycle=True`, an MoE block whose experts are missing copies the dense MLP into every
+expert and starts its router at N(0, router_init_std^2). With zero router weights and a combine
+rule whose weights sum to 1 (`softmax_topk`), the MoE model computes exactly the dense model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import traverse_util
+
+from facemoe_jax.models import build_model
+from facemoe_jax.models import swin as swin_geometry
+
+# Head modules: Flax name -> PyTorch name, per architecture.
+HEAD_NAMES = {
+    "swin_moe": {
+        "patch_embed": "patch_embed.proj",
+        "patch_norm": "patch_embed.norm",
+        "feature_bn1": "feature_layer.0",
+        "feature_fc": "feature_layer.2",
+        "feature_bn2": "feature_layer.3",
+    },
+    "vit_moe": {
+        "patch_embed": "patch_embed.proj",
+        "feature_fc1": "feature.0",
+        "feature_bn1": "feature.1",
+        "feature_fc2": "feature.2",
+        "feature_bn2": "feature.3",
+    },
+}
+LEAF_NAMES = {"kernel": "weight", "scale": "weight", "mean": "running_mean", "var": "running_var"}
+# Dense-checkpoint entries an import may drop: insightface's unused masked-autoencoder token.
+IGNORED_KEYS = re.compile(r"^mask_token$")
+log = logging.getLogger(__name__)
+CHECKPOINT_PREFIXES = ("module.", "backbone.", "_orig_mod.")
+
+
+def abstract_variables(model_cfg: ml_collections.ConfigDict) -> dict:
+    """Shapes of {"params", "batch_stats"} of `build_model(model_cfg)`, without memory."""
+    model = build_model(model_cfg)
+    size = model_cfg.image_size
+    return jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False)
+    )
+
+
+def _module_name(arch: str, part: str) -> str:
+    head = HEAD_NAMES[arch]
+    if part in head:
+        return head[part]
+    if part == "moe":
+        return "mlp"
+    return re.sub(r"^(layers|blocks)_(\d+)$", r"\1.\2", part)
+
+
+def _entries(arch: str, path: tuple[str, ...], shape: tuple[int, ...]) -> Iterator[tuple]:
+    """(torch name, expert index or None, kind) of one Flax leaf; kind says the layout change."""
+    *modules, leaf = path[1:]  # drop the collection
+    prefix = ".".join(_module_name(arch, m) for m in modules)
+    join = (lambda name: f"{prefix}.{name}") if prefix else (lambda name: name)
+    if modules and modules[-1] == "experts":  # stacked (E, ...) expert weights
+        layer, _, kind = leaf.partition("_")  # fc1_kernel -> fc1, kernel
+        for e in range(shape[0]):
+            name = join(f"{e}.{layer}.{LEAF_NAMES.get(kind, kind)}")
+            yield name, e, "linear" if kind == "kernel" else "same"
+        return
+    name = join(LEAF_NAMES.get(leaf, leaf))
+    if leaf == "kernel":
+        yield name, None, "conv" if len(shape) == 4 else "linear"
+    else:
+        yield name, None, "same"
+
+
+def _to_torch_layout(x: np.ndarray, kind: str) -> np.ndarray:
+    if kind == "linear":
+        return x.T
+    if kind == "conv":
+        return x.transpose(3, 2, 0, 1)
+    return x
+
+
+def _to_jax_layout(x: np.ndarray, kind: str) -> np.ndarray:
+    if kind == "linear":
+        return x.T
+    if kind == "conv":
+        return x.transpose(2, 3, 1, 0)
+    return x
+
+
+def geometry_buffers(model_cfg, num_batches_tracked: int = 0) -> dict[str, np.ndarray]:
+    """The PyTorch buffers that follow from the config: window indices, shift masks, BN counters."""
+    buffers = {}
+    if model_cfg.name == "swin_moe":
+        grid = model_cfg.image_size // model_cfg.patch_size
+        depths = tuple(model_cfg.depths)
+        for i, side in enumerate(swin_geometry.stage_resolutions(grid, len(depths))):
+            window, shift = swin_geometry.effective_window(side, model_cfg.window_size)
+            for j in range(depths[i]):
+                block = f"layers.{i}.blocks.{j}"
+                if shift and j % 2:
+                    buffers[f"{block}.attn_mask"] = swin_geometry.shifted_window_mask(
+                        side, window, shift
+                    )
+                buffers[f"{block}.attn.relative_position_index"] = (
+                    swin_geometry.relative_position_index(window)
+                )
+    for bn in ("feature_bn1", "feature_bn2"):
+        name = HEAD_NAMES[model_cfg.name][bn]
+        buffers[f"{name}.num_batches_tracked"] = np.asarray(num_batches_tracked, np.int64)
+    return buffers
+
+
+def jax_to_torch(model_cfg, variables, num_batches_tracked: int = 0) -> dict[str, np.ndarray]:
+    """Flax {"params", "batch_stats"} -> PyTorch state_dict (numpy arrays, float32 weights)."""
+    arch = model_cfg.name
+    state = {}
+    flat = traverse_util.flatten_dict({k: variables[k] for k in ("params", "batch_stats")})
+    for path, value in flat.items():
+        value = np.asarray(jax.device_get(value), np.float32)
+        for name, expert, kind in _entries(arch, path, value.shape):
+            x = value if expert is None else value[expert]
+            state[name] = np.ascontiguousarray(_to_torch_layout(x, kind))
+    state.update(geometry_buffers(model_cfg, num_batches_tracked))
+    return state
+
+
+def torch_state_dict_shapes(model_cfg) -> dict[str, tuple[int, ...]]:
+    """Names and shapes an export of this config has, from `jax.eval_shape` (no memory)."""
+    flat = traverse_util.flatten_dict(abstract_variables(model_cfg))
+    shapes = {}
+    for path, leaf in flat.items():
+        for name, expert, kind in _entries(model_cfg.name, path, leaf.shape):
+            shape = leaf.shape if expert is None else leaf.shape[1:]
+            shapes[name] = _to_torch_layout(np.empty(shape, np.bool_), kind).shape
+    shapes.update({k: v.shape for k, v in geometry_buffers(model_cfg).items()})
+    return shapes
+
+
+def _dense_source(name: str) -> str | None:
+    """mlp.experts.{e}.fc1.weight -> mlp.fc1.weight (the dense MLP an expert upcycles from)."""
+    dense = re.sub(r"\.mlp\.experts\.\d+\.", ".mlp.", name)
+    return dense if dense != name else None
+
+
+def torch_to_jax(
+    model_cfg,
+    state_dict: dict[str, Any],
+    *,
+    upcycle: bool = False,
+    router_init_std: float = 1e-3,
+    seed: int = 0,
+) -> dict:
+    """PyTorch state_dict -> Flax {"params", "batch_stats"} for `build_model(model_cfg)`.
+
+    Every array must be consumed and every model leaf found, with matching shapes; errors name
+    the key. `upcycle=True` fills missing experts from the block's dense MLP and missing routers
+    with N(0, router_init_std^2) (seeded by `seed`).
+    """
+    arch = model_cfg.name
+    state = {k: np.asarray(v) for k, v in state_dict.items()}
+    lora = sorted(k for k in state if "lora" in k)
+    if lora:
+        raise ValueError(
+            f"checkpoint holds LoRA adapters ({lora[0]}, ...): merge or drop them before import"
+        )
+    used = set()
+    rng = np.random.default_rng(seed)
+    upcycled_blocks = set()
+    flat = traverse_util.flatten_dict(abstract_variables(model_cfg))
+    out = {}
+    for path, leaf in flat.items():
+        parts = []
+        for name, expert, kind in _entries(arch, path, leaf.shape):
+            source = name
+            if source not in state and upcycle and _dense_source(name) in state:
+                source = _dense_source(name)
+                upcycled_blocks.add(name.split(".mlp.")[0])
+            if source not in state:
+                if upcycle and name.endswith(".mlp.router.gate.weight"):
+                    shape = leaf.shape[::-1]
+                    parts.append((rng.normal(0.0, router_init_std, shape), kind))
+                    continue
+                raise ValueError(f"checkpoint has no {name!r} (needed for {'/'.join(path)})")
+            used.add(source)
+            parts.append((state[source].astype(np.float32), kind))
+        arrays = [_to_jax_layout(x, kind) for x, kind in parts]
+        stacked = path[-2] == "experts"  # one PyTorch entry per expert -> (E, ...)
+        value = np.stack(arrays) if stacked else arrays[0]
+        if value.shape != leaf.shape:
+            raise ValueError(
+                f"checkpoint entry for {'/'.join(path)} has shape {value.shape} after conversion, "
+                f"the model (config.model) needs {leaf.shape}"
+            )
+        out[path] = jnp.asarray(value, leaf.dtype)
+    _check_buffers(model_cfg, state, used)
+    unused = sorted(k for k in state if k not in used and not IGNORED_KEYS.match(k))
+    if unused:
+        raise ValueError(
+            f"checkpoint entries the model (config.model.name={arch!r}) does not have: "
+            f"{unused[:5]}{' ...' if len(unused) > 5 else ''} ({len(unused)} in all)"
+        )
+    if upcycled_blocks:
+        log.info("Upcycled %d dense MLPs into experts", len(upcycled_blocks))
+        if model_cfg.router_combine == "raw_logits":
+            log.warning(
+                "upcycling with router_combine='raw_logits': the combine weights are the small "
+                "router logits, so the upcycled MoE does not start as the dense model"
+            )
+    return traverse_util.unflatten_dict(out)
+
+
+def _check_buffers(model_cfg, state: dict, used: set) -> None:
+    """The checkpoint's geometry buffers must equal ours; their absence is fine (dense imports)."""
+    for name, expected in geometry_buffers(model_cfg).items():
+        if name.endswith("num_batches_tracked"):
+            if name in state:
+                used.add(name)
+            continue
+        if name not in state:
+            continue
+        if state[name].shape != expected.shape or not np.array_equal(state[name], expected):
+            raise ValueError(
+                f"checkpoint buffer {name!r} differs from the window geometry of config.model "
+                f"(image_size, patch_size, window_size): shape {state[name].shape} vs "
+                f"{expected.shape}"
+            )
+        used.add(name)
+
+
+# ------------------------------------------------------------------------------------------------
+# Files
+
+
+def _to_numpy(value) -> np.ndarray:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        if value.is_floating_point():
+            value = value.float()
+        return value.numpy()
+    return np.asarray(value)
+
+
+def load_state_dict_file(path: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Reads a PyTorch checkpoint: (backbone state_dict, extras), arrays as numpy.
+
+    Accepts a plain state_dict (.pt/.pth, the official `model.pt` and our exports), the official
+    training checkpoint dict (`checkpoint_gpu_0.pt`: "state_dict_backbone" plus
+    "state_dict_softmax_fc", whose Partial FC centres come back as extras["classifier_centers"]),
+    {"state_dict": ...} / {"model": ...} wrappers, and .safetensors files. Prefixes left by
+    DistributedDataParallel or torch.compile ("module.", "_orig_mod.") are stripped.
+    """
+    if not os.path.isfile(path):
+        raise ValueError(f"PyTorch checkpoint {path!r} does not exist")
+    extras = {}
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+
+        raw = load_file(path)
+    else:
+        import torch
+
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a state_dict (a dict of tensors), got {type(raw)}")
+        if "state_dict_backbone" in raw:
+            softmax_fc = raw.get("state_dict_softmax_fc") or {}
+            if "weight" in softmax_fc:
+                extras["classifier_centers"] = _to_numpy(softmax_fc["weight"])
+            raw = raw["state_dict_backbone"]
+        elif "state_dict" in raw and isinstance(raw["state_dict"], dict):
+            raw = raw["state_dict"]
+        elif "model" in raw and isinstance(raw["model"], dict):
+            raw = raw["model"]
+    state = {}
+    for key, value in raw.items():
+        for prefix in CHECKPOINT_PREFIXES:
+            key = key.removeprefix(prefix)
+        if not hasattr(value, "shape"):
+            raise ValueError(f"{path}: entry {key!r} is not a tensor ({type(value).__name__})")
+        state[key] = _to_numpy(value)
+    return state, extras
+
+
+def save_torch(state: dict[str, np.ndarray], path: str) -> None:
+    """A plain state_dict file for `model.load_state_dict(torch.load(path))`."""
+    import torch
+
+    torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, path)
+
+
+def save_safetensors(state: dict[str, np.ndarray], path: str, metadata=None) -> None:
+    from safetensors.numpy import save_file
+
+    save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, path, metadata=metadata)
