@@ -1,7 +1,7 @@
 """The training augmentation built from ``config.data``: geometry first, then degradations.
 
 ``Augmenter(data_cfg)(image, rng)`` runs, in this order, each step with its own probability
-(0 switches a step off and costs one uniform draw):
+(0 switches a step off; it then draws nothing):
 
   geometry (shared by HR and LR):  crop_with_zero_pad -> horizontal_flip
   degradations (LR only):          photometric_jitter -> gaussian_blur -> motion_blur
@@ -95,19 +95,36 @@ class Augmenter:
             )
         self.grayscale_prob = c.grayscale_prob
 
+        # Only steps that can apply are kept: a switched-off step costs nothing, not even a
+        # draw, so e.g. flip-only keeps the random stream of the flip alone.
+        self.geometry_steps = self._active(
+            (degrade.crop_with_zero_pad, self.crop),
+            (degrade.horizontal_flip, {"p": self.flip_prob}),
+        )
+        self.degrade_steps = self._active(
+            (degrade.photometric_jitter, self.photometric),
+            (degrade.gaussian_blur, self.gaussian_blur),
+            (degrade.motion_blur, self.motion_blur),
+            (degrade.random_low_resolution, self.low_res),
+            (degrade.random_target_resolution, self.target_res),
+            (degrade.sensor_noise, self.noise),
+            (degrade.jpeg_recompress, self.jpeg),
+            (degrade.grayscale, {"p": self.grayscale_prob}),
+        )
+
+    @staticmethod
+    def _active(*steps):
+        return tuple((fn, kwargs) for fn, kwargs in steps if kwargs["p"] > 0)
+
     def geometry(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        image = degrade.crop_with_zero_pad(image, rng, **self.crop)
-        return degrade.horizontal_flip(image, rng, p=self.flip_prob)
+        for fn, kwargs in self.geometry_steps:
+            image = fn(image, rng, **kwargs)
+        return image
 
     def degrade(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        image = degrade.photometric_jitter(image, rng, **self.photometric)
-        image = degrade.gaussian_blur(image, rng, **self.gaussian_blur)
-        image = degrade.motion_blur(image, rng, **self.motion_blur)
-        image = degrade.random_low_resolution(image, rng, **self.low_res)
-        image = degrade.random_target_resolution(image, rng, **self.target_res)
-        image = degrade.sensor_noise(image, rng, **self.noise)
-        image = degrade.jpeg_recompress(image, rng, **self.jpeg)
-        return degrade.grayscale(image, rng, p=self.grayscale_prob)
+        for fn, kwargs in self.degrade_steps:
+            image = fn(image, rng, **kwargs)
+        return image
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator):
         high_res = self.geometry(image, rng)

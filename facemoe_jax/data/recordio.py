@@ -140,12 +140,7 @@ def write_image_pack(
 
 
 def _resolve_paths(path: str) -> tuple[str, str]:
-    if os.path.isdir(path):
-        rec_path = os.path.join(path, "train.rec")
-    else:
-        rec_path = path
-    if not rec_path.endswith(".rec"):
-        raise ValueError(f"RecordIO path {path!r} is neither a folder nor a .rec file")
+    rec_path = path if path.endswith(".rec") else os.path.join(path, "train.rec")
     idx_path = rec_path[: -len(".rec")] + ".idx"
     for p in (rec_path, idx_path):
         if not os.path.isfile(p):

@@ -2,11 +2,13 @@
 
 import json
 
+import cv2
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from facemoe_jax.data import pipeline, synthetic
+from configs import demo
+from facemoe_jax.data import augment, pipeline, synthetic
 
 NUM_RECORDS = 40
 
@@ -56,14 +58,14 @@ def test_default_shard_is_this_process():
 
 def test_each_epoch_is_a_fresh_permutation_and_seeds_are_reproducible():
     batches = take(pipeline.train_iterator(IndexedSource(), global_batch_size=8, seed=1), 10)
-    order = sum((record_indices(b) for b in batches), [])
+    order = [i for b in batches for i in record_indices(b)]
     epoch_0, epoch_1 = order[:NUM_RECORDS], order[NUM_RECORDS:]
     assert sorted(epoch_0) == sorted(epoch_1) == list(range(NUM_RECORDS))
     assert epoch_0 != epoch_1 and epoch_0 != list(range(NUM_RECORDS))
     again = take(pipeline.train_iterator(IndexedSource(), global_batch_size=8, seed=1), 10)
-    assert order == sum((record_indices(b) for b in again), [])
+    assert order == [i for b in again for i in record_indices(b)]
     other = take(pipeline.train_iterator(IndexedSource(), global_batch_size=8, seed=2), 5)
-    assert order[:NUM_RECORDS] != sum((record_indices(b) for b in other), [])
+    assert order[:NUM_RECORDS] != [i for b in other for i in record_indices(b)]
 
 
 def test_labels_follow_their_records():
@@ -74,14 +76,18 @@ def test_labels_follow_their_records():
 def test_shards_are_disjoint_cover_the_data_and_interleave_the_global_batch():
     def host_batches(index, count):
         iterator = pipeline.train_iterator(
-            IndexedSource(), global_batch_size=8, seed=3, augment=stamp_random_value,
-            shard_index=index, shard_count=count,
+            IndexedSource(),
+            global_batch_size=8,
+            seed=3,
+            augment=stamp_random_value,
+            shard_index=index,
+            shard_count=count,
         )
         return take(iterator, 5)  # 5 global batches of 8 = one epoch of 40
 
     host_0, host_1 = host_batches(0, 2), host_batches(1, 2)
-    seen_0 = sum((record_indices(b) for b in host_0), [])
-    seen_1 = sum((record_indices(b) for b in host_1), [])
+    seen_0 = [i for b in host_0 for i in record_indices(b)]
+    seen_1 = [i for b in host_1 for i in record_indices(b)]
     assert not set(seen_0) & set(seen_1)
     assert sorted(seen_0 + seen_1) == list(range(NUM_RECORDS))
     # Global batch j, split over hosts, is the single-host batch j (augmentation included).
@@ -111,8 +117,12 @@ def test_state_restore_resumes_with_identical_batches():
 def test_augmentation_depends_on_position_not_on_worker_count():
     def batches(worker_count):
         iterator = pipeline.train_iterator(
-            IndexedSource(), global_batch_size=8, seed=5, augment=stamp_random_value,
-            worker_count=worker_count, prefetch=1,
+            IndexedSource(),
+            global_batch_size=8,
+            seed=5,
+            augment=stamp_random_value,
+            worker_count=worker_count,
+            prefetch=1,
         )
         result = take(iterator, 3)
         state = iterator.get_state()
@@ -129,8 +139,12 @@ def test_augmentation_depends_on_position_not_on_worker_count():
     # The multiprocess iterator's state resumes a fresh iterator with the same worker count
     # (its state records each worker's position, so it is not portable across worker counts).
     resumed = pipeline.train_iterator(
-        IndexedSource(), global_batch_size=8, seed=5, augment=stamp_random_value,
-        worker_count=2, prefetch=1,
+        IndexedSource(),
+        global_batch_size=8,
+        seed=5,
+        augment=stamp_random_value,
+        worker_count=2,
+        prefetch=1,
     )
     resumed.set_state(state)
     for want, got in zip(in_process[3:], take(resumed, 2)):
@@ -175,3 +189,119 @@ def test_eval_batches_pad_the_last_batch_and_report_valid_rows():
     assert not batches[-1][0][2:].any()  # zero padding
     with pytest.raises(ValueError, match="batch_size"):
         list(pipeline.eval_batches(images, 0))
+
+
+# ---- Encoded sources, real degradations, paired mode and bad records.
+
+
+class EncodedSource:
+    """JPEG records of flat colours (value = index); the ones in ``bad`` are corrupt."""
+
+    def __init__(self, count=40, bad=(), size=12):
+        self.count, self.bad, self.size = count, set(bad), size
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, index):
+        index = int(index)
+        image = np.zeros((self.size, self.size, 3), np.uint8)
+        image[: self.size // 2] = 5 * (index % 50)  # top half encodes the index
+        data = cv2.imencode(".png", image)[1].tobytes()
+        if index in self.bad:
+            data = data[: len(data) // 2]  # truncated
+        return {"image": data, "label": index % 7, "key": f"rec{index}"}
+
+
+def official_augmenter(paired=False):
+    config = demo.get_config().data
+    augment.official_augmentation(config)
+    config.update(noise_prob=0.3, jpeg_prob=0.3, gaussian_blur_prob=0.3)
+    return augment.Augmenter(config, paired=paired)
+
+
+def test_real_degradations_and_skips_are_identical_with_0_1_and_2_workers():
+    def batches(worker_count):
+        iterator = pipeline.train_iterator(
+            EncodedSource(size=12, bad={3, 17}),
+            global_batch_size=8,
+            seed=11,
+            image_size=16,
+            augment=official_augmenter(paired=True),
+            worker_count=worker_count,
+            prefetch=1,
+            max_bad_share=0.1,
+        )
+        result = take(iterator, 6)  # past the first epoch (40 records)
+        skipped = iterator.skipped_records  # counted in the main process, whoever decoded
+        iterator.close()
+        return result, skipped
+
+    reference, skipped = batches(0)
+    assert skipped >= 2  # both bad records of epoch 1 (and any of epoch 2's first batch)
+    assert reference[0]["image"].shape == (8, 16, 16, 3)  # decoded and resized
+    assert reference[0]["image_hr"].shape == (8, 16, 16, 3)
+    for worker_count in (1, 2):
+        got_batches, got_skipped = batches(worker_count)
+        assert got_skipped == skipped
+        for want, got in zip(reference, got_batches):
+            assert want.keys() == got.keys()
+            for key in want:
+                np.testing.assert_array_equal(want[key], got[key])
+    hr = np.concatenate([b["image_hr"] for b in reference])
+    lr = np.concatenate([b["image"] for b in reference])
+    differs = [not np.array_equal(a, b) for a, b in zip(hr, lr)]
+    assert 0.3 < np.mean(differs) < 1.0  # some LR images are degraded, some clean copies
+
+
+def test_paired_hr_is_the_geometry_only_image_of_the_same_record():
+    config = demo.get_config().data
+    config.update(flip_prob=0.5, low_res_prob=1.0, low_res_min_ratio=0.25, low_res_max_ratio=0.25)
+    batch = next(
+        pipeline.train_iterator(
+            EncodedSource(size=16),
+            global_batch_size=16,
+            seed=2,
+            augment=augment.Augmenter(config, paired=True),
+        )
+    )
+    for hr, lr, label in zip(batch["image_hr"], batch["image"], batch["label"]):
+        index = int(hr[0, 0, 0]) // 5  # top half still carries the index (flips are left-right)
+        assert index % 7 == label
+        assert hr[:8].std() == 0 and lr.std() > 0  # HR clean; LR resampled across the edge
+
+
+def test_corrupt_records_are_replaced_counted_and_reported_once(caplog):
+    source = EncodedSource(count=40, bad={3, 17})
+    iterator = pipeline.train_iterator(
+        source, global_batch_size=8, seed=0, max_bad_share=0.1, worker_count=0
+    )
+    with caplog.at_level("WARNING"):
+        batches = take(iterator, 10)  # two epochs
+    assert iterator.skipped_records == 4 and iterator.seen_records == 80
+    reported = [r.getMessage() for r in caplog.records if "bad training record" in r.message]
+    assert len(reported) == 2 and any("rec3: truncated" in m for m in reported)
+    # Every record keeps its own label; bad ones never appear; replacements are duplicates.
+    first_epoch = np.concatenate([b["image"][:, 0, 0, 0] // 5 for b in batches[:5]])
+    labels = np.concatenate([b["label"] for b in batches[:5]])
+    np.testing.assert_array_equal(labels, first_epoch % 7)
+    assert not {3, 17} & set(first_epoch.tolist()) and len(set(first_epoch.tolist())) == 38
+    # The count is part of the checkpointable state.
+    state = iterator.get_state()
+    assert state["skipped_records"] == 4 and state["seen_records"] == 80
+
+
+def test_too_many_bad_records_stop_with_a_clear_error():
+    iterator = pipeline.train_iterator(
+        EncodedSource(count=40, bad={1, 2, 3, 4, 5}),
+        global_batch_size=8,
+        seed=0,
+        max_bad_share=0.05,
+    )
+    with pytest.raises(pipeline.BadDataError, match=r"max_bad_share=0.05.*rec"):
+        take(iterator, 10)
+    everything_bad = pipeline.train_iterator(
+        EncodedSource(count=100, bad=range(100)), global_batch_size=8, seed=0
+    )
+    with pytest.raises(pipeline.BadDataError, match="consecutive unreadable records"):
+        next(everything_bad)
