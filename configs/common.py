@@ -75,15 +75,39 @@ def get_base_config() -> ml_collections.ConfigDict:
 
     config.data = ml_collections.ConfigDict(
         dict(
-            train="synthetic",  # the embedded procedural identities (no download)
+            # "synthetic", "recordio:PATH", "folder:PATH", "tfds:NAME", "arrayrecord:PATH"
+            train="synthetic",
             num_classes=1000,  # checked against the data before training starts
+            num_images=0,  # checked against the data when > 0
             synthetic_images_per_identity=20,
-      synthetic_cache=False,    # keep rendered synthetic images in memory (small sets only)
+            synthetic_cache=False,  # keep rendered synthetic images in memory (small sets only)
+            tfds_split="train",
+            tfds_data_dir="",
+            image_key="image",  # TFDS feature names
+            label_key="label",
+            worker_count=0,  # grain worker processes (0 = in the main process)
+            max_bad_share=0.001,  # stop if more than this share of records is unreadable
+            # Augmentation (data/augment.py; official FaceMoE: augment.official_augmentation).
+            crop_prob=0.0,  # crop with zero padding
+            crop_min_scale=0.2,
             flip_prob=0.5,
+            photometric_prob=0.0,  # brightness/contrast/saturation jitter
+            photometric_strength=0.5,
+            gaussian_blur_prob=0.0,
+            gaussian_blur_max_sigma=2.0,
+            motion_blur_prob=0.0,
+            motion_blur_max_length=9,
             low_res_prob=0.0,  # official FaceMoE low-resolution augmentation probability
             low_res_min_ratio=0.2,
             low_res_max_ratio=1.0,
-            worker_count=0,  # grain worker processes (0 = in the main process)
+            target_res_prob=0.0,  # degrade to exactly one of target_resolutions pixels
+            target_resolutions="8,12,16,24",
+            noise_prob=0.0,  # additive Gaussian sensor noise
+            noise_max_sigma=10.0,
+            jpeg_prob=0.0,  # JPEG re-compression
+            jpeg_min_quality=10,
+            jpeg_max_quality=60,
+            grayscale_prob=0.0,
         )
     )
 

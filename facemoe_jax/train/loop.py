@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import ml_collections
 from clu import periodic_actions
 
-from facemoe_jax.data import degrade, pipeline, sources
+from facemoe_jax.data import augment as augment_lib
+from facemoe_jax.data import pipeline, sources
 from facemoe_jax.evaluate import held_out
 from facemoe_jax.models import build_model
 from facemoe_jax.parallel import mesh as mesh_lib
@@ -25,23 +26,6 @@ from facemoe_jax.train import optimizer as optimizer_lib
 from facemoe_jax.train import state as state_lib
 from facemoe_jax.train import step as step_lib
 from facemoe_jax.train.writers import make_writer
-
-
-def make_augment(data_cfg: ml_collections.ConfigDict):
-    """Per-record augmentation (image, numpy Generator) -> image, from config.data."""
-
-    def augment(image, rng):
-        if data_cfg.low_res_prob > 0:
-            image = degrade.random_low_resolution(
-                image,
-                rng,
-                p=data_cfg.low_res_prob,
-                min_ratio=data_cfg.low_res_min_ratio,
-                max_ratio=data_cfg.low_res_max_ratio,
-            )
-        return degrade.horizontal_flip(image, rng, p=data_cfg.flip_prob)
-
-    return augment
 
 
 def check_workdir(workdir: str) -> None:
@@ -93,8 +77,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         source,
         global_batch_size=config.train.batch_size,
         seed=config.seed,
-        augment=make_augment(config.data),
+        augment=augment_lib.Augmenter(config.data),
+        image_size=config.model.image_size,
         worker_count=config.data.worker_count,
+        max_bad_share=config.data.max_bad_share,
     )
     writer = make_writer(workdir)
     checkpointer = checkpoint_lib.Checkpointer(
@@ -166,6 +152,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             means["train/steps_per_sec"] = count / seconds
             means["train/img_per_sec"] = count * config.train.batch_size / seconds
             means["train/img_per_sec_per_device"] = means["train/img_per_sec"] / jax.device_count()
+            means["data/skipped_records"] = data_iter.skipped_records  # this host, cumulative
             if flops:
                 means["train/gflops_per_sec"] = flops * count / seconds / 1e9
             writer.write_scalars(step, means)
