@@ -62,10 +62,17 @@ def to_resolution(
     return _resize(small, width, height, up_interpolation)
 
 
+def _flip_left_right(image: np.ndarray) -> np.ndarray:
+    """image[:, ::-1] as a new contiguous array (cv2.flip: ~10x faster than numpy's copy)."""
+    if image.ndim == 3 and image.shape[2] <= 4:
+        return cv2.flip(image, 1)
+    return np.ascontiguousarray(image[:, ::-1])
+
+
 def horizontal_flip(image: np.ndarray, rng: np.random.Generator, p: float = 0.5) -> np.ndarray:
     """Mirrors an (H, W, C) image left-right with probability ``p`` (draws one uniform)."""
     if rng.random() < p:
-        return np.ascontiguousarray(image[:, ::-1])
+        return _flip_left_right(image)
     return image
 
 
@@ -164,17 +171,22 @@ def photometric_jitter(
         return image
     strengths = (brightness, contrast, saturation)
     factors = [rng.uniform(max(0.0, 1 - s), 1 + s) for s in strengths]
-    out = image.astype(np.float32)
+    out = image
+    # uint8 OpenCV blends (saturating, round-to-nearest-even like np.rint): 5-10x faster than
+    # float numpy on a 120 px face; the grey reference is rounded to uint8 first (< 0.5 level).
     for op in rng.permutation(3):
-        factor = np.float32(factors[op])
+        factor = float(factors[op])
         if op == 0:
-            reference = np.float32(0)
-        elif op == 1:
-            reference = np.float32(np.rint(_gray(out).mean()))
+            out = cv2.convertScaleAbs(out, alpha=factor)
         else:
-            reference = _gray(out)
-        out = np.clip(np.rint(factor * out + (1 - factor) * reference), 0, 255)
-    return out.astype(np.uint8)
+            gray = cv2.cvtColor(out, cv2.COLOR_RGB2GRAY)
+            if op == 1:
+                shift = (1 - factor) * float(np.rint(gray.mean()))
+                out = cv2.addWeighted(out, factor, out, 0.0, shift)
+            else:
+                gray3 = cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB)
+                out = cv2.addWeighted(out, factor, gray3, 1 - factor, 0.0)
+    return out
 
 
 def gaussian_blur(
