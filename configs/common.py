@@ -114,7 +114,18 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.eval = ml_collections.ConfigDict(
         dict(
             synthetic_pairs=1000,  # verification pairs of held-out synthetic identities (0 = off)
-            low_resolutions="8,16",  # extra evaluation with both sides degraded to these pixel sizes
+            bin_dir="",  # folder of insightface .bin verification sets ("" = none)
+            bin_sets="",  # e.g. "lfw,cfp_fp,agedb_30"; "" = every .bin in bin_dir
+            low_resolutions="8,12,16,24,32,112",  # resolution sweep, pixels (>= input = no change)
+            low_resolution_sides="both",  # "both", "probe" (second face only) or "both,probe"
+            low_resolution_sets="synthetic",  # pair sets to sweep, e.g. "synthetic,lfw" or "all"
+            ijbb_dir="",  # IJB-B root with meta/ and loose_crop/ ("" = skip)
+            ijbc_dir="",  # IJB-C root
+            tinyface_dir="",  # folder with Probe/, Gallery_Match/, Gallery_Distractor/
+            tinyface_mat_dir="",  # folder of the .mat lists if not in tinyface_dir
+            quality_fmr=1e-3,  # error-versus-reject threshold: this false-match rate
+            routing_map_faces=256,  # faces averaged for the expert routing map (0 = off)
+            every_steps=0,  # also evaluate every N training steps (0 = only at the end)
             flip_test=True,
             batch_size=256,
         )

@@ -32,3 +32,16 @@ def embed_images(embed_fn, variables, images: np.ndarray, batch_size: int) -> np
     for batch, num_valid in eval_batches(images, batch_size):
         out.append(np.asarray(embed_fn(variables, batch))[:num_valid])
     return np.concatenate(out)
+
+
+def embed_loaded(embed_fn, variables, load, count: int, batch_size: int) -> np.ndarray:
+    """Embeds `count` images produced one at a time by `load(index)`, a batch at a time.
+
+    For sets too large to hold as pixels (IJB-C's 469k faces, TinyFace's 153k distractors):
+    only one batch of images and the (count, D) features are in memory.
+    """
+    out = []
+    for start in range(0, count, batch_size):
+        images = np.stack([load(i) for i in range(start, min(start + batch_size, count))])
+        out.append(embed_images(embed_fn, variables, images, batch_size))
+    return np.concatenate(out)

@@ -14,6 +14,7 @@ Given ``N`` pairs of embeddings and whether each pair shows the same person:
 
 Everything here is NumPy (float64): evaluation runs once per epoch on a few thousand pairs.
 """
+
 from __future__ import annotations
 
 import numpy as np

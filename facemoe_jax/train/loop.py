@@ -2,11 +2,10 @@
 
 Sections, in order: (1) validate the config and build model, mesh, optimiser and data; (2) create
 or restore the state; (3) lower and compile the jitted step once, logging compile seconds and
-FLOPs per step; (4) the step loop with progress, metrics and checkpoints; (5) final evaluation on
-held-out identities at full and low resolution, written to workdir/eval/results.json.
+FLOPs per step; (4) the step loop with progress, metrics and checkpoints; (5) final evaluation of
+every set in config.eval (evaluate/suite.py), written to workdir/eval/ with its pictures.
 """
 
-import json
 import logging
 import os
 import time
@@ -18,9 +17,10 @@ from clu import periodic_actions
 
 from facemoe_jax.data import augment as augment_lib
 from facemoe_jax.data import pipeline, sources
-from facemoe_jax.evaluate import held_out
+from facemoe_jax.evaluate import suite as eval_suite
 from facemoe_jax.models import build_model
 from facemoe_jax.parallel import mesh as mesh_lib
+from facemoe_jax.parallel import sharding
 from facemoe_jax.train import checkpoint as checkpoint_lib
 from facemoe_jax.train import optimizer as optimizer_lib
 from facemoe_jax.train import state as state_lib
@@ -46,21 +46,6 @@ def flops_per_step(compiled) -> float | None:
     return float(cost["flops"]) if cost and "flops" in cost else None
 
 
-def write_eval_results(workdir: str, step: int, results: dict, writer) -> None:
-    if jax.process_index() == 0:
-        os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
-        with open(os.path.join(workdir, "eval", "results.json"), "w") as f:
-            json.dump({"step": step, **results}, f, indent=2)
-    scalars = {f"eval/{name}/{k}": v for name, m in results.items() for k, v in m.items()}
-    writer.write_scalars(step, scalars)
-    for name, m in results.items():
-        print(
-            f"eval {name:>18}: accuracy {m['accuracy'] * 100:6.2f} % "
-            f"(± {m['accuracy_std'] * 100:.2f}), TAR@FAR=1e-3 {m['tar@far=1e-3'] * 100:6.2f} %",
-            flush=True,
-        )
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # ---- (1) Set-up: every check that can fail runs before anything expensive.
     check_workdir(workdir)
@@ -69,8 +54,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         raise ValueError(f"config.train.num_steps={num_steps} must be >= 1")
     model = build_model(config.model)
     step_lib.check_loss_config(config.loss)
+    eval_suite.check_eval_config(config)
     mesh = mesh_lib.make_mesh(config.mesh)
     mesh_lib.check_batch_size(config.train.batch_size, mesh)
+    sharding.check_config(config, mesh)
     optimizer, schedule = optimizer_lib.build_optimizer(config.optimizer, num_steps)
     source = sources.train_source(config)
     data_iter = pipeline.train_iterator(
@@ -89,7 +76,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # ---- (2) State: restored into the current mesh's shardings, or created there.
     abstract_state = state_lib.abstract_train_state(model, optimizer, config)
-    state_shardings = jax.tree.map(lambda _: mesh_lib.replicated(mesh), abstract_state)
+    state_shardings = sharding.state_shardings(abstract_state, mesh, config.sharding_rules)
     latest = checkpointer.latest_step()
     if latest is not None:
         target = checkpoint_lib.with_shardings(abstract_state, state_shardings)
@@ -97,9 +84,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         logging.info("Resumed from step %d in %s", latest, workdir)
         print(f"resumed from checkpoint at step {latest}", flush=True)
     else:
-        state = state_lib.create_train_state(model, optimizer, config, state_shardings)
+        with jax.set_mesh(mesh):  # arrays are created in their shards, never whole
+            state = state_lib.create_train_state(model, optimizer, config, state_shardings)
     encoder_params = state_lib.count_params(state.params["encoder"])
-    centres = state_lib.count_params(state.params["classifier"])
+    centres = state_lib.count_class_centre_params(state.params, config)
     print(
         f"model: {encoder_params / 1e6:.2f}M encoder parameters, {centres / 1e6:.2f}M class-centre "
         f"parameters; mesh {dict(mesh.shape)}; data {source!r}",
@@ -124,7 +112,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         out_shardings=(state_shardings, mesh_lib.replicated(mesh)),
     )
     t0 = time.perf_counter()
-    compiled = train_step.lower(state, batch_spec).compile()
+    with jax.set_mesh(mesh):  # traced under the mesh: expert-parallel MoE, sharded classifier
+        compiled = train_step.lower(state, batch_spec).compile()
     compile_seconds = time.perf_counter() - t0
     flops = flops_per_step(compiled)
     print(
@@ -167,21 +156,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             sums, count, interval_start = None, 0, time.perf_counter()
         if checkpointer.should_save(step) or step == num_steps:
             checkpointer.save(step, state, data_iter, config)
+        if eval_suite.is_periodic_eval_step(config, step, num_steps):
+            variables = {"params": state.params["encoder"], "batch_stats": state.batch_stats}
+            eval_suite.run_evaluations(model, variables, config, workdir, step, writer)
     checkpointer.wait()
 
-    # ---- (5) Evaluate the final model on held-out identities.
+    # ---- (5) Evaluate the final model: every set in config.eval (evaluate/suite.py).
     variables = {"params": state.params["encoder"], "batch_stats": state.batch_stats}
-    results = held_out.synthetic_verification(model, variables, config)
-    if results:
-        write_eval_results(workdir, num_steps, results, writer)
+    results = eval_suite.run_evaluations(model, variables, config, workdir, num_steps, writer)
     writer.flush()
     checkpointer.close()
     return results
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """--mode=eval: the held-out evaluations of the latest checkpoint in workdir."""
+    """--mode=eval: every evaluation in config.eval, on the latest checkpoint in workdir."""
     model = build_model(config.model)
+    eval_suite.check_eval_config(config)
     optimizer, _ = optimizer_lib.build_optimizer(config.optimizer, config.train.num_steps)
     checkpointer = checkpoint_lib.Checkpointer(
         workdir, config.checkpoint.every_steps, config.checkpoint.max_to_keep
@@ -191,12 +182,11 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
         raise ValueError(f"--workdir={workdir} holds no checkpoint to evaluate")
     mesh = mesh_lib.make_mesh(config.mesh)
     abstract_state = state_lib.abstract_train_state(model, optimizer, config)
-    shardings = jax.tree.map(lambda _: mesh_lib.replicated(mesh), abstract_state)
+    shardings = sharding.state_shardings(abstract_state, mesh, config.sharding_rules)
     state = checkpointer.restore(step, checkpoint_lib.with_shardings(abstract_state, shardings))
     checkpointer.close()
     variables = {"params": state.params["encoder"], "batch_stats": state.batch_stats}
-    results = held_out.synthetic_verification(model, variables, config)
     writer = make_writer(workdir)
-    write_eval_results(workdir, step, results, writer)
+    results = eval_suite.run_evaluations(model, variables, config, workdir, step, writer)
     writer.flush()
     return results

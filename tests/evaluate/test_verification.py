@@ -1,4 +1,5 @@
 """insightface verification protocol: k-fold accuracy, ROC and TAR@FAR."""
+
 import numpy as np
 import pytest
 

@@ -1,0 +1,75 @@
+"""Face quality: error-versus-reject curves (ERC) and their area.
+
+A quality score is useful when rejecting the faces it rates lowest removes the recognition
+errors. The ERC (Grother & Tabassi; the curves of SER-FIQ, MagFace, CR-FIQA) shows that:
+
+1. fix the decision threshold once, on all pairs, at a target false-match rate: the
+   ``1 - fmr`` quantile of the impostor scores (a pair matches when its score is above it);
+2. a pair's quality is the lower quality of its two faces;
+3. for each reject fraction r, drop the ``round(r * N)`` lowest-quality pairs (ties: the earlier
+   pair goes first) and report the false non-match rate of the genuine pairs that remain.
+
+The area under the curve (trapezoid over the reject fractions) is the summary number: lower is
+better. The quality score today is the embedding norm (before normalisation, of f(x) + f(flip x));
+the recognizability index of the low-resolution papers plugs in as another `quality` array.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+DEFAULT_REJECT_FRACTIONS = np.round(np.arange(0.0, 0.951, 0.05), 2)
+
+
+def embedding_norm_quality(embeddings: np.ndarray) -> np.ndarray:
+    """(N,) L2 norm of raw embeddings (N, D), the quality proxy of MagFace/AdaFace."""
+    return np.linalg.norm(np.asarray(embeddings, np.float64), axis=1)
+
+
+def threshold_at_fmr(scores: np.ndarray, issame: np.ndarray, fmr: float) -> float:
+    """The (1 - fmr) quantile of impostor scores ('higher' method): at most fmr of them exceed it."""
+    impostors = np.asarray(scores, np.float64)[~np.asarray(issame, bool)]
+    if impostors.size == 0:
+        raise ValueError("threshold_at_fmr needs impostor (different-identity) pairs, got none")
+    return float(np.quantile(impostors, 1.0 - fmr, method="higher"))
+
+
+def error_versus_reject(
+    scores: np.ndarray,
+    issame: np.ndarray,
+    pair_quality: np.ndarray,
+    fmr: float = 1e-3,
+    reject_fractions: np.ndarray = DEFAULT_REJECT_FRACTIONS,
+) -> dict[str, np.ndarray | float]:
+    """ERC of one pair set (see the module docstring).
+
+    Args:
+      scores: (N,) pair similarities (higher = more alike). issame: (N,) bools.
+      pair_quality: (N,) quality of each pair (e.g. the minimum of its two faces' qualities).
+      fmr: false-match rate that fixes the threshold.
+      reject_fractions: increasing fractions in [0, 1).
+    Returns:
+      {"reject_fraction": (R,), "fnmr": (R,), "threshold": t, "auc": area under fnmr(r)};
+      fnmr is NaN where no genuine pair remains.
+    """
+    scores = np.asarray(scores, np.float64)
+    issame = np.asarray(issame, bool)
+    pair_quality = np.asarray(pair_quality, np.float64)
+    if not scores.shape == issame.shape == pair_quality.shape or scores.ndim != 1:
+        raise ValueError(
+            f"scores, issame and pair_quality must be (N,) alike, got {scores.shape}, "
+            f"{issame.shape}, {pair_quality.shape}"
+        )
+    reject_fractions = np.asarray(reject_fractions, np.float64)
+    if np.any(reject_fractions < 0) or np.any(reject_fractions >= 1):
+        raise ValueError(f"reject fractions must lie in [0, 1), got {reject_fractions}")
+    threshold = threshold_at_fmr(scores, issame, fmr)
+    order = np.argsort(pair_quality, kind="stable")  # lowest quality first
+    fnmr = np.empty(len(reject_fractions))
+    for i, fraction in enumerate(reject_fractions):
+        kept = order[round(fraction * len(scores)) :]
+        genuine = scores[kept][issame[kept]]
+        fnmr[i] = np.mean(genuine <= threshold) if genuine.size else np.nan
+    valid = ~np.isnan(fnmr)
+    auc = float(np.trapezoid(fnmr[valid], reject_fractions[valid])) if valid.sum() > 1 else 0.0
+    return {"reject_fraction": reject_fractions, "fnmr": fnmr, "threshold": threshold, "auc": auc}

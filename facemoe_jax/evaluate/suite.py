@@ -1,0 +1,212 @@
+"""Every evaluation a config asks for, its results.json, its pictures and its metric-writer logs.
+
+`run_evaluations(model, variables, config, workdir, step, writer)` is what the train loop calls at
+the end of training, every ``config.eval.every_steps`` steps, and what ``--mode=eval`` calls on
+a checkpoint. From ``config.eval`` it runs, in order:
+
+1. verification pair sets: the held-out synthetic pairs (``synthetic_pairs`` > 0) and the
+   insightface `.bin` sets in ``bin_dir`` named by ``bin_sets`` (empty = every `.bin` there):
+   10-fold accuracy, TAR@FAR=1e-3, best threshold, and the area under the error-versus-reject
+   curve of the embedding-norm quality (``erc_auc``);
+2. resolution sweeps of the sets in ``low_resolution_sets`` at ``low_resolutions`` pixels,
+   degrading the sides in ``low_resolution_sides`` (entries 'lfw@8px', 'lfw@probe8px');
+3. IJB-B / IJB-C 1:1 verification from ``ijbb_dir`` / ``ijbc_dir``: TAR at FAR 1e-6 .. 1e-1;
+4. TinyFace rank-1/5/20 from ``tinyface_dir`` (and ``tinyface_mat_dir``);
+5. the expert routing map of ``routing_map_faces`` faces of the first pair set.
+
+A set named in ``bin_sets`` whose file is missing is skipped with a note; a configured folder that
+does not exist is an error (`check_eval_config` runs before training starts). Output:
+workdir/eval/results.json ({"step": s, set: {metric: value}}), routing.json, roc.png,
+accuracy_vs_resolution.png, error_vs_reject.png, routing_map.png; the same numbers and pictures
+go to the metric writers (scalars 'eval/<set>/<metric>', images 'eval/<picture>').
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+
+from facemoe_jax.data import synthetic
+from facemoe_jax.evaluate import bin as bin_lib
+from facemoe_jax.evaluate import (
+    embed,
+    ijb,
+    plots,
+    quality,
+    routing_map,
+    sweep,
+    tinyface,
+    verification,
+)
+
+
+def check_eval_config(config) -> None:
+    """Fails fast, before any training, on eval fields that can never work."""
+    ev = config.eval
+    sweep.parse_sizes(ev.low_resolutions)
+    sweep.parse_sides(ev.low_resolution_sides)
+    if ev.bin_dir:
+        bin_lib.list_bin_sets(ev.bin_dir, ev.bin_sets)
+    for field in ("ijbb_dir", "ijbc_dir", "tinyface_dir", "tinyface_mat_dir"):
+        path = ev[field]
+        if path and not os.path.isdir(path):
+            raise ValueError(f"config.eval.{field}={path!r} is not a directory")
+    if ev.every_steps < 0:
+        raise ValueError(f"config.eval.every_steps={ev.every_steps} must be >= 0 (0 = at the end)")
+
+
+def is_periodic_eval_step(config, step: int, num_steps: int) -> bool:
+    """True every config.eval.every_steps steps, except the last (the final evaluation's)."""
+    every = config.eval.every_steps
+    return every > 0 and step % every == 0 and step != num_steps
+
+
+def _verification_sets(config):
+    """Yields (name, images_a, images_b, issame), one set in memory at a time."""
+    ev, size = config.eval, config.model.image_size
+    if ev.synthetic_pairs > 0:
+        yield (
+            "synthetic",
+            *synthetic.verification_pairs(
+                num_pairs=ev.synthetic_pairs, image_size=size, seed=config.seed
+            ),
+        )
+    if ev.bin_dir:
+        for name, path in bin_lib.list_bin_sets(ev.bin_dir, ev.bin_sets):
+            if path is None:
+                print(f"note: {name}.bin is not in {ev.bin_dir}; skipped", flush=True)
+                continue
+            yield name, *bin_lib.load_bin(path, size)
+
+
+def _format(name: str, metrics: dict) -> str:
+    if "accuracy" in metrics:
+        return (
+            f"eval {name:>18}: accuracy {metrics['accuracy'] * 100:6.2f} % "
+            f"(± {metrics['accuracy_std'] * 100:.2f}), "
+            f"TAR@FAR=1e-3 {metrics['tar@far=1e-3'] * 100:6.2f} %"
+        )
+    return f"eval {name:>18}: " + ", ".join(f"{k} {v * 100:.2f} %" for k, v in metrics.items())
+
+
+def run_evaluations(model, variables, config, workdir: str, step: int, writer) -> dict:
+    """Runs every configured evaluation; returns {set: metrics} (also in results.json)."""
+    ev, size = config.eval, config.model.image_size
+    embed_fn = embed.make_embed_fn(model, flip_test=ev.flip_test)
+
+    def embed_array(images):
+        return embed.embed_images(embed_fn, variables, images, ev.batch_size)
+
+    def embed_files(load, count):
+        return embed.embed_loaded(embed_fn, variables, load, count, ev.batch_size)
+
+    results, roc_curves, erc_curves, resolution_curves = {}, {}, {}, {}
+    routing_faces = None
+    sweep_sets = {s.strip() for s in ev.low_resolution_sets.split(",") if s.strip()}
+    sizes = sweep.parse_sizes(ev.low_resolutions)
+    sides = sweep.parse_sides(ev.low_resolution_sides)
+
+    for name, images_a, images_b, issame in _verification_sets(config):
+        emb_a, emb_b = embed_array(images_a), embed_array(images_b)
+        metrics = verification.verification_metrics(emb_a, emb_b, issame)
+        scores = 1.0 - verification.pair_distances(emb_a, emb_b) / 2.0
+        roc_curves[name] = verification.roc_curve(scores, issame)[:2]
+        pair_quality = np.minimum(
+            quality.embedding_norm_quality(emb_a), quality.embedding_norm_quality(emb_b)
+        )
+        erc_curves[name] = quality.error_versus_reject(scores, issame, pair_quality, ev.quality_fmr)
+        metrics["erc_auc"] = erc_curves[name]["auc"]
+        results[name] = metrics
+        if routing_faces is None and ev.routing_map_faces > 0:
+            routing_faces = np.concatenate([images_a, images_b])[: ev.routing_map_faces]
+        if name in sweep_sets or "all" in sweep_sets:
+            swept = sweep.resolution_sweep(
+                name, embed_array, verification.verification_metrics,
+                images_a, images_b, issame, sizes, sides,
+            )  # fmt: skip
+            results.update(swept)
+            for side in sides:
+                # Sizes at or above the input are the full-resolution faces: one point, at S.
+                points = {min(px, size): swept[sweep.entry_name(name, px, side)]["accuracy"]
+                          for px in sizes}  # fmt: skip
+                points[size] = metrics["accuracy"]
+                resolution_curves[f"{name} ({side})"] = (list(points), list(points.values()))
+
+    for name in ("ijbb", "ijbc"):
+        if ev[f"{name}_dir"]:
+            meta = ijb.IJBMeta(ev[f"{name}_dir"], name)
+            metrics, (scores, labels) = ijb.evaluate_ijb(
+                meta, lambda load, count: embed_files(lambda i: load(i, size), count)
+            )
+            results[name] = metrics
+            roc_curves[name] = verification.roc_curve(scores, labels)[:2]
+
+    if ev.tinyface_dir:
+        protocol = tinyface.TinyFaceProtocol(ev.tinyface_dir, ev.tinyface_mat_dir)
+        results["tinyface"] = tinyface.evaluate_tinyface(protocol, embed_files, size)
+
+    routing = {}
+    if routing_faces is not None:
+        logits = routing_map.collect_router_logits(model, variables, routing_faces, ev.batch_size)
+        routing = {n: routing_map.first_choice_shares(x) for n, x in logits.items()}
+
+    _write_outputs(workdir, step, writer, results, roc_curves, erc_curves, resolution_curves,
+                   routing, routing_faces, ev.quality_fmr, size)  # fmt: skip
+    return results
+
+
+def _write_outputs(
+    workdir, step, writer, results, roc_curves, erc_curves, resolution_curves,
+    routing, routing_faces, fmr, size,
+):  # fmt: skip
+    for name, metrics in results.items():
+        print(_format(name, metrics), flush=True)
+    scalars = {f"eval/{name}/{k}": v for name, m in results.items() for k, v in m.items()}
+    summaries = {name: routing_map.routing_summary(s) for name, s in routing.items()}
+    for name, summary in summaries.items():
+        print(
+            f"routing {name}: positional purity {summary['positional_purity']:.2f}, "
+            f"{summary['experts_used']:.0f} experts are a position's first choice",
+            flush=True,
+        )
+        scalars.update({f"eval/routing/{name}/{k}": v for k, v in summary.items()})
+    writer.write_scalars(step, scalars)
+    if jax.process_index() != 0:
+        return
+    out = os.path.join(workdir, "eval")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump({"step": int(step), **results}, f, indent=2)
+    images = {}
+    if roc_curves:
+        images["roc"] = plots.plot_roc(roc_curves, os.path.join(out, "roc.png"))
+    if resolution_curves:
+        images["accuracy_vs_resolution"] = plots.plot_resolution_curves(
+            resolution_curves, size, os.path.join(out, "accuracy_vs_resolution.png")
+        )
+    if erc_curves:
+        images["error_vs_reject"] = plots.plot_error_versus_reject(
+            erc_curves, fmr, os.path.join(out, "error_vs_reject.png")
+        )
+    drawable = {n: s for n, s in routing.items() if round(np.sqrt(len(s))) ** 2 == len(s)}
+    if drawable:
+        images["routing_map"] = plots.plot_routing_maps(
+            routing_faces.mean(axis=0), drawable, os.path.join(out, "routing_map.png")
+        )
+        grid = {
+            name: {
+                **summaries[name],
+                "first_choice_expert": np.argmax(s, axis=1)
+                .reshape(round(np.sqrt(len(s))), -1)
+                .tolist(),
+                "first_choice_share": np.round(np.max(s, axis=1), 4).tolist(),
+            }
+            for name, s in drawable.items()
+        }
+        with open(os.path.join(out, "routing.json"), "w") as f:
+            json.dump({"step": int(step), "faces": len(routing_faces), "layers": grid}, f, indent=2)
+    if images:
+        writer.write_images(step, {f"eval/{k}": v[None] for k, v in images.items()})
