@@ -42,6 +42,9 @@ def get_base_config() -> ml_collections.ConfigDict:
             adaface_margin=0.4,
             adaface_h=0.333,
             sample_rate=1.0,  # Partial FC: share of class centres per step (1 = all)
+            # Centre rows = num_classes rounded up to this, so the class axis splits evenly over
+            # any device count dividing it (and checkpoints move between meshes).
+            class_rows_multiple=1024,
             router_z_loss="st_moe",  # "st_moe": mean(logsumexp^2); "official": mean(logits^2)
             load_balance_loss="switch",  # "switch": E*sum f*P; "official": E*sum(imp*load)/T^2
             aux_reduce="mean",        # router losses over MoE blocks: "mean" or "sum" (official)
@@ -139,4 +142,11 @@ def get_base_config() -> ml_collections.ConfigDict:
     )
 
     config.mesh = ml_collections.ConfigDict(dict(data=-1, expert=1))
+    # (regex over state paths, PartitionSpec entries) pairs, first match wins, unmatched arrays
+    # are replicated (facemoe_jax/parallel/sharding.py): experts over `expert`, class centres
+    # over every device.
+    config.sharding_rules = (
+        (r"(^|/)experts/", ("expert",)),
+        (r"(^|/)classifier/centers$", (("data", "expert"),)),
+    )
     return config

@@ -11,10 +11,12 @@ Shapes are static so everything jits: the number of sampled classes is fixed per
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from facemoe_jax.losses.margins import softmax_cross_entropy
 
@@ -23,11 +25,27 @@ from facemoe_jax.losses.margins import softmax_cross_entropy
 _NORM_EPS_SQUARED = 1e-24
 
 
+def padded_num_classes(num_classes: int, multiple: int) -> int:
+    """Rows of the centre matrix: num_classes rounded up to a multiple of `multiple`.
+
+    The class axis is split evenly over the devices, and a checkpoint must restore onto any
+    device count, so the row count depends on a fixed multiple (config.loss.class_rows_multiple)
+    and never on the mesh. Padding rows are zero, masked out of every softmax and never trained.
+    """
+    if multiple < 1:
+        raise ValueError(f"config.loss.class_rows_multiple={multiple} must be >= 1")
+    return -(-num_classes // multiple) * multiple
+
+
 def init_class_centers(
-    rng: jax.Array, num_classes: int, embed_dim: int, dtype=jnp.float32
+    rng: jax.Array, num_classes: int, embed_dim: int, dtype=jnp.float32, num_rows: int | None = None
 ) -> jax.Array:
-    """(num_classes, embed_dim) centres drawn from N(0, 0.01**2), as Partial FC v2 initialises."""
-    return (0.01 * jax.random.normal(rng, (num_classes, embed_dim), jnp.float32)).astype(dtype)
+    """(num_rows, embed_dim) centres: the first num_classes rows drawn from N(0, 0.01**2), as
+    Partial FC v2 initialises, the padding rows (num_rows > num_classes) zero."""
+    centers = 0.01 * jax.random.normal(rng, (num_classes, embed_dim), jnp.float32)
+    if num_rows is not None and num_rows > num_classes:
+        centers = jnp.pad(centers, ((0, num_rows - num_classes), (0, 0)))
+    return centers.astype(dtype)
 
 
 def _l2_normalize(x: jax.Array) -> jax.Array:
@@ -113,6 +131,7 @@ def margin_classifier_loss(
     *,
     sample_rate: float,
     margin_fn: MarginFn,
+    num_classes: int | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Margin softmax loss over (a Partial FC sample of) the class centres.
 
@@ -135,11 +154,15 @@ def margin_classifier_loss(
       centers: (C, D) class centres. labels: (B,) int global class ids (-1 = ignore).
       rng: PRNG key for sampling; may be None when sample_rate == 1.
       sample_rate: share of classes kept, in (0, 1]; 1 = full softmax.
+      num_classes: real classes when ``centers`` has zero padding rows after them (see
+        ``padded_num_classes``); None = every row is a class.
     Returns:
       (loss, {"loss/margin_ce": loss, "accuracy": top-1 accuracy of the cosines, without margin,
       over the sampled classes}).
     """
     labels = jnp.asarray(labels, jnp.int32)
+    if num_classes is not None:
+        centers = centers[:num_classes]
     num_classes = centers.shape[0]
     num_sampled = num_sampled_classes(num_classes, sample_rate, labels.shape[0])
     if num_sampled < num_classes:
@@ -156,4 +179,94 @@ def margin_classifier_loss(
     # Accuracy of the classifier itself: nearest class centre by cosine, without the margin
     # (with s=64, m=0.4 the margin logits are wrong long after the embeddings are right).
     _, accuracy = softmax_cross_entropy(cosines, local_labels)
+    return loss, {"loss/margin_ce": loss, "accuracy": accuracy}
+
+
+def _shard_index(axes: tuple[str, ...]) -> jax.Array:
+    """Position of this device along the (flattened, major-to-minor) mesh axes `axes`."""
+    index = jnp.zeros((), jnp.int32)
+    for axis in axes:
+        index = index * jax.lax.axis_size(axis) + jax.lax.axis_index(axis)
+    return index
+
+
+def sharded_margin_classifier_loss(
+    embeddings: jax.Array,
+    centers: jax.Array,
+    labels: jax.Array,
+    rng: jax.Array | None,
+    *,
+    sample_rate: float,
+    margin_fn: MarginFn,
+    num_classes: int,
+    class_axes: tuple[str, ...],
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """``margin_classifier_loss`` with the class centres split over the mesh axes ``class_axes``.
+
+    The Partial FC idea without per-GPU files: each device holds rows ``[i * R, (i + 1) * R)`` of
+    the one global centre matrix, computes the cosines and margin logits of every embedding of
+    the batch (all-gathered: B x D is small) against its own rows only, and the softmax is
+    assembled from three per-row numbers combined across devices: the max logit (``pmax``),
+    the sum of exponentials (``psum``) and the target logit (``psum``; zero on the devices that
+    do not hold the row's class). The (B, num_classes) logits never exist on one device, so
+    memory per device falls as 1 / devices. Labels are shifted to each device's rows, -1 where
+    the class lives elsewhere (the margins leave such rows unchanged).
+
+    Partial FC samples per device: ``num_sampled_classes(R, sample_rate, B)`` of its own rows,
+    always including the batch's classes it holds, with the key folded with the device index;
+    so at ``sample_rate < 1`` the draw (not the expected loss) depends on the device count.
+    At ``sample_rate == 1`` the values equal the unsharded loss.
+
+    Runs the unsharded loss when no mesh is active or ``class_axes`` is empty.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not class_axes or math.prod(mesh.shape[a] for a in class_axes) == 1:
+        return margin_classifier_loss(
+            embeddings, centers, labels, rng, sample_rate=sample_rate, margin_fn=margin_fn,
+            num_classes=num_classes,
+        )
+    if sample_rate < 1.0 and rng is None:
+        raise ValueError(f"sample_rate {sample_rate} < 1 needs an rng for sampling")
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    batch_size = labels.shape[0]
+
+    def local(emb, local_centers, labels, rng):
+        rows = local_centers.shape[0]
+        first = _shard_index(class_axes) * rows
+        labels = jnp.asarray(labels, jnp.int32)
+        here = (labels >= first) & (labels < first + rows)
+        local_labels = jnp.where(here, labels - first, -1)
+        class_ids = first + jnp.arange(rows)
+        num_sampled = num_sampled_classes(rows, sample_rate, batch_size)
+        if num_sampled < rows:
+            shard_rng = jax.random.fold_in(rng, _shard_index(class_axes))
+            index, local_labels = partial_fc_sample(shard_rng, local_labels, rows, num_sampled)
+            local_centers, class_ids = local_centers[index], class_ids[index]
+        is_class = (class_ids < num_classes)[None, :]  # padding rows take no part
+
+        cosines = cosine_logits(emb, local_centers)
+        logits = jnp.where(is_class, margin_fn(cosines, local_labels).astype(jnp.float32), -jnp.inf)
+        row_max = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(logits, axis=1)), class_axes)
+        sum_exp = jax.lax.psum(jnp.sum(jnp.exp(logits - row_max[:, None]), axis=1), class_axes)
+        is_target = local_labels[:, None] == jnp.arange(logits.shape[1])[None, :]
+        target = jax.lax.psum(jnp.sum(jnp.where(is_target, logits, 0.0), axis=1), class_axes)
+        valid = labels >= 0
+        num_valid = jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
+        loss = jnp.sum(jnp.where(valid, row_max + jnp.log(sum_exp) - target, 0.0)) / num_valid
+
+        # Accuracy of the plain cosines: the target is the nearest centre over all devices.
+        cosines = jax.lax.stop_gradient(cosines)  # a metric: no gradient through pmax
+        masked_cos = jnp.where(is_class, cosines, -jnp.inf)
+        best = jax.lax.pmax(jnp.max(masked_cos, axis=1), class_axes)
+        target_cos = jax.lax.psum(jnp.sum(jnp.where(is_target, cosines, 0.0), axis=1), class_axes)
+        correct = valid & (target_cos >= best)
+        accuracy = jnp.sum(correct).astype(jnp.float32) / num_valid
+        return loss, accuracy
+
+    loss, accuracy = jax.shard_map(
+        local,
+        in_specs=(P(), P(class_axes), P(), P()),
+        out_specs=(P(), P()),
+        axis_names=set(class_axes),
+    )(embeddings, centers, labels, rng)
     return loss, {"loss/margin_ce": loss, "accuracy": accuracy}

@@ -37,6 +37,8 @@ import jax.numpy as jnp
 from flax import struct
 
 from facemoe_jax.losses import routing
+from facemoe_jax.parallel import expert_parallel
+from facemoe_jax.parallel.expert_parallel import per_batch_shard
 
 Array = jax.Array
 
@@ -94,26 +96,29 @@ class CapacityDispatcher:
         return jnp.where(self.kept, self.expert_index * self.capacity + self.slot, trash)
 
     def dispatch(self, x: Array) -> Array:
-        """(G, S, D) -> (E, G*C, D): each expert's buffer, empty slots are zeros."""
-        g, s, d = x.shape
-        k = self.expert_index.shape[-1]
+        """(G, S, D) -> (G, E, C, D): each group's expert buffers, empty slots are zeros."""
         e, c = self.num_experts, self.capacity
-        rows = jnp.zeros((g, e * c + 1, d), x.dtype)
-        group = jnp.broadcast_to(jnp.arange(g)[:, None, None], (g, s, k))
-        tokens = jnp.broadcast_to(x[:, :, None, :], (g, s, k, d))
-        rows = rows.at[group, self._flat_slot()].set(tokens, unique_indices=False)
-        buffers = rows[:, :-1].reshape(g, e, c, d).transpose(1, 0, 2, 3)
-        return buffers.reshape(e, g * c, d)
+
+        def one_group(tokens, flat_slot):  # (S, D), (S, K)
+            s, d = tokens.shape
+            rows = jnp.zeros((e * c + 1, d), tokens.dtype)
+            copies = jnp.broadcast_to(tokens[:, None], (s, flat_slot.shape[-1], d))
+            return rows.at[flat_slot].set(copies)[:-1].reshape(e, c, d)
+
+        # vmap over groups (rather than an explicit group index) makes the group a batch
+        # dimension of the scatter, which the SPMD partitioner keeps local to each device.
+        return jax.vmap(one_group)(x, self._flat_slot())
 
     def combine(self, y: Array) -> Array:
-        """(E, G*C, D) expert outputs -> (G, S, D) weighted sum over each token's kept choices."""
-        e, _, d = y.shape
-        g = self.expert_index.shape[0]
-        rows = y.reshape(e, g, self.capacity, d).transpose(1, 0, 2, 3).reshape(g, -1, d)
-        rows = jnp.concatenate([rows, jnp.zeros((g, 1, d), y.dtype)], axis=1)
-        gathered = jnp.take_along_axis(rows[:, None], self._flat_slot()[..., None], axis=2)
+        """(G, E, C, D) expert outputs -> (G, S, D) weighted sum over each token's kept choices."""
+        _, e, c, d = y.shape
         w = jnp.where(self.kept, self.weights, 0.0).astype(y.dtype)
-        return jnp.einsum("gsk,gskd->gsd", w, gathered)
+
+        def one_group(outputs, flat_slot, weights):  # (E, C, D), (S, K), (S, K)
+            rows = jnp.concatenate([outputs.reshape(e * c, d), jnp.zeros((1, d), y.dtype)])
+            return jnp.einsum("sk,skd->sd", weights, rows[flat_slot])
+
+        return jax.vmap(one_group)(y, self._flat_slot(), w)
 
     @property
     def combine_weights(self) -> Array:
@@ -239,17 +244,50 @@ class TopKRouter(nn.Module):
             name="gate",
         )(x.astype(jnp.float32))  # (G, S, E)
         self.sow("intermediates", "router_logits", logits)  # read by evaluate/routing_map.py
-        expert_index, weights = top_k_routing(logits, self.top_k, self.combine)
-        if self.capacity_factor is None:
-            dispatcher = dropless_dispatcher(expert_index, weights, self.num_experts)
-            kept = jnp.ones(expert_index.shape, bool)
-        else:
+        capacity = None
+        if self.capacity_factor is not None:
             capacity = expert_capacity(
                 x.shape[1], self.num_experts, self.top_k, self.capacity_factor
             )
-            dispatcher = capacity_dispatcher(expert_index, weights, self.num_experts, capacity)
+
+        def route(group_logits):
+            expert_index, weights = top_k_routing(group_logits, self.top_k, self.combine)
+            if capacity is None:
+                return expert_index, dropless_dispatcher(expert_index, weights, self.num_experts)
+            return expert_index, capacity_dispatcher(
+                expert_index, weights, self.num_experts, capacity
+            )
+
+        # Routing is per image, so each device routes its own images (expert_parallel.py).
+        expert_index, dispatcher = per_batch_shard(route, x.shape[0], logits)
+        if isinstance(dispatcher, CapacityDispatcher):
             kept = dispatcher.kept
+        else:
+            kept = jnp.ones(expert_index.shape, bool)
         return dispatcher, router_metrics(logits, expert_index, kept)
+
+
+def expert_mlp(
+    x: Array,
+    weights: tuple[Array, Array, Array, Array],
+    activation: Callable[[Array], Array],
+    group_sizes: Array | None = None,
+) -> Array:
+    """E two-layer MLPs, weights (fc1 (E, D, H), fc1 bias (E, H), fc2 (E, H, D), fc2 bias (E, D)).
+
+    Batched (capacity path): x (G, E, C, D) -> (G, E, C, D), expert e applied to x[:, e].
+    Grouped (dropless path): x (N, D) rows sorted by expert, group_sizes (E,) -> (N, D); rows
+    after the last group (sum(group_sizes) <= N) come out as the fc2 bias of the last expert and
+    are ignored by the caller.
+    """
+    w1, b1, w2, b2 = weights
+    if group_sizes is None:
+        hidden = activation(jnp.einsum("gecd,edh->gech", x, w1) + b1[:, None])
+        return jnp.einsum("gech,ehd->gecd", hidden, w2) + b2[:, None]
+    e = w1.shape[0]
+    expert_of_row = jnp.repeat(jnp.arange(e), group_sizes, total_repeat_length=x.shape[0])
+    hidden = activation(jax.lax.ragged_dot(x, w1, group_sizes) + b1[expert_of_row])
+    return jax.lax.ragged_dot(hidden, w2, group_sizes) + b2[expert_of_row]
 
 
 class Experts(nn.Module):
@@ -263,12 +301,13 @@ class Experts(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, group_sizes: Array | None = None) -> Array:
-        """Batched: x (E, N, D) -> (E, N, D), expert e applied to row block e.
+        """Capacity buffers (G, E, C, D), or expert-sorted rows (N, D) with group_sizes (E,).
 
-        Grouped (dropless): x (N, D) rows sorted by expert and group_sizes (E,) -> (N, D).
+        Under a mesh with an `expert` axis the weights are split over it and the tokens travel
+        to them (`expert_parallel`); otherwise this is `expert_mlp` on local arrays.
         """
         e, h, width = self.num_experts, self.hidden_dim, x.shape[-1]
-        w1, b1, w2, b2 = (
+        weights = tuple(
             jnp.asarray(w, self.dtype)
             for w in (
                 self.param("fc1_kernel", self.kernel_init, (e, width, h)),
@@ -278,11 +317,12 @@ class Experts(nn.Module):
             )
         )
         if group_sizes is None:
-            hidden = self.activation(jnp.einsum("end,edh->enh", x, w1) + b1[:, None])
-            return jnp.einsum("enh,ehd->end", hidden, w2) + b2[:, None]
-        expert_of_row = jnp.repeat(jnp.arange(e), group_sizes, total_repeat_length=x.shape[0])
-        hidden = self.activation(jax.lax.ragged_dot(x, w1, group_sizes) + b1[expert_of_row])
-        return jax.lax.ragged_dot(hidden, w2, group_sizes) + b2[expert_of_row]
+            return expert_parallel.capacity_experts(
+                lambda b, w: expert_mlp(b, w, self.activation), x, weights
+            )
+        return expert_parallel.dropless_experts(
+            lambda r, g, w: expert_mlp(r, w, self.activation, g), x, group_sizes, weights
+        )
 
 
 class MoEFeedForward(nn.Module):
@@ -304,8 +344,11 @@ class MoEFeedForward(nn.Module):
         experts = Experts(
             self.num_experts, self.hidden_dim, self.activation, self.dtype, name="experts"
         )
+        groups = x.shape[0]
+        dispatched = per_batch_shard(lambda d, tokens: d.dispatch(tokens), groups, dispatcher, x)
         if isinstance(dispatcher, DroplessDispatcher):
-            y = experts(dispatcher.dispatch(x), dispatcher.group_sizes)
+            y = experts(dispatched, dispatcher.group_sizes)
         else:
-            y = experts(dispatcher.dispatch(x))
-        return dispatcher.combine(y).astype(x.dtype), metrics
+            y = experts(dispatched)
+        out = per_batch_shard(lambda d, outputs: d.combine(outputs), groups, dispatcher, y)
+        return out.astype(x.dtype), metrics

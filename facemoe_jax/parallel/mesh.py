@@ -9,8 +9,9 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "expert")
-BATCH_AXES = MESH_AXES
+DATA_AXIS, EXPERT_AXIS = "data", "expert"
+MESH_AXES = (DATA_AXIS, EXPERT_AXIS)
+BATCH_AXES = MESH_AXES  # the batch is split over every axis, experts over EXPERT_AXIS only
 
 
 def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:

@@ -1,7 +1,9 @@
 """The train state: everything a checkpoint needs to continue a run exactly.
 
-params = {"encoder": model params, "classifier": {"centers": (num_classes, embed_dim)}}: the class
-centres are one global array (not per-device files), so a checkpoint restores onto any mesh.
+params = {"encoder": model params, "classifier": {"centers": (rows, embed_dim)}}: the class
+centres are one global array (not per-device files), so a checkpoint restores onto any mesh;
+rows is num_classes rounded up to config.loss.class_rows_multiple (zero rows, never trained) so
+the class axis splits evenly over the devices whatever their number.
 `rng` is a raw uint32 key (checkpointable as a plain array); each step derives its randomness
 with fold_in(rng, step), so a resumed run draws the same numbers as an uninterrupted one.
 `margin_state` holds AdaFace's running feature-norm statistics (carried, unused, by other margins).
@@ -43,7 +45,12 @@ def init_train_state(
         "encoder": variables["params"],
         "classifier": {
             "centers": classifier.init_class_centers(
-                centers_rng, config.data.num_classes, config.model.embed_dim
+                centers_rng,
+                config.data.num_classes,
+                config.model.embed_dim,
+                num_rows=classifier.padded_num_classes(
+                    config.data.num_classes, config.loss.class_rows_multiple
+                ),
             )
         },
     }
@@ -74,6 +81,11 @@ def abstract_train_state(model, optimizer, config) -> TrainState:
     return jax.eval_shape(
         lambda r: init_train_state(model, optimizer, config, r), jax.random.PRNGKey(0)
     )
+
+
+def count_class_centre_params(params, config) -> int:
+    """Parameters of the real class centres (padding rows excluded)."""
+    return config.data.num_classes * params["classifier"]["centers"].shape[1]
 
 
 def count_params(tree) -> int:

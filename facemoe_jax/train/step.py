@@ -15,6 +15,7 @@ import optax
 
 from facemoe_jax.data.pipeline import normalize_images
 from facemoe_jax.losses import classifier, margins
+from facemoe_jax.parallel import sharding
 from facemoe_jax.train.state import TrainState
 
 Z_LOSS_KEYS = {"st_moe": "router_z_loss", "official": "official_router_z_loss"}
@@ -73,52 +74,66 @@ def router_summary(router_metrics: dict, reduce: str) -> dict:
     return summary
 
 
-def make_train_step(model, config: ml_collections.ConfigDict, optimizer, schedule):
-    """Returns train_step(state, batch) -> (state, metrics); jit it with the state donated."""
+def make_loss_fn(model, config: ml_collections.ConfigDict):
+    """loss_fn(params, state, batch) -> (total loss, (batch_stats, margin_state, metrics)).
+
+    The differentiable half of the train step, separate so that tests can compare gradients
+    across meshes. Randomness (dropout, Partial FC sampling) derives from fold_in(rng, step).
+    """
     loss_cfg = config.loss
     check_loss_config(loss_cfg)
+    class_axes = sharding.class_axes(config.sharding_rules)
 
-    def train_step(state: TrainState, batch: dict):
+    def loss_fn(params, state: TrainState, batch: dict):
         rng = jax.random.fold_in(state.rng, state.step)
         dropout_rng, sample_rng = jax.random.split(rng)
-        images = normalize_images(batch["image"])
-        labels = batch["label"]
+        (embeddings, router_metrics), mutated = model.apply(
+            {"params": params["encoder"], "batch_stats": state.batch_stats},
+            normalize_images(batch["image"]),
+            train=True,
+            rngs={"dropout": dropout_rng},
+            mutable=["batch_stats"],
+        )
+        margin_fn, margin_state = margin_fn_and_state(loss_cfg, embeddings, state.margin_state)
+        margin_ce, cls_metrics = classifier.sharded_margin_classifier_loss(
+            embeddings,
+            params["classifier"]["centers"],
+            batch["label"],
+            sample_rng,
+            sample_rate=loss_cfg.sample_rate,
+            margin_fn=margin_fn,
+            num_classes=config.data.num_classes,
+            class_axes=class_axes,
+        )
+        router = router_summary(router_metrics, loss_cfg.aux_reduce)
+        z_loss = router.get(Z_LOSS_KEYS[loss_cfg.router_z_loss], 0.0)
+        balance = router.get(BALANCE_KEYS[loss_cfg.load_balance_loss], 0.0)
+        total = margin_ce + loss_cfg.z_coef * z_loss + loss_cfg.balance_coef * balance
+        metrics = {
+            "train/loss": total,
+            "train/margin_ce": margin_ce,
+            "train/router_z_loss": z_loss,
+            "train/load_balance_loss": balance,
+            "train/accuracy": cls_metrics["accuracy"],
+            **{f"router/{k}": v for k, v in router.items()},
+        }
+        return total, (mutated["batch_stats"], margin_state, metrics)
 
-        def loss_fn(params):
-            (embeddings, router_metrics), mutated = model.apply(
-                {"params": params["encoder"], "batch_stats": state.batch_stats},
-                images,
-                train=True,
-                rngs={"dropout": dropout_rng},
-                mutable=["batch_stats"],
-            )
-            margin_fn, margin_state = margin_fn_and_state(
-                loss_cfg, embeddings, state.margin_state
-            )
-            margin_ce, cls_metrics = classifier.margin_classifier_loss(
-                embeddings,
-                params["classifier"]["centers"],
-                labels,
-                sample_rng,
-                sample_rate=loss_cfg.sample_rate,
-                margin_fn=margin_fn,
-            )
-            router = router_summary(router_metrics, loss_cfg.aux_reduce)
-            z_loss = router.get(Z_LOSS_KEYS[loss_cfg.router_z_loss], 0.0)
-            balance = router.get(BALANCE_KEYS[loss_cfg.load_balance_loss], 0.0)
-            total = margin_ce + loss_cfg.z_coef * z_loss + loss_cfg.balance_coef * balance
-            metrics = {
-                "train/loss": total,
-                "train/margin_ce": margin_ce,
-                "train/router_z_loss": z_loss,
-                "train/load_balance_loss": balance,
-                "train/accuracy": cls_metrics["accuracy"],
-                **{f"router/{k}": v for k, v in router.items()},
-            }
-            return total, (mutated["batch_stats"], margin_state, metrics)
+    return loss_fn
 
+
+def make_train_step(model, config: ml_collections.ConfigDict, optimizer, schedule):
+    """Returns train_step(state, batch) -> (state, metrics); jit it with the state donated.
+
+    Under `jax.set_mesh(mesh)` the MoE layers run expert-parallel and the classifier runs
+    class-sharded (`parallel/expert_parallel.py`, `losses/classifier.py`); without a mesh the
+    same function runs on one device.
+    """
+    loss_fn = make_loss_fn(model, config)
+
+    def train_step(state: TrainState, batch: dict):
         grads, (batch_stats, margin_state, metrics) = jax.grad(loss_fn, has_aux=True)(
-            state.params
+            state.params, state, batch
         )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

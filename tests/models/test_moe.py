@@ -46,8 +46,8 @@ def test_capacity_dispatch_top1_exact_tensor():
     )
 
     x = jnp.arange(2 * 3 * 1, dtype=jnp.float32).reshape(2, 3, 1) + 1.0  # tokens 1..6
-    buffers = dispatcher.dispatch(x)  # (E, G*C, D)
-    np.testing.assert_array_equal(buffers[..., 0], [[1, 2, 4, 5], [3, 0, 0, 0]])
+    buffers = dispatcher.dispatch(x)  # (G, E, C, D)
+    np.testing.assert_array_equal(buffers[..., 0], [[[1, 2], [3, 0]], [[4, 5], [0, 0]]])
     out = dispatcher.combine(buffers * 10.0)
     np.testing.assert_allclose(out[..., 0], [[5, 10, 15], [20, 25, 0]])
 

@@ -1,0 +1,158 @@
+"""Expert parallelism: each device holds E / n experts and tokens travel to them by all-to-all.
+
+The mesh has axes `data` and `expert` (`parallel/mesh.py`). The batch is split over *both* axes
+(as vmoe does), so the n devices of one `expert` row each hold different images and different
+experts. An MoE layer then runs as:
+
+  1. route and dispatch on each device, for its own images only (`per_batch_shard`): routing is
+     per image (capacity counts tokens per group), so nothing crosses devices;
+  2. move expert buffers to the devices that hold the experts and back (`capacity_experts`:
+     `all_to_all` over the `expert` axis), or, on the dropless path whose per-expert row counts
+     change every step, gather the sorted rows of the `expert` row, compute the local experts'
+     rows and reduce-scatter the results back (`dropless_experts`);
+  3. combine on each device, again for its own images only.
+
+Why `shard_map` and not sharding constraints: with constraints alone the SPMD partitioner
+all-gathered the routing tensors of every device (the top-k and the slot cumsum do not look
+batch-parallel to it), which costs memory that grows with the device count. Inside `shard_map`
+every collective is written down, so the communication is exactly one all-to-all (capacity) or
+one all-gather plus one reduce-scatter (dropless) per direction and layer.
+
+Everything here is a no-op wrapper when no mesh is active (`jax.set_mesh`), so single-device
+code, tests and parameter initialisation see plain functions. Values and gradients equal the
+single-device computation (checked on 8 CPU devices in tests/parallel).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from facemoe_jax.parallel.mesh import BATCH_AXES, EXPERT_AXIS
+
+Array = jax.Array
+
+
+def context_mesh():
+    """The mesh set with `jax.set_mesh` if it has our axes and more than one device, else None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names) or mesh.size == 1:
+        return None
+    return mesh
+
+
+def _batch_shards(mesh) -> int:
+    return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+
+
+def per_batch_shard(fn: Callable, num_groups: int, *args):
+    """fn(*args) run independently on every device's slice of the leading (group) axis.
+
+    Every leaf of args and of the result has the group axis first (for a dropless dispatcher,
+    the per-device blocks of its flat arrays). Without an active mesh, or when the num_groups
+    images do not split evenly over the devices (e.g. parameter initialisation on 2 dummy
+    images), fn runs on the global arrays: same values, partitioned by the compiler. The
+    decision depends on num_groups alone, so a dispatcher built by one call is consumed by the
+    next in the same layout.
+    """
+    mesh = context_mesh()
+    if mesh is None or num_groups % _batch_shards(mesh):
+        return fn(*args)
+    return jax.shard_map(fn, in_specs=P(BATCH_AXES), out_specs=P(BATCH_AXES))(*args)
+
+
+def expert_shards() -> int:
+    """Devices the experts are split over in the active mesh (1 without one)."""
+    mesh = context_mesh()
+    return 1 if mesh is None else mesh.shape[EXPERT_AXIS]
+
+
+def _check_divisible(num_experts: int, shards: int) -> None:
+    if num_experts % shards:
+        raise ValueError(
+            f"config.model.num_experts={num_experts} cannot be split over "
+            f"config.mesh.expert={shards} devices (need a multiple)"
+        )
+
+
+def capacity_experts(mlp: Callable, buffers: Array, weights: tuple[Array, ...]) -> Array:
+    """Expert MLPs on (G, E, C, D) dispatch buffers whose experts live on other devices.
+
+    mlp(x (G', E', C, D), weights with leading E') -> same shape, applied per expert. On each
+    device the local groups' buffers for expert shard j go to device j of the `expert` axis
+    (all_to_all: split E, concatenate G), the local experts run on the buffers of all the
+    groups of the row, and the outputs return the same way.
+    """
+    mesh = context_mesh()
+    shards = expert_shards()
+    if mesh is None or shards == 1 or buffers.shape[0] % _batch_shards(mesh):
+        return mlp(buffers, weights)
+    _check_divisible(buffers.shape[1], shards)
+
+    def local(x, local_weights):  # x (G_loc, E, C, D); weights (E_loc, ...)
+        x = jax.lax.all_to_all(x, EXPERT_AXIS, split_axis=1, concat_axis=0, tiled=True)
+        y = mlp(x, local_weights)  # (shards * G_loc, E_loc, C, D)
+        return jax.lax.all_to_all(y, EXPERT_AXIS, split_axis=0, concat_axis=1, tiled=True)
+
+    weight_specs = tuple(P(EXPERT_AXIS) for _ in weights)
+    return jax.shard_map(
+        local, in_specs=(P(BATCH_AXES), weight_specs), out_specs=P(BATCH_AXES)
+    )(buffers, weights)
+
+
+def dropless_experts(
+    mlp: Callable, rows: Array, group_sizes: Array, weights: tuple[Array, ...]
+) -> Array:
+    """Expert MLPs on expert-sorted rows when the experts live on other devices.
+
+    rows (N, D) and group_sizes (E,) are the per-device outputs of the dropless dispatch, laid
+    out as `per_batch_shard` returns them: device blocks concatenated, N = devices * N_loc and
+    group_sizes of shape (devices * E,). mlp(rows, group_sizes, weights) is the grouped MLP of
+    `moe.expert_mlp`.
+
+    Per device: all-gather the rows and counts of the `expert` row of the mesh, stably re-sort
+    them so the rows of this device's E / n experts come first (grouped by expert), run the
+    grouped MLP on those, zero the others, and reduce-scatter: each row's output comes from the
+    one device holding its expert, and every device gets back its own rows.
+    """
+    mesh = context_mesh()
+    shards = expert_shards()
+    num_experts = weights[0].shape[0]
+    # Dispatched globally (per_batch_shard fell back): one (E,) count vector, no device blocks.
+    if mesh is None or group_sizes.shape[0] != _batch_shards(mesh) * num_experts:
+        return mlp(rows, group_sizes, weights)
+    if shards == 1:  # every device holds every expert: its own rows, its own counts
+        return jax.shard_map(
+            mlp, in_specs=(P(BATCH_AXES), P(BATCH_AXES), P()), out_specs=P(BATCH_AXES)
+        )(rows, group_sizes, weights)
+    _check_divisible(num_experts, shards)
+    local_experts = num_experts // shards
+
+    def local(local_rows, local_sizes, local_weights):  # (N_loc, D), (E,), (E_loc, ...)
+        n_loc = local_rows.shape[0]
+        all_rows = jax.lax.all_gather(local_rows, EXPERT_AXIS, tiled=True)  # (n * N_loc, D)
+        all_sizes = jax.lax.all_gather(local_sizes, EXPERT_AXIS)  # (n, E)
+        expert_of_row = jax.vmap(
+            lambda sizes: jnp.repeat(jnp.arange(num_experts), sizes, total_repeat_length=n_loc)
+        )(all_sizes).reshape(-1)
+        first = jax.lax.axis_index(EXPERT_AXIS) * local_experts
+        is_local = (expert_of_row >= first) & (expert_of_row < first + local_experts)
+        # Local experts' rows first, grouped by expert; the rest after (outside every group).
+        key = jnp.where(is_local, expert_of_row - first, local_experts)
+        order = jnp.argsort(key, stable=True)
+        sizes = jnp.sum(jax.lax.dynamic_slice_in_dim(all_sizes, first, local_experts, 1), 0)
+        out_sorted = mlp(all_rows[order], sizes.astype(jnp.int32), local_weights)
+        out = jnp.zeros_like(out_sorted).at[order].set(out_sorted)
+        out = jnp.where(is_local[:, None], out, 0)
+        return jax.lax.psum_scatter(out, EXPERT_AXIS, scatter_dimension=0, tiled=True)
+
+    weight_specs = tuple(P(EXPERT_AXIS) for _ in weights)
+    return jax.shard_map(
+        local,
+        in_specs=(P(BATCH_AXES), P(BATCH_AXES), weight_specs),
+        out_specs=P(BATCH_AXES),
+    )(rows, group_sizes, weights)
