@@ -11,6 +11,9 @@ import ml_collections
 def get_base_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
+    # PyTorch weights (.pt/.safetensors: our export, FaceMoE's model.pt or checkpoint_gpu_0.pt, a
+    # dense insightface ViT to upcycle) that a new run starts from; "" = random init.
+    config.init_from = ""
 
     config.model = ml_collections.ConfigDict(
         dict(

@@ -27,7 +27,13 @@ if _PROJECT_ROOT not in sys.path:
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and eval.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (then evaluate) or eval.")
+_MODE = flags.DEFINE_enum(
+    "mode",
+    "train",
+    ["train", "eval", "export", "import"],
+    "train (then evaluate), eval, export (W/export/model.pt, .safetensors, config.json) or "
+    "import (train starting from --config.init_from=PyTorch weights).",
+)
 
 
 def _hide_accelerators_from_tensorflow():
@@ -44,6 +50,14 @@ def run(config, workdir: str, mode: str) -> dict:
     import jax
 
     jax.config.update("jax_threefry_partitionable", True)
+    if mode == "export":
+        from facemoe_jax.export.workdir import export_workdir
+
+        return export_workdir(workdir)
+    if mode == "import":
+        if not config.get("init_from"):
+            raise ValueError("--mode=import needs --config.init_from=/path/to/model.pt")
+        mode = "train"
     if mode == "train":
         from facemoe_jax.train.loop import train_and_evaluate
 

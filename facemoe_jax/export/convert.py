@@ -23,6 +23,8 @@ rule whose weights sum to 1 (`softmax_topk`), the MoE model computes exactly the
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import os
 import re
@@ -64,6 +66,13 @@ CHECKPOINT_PREFIXES = ("module.", "backbone.", "_orig_mod.")
 
 def abstract_variables(model_cfg: ml_collections.ConfigDict) -> dict:
     """Shapes of {"params", "batch_stats"} of `build_model(model_cfg)`, without memory."""
+    return _abstract_variables(model_cfg.to_json())
+
+
+@functools.lru_cache(maxsize=8)
+def _abstract_variables(model_cfg_json: str) -> dict:
+    # Tracing the full-size Swin takes seconds; export and import of one config share it.
+    model_cfg = ml_collections.ConfigDict(json.loads(model_cfg_json))
     model = build_model(model_cfg)
     size = model_cfg.image_size
     return jax.eval_shape(
@@ -314,7 +323,11 @@ def save_torch(state: dict[str, np.ndarray], path: str) -> None:
     """A plain state_dict file for `model.load_state_dict(torch.load(path))`."""
     import torch
 
-    torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, path)
+    def tensor(v):
+        v = np.ascontiguousarray(v)
+        return torch.from_numpy(v if v.flags.writeable else v.copy())
+
+    torch.save({k: tensor(v) for k, v in state.items()}, path)
 
 
 def save_safetensors(state: dict[str, np.ndarray], path: str, metadata=None) -> None:

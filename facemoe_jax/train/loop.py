@@ -86,6 +86,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     else:
         with jax.set_mesh(mesh):  # arrays are created in their shards, never whole
             state = state_lib.create_train_state(model, optimizer, config, state_shardings)
+        if config.get("init_from"):
+            from facemoe_jax.export.workdir import init_from_file
+
+            state = init_from_file(state, config)
     encoder_params = state_lib.count_params(state.params["encoder"])
     centres = state_lib.count_class_centre_params(state.params, config)
     print(

@@ -1,0 +1,144 @@
+"""`FaceEncoder`: embed face images with a trained model, from any of our checkpoint forms.
+
+  from facemoe_jax import FaceEncoder
+  enc = FaceEncoder.from_checkpoint("runs/demo")        # a workdir (latest Orbax checkpoint)
+  enc = FaceEncoder.from_checkpoint("runs/demo/export") # an export dir (model.safetensors/.pt)
+  enc = FaceEncoder.from_checkpoint("model.pt", config=cfg)  # a PyTorch file, e.g. FaceMoE's
+  emb = enc.embed(images)  # uint8 RGB (N, S, S, 3) at the model's input size -> float32 (N, 512)
+
+`embed` follows the official evaluation scripts: pixels scaled by (x/255 - 0.5)/0.5, eval-mode
+BatchNorm; `flip_test=True` adds the raw embeddings of the image and of its mirror image before
+normalising (FaceMoE's TinyFace default `pre_norm_vector_add`); `normalize=True` returns unit rows.
+Images go through in fixed-size batches (padded), so one compilation serves any N.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from facemoe_jax.data.pipeline import normalize_images
+from facemoe_jax.models import build_model
+
+EXPORT_CONFIG = "config.json"
+
+
+class FaceEncoder:
+    def __init__(self, config: ml_collections.ConfigDict, variables: dict, step: int | None = None):
+        """config: the run config (only config.model is used); variables: params + batch_stats."""
+        self.config = config
+        self.model = build_model(config.model)
+        self.variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+        self.step = step
+        self.image_size = int(config.model.image_size)
+        self.embed_dim = int(config.model.embed_dim)
+
+        def embed_fn(variables, images, flip_test):
+            x = normalize_images(images)
+            emb, _ = self.model.apply(variables, x, train=False)
+            if flip_test:
+                emb = emb + self.model.apply(variables, x[:, :, ::-1], train=False)[0]
+            return emb.astype(jnp.float32)
+
+        self._embed = jax.jit(embed_fn, static_argnums=2)
+
+    # ---- constructors
+
+    @classmethod
+    def from_checkpoint(cls, path: str, config: ml_collections.ConfigDict | None = None):
+        """A workdir (or its checkpoints/ dir), an export dir, or a .pt/.pth/.safetensors file.
+
+        Files need the architecture: `config` (a run config), or the export's config.json beside
+        the file.
+        """
+        path = os.path.abspath(path)
+        if os.path.isdir(os.path.join(path, "checkpoints")) or os.path.basename(path) == (
+            "checkpoints"
+        ):
+            workdir = path if os.path.basename(path) != "checkpoints" else os.path.dirname(path)
+            return cls(*restore_workdir(workdir))
+        if os.path.isdir(path):
+            for name in ("model.safetensors", "model.pt"):
+                if os.path.isfile(os.path.join(path, name)):
+                    return cls.from_checkpoint(os.path.join(path, name), config)
+            raise ValueError(f"{path} holds neither checkpoints/ nor model.safetensors/model.pt")
+        if config is None:
+            config = read_export_config(os.path.join(os.path.dirname(path), EXPORT_CONFIG))
+        from facemoe_jax.export import convert
+
+        state, _ = convert.load_state_dict_file(path)
+        return cls(config, convert.torch_to_jax(config.model, state))
+
+    # ---- inference
+
+    def embed(
+        self,
+        images: np.ndarray,
+        flip_test: bool = True,
+        normalize: bool = True,
+        batch_size: int = 64,
+    ) -> np.ndarray:
+        """uint8 RGB (N, S, S, 3) with S = the model's input size -> float32 (N, embed_dim)."""
+        images = np.asarray(images)
+        s = self.image_size
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (s, s, 3):
+            raise ValueError(
+                f"FaceEncoder.embed takes uint8 RGB images of shape (N, {s}, {s}, 3) (the model's "
+                f"input size); got {images.dtype} {images.shape}"
+            )
+        out = []
+        for start in range(0, len(images), batch_size):
+            batch = images[start : start + batch_size]
+            n = len(batch)
+            if n < batch_size and len(images) > batch_size:  # pad the tail: no recompilation
+                batch = np.concatenate([batch, np.zeros((batch_size - n, s, s, 3), np.uint8)])
+            out.append(np.asarray(self._embed(self.variables, batch, flip_test))[:n])
+        emb = np.concatenate(out) if out else np.zeros((0, self.embed_dim), np.float32)
+        if normalize:
+            emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+        return emb.astype(np.float32)
+
+
+def read_export_config(path: str) -> ml_collections.ConfigDict:
+    """The run config stored by `--mode=export` (its "model" entry builds the encoder)."""
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"{path} not found: pass config= (a run config) to FaceEncoder.from_checkpoint for a "
+            "PyTorch file without an export config.json"
+        )
+    with open(path) as f:
+        exported = json.load(f)
+    return ml_collections.ConfigDict({"model": exported["model"]})
+
+
+def restore_workdir(workdir: str, step: int | None = None):
+    """(config, {"params", "batch_stats"}, step) of a workdir's Orbax checkpoint (latest by
+    default), restored onto one device with the config saved in the checkpoint."""
+    import orbax.checkpoint as ocp
+
+    from facemoe_jax.train import optimizer as optimizer_lib
+    from facemoe_jax.train import state as state_lib
+    from facemoe_jax.train.checkpoint import with_shardings
+
+    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise ValueError(f"{workdir}/checkpoints holds no checkpoint")
+    saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    config = ml_collections.ConfigDict(saved["config"])
+    model = build_model(config.model)
+    optimizer, _ = optimizer_lib.build_optimizer(config.optimizer, config.train.num_steps)
+    abstract = state_lib.abstract_train_state(model, optimizer, config)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = with_shardings(abstract, jax.tree.map(lambda _: device, abstract))
+    restored = manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+    )["state"]
+    manager.close()
+    variables = {"params": restored.params["encoder"], "batch_stats": restored.batch_stats}
+    return config, variables, step

@@ -1,0 +1,103 @@
+"""The CLI's export and import: a workdir's checkpoint -> PyTorch files, PyTorch files -> a run.
+
+`--mode=export` writes W/export/model.pt (a plain state_dict for `load_state_dict(strict=True)`),
+W/export/model.safetensors (the same tensors) and W/export/config.json (architecture, input size,
+normalisation, channel order, and our config.model to rebuild the encoder).
+`--config.init_from=FILE` (what `--mode=import` requires) starts a new run from PyTorch weights:
+our exports, the official FaceMoE `model.pt` or `checkpoint_gpu_0.pt`, or a dense insightface
+ViT (upcycled into the MoE blocks).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+from facemoe_jax.export import convert
+
+OFFICIAL_CONSTRUCTOR = "backbones.swin_moe.swin_120_topk_moe_loss(num_experts={e}, k={k})"
+
+
+def export_config(model_cfg, step: int | None) -> dict:
+    """What a PyTorch user needs besides the weights."""
+    size = int(model_cfg.image_size)
+    info = {
+        "architecture": model_cfg.name,
+        "torch_module": (
+            "facemoe_jax.export.torch_models.SwinMoETorch"
+            if model_cfg.name == "swin_moe"
+            else "facemoe_jax.export.torch_models.ViTMoETorch"
+        ),
+        "input": {
+            "size": [size, size],
+            "channel_order": "RGB",
+            "layout": "NCHW float32",
+            "normalization": "(x / 255 - 0.5) / 0.5",
+            "mean": [0.5, 0.5, 0.5],
+            "std": [0.5, 0.5, 0.5],
+        },
+        "embedding_dim": int(model_cfg.embed_dim),
+        "flip_test": "add the raw embeddings of the image and its mirror, then L2-normalise",
+        "step": step,
+        "model": json.loads(model_cfg.to_json()),
+    }
+    if model_cfg.name == "swin_moe":
+        info["official_constructor"] = OFFICIAL_CONSTRUCTOR.format(
+            e=model_cfg.num_experts, k=model_cfg.top_k
+        )
+    return info
+
+
+def export_workdir(workdir: str, out_dir: str | None = None) -> dict:
+    """Exports the latest checkpoint of `workdir`; returns the written paths and the seconds."""
+    from facemoe_jax.encoder import restore_workdir
+
+    t0 = time.perf_counter()
+    config, variables, step = restore_workdir(os.path.abspath(workdir))
+    state = convert.jax_to_torch(config.model, variables, num_batches_tracked=step)
+    out_dir = out_dir or os.path.join(workdir, "export")
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {
+        "pt": os.path.join(out_dir, "model.pt"),
+        "safetensors": os.path.join(out_dir, "model.safetensors"),
+        "config": os.path.join(out_dir, "config.json"),
+    }
+    convert.save_torch(state, paths["pt"])
+    convert.save_safetensors(state, paths["safetensors"], metadata={"format": "pt"})
+    with open(paths["config"], "w") as f:
+        json.dump(export_config(config.model, step), f, indent=2)
+    seconds = time.perf_counter() - t0
+    params = sum(int(np.prod(v.shape)) for v in state.values())
+    print(
+        f"exported step {step} ({len(state)} tensors, {params / 1e6:.1f}M values) to {out_dir} "
+        f"in {seconds:.1f} s",
+        flush=True,
+    )
+    return {**paths, "seconds": seconds, "step": step}
+
+
+def init_from_file(state, config):
+    """The train state with its encoder (and, when shapes allow, class centres) replaced by the
+    weights in config.init_from; arrays keep the shardings of `state`."""
+    path = config.init_from
+    torch_state, extras = convert.load_state_dict_file(path)
+    variables = convert.torch_to_jax(config.model, torch_state, upcycle=True, seed=config.seed)
+
+    def place(new, old):
+        return jax.device_put(np.asarray(new, old.dtype), old.sharding)
+
+    params = dict(state.params)
+    params["encoder"] = jax.tree.map(place, variables["params"], state.params["encoder"])
+    batch_stats = jax.tree.map(place, variables["batch_stats"], state.batch_stats)
+    centers = extras.get("classifier_centers")
+    old_centers = state.params["classifier"].get("centers")
+    if centers is not None and old_centers is not None and centers.shape == old_centers.shape:
+        params["classifier"] = {"centers": place(centers, old_centers)}
+        print(f"initialised encoder and class centres from {path}", flush=True)
+    else:
+        print(f"initialised encoder from {path}", flush=True)
+    return state.replace(params=params, batch_stats=batch_stats)
