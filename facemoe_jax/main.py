@@ -49,6 +49,9 @@ def _hide_accelerators_from_tensorflow():
 def run(config, workdir: str, mode: str) -> dict:
     import jax
 
+    from facemoe_jax.parallel import multihost
+
+    multihost.initialize_from_environment()  # before anything touches a device
     jax.config.update("jax_threefry_partitionable", True)
     if mode == "export":
         from facemoe_jax.export.workdir import export_workdir
