@@ -19,6 +19,8 @@ writes into its input (cached source images are read-only). ``augment.py`` compo
 
 from __future__ import annotations
 
+import math
+
 import cv2
 import numpy as np
 
@@ -98,7 +100,11 @@ def random_low_resolution(
         return image
     height, width = image.shape[:2]
     ratio = rng.uniform(min_ratio, max_ratio)
-    down, up = rng.choice(LOW_RESOLUTION_INTERPOLATIONS, size=2)
+    # = rng.choice(LOW_RESOLUTION_INTERPOLATIONS, size=2) (the same draws), 4x cheaper.
+    down, up = (
+        LOW_RESOLUTION_INTERPOLATIONS[k]
+        for k in rng.integers(0, len(LOW_RESOLUTION_INTERPOLATIONS), size=2)
+    )
     small_w = max(1, round(width * ratio))
     small_h = max(1, round(height * ratio))
     small = _resize(image, small_w, small_h, int(down))
@@ -137,12 +143,12 @@ def crop_with_zero_pad(
         return image
     height, width = image.shape[:2]
     area = height * width
-    log_ratio = np.log(ratio)
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))  # math: scalar calls ~5x cheaper
     for _ in range(10):
         target_area = area * rng.uniform(*scale)
-        aspect = np.exp(rng.uniform(*log_ratio))
-        w = round(np.sqrt(target_area * aspect))
-        h = round(np.sqrt(target_area / aspect))
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
         if 0 < w <= width and 0 < h <= height:
             top = int(rng.integers(0, height - h + 1))
             left = int(rng.integers(0, width - w + 1))

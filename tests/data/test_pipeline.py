@@ -305,3 +305,44 @@ def test_too_many_bad_records_stop_with_a_clear_error():
     )
     with pytest.raises(pipeline.BadDataError, match="consecutive unreadable records"):
         next(everything_bad)
+
+
+def test_fused_record_stream_equals_grain_shuffle_repeat_map_random_map():
+    """The one-node stream gives what grain's own nodes give (same permutations, same rngs)."""
+    import grain
+
+    source = EncodedSource(count=30, bad={4, 5, 21})
+    augmenter = official_augmenter()
+    shuffle_seed, augment_seed = pipeline._pipeline_seeds(3)
+    fused = pipeline._TrainRecords(
+        source,
+        shuffle_seed=shuffle_seed,
+        decode=pipeline._DecodeAndResize(16),
+        augment=pipeline._AugmentImage(augmenter),
+        augment_seed=augment_seed,
+    )
+    decoded = (
+        grain.MapDataset.source(source)
+        .shuffle(seed=shuffle_seed)
+        .repeat(None)
+        .map(pipeline._DecodeAndResize(16))
+    )
+
+    def good(position):  # the next good record, as the module doc specifies
+        for offset in range(pipeline._MAX_CONSECUTIVE_BAD):
+            try:
+                return decoded[position + offset]
+            except pipeline.BadRecordError:
+                continue
+
+    augmented = grain.MapDataset.range(10**6).random_map(
+        lambda p, rng: augmenter(good(p)["image"], rng), seed=augment_seed
+    )
+    skipped = 0
+    for position in range(75):  # two and a half epochs
+        got = fused[position]
+        want = good(position)
+        assert got["label"] == want["label"] and got["key"] == want["key"]
+        np.testing.assert_array_equal(got["image"], augmented[position])
+        skipped += "skipped" in got
+    assert skipped >= 6  # every bad record of each epoch was replaced
