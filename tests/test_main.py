@@ -12,7 +12,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_main(*args, devices=1, timeout=600):
     env = dict(os.environ, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = (
+        f"--xla_force_host_platform_device_count={devices} {env.get('XLA_FLAGS', '')}"
+    ).strip()
     return subprocess.run(
         [sys.executable, "-m", "facemoe_jax.main", *args],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,

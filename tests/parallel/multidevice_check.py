@@ -10,7 +10,9 @@ import json
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = (
+    "--xla_force_host_platform_device_count=8 " + os.environ.get("XLA_FLAGS", "")
+)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
@@ -35,7 +37,7 @@ BATCH = mesh_lib.BATCH_AXES
 def tiny_config(capacity_factor: float, margin: str):
     config = common.get_base_config()
     config.model.update(
-        image_size=16, patch_size=4, width=32, depth=2, num_heads=2, mlp_ratio=2.0,
+        image_size=16, patch_size=4, width=32, depth=1, num_heads=2, mlp_ratio=2.0,
         embed_dim=32, moe_layers="all", num_experts=8, top_k=2,
         capacity_factor=capacity_factor, drop_path_rate=0.0,
     )

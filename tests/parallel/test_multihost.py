@@ -79,6 +79,7 @@ TINY_RUN = [
     "--config", "configs/demo.py",
     "--config.mesh.expert=4",
     "--config.model.depth=2",
+    "--config.model.image_size=32",
     "--config.train.num_steps=3",
     "--config.train.batch_size=16",
     "--config.train.log_every_steps=1",
@@ -104,7 +105,8 @@ def test_demo_losses_match_across_one_device_eight_devices_and_two_hosts(tmp_pat
     _run(main + TINY_RUN + ["--workdir", one, "--config.mesh.expert=1"])
     eight = str(tmp_path / "eight_devices")
     out = _run(main + TINY_RUN + ["--workdir", eight],
-               {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+               {"XLA_FLAGS": "--xla_force_host_platform_device_count=8 "
+                + os.environ.get("XLA_FLAGS", "")})
     assert "mesh {'data': 2, 'expert': 4}" in out
     hosts = str(tmp_path / "two_hosts")
     out = _run(["bash", LAUNCH, "2", "4", "--"] + main + TINY_RUN + ["--workdir", hosts])
