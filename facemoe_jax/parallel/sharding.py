@@ -117,7 +117,8 @@ def class_axes(rules=DEFAULT_RULES) -> tuple[str, ...]:
 def check_config(config, mesh: Mesh) -> None:
     """The errors a user can fix in the config, stated in its terms, before any array exists."""
     expert_shards = mesh.shape["expert"]
-    if config.model.num_experts % expert_shards:
+    has_experts = config.model.get("moe_layers", "all") != "none"
+    if has_experts and config.model.num_experts % expert_shards:
         raise ValueError(
             f"config.model.num_experts={config.model.num_experts} cannot be split over "
             f"config.mesh.expert={expert_shards} devices (need a multiple)"

@@ -67,6 +67,9 @@ def test_config_errors_speak_in_config_fields():
         sharding.check_config(_config(num_experts=6), mesh)
     with pytest.raises(ValueError, match="class_rows_multiple=12 is not a multiple of the 8"):
         sharding.check_config(_config(multiple=12), mesh)
+    dense = _config(num_experts=6)
+    dense.model.moe_layers = "none"  # no experts to split: any expert axis is fine
+    sharding.check_config(dense, mesh)
 
 
 def test_class_rows_are_padded_to_the_multiple_with_zero_rows():
