@@ -11,7 +11,7 @@ Run:
   python -m facemoe_jax.main --config configs/demo.py --workdir runs/demo
 It prints the model size, the compile time, a loss line every 100 steps (train accuracy of the
 class centres rises to ~95 %), then 10-fold verification on 1,000 pairs of held-out identities:
-about 96.5 % at full resolution, about 92 % and 87 % with both faces degraded to 8 and 6 pixels,
+about 96 % at full resolution, about 91 % and 87 % with both faces degraded to 8 and 6 pixels,
 and two lines summarising the expert routing map (eval/routing_map.png and its siblings).
 """
 from configs import common
