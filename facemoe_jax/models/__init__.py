@@ -10,14 +10,8 @@ from facemoe_jax.models.vit import ViTMoE, parse_moe_layers
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def build_model(cfg: ml_collections.ConfigDict) -> ViTMoE | SwinMoE:
-    """Validates config.model and builds the encoder; errors name the offending field."""
-    if cfg.name not in ("vit_moe", "swin_moe"):
-        raise ValueError(
-            f"config.model.name={cfg.name!r} is not a known model (known: 'vit_moe', 'swin_moe')"
-        )
-    if cfg.name == "swin_moe":
-        return build_swin(cfg)
+def _check_dtype_and_patch(cfg: ml_collections.ConfigDict) -> None:
+    """The fields every encoder shares: activation dtype and patch size."""
     if cfg.dtype not in DTYPES:
         raise ValueError(f"config.model.dtype={cfg.dtype!r} is not one of {sorted(DTYPES)}")
     # A stride-p conv keeps image_size // p patches per side (ViT-B/9 on 112: 12 x 12, the last
@@ -27,6 +21,36 @@ def build_model(cfg: ml_collections.ConfigDict) -> ViTMoE | SwinMoE:
             f"config.model.patch_size={cfg.patch_size} must be between 1 and "
             f"config.model.image_size={cfg.image_size}"
         )
+
+
+def _check_routing(cfg: ml_collections.ConfigDict) -> None:
+    """The MoE fields: experts, top-k, combine rule and capacity factor."""
+    if cfg.num_experts < 1:
+        raise ValueError(f"config.model.num_experts={cfg.num_experts} must be at least 1")
+    if not 1 <= cfg.top_k <= cfg.num_experts:
+        raise ValueError(
+            f"config.model.top_k={cfg.top_k} is impossible with "
+            f"config.model.num_experts={cfg.num_experts} (need 1 <= top_k <= experts)"
+        )
+    if cfg.router_combine not in COMBINE_MODES:
+        raise ValueError(
+            f"config.model.router_combine={cfg.router_combine!r} is not one of {COMBINE_MODES}"
+        )
+    if cfg.capacity_factor < 0:
+        raise ValueError(
+            f"config.model.capacity_factor={cfg.capacity_factor} must be >= 0 (0 = dropless)"
+        )
+
+
+def build_model(cfg: ml_collections.ConfigDict) -> ViTMoE | SwinMoE:
+    """Validates config.model and builds the encoder; errors name the offending field."""
+    if cfg.name not in ("vit_moe", "swin_moe"):
+        raise ValueError(
+            f"config.model.name={cfg.name!r} is not a known model (known: 'vit_moe', 'swin_moe')"
+        )
+    if cfg.name == "swin_moe":
+        return build_swin(cfg)
+    _check_dtype_and_patch(cfg)
     if cfg.width % cfg.num_heads:
         raise ValueError(
             f"config.model.width={cfg.width} is not divisible by "
@@ -34,21 +58,7 @@ def build_model(cfg: ml_collections.ConfigDict) -> ViTMoE | SwinMoE:
         )
     moe_layers = parse_moe_layers(cfg.moe_layers, cfg.depth)
     if moe_layers:
-        if cfg.num_experts < 1:
-            raise ValueError(f"config.model.num_experts={cfg.num_experts} must be at least 1")
-        if not 1 <= cfg.top_k <= cfg.num_experts:
-            raise ValueError(
-                f"config.model.top_k={cfg.top_k} is impossible with "
-                f"config.model.num_experts={cfg.num_experts} (need 1 <= top_k <= experts)"
-            )
-        if cfg.router_combine not in COMBINE_MODES:
-            raise ValueError(
-                f"config.model.router_combine={cfg.router_combine!r} is not one of {COMBINE_MODES}"
-            )
-        if cfg.capacity_factor < 0:
-            raise ValueError(
-                f"config.model.capacity_factor={cfg.capacity_factor} must be >= 0 (0 = dropless)"
-            )
+        _check_routing(cfg)
     return ViTMoE(
         image_size=cfg.image_size,
         patch_size=cfg.patch_size,
@@ -72,18 +82,12 @@ def build_swin(cfg: ml_collections.ConfigDict) -> SwinMoE:
     for field in ("depths", "stage_heads", "window_size", "head_dropout"):
         if field not in cfg:
             raise ValueError(f"config.model.{field} is required for config.model.name='swin_moe'")
-    if cfg.dtype not in DTYPES:
-        raise ValueError(f"config.model.dtype={cfg.dtype!r} is not one of {sorted(DTYPES)}")
+    _check_dtype_and_patch(cfg)
     depths, heads = tuple(cfg.depths), tuple(cfg.stage_heads)
     if not depths or len(heads) != len(depths) or min(depths) < 1:
         raise ValueError(
             f"config.model.depths={depths} and config.model.stage_heads={heads} must be "
             "non-empty, of equal length, with every depth >= 1"
-        )
-    if not 1 <= cfg.patch_size <= cfg.image_size:
-        raise ValueError(
-            f"config.model.patch_size={cfg.patch_size} must be between 1 and "
-            f"config.model.image_size={cfg.image_size}"
         )
     grid = cfg.image_size // cfg.patch_size
     if grid % 2 ** (len(depths) - 1):
@@ -103,19 +107,7 @@ def build_swin(cfg: ml_collections.ConfigDict) -> SwinMoE:
                 f"stage {i} width {cfg.width * 2**i} (config.model.width={cfg.width}) is not "
                 f"divisible by config.model.stage_heads[{i}]={heads[i]}"
             )
-    if not 1 <= cfg.top_k <= cfg.num_experts:
-        raise ValueError(
-            f"config.model.top_k={cfg.top_k} is impossible with "
-            f"config.model.num_experts={cfg.num_experts} (need 1 <= top_k <= experts)"
-        )
-    if cfg.router_combine not in COMBINE_MODES:
-        raise ValueError(
-            f"config.model.router_combine={cfg.router_combine!r} is not one of {COMBINE_MODES}"
-        )
-    if cfg.capacity_factor < 0:
-        raise ValueError(
-            f"config.model.capacity_factor={cfg.capacity_factor} must be >= 0 (0 = dropless)"
-        )
+    _check_routing(cfg)
     return SwinMoE(
         image_size=cfg.image_size,
         patch_size=cfg.patch_size,
