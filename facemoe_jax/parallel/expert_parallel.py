@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from facemoe_jax.parallel.mesh import BATCH_AXES, EXPERT_AXIS
+from facemoe_jax.parallel.mesh import BATCH_AXES, EXPERT_AXIS, check_expert_split
 
 Array = jax.Array
 
@@ -71,14 +71,6 @@ def expert_shards() -> int:
     return 1 if mesh is None else mesh.shape[EXPERT_AXIS]
 
 
-def _check_divisible(num_experts: int, shards: int) -> None:
-    if num_experts % shards:
-        raise ValueError(
-            f"config.model.num_experts={num_experts} cannot be split over "
-            f"config.mesh.expert={shards} devices (need a multiple)"
-        )
-
-
 def capacity_experts(mlp: Callable, buffers: Array, weights: tuple[Array, ...]) -> Array:
     """Expert MLPs on (G, E, C, D) dispatch buffers whose experts live on other devices.
 
@@ -91,7 +83,7 @@ def capacity_experts(mlp: Callable, buffers: Array, weights: tuple[Array, ...]) 
     shards = expert_shards()
     if mesh is None or shards == 1 or buffers.shape[0] % _batch_shards(mesh):
         return mlp(buffers, weights)
-    _check_divisible(buffers.shape[1], shards)
+    check_expert_split(buffers.shape[1], shards)
 
     def local(x, local_weights):  # x (G_loc, E, C, D); weights (E_loc, ...)
         x = jax.lax.all_to_all(x, EXPERT_AXIS, split_axis=1, concat_axis=0, tiled=True)
@@ -129,7 +121,7 @@ def dropless_experts(
         return jax.shard_map(
             mlp, in_specs=(P(BATCH_AXES), P(BATCH_AXES), P()), out_specs=P(BATCH_AXES)
         )(rows, group_sizes, weights)
-    _check_divisible(num_experts, shards)
+    check_expert_split(num_experts, shards)
     local_experts = num_experts // shards
 
     def local(local_rows, local_sizes, local_weights):  # (N_loc, D), (E,), (E_loc, ...)

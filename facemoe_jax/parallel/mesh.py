@@ -70,6 +70,15 @@ def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
         )
 
 
+def check_expert_split(num_experts: int, expert_shards: int) -> None:
+    """Experts split evenly over the `expert` axis (checked at set-up and again at trace time)."""
+    if num_experts % expert_shards:
+        raise ValueError(
+            f"config.model.num_experts={num_experts} cannot be split over "
+            f"config.mesh.expert={expert_shards} devices (need a multiple)"
+        )
+
+
 def global_batch(local_batch: dict, mesh: Mesh) -> dict:
     """Per-host numpy batch -> global jax.Arrays sharded over the batch axes of the mesh."""
     sharding = batch_sharding(mesh)

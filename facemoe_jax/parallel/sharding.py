@@ -22,6 +22,8 @@ from typing import Any, Sequence
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from facemoe_jax.parallel.mesh import check_expert_split
+
 DEFAULT_RULES = (
     (r"(^|/)experts/", ("expert",)),
     (r"(^|/)classifier/centers$", (("data", "expert"),)),
@@ -116,13 +118,8 @@ def class_axes(rules=DEFAULT_RULES) -> tuple[str, ...]:
 
 def check_config(config, mesh: Mesh) -> None:
     """The errors a user can fix in the config, stated in its terms, before any array exists."""
-    expert_shards = mesh.shape["expert"]
-    has_experts = config.model.get("moe_layers", "all") != "none"
-    if has_experts and config.model.num_experts % expert_shards:
-        raise ValueError(
-            f"config.model.num_experts={config.model.num_experts} cannot be split over "
-            f"config.mesh.expert={expert_shards} devices (need a multiple)"
-        )
+    if config.model.get("moe_layers", "all") != "none":  # a dense model fits any expert axis
+        check_expert_split(config.model.num_experts, mesh.shape["expert"])
     axes = class_axes(config.sharding_rules)
     shards = math.prod(mesh.shape[a] for a in axes if a in mesh.shape)
     multiple = config.loss.class_rows_multiple
