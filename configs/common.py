@@ -127,6 +127,9 @@ def get_base_config() -> ml_collections.ConfigDict:
             low_resolution_sets="synthetic",  # pair sets to sweep, e.g. "synthetic,lfw" or "all"
             ijbb_dir="",  # IJB-B root with meta/ and loose_crop/ ("" = skip)
             ijbc_dir="",  # IJB-C root
+            # IJB face alignment: "official" (warp to the 112x112 ArcFace template, then bilinear
+            # resize to the input size, as the official IJB script) or "direct" (one warp).
+            ijb_alignment="official",
             tinyface_dir="",  # folder with Probe/, Gallery_Match/, Gallery_Distractor/
             tinyface_mat_dir="",  # folder of the .mat lists if not in tinyface_dir
             quality_fmr=1e-3,  # error-versus-reject threshold: this false-match rate

@@ -137,7 +137,7 @@ def run_evaluations(model, variables, config, workdir: str, step: int, writer) -
 
     for name in ("ijbb", "ijbc"):
         if ev[f"{name}_dir"]:
-            meta = ijb.IJBMeta(ev[f"{name}_dir"], name)
+            meta = ijb.IJBMeta(ev[f"{name}_dir"], name, ev.get("ijb_alignment", "official"))
             metrics, (scores, labels) = ijb.evaluate_ijb(
                 meta, lambda load, count: embed_files(lambda i: load(i, size), count)
             )
