@@ -76,15 +76,20 @@ def _as_bytes(entry, path: str, index: int) -> bytes:
 
 
 def decode_image(data: bytes, image_size: int | None = None) -> np.ndarray:
-    """Encoded JPEG/PNG bytes -> uint8 (S, S, 3) RGB, resized to image_size when given."""
+    """Encoded JPEG/PNG bytes -> uint8 (S, S, 3) RGB, resized to image_size when given.
+
+    As FaceMoE's HQ script (validation_hq/validate_hq.py) and insightface's verification loader:
+    decode with OpenCV to RGB (``mx.image.imdecode``), and when the width differs from the model
+    input, resize with OpenCV bicubic (``mx.image.resize_short``'s default ``interp=2``), up or
+    down; the 112 px faces go to 120 px this way. Flipping and (x/255 - 0.5)/0.5 follow in the
+    embedder.
+    """
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if image is None:
         raise ValueError("not a decodable image")
     image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     if image_size is not None and image.shape[:2] != (image_size, image_size):
-        shrinking = image.shape[0] > image_size
-        interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
-        image = cv2.resize(image, (image_size, image_size), interpolation=interpolation)
+        image = cv2.resize(image, (image_size, image_size), interpolation=cv2.INTER_CUBIC)
     return image
 
 
@@ -153,6 +158,8 @@ def write_bin(
     bins = []
     for a, b in zip(images_a, images_b):
         bins += [encode_image(a, extension), encode_image(b, extension)]
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
     with open(path, "wb") as f:
         pickle.dump((bins, [bool(s) for s in issame]), f, protocol=2)
 

@@ -112,15 +112,25 @@ class TinyFaceProtocol:
 
     @staticmethod
     def load(path: str, image_size: int) -> np.ndarray:
-        """uint8 (S, S, 3) RGB, resized to the model input (TinyFace faces are ~20 px)."""
+        """uint8 (S, S, 3) RGB at the model input, as FaceMoE's TinyFace script prepares it.
+
+        That script (validation_lq/validate_tinyface.py) reads with OpenCV, converts BGR -> RGB,
+        and resizes with torchvision's ``Resize((S, S), BICUBIC)`` on a PIL image, i.e. PIL's
+        bicubic filter (a = -0.5, widened when shrinking); then ``ToTensor`` and
+        ``Normalize(0.5, 0.5)`` = (x/255 - 0.5)/0.5, which the embedder applies. PIL rounds the
+        resized pixels to uint8, as here.
+        """
+        from PIL import Image  # Pillow is a matplotlib dependency
+
         image = cv2.imread(path, cv2.IMREAD_COLOR)
         if image is None:
             raise ValueError(f"cannot read TinyFace image {path}")
         image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
         if image.shape[:2] != (image_size, image_size):
-            shrinking = image.shape[0] > image_size
-            interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
-            image = cv2.resize(image, (image_size, image_size), interpolation=interpolation)
+            resized = Image.fromarray(image).resize(
+                (image_size, image_size), Image.Resampling.BICUBIC
+            )
+            image = np.asarray(resized)
         return image
 
 
