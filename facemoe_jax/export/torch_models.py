@@ -79,11 +79,12 @@ class MoEMlp(nn.Module):
         tokens = x.reshape(b * n, c)
         index, weights = index.reshape(b * n, -1), weights.reshape(b * n, -1)
         out = torch.zeros_like(tokens)
+        # No branch on the number of routed tokens (an expert may get none): a traced ONNX
+        # export then holds every expert, and the gathers / index_add take any row count.
         for e, expert in enumerate(self.experts):
             rows, choice = torch.nonzero(index == e, as_tuple=True)
-            if rows.numel():
-                w = weights[rows, choice].unsqueeze(-1).to(x.dtype)
-                out.index_add_(0, rows, expert(tokens[rows]) * w)
+            w = weights[rows, choice].unsqueeze(-1).to(x.dtype)
+            out = out.index_add(0, rows, expert(tokens[rows]) * w)
         return out.reshape(b, n, c)
 
 
