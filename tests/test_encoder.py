@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import facemoe_jax
 from configs import swin_moe_120
 from facemoe_jax import FaceEncoder
 from facemoe_jax import main as cli
@@ -56,11 +57,14 @@ def test_import_train_export_and_face_encoder_agree(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
     paths = cli.run(config, workdir, "export")
-    for name in ("model.pt", "model.safetensors", "config.json"):
+    for name in ("model.pt", "model.safetensors", "model.onnx", "config.json"):
         assert os.path.isfile(os.path.join(workdir, "export", name)), name
     exported = json.load(open(paths["config"]))
     assert exported["input"]["size"] == [12, 12] and exported["input"]["channel_order"] == "RGB"
     assert exported["step"] == 2 and exported["architecture"] == "swin_moe"
+    assert exported["facemoe_jax_version"] == facemoe_jax.__version__
+    assert exported["onnx"]["input"]["shape"] == ["batch", 3, 12, 12]
+    assert exported["onnx"]["max_abs_diff_vs_pytorch"] <= 1e-4
 
     images = np.random.default_rng(0).integers(0, 256, (5, 12, 12, 3), dtype=np.uint8)
     raw = from_workdir.embed(images, flip_test=False, normalize=False)
@@ -91,6 +95,11 @@ def test_import_train_export_and_face_encoder_agree(tmp_path):
     x = torch.from_numpy((images.astype(np.float32) / 255 - 0.5) / 0.5).permute(0, 3, 1, 2)
     with torch.no_grad():
         np.testing.assert_allclose(module(x).numpy(), raw, atol=1e-4)
+
+    # The ONNX file (onnxruntime, the same normalised NCHW input) embeds as JAX does.
+    from facemoe_jax.export import onnx as onnx_export
+
+    np.testing.assert_allclose(onnx_export.run_onnx(paths["onnx"], x.numpy()), raw, atol=1e-4)
 
 
 def test_embed_rejects_wrong_images(tmp_path):

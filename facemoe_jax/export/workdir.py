@@ -17,6 +17,7 @@ import time
 import jax
 import numpy as np
 
+import facemoe_jax
 from facemoe_jax.export import convert
 
 OFFICIAL_CONSTRUCTOR = "backbones.swin_moe.swin_120_topk_moe_loss(num_experts={e}, k={k})"
@@ -26,6 +27,7 @@ def export_config(model_cfg, step: int | None) -> dict:
     """What a PyTorch user needs besides the weights."""
     size = int(model_cfg.image_size)
     info = {
+        "facemoe_jax_version": facemoe_jax.__version__,  # which release wrote the files
         "architecture": model_cfg.name,
         "torch_module": (
             "facemoe_jax.export.torch_models.SwinMoETorch"
@@ -52,24 +54,60 @@ def export_config(model_cfg, step: int | None) -> dict:
     return info
 
 
-def export_workdir(workdir: str, out_dir: str | None = None) -> dict:
-    """Exports the latest checkpoint of `workdir`; returns the written paths and the seconds."""
+def export_workdir(workdir: str, out_dir: str | None = None, onnx: bool = True) -> dict:
+    """Exports the latest checkpoint of `workdir` (model.pt, model.safetensors, model.onnx when
+    `onnx` and the onnx package is installed, config.json); returns the paths and the seconds."""
     from facemoe_jax.encoder import restore_workdir
+    from facemoe_jax.progress import Progress
 
     t0 = time.perf_counter()
-    config, variables, step = restore_workdir(os.path.abspath(workdir))
-    state = convert.jax_to_torch(config.model, variables, num_batches_tracked=step)
     out_dir = out_dir or os.path.join(workdir, "export")
-    os.makedirs(out_dir, exist_ok=True)
     paths = {
         "pt": os.path.join(out_dir, "model.pt"),
         "safetensors": os.path.join(out_dir, "model.safetensors"),
         "config": os.path.join(out_dir, "config.json"),
     }
+    if onnx:
+        try:
+            import onnx as _  # noqa: F401
+        except ImportError:
+            print("note: model.onnx skipped: the onnx package is not installed "
+                  "(pip install -e '.[export]')", flush=True)  # fmt: skip
+            onnx = False
+    steps = ["restoring the checkpoint", "converting", "writing model.pt",
+             "writing model.safetensors"] + (["writing model.onnx", "checking model.onnx"]
+                                             if onnx else [])  # fmt: skip
+    progress = Progress("export", len(steps), unit="steps")
+
+    def stage(i):  # shows the stage starting (on a terminal), then counts the one before
+        progress.update(1 if i else 0, note=steps[i])
+
+    stage(0)
+    config, variables, step = restore_workdir(os.path.abspath(workdir))
+    stage(1)
+    state = convert.jax_to_torch(config.model, variables, num_batches_tracked=step)
+    os.makedirs(out_dir, exist_ok=True)
+    stage(2)
     convert.save_torch(state, paths["pt"])
+    stage(3)
     convert.save_safetensors(state, paths["safetensors"], metadata={"format": "pt"})
+    info = export_config(config.model, step)
+    onnx_diff = None
+    if onnx:
+        from facemoe_jax.export import onnx as onnx_export
+
+        stage(4)
+        paths["onnx"] = os.path.join(out_dir, "model.onnx")
+        module = onnx_export.torch_twin(config.model, state)
+        info["onnx"] = onnx_export.export_onnx(config.model, state, paths["onnx"], module)
+        stage(5)
+        onnx_diff = onnx_export.check_onnx(config.model, module, paths["onnx"])
+        if onnx_diff is not None:
+            info["onnx"]["max_abs_diff_vs_pytorch"] = onnx_diff
+    progress.update(1, note="")
     with open(paths["config"], "w") as f:
-        json.dump(export_config(config.model, step), f, indent=2)
+        json.dump(info, f, indent=2)
+    progress.close()
     seconds = time.perf_counter() - t0
     params = sum(int(np.prod(v.shape)) for v in state.values())
     print(
@@ -77,7 +115,11 @@ def export_workdir(workdir: str, out_dir: str | None = None) -> dict:
         f"in {seconds:.1f} s",
         flush=True,
     )
-    return {**paths, "seconds": seconds, "step": step}
+    if onnx:
+        checked = (f"onnxruntime vs PyTorch max abs diff {onnx_diff:.1e}" if onnx_diff is not None
+                   else "not checked: onnxruntime is not installed")  # fmt: skip
+        print(f"model.onnx: dynamic batch, NCHW float32 normalised input ({checked})", flush=True)
+    return {**paths, "seconds": seconds, "step": step, "onnx_max_abs_diff": onnx_diff}
 
 
 def init_from_file(state, config):
