@@ -1,4 +1,8 @@
-"""Embedding images with a trained encoder, with the flip test used by the field's evaluators."""
+"""Embedding images with a trained encoder, with the flip test used by the field's evaluators.
+
+`embed_images` / `embed_loaded` take an optional `facemoe_jax.progress.Progress` and count the
+images into it batch by batch (the evaluation suite opens one per set: name, done/total, ETA).
+"""
 
 import jax
 import jax.numpy as jnp
@@ -26,15 +30,21 @@ def make_embed_fn(model, flip_test: bool = True):
     return embed
 
 
-def embed_images(embed_fn, variables, images: np.ndarray, batch_size: int) -> np.ndarray:
+def embed_images(
+    embed_fn, variables, images: np.ndarray, batch_size: int, progress=None
+) -> np.ndarray:
     """(N, H, W, 3) uint8 -> (N, D) float32, in fixed-size (padded) batches: one compilation."""
     out = []
     for batch, num_valid in eval_batches(images, batch_size):
         out.append(np.asarray(embed_fn(variables, batch))[:num_valid])
+        if progress is not None:
+            progress.update(num_valid)
     return np.concatenate(out)
 
 
-def embed_loaded(embed_fn, variables, load, count: int, batch_size: int) -> np.ndarray:
+def embed_loaded(
+    embed_fn, variables, load, count: int, batch_size: int, progress=None
+) -> np.ndarray:
     """Embeds `count` images produced one at a time by `load(index)`, a batch at a time.
 
     For sets too large to hold as pixels (IJB-C's 469k faces, TinyFace's 153k distractors):
@@ -43,5 +53,5 @@ def embed_loaded(embed_fn, variables, load, count: int, batch_size: int) -> np.n
     out = []
     for start in range(0, count, batch_size):
         images = np.stack([load(i) for i in range(start, min(start + batch_size, count))])
-        out.append(embed_images(embed_fn, variables, images, batch_size))
+        out.append(embed_images(embed_fn, variables, images, batch_size, progress))
     return np.concatenate(out)

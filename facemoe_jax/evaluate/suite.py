@@ -30,6 +30,7 @@ import jax
 import numpy as np
 
 from facemoe_jax.data import synthetic
+from facemoe_jax.progress import Progress
 from facemoe_jax.evaluate import bin as bin_lib
 from facemoe_jax.evaluate import (
     embed,
@@ -97,11 +98,16 @@ def run_evaluations(model, variables, config, workdir: str, step: int, writer) -
     ev, size = config.eval, config.model.image_size
     embed_fn = embed.make_embed_fn(model, flip_test=ev.flip_test)
 
-    def embed_array(images):
-        return embed.embed_images(embed_fn, variables, images, ev.batch_size)
+    # Progress (name, images done/total, ETA): one line per set; a call without one gets its own.
+    def embed_array(images, progress=None):
+        if progress is not None:
+            return embed.embed_images(embed_fn, variables, images, ev.batch_size, progress)
+        with Progress("embed", len(images)) as own:
+            return embed.embed_images(embed_fn, variables, images, ev.batch_size, own)
 
-    def embed_files(load, count):
-        return embed.embed_loaded(embed_fn, variables, load, count, ev.batch_size)
+    def embed_files(load, count, label="embed"):
+        with Progress(label, count) as progress:
+            return embed.embed_loaded(embed_fn, variables, load, count, ev.batch_size, progress)
 
     results, roc_curves, erc_curves, resolution_curves = {}, {}, {}, {}
     routing_faces = None
@@ -110,7 +116,8 @@ def run_evaluations(model, variables, config, workdir: str, step: int, writer) -
     sides = sweep.parse_sides(ev.low_resolution_sides)
 
     for name, images_a, images_b, issame in _verification_sets(config):
-        emb_a, emb_b = embed_array(images_a), embed_array(images_b)
+        with Progress(f"embed {name}", len(images_a) + len(images_b)) as progress:
+            emb_a, emb_b = embed_array(images_a, progress), embed_array(images_b, progress)
         metrics = verification.verification_metrics(emb_a, emb_b, issame)
         scores = 1.0 - verification.pair_distances(emb_a, emb_b) / 2.0
         roc_curves[name] = verification.roc_curve(scores, issame)[:2]
@@ -123,10 +130,12 @@ def run_evaluations(model, variables, config, workdir: str, step: int, writer) -
         if routing_faces is None and ev.routing_map_faces > 0:
             routing_faces = np.concatenate([images_a, images_b])[: ev.routing_map_faces]
         if name in sweep_sets or "all" in sweep_sets:
-            swept = sweep.resolution_sweep(
-                name, embed_array, verification.verification_metrics,
-                images_a, images_b, issame, sizes, sides,
-            )  # fmt: skip
+            total = sweep.images_to_embed(len(issame), sizes, sides)
+            with Progress(f"embed {name} resolution sweep", total) as progress:
+                swept = sweep.resolution_sweep(
+                    name, lambda x: embed_array(x, progress), verification.verification_metrics,
+                    images_a, images_b, issame, sizes, sides,
+                )  # fmt: skip
             results.update(swept)
             for side in sides:
                 # Sizes at or above the input are the full-resolution faces: one point, at S.
@@ -138,15 +147,18 @@ def run_evaluations(model, variables, config, workdir: str, step: int, writer) -
     for name in ("ijbb", "ijbc"):
         if ev[f"{name}_dir"]:
             meta = ijb.IJBMeta(ev[f"{name}_dir"], name, ev.get("ijb_alignment", "official"))
+            label = f"embed {name}"
             metrics, (scores, labels) = ijb.evaluate_ijb(
-                meta, lambda load, count: embed_files(lambda i: load(i, size), count)
+                meta, lambda load, count: embed_files(lambda i: load(i, size), count, label)
             )
             results[name] = metrics
             roc_curves[name] = verification.roc_curve(scores, labels)[:2]
 
     if ev.tinyface_dir:
         protocol = tinyface.TinyFaceProtocol(ev.tinyface_dir, ev.tinyface_mat_dir)
-        results["tinyface"] = tinyface.evaluate_tinyface(protocol, embed_files, size)
+        results["tinyface"] = tinyface.evaluate_tinyface(
+            protocol, lambda load, count: embed_files(load, count, "embed tinyface"), size
+        )
 
     routing = {}
     if routing_faces is not None:

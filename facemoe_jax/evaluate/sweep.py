@@ -51,6 +51,12 @@ def entry_name(set_name: str, pixels: int, side: str) -> str:
     return f"{set_name}@{pixels}px" if side == "both" else f"{set_name}@probe{pixels}px"
 
 
+def images_to_embed(num_pairs: int, sizes, sides=("both",)) -> int:
+    """How many images `resolution_sweep` embeds (for its progress line)."""
+    per_size = {"both": 2 * num_pairs, "probe": num_pairs}
+    return sum(per_size[side] * len(sizes) for side in sides) + num_pairs * ("probe" in sides)
+
+
 def resolution_sweep(set_name, embed, verify, images_a, images_b, issame, sizes, sides=("both",)):
     """{entry_name(set_name, size, side): metrics} for every size and side.
 

@@ -1,6 +1,7 @@
 """The whole evaluation suite on a tiny model: every format, results.json, pictures, writers."""
 
 import json
+import re
 
 import cv2
 import numpy as np
@@ -83,7 +84,11 @@ def test_run_evaluations_every_format(tiny_model, tmp_path, capsys):
     writer = RecordingWriter()
     results = suite.run_evaluations(model, variables, config, str(tmp_path), 7, writer)
 
-    assert "lfw.bin is not in" in capsys.readouterr().out  # missing set: a note, no error
+    out = capsys.readouterr().out
+    assert "lfw.bin is not in" in out  # missing set: a note, no error
+    # One progress line per set (stdout is not a terminal here: the final line only).
+    for label in ("synthetic", "synthetic resolution sweep", "heldout", "ijbc", "tinyface"):
+        assert re.search(rf"^embed {label}: (\d+)/\1 images in \d+m\d\ds", out, re.M), label
     assert set(results) == {
         "synthetic", "synthetic@8px", "synthetic@48px", "synthetic@probe8px",
         "synthetic@probe48px", "heldout", "ijbc", "tinyface",

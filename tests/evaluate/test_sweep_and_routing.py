@@ -28,13 +28,17 @@ def test_resolution_sweep_degrades_the_right_side():
     b = rng.integers(0, 256, (4, 16, 16, 3), np.uint8)
     issame = np.array([True, False, True, False])
 
+    embedded = []
+
     def embed(images):  # the flattened pixels
+        embedded.append(len(images))
         return images.reshape(len(images), -1).astype(float)
 
     def verify(emb_a, emb_b, same):  # records what it was given
         return {"a": emb_a.copy(), "b": emb_b.copy()}
 
     out = sweep.resolution_sweep("lfw", embed, verify, a, b, issame, (4, 16), ("both", "probe"))
+    assert sum(embedded) == sweep.images_to_embed(4, (4, 16), ("both", "probe"))  # progress total
     assert list(out) == ["lfw@4px", "lfw@16px", "lfw@probe4px", "lfw@probe16px"]
     np.testing.assert_array_equal(out["lfw@4px"]["a"], embed(sweep.degrade_images(a, 4)))
     np.testing.assert_array_equal(out["lfw@4px"]["b"], embed(sweep.degrade_images(b, 4)))
