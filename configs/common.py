@@ -14,6 +14,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     # PyTorch weights (.pt/.safetensors: our export, FaceMoE's model.pt or checkpoint_gpu_0.pt, a
     # dense insightface ViT to upcycle) that a new run starts from; "" = random init.
     config.init_from = ""
+    # Start from an earlier run instead (init_from = a workdir, W/checkpoints or
+    # W/checkpoints/STEP): parameters merged by path (facemoe_jax/train/init_from.py). With
+    # init_classifier the class centres come along when the class count matches.
+    config.init_classifier = False
 
     config.model = ml_collections.ConfigDict(
         dict(
@@ -51,7 +55,7 @@ def get_base_config() -> ml_collections.ConfigDict:
             router_z_loss="st_moe",  # "st_moe": mean(logsumexp^2); "official": mean(logits^2)
             load_balance_loss="switch",  # "switch": E*sum f*P; "official": E*sum(imp*load)/T^2
             aux_reduce="mean",        # router losses over MoE blocks: "mean" or "sum" (official)
-      z_coef=1e-3,
+            z_coef=1e-3,
             balance_coef=1e-2,
         )
     )
@@ -68,6 +72,7 @@ def get_base_config() -> ml_collections.ConfigDict:
             decay_power=1.0,  # polynomial decay from the peak to end_learning_rate
             end_learning_rate=0.0,
             grad_clip_norm=5.0,  # 0 disables clipping
+            clip_scope="all",  # "all" or "encoder" (official: class centres never clipped)
         )
     )
 
@@ -76,6 +81,12 @@ def get_base_config() -> ml_collections.ConfigDict:
             num_steps=1000,
             batch_size=128,  # global
             log_every_steps=50,
+            # Regexes over parameter paths ("encoder/blocks_1/moe/...", "classifier/centers");
+            # a parameter trains when one matches, the rest are frozen (no optimiser state).
+            trainable=(".*",),
+            # Whether BatchNorm layers whose parameters are all frozen still update their running
+            # statistics (PETALface's official code does: backbone.train()).
+            update_batch_stats=False,
         )
     )
 
@@ -114,6 +125,16 @@ def get_base_config() -> ml_collections.ConfigDict:
             jpeg_min_quality=10,
             jpeg_max_quality=60,
             grayscale_prob=0.0,
+            # Acquisition-like low resolution (data/degrade.acquisition_low_resolution): optical
+            # blur, a small sensor of N pixels, sensor noise and JPEG at that size, resized back
+            # to the input. Used by the "synthetic_lr" training source (a stand-in for TinyFace's
+            # training split: other identities, every image captured small) and by the probes of
+            # the synthetic TinyFace-like evaluation.
+            acquisition_min_pixels=8,
+            acquisition_max_pixels=14,
+            acquisition_blur=0.5,  # max optical blur sigma, in low-resolution pixels
+            acquisition_noise_sigma=6.0,  # max sensor noise, grey levels
+            acquisition_jpeg_quality="30,80",  # JPEG quality range at the small size
         )
     )
 
@@ -132,6 +153,13 @@ def get_base_config() -> ml_collections.ConfigDict:
             ijb_alignment="official",
             tinyface_dir="",  # folder with Probe/, Gallery_Match/, Gallery_Distractor/
             tinyface_mat_dir="",  # folder of the .mat lists if not in tinyface_dir
+            # Synthetic TinyFace-like identification (evaluate/synthetic_tinyface.py; 0 = off):
+            # held-out identities, acquisition-like LR probes against a HR gallery of one match
+            # per identity plus HR distractor identities; closed-set rank-k.
+            synthetic_tinyface_identities=0,
+            synthetic_tinyface_probes=2,  # LR probes per identity
+            synthetic_tinyface_distractors=1000,  # HR distractor identities in the gallery
+            synthetic_tinyface_ranks="1,5,10",
             quality_fmr=1e-3,  # error-versus-reject threshold: this false-match rate
             routing_map_faces=256,  # faces averaged for the expert routing map (0 = off)
             every_steps=0,  # also evaluate every N training steps (0 = only at the end)

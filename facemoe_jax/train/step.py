@@ -16,6 +16,7 @@ import optax
 from facemoe_jax.data.pipeline import normalize_images
 from facemoe_jax.losses import classifier, margins
 from facemoe_jax.parallel import sharding
+from facemoe_jax.train import trainable as trainable_lib
 from facemoe_jax.train.state import TrainState
 
 Z_LOSS_KEYS = {"st_moe": "router_z_loss", "official": "official_router_z_loss"}
@@ -128,8 +129,15 @@ def make_train_step(model, config: ml_collections.ConfigDict, optimizer, schedul
     Under `jax.set_mesh(mesh)` the MoE layers run expert-parallel and the classifier runs
     class-sharded (`parallel/expert_parallel.py`, `losses/classifier.py`); without a mesh the
     same function runs on one device.
+
+    Frozen parameters (`config.train.trainable`) are carried over untouched (not `p + 0`), so
+    they stay bit-identical and XLA drops their gradient computation; the BatchNorm running
+    statistics of fully frozen layers are carried over too unless
+    `config.train.update_batch_stats` (PETALface's `backbone.train()` behaviour).
     """
     loss_fn = make_loss_fn(model, config)
+    patterns = config.train.get("trainable", trainable_lib.ALL)
+    update_frozen_stats = bool(config.train.get("update_batch_stats", False))
 
     def train_step(state: TrainState, batch: dict):
         grads, (batch_stats, margin_state, metrics) = jax.grad(loss_fn, has_aux=True)(
@@ -137,6 +145,14 @@ def make_train_step(model, config: ml_collections.ConfigDict, optimizer, schedul
         )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        if not trainable_lib.trains_everything(patterns):
+            mask = trainable_lib.trainable_mask(state.params, patterns)  # static, at trace time
+            params = trainable_lib.select(mask, params, state.params)
+            grads = trainable_lib.select(mask, grads, jax.tree.map(jnp.zeros_like, grads))
+            if not update_frozen_stats:
+                batch_stats = _keep_frozen_statistics(
+                    batch_stats, state.batch_stats, state.params, mask
+                )
         metrics["train/grad_norm"] = optax.tree.norm(grads)
         metrics["train/lr"] = schedule(state.step)
         new_state = state.replace(
@@ -149,3 +165,14 @@ def make_train_step(model, config: ml_collections.ConfigDict, optimizer, schedul
         return new_state, metrics
 
     return train_step
+
+
+def _keep_frozen_statistics(new_stats, old_stats, params, mask):
+    """The old running statistics for BatchNorm layers whose parameters are all frozen."""
+    frozen = trainable_lib.frozen_module_paths(params, mask)
+
+    def pick(path, new, old):
+        module = "encoder/" + sharding.path_name(path).rsplit("/", 1)[0]
+        return old if module in frozen else new
+
+    return jax.tree_util.tree_map_with_path(pick, new_stats, old_stats)
