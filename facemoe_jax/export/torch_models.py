@@ -144,7 +144,7 @@ class WindowAttention(nn.Module):
 
 
 class SwinBlock(nn.Module):
-    def __init__(self, dim, resolution, num_heads, window, shift, moe: dict, mlp_ratio):
+    def __init__(self, dim, resolution, num_heads, window, shift, moe: dict | None, mlp_ratio):
         super().__init__()
         self.resolution, self.window, self.shift = resolution, window, shift
         if shift:  # registered first, as the official block does (state_dict order)
@@ -155,7 +155,11 @@ class SwinBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.attn = WindowAttention(dim, window, num_heads)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = MoEMlp(dim, int(dim * mlp_ratio), activation=nn.GELU(), **moe)
+        hidden = int(dim * mlp_ratio)
+        if moe is None:  # a dense Swin block (PETALface's base, pre-training before upcycling)
+            self.mlp = Mlp(dim, hidden, activation=nn.GELU())
+        else:
+            self.mlp = MoEMlp(dim, hidden, activation=nn.GELU(), **moe)
 
     def forward(self, x):
         b, length, c = x.shape
@@ -186,11 +190,18 @@ class PatchMerging(nn.Module):
 
 
 class SwinStage(nn.Module):
-    def __init__(self, dim, resolution, depth, num_heads, window_size, moe, mlp_ratio, downsample):
+    def __init__(
+        self, dim, resolution, depth, num_heads, window_size, moe, mlp_ratio, downsample,
+        moe_blocks=None,
+    ):  # fmt: skip
         super().__init__()
         window, shift = swin_geometry.effective_window(resolution, window_size)
+        moe_blocks = range(depth) if moe_blocks is None else moe_blocks
         self.blocks = nn.ModuleList(
-            SwinBlock(dim, resolution, num_heads, window, shift if i % 2 else 0, moe, mlp_ratio)
+            SwinBlock(
+                dim, resolution, num_heads, window, shift if i % 2 else 0,
+                moe if i in moe_blocks else None, mlp_ratio,
+            )  # fmt: skip
             for i in range(depth)
         )
         self.downsample = PatchMerging(resolution, dim) if downsample else None
@@ -219,9 +230,11 @@ class SwinMoETorch(nn.Module):
         router_combine="raw_logits",
         capacity_factor=None,
         head_dropout=0.25,
+        moe_layers=None,  # MoE blocks numbered over all stages; None = every block (official)
     ):
         super().__init__()
         grid = image_size // patch_size
+        moe_layers = range(sum(depths)) if moe_layers is None else moe_layers
         self.patch_embed = PatchEmbed(patch_size, width)
         self.absolute_pos_embed = nn.Parameter(torch.zeros(1, grid * grid, width))
         moe = {
@@ -241,7 +254,9 @@ class SwinMoETorch(nn.Module):
                 moe,
                 mlp_ratio,
                 downsample=i < len(depths) - 1,
-            )
+                moe_blocks=[b - sum(depths[:i]) for b in moe_layers
+                            if sum(depths[:i]) <= b < sum(depths[: i + 1])],
+            )  # fmt: skip
             for i, depth in enumerate(depths)
         )
         final_width = width * 2 ** (len(depths) - 1)
@@ -280,10 +295,10 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, activation: nn.Module | None = None):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.ReLU6()
+        self.act = nn.ReLU6() if activation is None else activation
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x):
@@ -381,6 +396,7 @@ def torch_model_from_config(cfg) -> nn.Module:
             router_combine=cfg.router_combine,
             capacity_factor=capacity,
             head_dropout=cfg.head_dropout,
+            moe_layers=parse_moe_layers(cfg.moe_layers, sum(cfg.depths)),
         )
     elif cfg.name == "vit_moe":
         model = ViTMoETorch(

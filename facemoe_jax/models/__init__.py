@@ -78,7 +78,9 @@ def build_model(cfg: ml_collections.ConfigDict) -> ViTMoE | SwinMoE:
 
 
 def build_swin(cfg: ml_collections.ConfigDict) -> SwinMoE:
-    """The official FaceMoE Swin-MoE (config.model.name="swin_moe"), every block an MoE."""
+    """The official FaceMoE Swin-MoE (config.model.name="swin_moe"); `config.model.moe_layers`
+    picks the MoE blocks, numbered over all stages ("all" = official FaceMoE, "none" = a dense
+    Swin: the pre-training model before upcycling, and PETALface's base)."""
     for field in ("depths", "stage_heads", "window_size", "head_dropout"):
         if field not in cfg:
             raise ValueError(f"config.model.{field} is required for config.model.name='swin_moe'")
@@ -107,7 +109,9 @@ def build_swin(cfg: ml_collections.ConfigDict) -> SwinMoE:
                 f"stage {i} width {cfg.width * 2**i} (config.model.width={cfg.width}) is not "
                 f"divisible by config.model.stage_heads[{i}]={heads[i]}"
             )
-    _check_routing(cfg)
+    moe_layers = parse_moe_layers(cfg.moe_layers, sum(depths))
+    if moe_layers:
+        _check_routing(cfg)
     return SwinMoE(
         image_size=cfg.image_size,
         patch_size=cfg.patch_size,
@@ -117,6 +121,7 @@ def build_swin(cfg: ml_collections.ConfigDict) -> SwinMoE:
         window_size=cfg.window_size,
         mlp_ratio=cfg.mlp_ratio,
         embed_dim=cfg.embed_dim,
+        moe_layers=moe_layers,
         num_experts=cfg.num_experts,
         top_k=cfg.top_k,
         router_combine=cfg.router_combine,

@@ -134,14 +134,27 @@ class WindowAttention(nn.Module):
         return nn.Dense(c, dtype=self.dtype, name="proj")(out)
 
 
+class SwinMlp(nn.Module):
+    """The dense Swin feed-forward (fc1 -> exact GELU -> fc2): a dense Swin's, and PETALface's."""
+
+    hidden_dim: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        h = nn.Dense(self.hidden_dim, dtype=self.dtype, name="fc1")(x)
+        h = jax.nn.gelu(h, approximate=False)
+        return nn.Dense(x.shape[-1], dtype=self.dtype, name="fc2")(h)
+
+
 class SwinBlock(nn.Module):
-    """(Shifted-)window attention then an MoE feed-forward, both pre-LayerNorm residuals."""
+    """(Shifted-)window attention then a feed-forward (MoE or dense), both pre-LN residuals."""
 
     resolution: int
     num_heads: int
     window: int
     shift: int
-    moe: dict  # MoEFeedForward keyword arguments
+    moe: dict | None  # MoEFeedForward keyword arguments; None = a dense MLP
     mlp_ratio: float = 4.0
     drop_path_rate: float = 0.0
     dtype: Any = jnp.float32
@@ -166,13 +179,17 @@ class SwinBlock(nn.Module):
         x = x + drop_path(y.reshape(b, length, c), not train)
 
         y = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name="norm2")(x)
-        y, metrics = MoEFeedForward(
-            hidden_dim=int(c * self.mlp_ratio),
-            activation=lambda h: jax.nn.gelu(h, approximate=False),
-            dtype=self.dtype,
-            name="mlp",
-            **self.moe,
-        )(y)
+        hidden = int(c * self.mlp_ratio)
+        if self.moe is None:
+            y, metrics = SwinMlp(hidden, self.dtype, name="mlp")(y), None
+        else:
+            y, metrics = MoEFeedForward(
+                hidden_dim=hidden,
+                activation=lambda h: jax.nn.gelu(h, approximate=False),
+                dtype=self.dtype,
+                name="mlp",
+                **self.moe,
+            )(y)
         return x + drop_path(y, not train), metrics
 
 
@@ -196,7 +213,10 @@ class PatchMerging(nn.Module):
 
 
 class SwinStage(nn.Module):
-    """`depth` Swin blocks at one resolution (odd blocks shifted), then optional patch merging."""
+    """`depth` Swin blocks at one resolution (odd blocks shifted), then optional patch merging.
+
+    `moe_blocks`: which of this stage's blocks (0-based, within the stage) are MoE.
+    """
 
     resolution: int
     depth: int
@@ -205,6 +225,7 @@ class SwinStage(nn.Module):
     moe: dict
     drop_path_rates: Sequence[float]
     downsample: bool
+    moe_blocks: Sequence[int] = ()
     mlp_ratio: float = 4.0
     dtype: Any = jnp.float32
 
@@ -218,13 +239,14 @@ class SwinStage(nn.Module):
                 self.num_heads,
                 window,
                 shift if i % 2 else 0,
-                self.moe,
+                self.moe if i in self.moe_blocks else None,
                 self.mlp_ratio,
                 self.drop_path_rates[i],
                 self.dtype,
                 name=f"blocks_{i}",
             )(x, train)
-            metrics.append(m)
+            if m is not None:
+                metrics.append(m)
         if self.downsample:
             x = PatchMerging(self.resolution, self.dtype, name="downsample")(x)
         return x, metrics
@@ -233,8 +255,10 @@ class SwinStage(nn.Module):
 class SwinMoE(nn.Module):
     """Swin-MoE face encoder: images (B, H, W, 3) in [-1, 1] -> ((B, embed_dim) float32, metrics).
 
-    metrics: the router metrics of every block (all blocks are MoE), stacked on a leading axis in
-    stage-then-block order, like `ViTMoE`.
+    `moe_layers`: the MoE blocks, numbered over all stages in order (0 .. sum(depths) - 1; the
+    official FaceMoE model has all of them, a dense Swin none). metrics: the router metrics of
+    the MoE blocks, stacked on a leading axis in stage-then-block order, like `ViTMoE` ({} for a
+    dense Swin).
     """
 
     image_size: int = 120
@@ -245,6 +269,7 @@ class SwinMoE(nn.Module):
     window_size: int = 5
     mlp_ratio: float = 4.0
     embed_dim: int = 512
+    moe_layers: Sequence[int] = tuple(range(22))
     num_experts: int = 3
     top_k: int = 2
     router_combine: str = "raw_logits"
@@ -296,6 +321,7 @@ class SwinMoE(nn.Module):
                 moe,
                 tuple(rates[start : start + depth]),
                 downsample=i < len(self.depths) - 1,
+                moe_blocks=tuple(b - start for b in self.moe_layers if start <= b < start + depth),
                 mlp_ratio=self.mlp_ratio,
                 dtype=self.dtype,
                 name=f"layers_{i}",
@@ -313,4 +339,4 @@ class SwinMoE(nn.Module):
         x = nn.Dropout(self.head_dropout, deterministic=not train)(x)
         x = nn.Dense(self.embed_dim, name="feature_fc")(x)
         x = nn.BatchNorm(name="feature_bn2", **batch_norm)(x)
-        return x, jax.tree.map(lambda *m: jnp.stack(m), *metrics)
+        return x, jax.tree.map(lambda *m: jnp.stack(m), *metrics) if metrics else {}

@@ -115,3 +115,40 @@ def test_forward_metrics_dropout_and_batch_norm():
     assert not np.allclose(mutated["batch_stats"]["feature_bn1"]["mean"], before)
     (emb2, _), _ = train_apply(variables, images, jax.random.key(3))
     assert not np.allclose(emb, emb2)  # head dropout (0.25) and drop-path draw from "dropout"
+
+
+@pytest.mark.parametrize("spec, moe_blocks", [("none", ()), ("1,2", (1, 2)), ("all", (0, 1, 2))])
+def test_moe_layers_is_honoured(spec, moe_blocks):
+    """Blocks are numbered over all stages (tiny(): stage 0 has blocks 0, 1; stage 1 has 2)."""
+    cfg = tiny(moe_layers=spec)
+    params = convert.abstract_variables(cfg)["params"]
+    blocks = [("layers_0", "blocks_0"), ("layers_0", "blocks_1"), ("layers_1", "blocks_0")]
+    for number, (stage, block) in enumerate(blocks):
+        mlp = params[stage][block]["mlp"]
+        if number in moe_blocks:
+            assert sorted(mlp) == ["experts", "router"], (spec, number)
+        else:  # a dense block: fc1 -> GELU -> fc2, the official dense Swin names
+            assert sorted(mlp) == ["fc1", "fc2"], (spec, number)
+            assert mlp["fc1"]["kernel"].shape == (8 * 2 ** int(stage[-1]),) * 1 + (
+                4 * 8 * 2 ** int(stage[-1]),
+            )
+    model, variables = random_variables(cfg)
+    emb, metrics = jax.jit(model.apply)(variables, np.zeros((2, 12, 12, 3), np.float32))
+    assert emb.shape == (2, 8)
+    if moe_blocks:
+        assert metrics["router_entropy"].shape == (len(moe_blocks),)
+    else:
+        assert metrics == {}
+
+
+def test_partly_dense_swin_matches_its_pytorch_twin():
+    from tests.export.test_convert import images, load_strict, torch_embed
+
+    cfg = tiny(moe_layers="1")
+    model, variables = random_variables(cfg)
+    x = images(cfg)
+    expected, _ = jax.jit(model.apply)(variables, x)
+    module = load_strict(cfg, convert.jax_to_torch(cfg, variables))
+    assert "layers.0.blocks.0.mlp.fc1.weight" in module.state_dict()
+    assert "layers.0.blocks.1.mlp.experts.0.fc1.weight" in module.state_dict()
+    np.testing.assert_allclose(torch_embed(module, x), np.asarray(expected), atol=1e-4)
