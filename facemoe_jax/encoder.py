@@ -119,26 +119,7 @@ def read_export_config(path: str) -> ml_collections.ConfigDict:
 def restore_workdir(workdir: str, step: int | None = None):
     """(config, {"params", "batch_stats"}, step) of a workdir's Orbax checkpoint (latest by
     default), restored onto one device with the config saved in the checkpoint."""
-    import orbax.checkpoint as ocp
+    from facemoe_jax.train.checkpoint import restore_params
 
-    from facemoe_jax.train import optimizer as optimizer_lib
-    from facemoe_jax.train import state as state_lib
-    from facemoe_jax.train.checkpoint import with_shardings
-
-    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise ValueError(f"{workdir}/checkpoints holds no checkpoint")
-    saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    config = ml_collections.ConfigDict(saved["config"])
-    model = build_model(config.model)
-    optimizer, _ = optimizer_lib.build_optimizer(config.optimizer, config.train.num_steps)
-    abstract = state_lib.abstract_train_state(model, optimizer, config)
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = with_shardings(abstract, jax.tree.map(lambda _: device, abstract))
-    restored = manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
-    )["state"]
-    manager.close()
-    variables = {"params": restored.params["encoder"], "batch_stats": restored.batch_stats}
-    return config, variables, step
+    config, params, batch_stats, step = restore_params(workdir, step)
+    return config, {"params": params["encoder"], "batch_stats": batch_stats}, step

@@ -67,3 +67,45 @@ def with_shardings(abstract_tree, shardings):
     return jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree, shardings
     )
+
+
+def restore_params(workdir: str, step: int | None = None):
+    """(config, params, batch_stats, step) of a workdir's checkpoint (latest by default),
+    restored onto this host's first device with the config saved beside it.
+
+    params holds the encoder and the classifier ({"encoder": ..., "classifier": {"centers"}}).
+    The optimiser is rebuilt from the saved config (its trainable set included) only to give
+    the restore its target structure.
+    """
+    from facemoe_jax.models import build_model
+    from facemoe_jax.train import optimizer as optimizer_lib
+    from facemoe_jax.train import state as state_lib
+
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if not os.path.isdir(directory):
+        raise ValueError(f"{workdir} has no checkpoints/ folder")
+    manager = ocp.CheckpointManager(directory)
+    try:
+        steps = manager.all_steps()
+        if step is None:
+            step = manager.latest_step()
+        if step is None or step not in steps:
+            raise ValueError(
+                f"{directory} holds no checkpoint{'' if step is None else f' at step {step}'} "
+                f"(steps: {sorted(steps)})"
+            )
+        saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        config = ml_collections.ConfigDict(saved["config"])
+        model = build_model(config.model)
+        optimizer, _ = optimizer_lib.build_optimizer(
+            config.optimizer, config.train.num_steps, config.train.get("trainable")
+        )
+        abstract = state_lib.abstract_train_state(model, optimizer, config)
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = with_shardings(abstract, jax.tree.map(lambda _: device, abstract))
+        restored = manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+        )["state"]
+    finally:
+        manager.close()
+    return config, restored.params, restored.batch_stats, step

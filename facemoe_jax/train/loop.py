@@ -25,6 +25,7 @@ from facemoe_jax.train import checkpoint as checkpoint_lib
 from facemoe_jax.train import optimizer as optimizer_lib
 from facemoe_jax.train import state as state_lib
 from facemoe_jax.train import step as step_lib
+from facemoe_jax.train import trainable as trainable_lib
 from facemoe_jax.train.writers import make_writer
 
 
@@ -46,6 +47,24 @@ def flops_per_step(compiled) -> float | None:
     return float(cost["flops"]) if cost and "flops" in cost else None
 
 
+def print_trainable_share(params, config) -> None:
+    """One line saying what trains, when not everything does."""
+    patterns = config.train.get("trainable", trainable_lib.ALL)
+    if trainable_lib.trains_everything(patterns):
+        return
+    mask = trainable_lib.trainable_mask(params, patterns)
+    trained, total = trainable_lib.trainable_count(params, mask)
+    enc_trained, enc_total = trainable_lib.trainable_count(params["encoder"], mask["encoder"])
+    update = "updated" if config.train.get("update_batch_stats", False) else "kept"
+    print(
+        f"trainable: {trained / 1e6:.3f}M of {total / 1e6:.3f}M parameters "
+        f"({100 * trained / total:.2f} %; encoder {enc_trained / 1e6:.3f}M of "
+        f"{enc_total / 1e6:.3f}M = {100 * enc_trained / max(enc_total, 1):.2f} %) matching "
+        f"{list(trainable_lib.parse_patterns(patterns))}; frozen BatchNorm statistics {update}",
+        flush=True,
+    )
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # ---- (1) Set-up: every check that can fail runs before anything expensive.
     check_workdir(workdir)
@@ -58,7 +77,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh = mesh_lib.make_mesh(config.mesh)
     mesh_lib.check_batch_size(config.train.batch_size, mesh)
     sharding.check_config(config, mesh)
-    optimizer, schedule = optimizer_lib.build_optimizer(config.optimizer, num_steps)
+    optimizer, schedule = optimizer_lib.build_optimizer(
+        config.optimizer, num_steps, config.train.get("trainable")
+    )
     source = sources.train_source(config)
     data_iter = pipeline.train_iterator(
         source,
@@ -87,9 +108,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         with jax.set_mesh(mesh):  # arrays are created in their shards, never whole
             state = state_lib.create_train_state(model, optimizer, config, state_shardings)
         if config.get("init_from"):
-            from facemoe_jax.export.workdir import init_from_file
+            from facemoe_jax.train.init_from import initialize_from
 
-            state = init_from_file(state, config)
+            state = initialize_from(state, config)
     encoder_params = state_lib.count_params(state.params["encoder"])
     centres = state_lib.count_class_centre_params(state.params, config)
     print(
@@ -97,6 +118,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         f"parameters; mesh {dict(mesh.shape)}; data {source!r}",
         flush=True,
     )
+    print_trainable_share(state.params, config)
 
     # ---- (3) Compile the step once, ahead of the loop.
     size = config.model.image_size
@@ -177,7 +199,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     """--mode=eval: every evaluation in config.eval, on the latest checkpoint in workdir."""
     model = build_model(config.model)
     eval_suite.check_eval_config(config)
-    optimizer, _ = optimizer_lib.build_optimizer(config.optimizer, config.train.num_steps)
+    optimizer, _ = optimizer_lib.build_optimizer(
+        config.optimizer, config.train.num_steps, config.train.get("trainable")
+    )
     checkpointer = checkpoint_lib.Checkpointer(
         workdir, config.checkpoint.every_steps, config.checkpoint.max_to_keep
     )

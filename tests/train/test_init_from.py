@@ -1,0 +1,105 @@
+"""config.init_from = one of our runs: merge by path, upcycling, new/unused lists, shape errors."""
+
+import jax
+import numpy as np
+import pytest
+
+from facemoe_jax.models import build_model
+from facemoe_jax.train import checkpoint as checkpoint_lib
+from facemoe_jax.train import init_from
+from facemoe_jax.train import optimizer as optimizer_lib
+from facemoe_jax.train import state as state_lib
+from tests.train.test_step import tiny_config
+
+
+def fresh_state(config):
+    model = build_model(config.model)
+    tx, _ = optimizer_lib.build_optimizer(config.optimizer, 10, config.train.trainable)
+    return state_lib.create_train_state(model, tx, config)
+
+
+@pytest.fixture(scope="module")
+def dense_run(tmp_path_factory):
+    """A saved run of a dense 3-block ViT (the HR pre-training of the upcycling row)."""
+    workdir = str(tmp_path_factory.mktemp("dense"))
+    config = tiny_config()
+    config.model.update(moe_layers="none", depth=3)
+    config.seed = 7
+    state = fresh_state(config)
+    checkpointer = checkpoint_lib.Checkpointer(workdir, every_steps=1, max_to_keep=2)
+    checkpointer.save(5, state, None, config)
+    checkpointer.wait()
+    checkpointer.close()
+    return workdir, jax.device_get(state)
+
+
+def target_config(source_dir, **model):
+    config = tiny_config()
+    config.model.update(moe_layers="1", depth=2, **model)  # block 1 becomes an MoE
+    config.init_from = source_dir
+    return config
+
+
+def test_upcycled_moe_from_a_dense_workdir_lists_new_and_unused(dense_run, capsys):
+    workdir, source = dense_run
+    config = target_config(workdir)
+    fresh = fresh_state(config)
+    state = init_from.initialize_from(fresh, config)
+    line = capsys.readouterr().out
+    assert f"initialised from {workdir} (step 5)" in line
+    assert "upcycled from dense MLPs: blocks_1/moe/experts/fc1_bias" in line
+    assert "new (from their initialisers): blocks_1/moe/router/gate/kernel (1)" in line
+    assert "unused from the source: blocks_2/attn/proj/bias" in line  # depth 3 -> 2
+    assert "fresh classifier" in line
+    enc, src = state.params["encoder"], source.params["encoder"]
+    np.testing.assert_array_equal(enc["blocks_0"]["attn"]["qkv"]["kernel"],
+                                  src["blocks_0"]["attn"]["qkv"]["kernel"])
+    for e in range(config.model.num_experts):  # every expert starts as the dense MLP
+        np.testing.assert_array_equal(enc["blocks_1"]["moe"]["experts"]["fc1_kernel"][e],
+                                      src["blocks_1"]["mlp"]["fc1"]["kernel"])
+        np.testing.assert_array_equal(enc["blocks_1"]["moe"]["experts"]["fc2_bias"][e],
+                                      src["blocks_1"]["mlp"]["fc2"]["bias"])
+    np.testing.assert_array_equal(enc["blocks_1"]["moe"]["router"]["gate"]["kernel"],
+                                  fresh.params["encoder"]["blocks_1"]["moe"]["router"]["gate"]
+                                  ["kernel"])  # fmt: skip
+    np.testing.assert_array_equal(state.batch_stats["feature_bn1"]["mean"],
+                                  source.batch_stats["feature_bn1"]["mean"])
+    # Without init_classifier the centres stay fresh even though the class count matches.
+    np.testing.assert_array_equal(state.params["classifier"]["centers"],
+                                  fresh.params["classifier"]["centers"])
+
+
+def test_class_centres_come_along_when_asked_and_the_count_matches(dense_run, capsys):
+    workdir, source = dense_run
+    config = target_config(workdir + "/checkpoints/5")
+    config.init_classifier = True
+    state = init_from.initialize_from(fresh_state(config), config)
+    assert "class centres loaded (8 classes)" in capsys.readouterr().out
+    np.testing.assert_array_equal(state.params["classifier"]["centers"],
+                                  source.params["classifier"]["centers"])
+    config = target_config(workdir)
+    config.init_classifier = True
+    config.data.num_classes = 5
+    init_from.initialize_from(fresh_state(config), config)
+    assert "fresh classifier (source has 8 classes x 32, this run 5 x 32)" in (
+        capsys.readouterr().out
+    )
+
+
+def test_a_shape_mismatch_names_the_parameter_and_both_shapes(dense_run):
+    workdir, _ = dense_run
+    config = target_config(workdir, mlp_ratio=4.0)
+    with pytest.raises(ValueError) as error:
+        init_from.initialize_from(fresh_state(config), config)
+    message = str(error.value)
+    assert "\n" not in message
+    assert "blocks_0/mlp/fc1/bias has shape (64,) there but (128,) in this model" in message
+
+
+def test_missing_paths_and_steps_are_clear_errors(dense_run, tmp_path):
+    workdir, _ = dense_run
+    config = target_config(str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="does not exist"):
+        init_from.initialize_from(None, config)
+    with pytest.raises(ValueError, match=r"no checkpoint at step 9 \(steps: \[5\]\)"):
+        checkpoint_lib.restore_params(workdir, 9)
