@@ -6,12 +6,24 @@ L2-normalised) fed to a margin softmax (``margins.py``). Partial FC (An et al., 
 the softmax over every class present in the batch plus a uniform random sample of the others;
 only the sampled centres receive a gradient.
 
-Shapes are static so everything jits: the number of sampled classes is fixed per run by
-``num_sampled_classes``, and ``partial_fc_sample`` always returns exactly that many.
+Shapes are static so everything jits. Partial FC v2 keeps ``int(rate * classes)`` classes, or
+only the batch's positives when there are more of those (a number known only at run time). Here
+``num_target_classes`` is the configured count and ``num_sampled_classes`` the static room
+(enough for every positive of the batch); ``partial_fc_select`` fills the room and marks
+``max(target, positives)`` columns active, the rest are masked out of the softmax as if never
+drawn. So the effective rate is the configured one unless the batch's own classes exceed it, and
+the loss returns it as ``partial_fc/effective_rate`` (one entry per class shard) and warns once
+when a step exceeds the configured rate.
+
+Statistics: under the class-sharded classifier the softmax is global (max, sum of exponentials
+and target combined over devices), as Partial FC v2's distributed softmax. The official FaceMoE
+recipes run DDP without SyncBatchNorm, so their head BatchNorm statistics are per GPU (the GPU's
+128 images) while the classifier is global; see ``losses/routing.py`` for the balance loss.
 """
 from __future__ import annotations
 
 import math
+import sys
 from typing import Callable
 
 import jax
@@ -68,18 +80,86 @@ def cosine_logits(embeddings: jax.Array, centers: jax.Array) -> jax.Array:
     )
 
 
-def num_sampled_classes(num_classes: int, sample_rate: float, batch_size: int) -> int:
-    """How many classes Partial FC keeps per step (a static number, for jit).
+def num_target_classes(num_classes: int, sample_rate: float) -> int:
+    """Classes Partial FC v2 keeps per step at ``sample_rate``: ``int(num_classes * rate)``.
 
-    ``sample_rate == 1.0`` means no sampling: all ``num_classes``. Otherwise
-    ``max(int(num_classes * sample_rate), batch_size)`` capped at ``num_classes``: at least the
-    batch size, so that every positive class of the batch always fits.
+    ``sample_rate == 1.0`` means all of them. At least 1 (a softmax needs a column); a batch with
+    more distinct classes than this keeps exactly its own classes instead (``partial_fc_select``).
     """
     if not 0.0 < sample_rate <= 1.0:
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
     if sample_rate == 1.0:
         return int(num_classes)
-    return int(min(max(int(num_classes * sample_rate), batch_size), num_classes))
+    return max(int(num_classes * sample_rate), 1)
+
+
+def num_sampled_classes(num_classes: int, sample_rate: float, batch_size: int) -> int:
+    """Static room for Partial FC per step (for jit): at least the target, and at least
+    ``batch_size`` so that every positive class of the batch always fits, capped at
+    ``num_classes``: ``min(max(num_target_classes, batch_size), num_classes)``.
+
+    Only ``max(target, distinct positives)`` of these columns take part in the softmax
+    (``partial_fc_select``); the rest of the room is masked out.
+    """
+    target = num_target_classes(num_classes, sample_rate)
+    if sample_rate == 1.0:
+        return target
+    return int(min(max(target, batch_size), num_classes))
+
+
+def partial_fc_select(
+    rng: jax.Array,
+    labels: jax.Array,
+    num_classes: int,
+    num_sampled: int,
+    num_active,
+    num_real=None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Partial FC v2's selection with static shapes: ``num_sampled`` columns, some masked.
+
+    Every class gets a uniform score in [0, 1); classes at or past ``num_real`` (padding rows)
+    get -1, the batch's classes 2; the top ``num_sampled`` scores are taken. The first
+    ``max(num_active, positives)`` of them by score are active: exactly the official
+    ``topk(rand with positives = 2, k=num_sample)``, or the positives alone when they are more
+    than ``num_active``. Columns are then sorted by class id and each label's column found by
+    ``searchsorted``.
+
+    Args:
+      rng: PRNG key; the same key and labels give the same selection.
+      labels: (B,) int class ids in [0, num_classes); -1 entries are ignored and map to -1.
+      num_classes: rows C. num_sampled: static room, min(B, C) <= num_sampled <= C.
+      num_active: how many columns the configured rate keeps (int, may be traced).
+      num_real: rows below this are real classes (None = all; may be traced).
+    Returns:
+      class_index: (num_sampled,) int32 sorted class ids (rows of the centre matrix to use).
+      local_labels: (B,) int32, position of labels[i] in class_index (-1 where labels[i] == -1).
+      active: (num_sampled,) bool, the columns that take part in the softmax.
+    """
+    labels = jnp.asarray(labels, jnp.int32)
+    batch_size = labels.shape[0]
+    if num_sampled < min(batch_size, num_classes):
+        raise ValueError(
+            f"num_sampled ({num_sampled}) must be at least the batch size ({batch_size}) "
+            "so that every positive class fits"
+        )
+    if num_sampled > num_classes:
+        raise ValueError(
+            f"num_sampled ({num_sampled}) cannot exceed num_classes ({num_classes})"
+        )
+    valid = labels >= 0
+    scores = jax.random.uniform(rng, (num_classes,), jnp.float32)
+    if num_real is not None:
+        scores = jnp.where(jnp.arange(num_classes) < num_real, scores, -1.0)
+    # Out-of-range index num_classes is dropped, so -1 labels force nothing.
+    scores = scores.at[jnp.where(valid, labels, num_classes)].set(2.0, mode="drop")
+    top_scores, chosen = jax.lax.top_k(scores, num_sampled)
+    num_positive = jnp.sum(top_scores == 2.0)
+    keep = jnp.maximum(num_active, num_positive)
+    active_by_rank = (jnp.arange(num_sampled) < keep) & (top_scores >= 0.0)
+    order = jnp.argsort(chosen)
+    class_index = chosen[order].astype(jnp.int32)
+    local_labels = jnp.searchsorted(class_index, labels).astype(jnp.int32)
+    return class_index, jnp.where(valid, local_labels, -1), active_by_rank[order]
 
 
 def partial_fc_sample(
@@ -100,24 +180,46 @@ def partial_fc_sample(
       local_labels: (B,) int32, position of labels[i] in class_index (-1 where labels[i] == -1).
     """
     labels = jnp.asarray(labels, jnp.int32)
-    batch_size = labels.shape[0]
-    if num_sampled < batch_size:
+    if num_sampled < labels.shape[0]:
         raise ValueError(
-            f"num_sampled ({num_sampled}) must be at least the batch size ({batch_size}) "
+            f"num_sampled ({num_sampled}) must be at least the batch size ({labels.shape[0]}) "
             "so that every positive class fits"
         )
-    if num_sampled > num_classes:
-        raise ValueError(
-            f"num_sampled ({num_sampled}) cannot exceed num_classes ({num_classes})"
-        )
-    valid = labels >= 0
-    scores = jax.random.uniform(rng, (num_classes,), jnp.float32)
-    # Out-of-range index num_classes is dropped, so -1 labels force nothing.
-    scores = scores.at[jnp.where(valid, labels, num_classes)].set(2.0, mode="drop")
-    _, chosen = jax.lax.top_k(scores, num_sampled)
-    class_index = jnp.sort(chosen).astype(jnp.int32)
-    local_labels = jnp.searchsorted(class_index, labels).astype(jnp.int32)
-    return class_index, jnp.where(valid, local_labels, -1)
+    class_index, local_labels, _ = partial_fc_select(
+        rng, labels, num_classes, num_sampled, num_sampled
+    )
+    return class_index, local_labels
+
+
+_warned_rate = False
+
+
+def _warn_if_rate_exceeded(effective_rates, sample_rate: float, batch_size: int) -> None:
+    """Host callback: one warning per process the first time a shard keeps more than the rate."""
+    global _warned_rate
+    rates = [float(r) for r in effective_rates.reshape(-1)]
+    worst = max(rates)
+    if _warned_rate or worst <= sample_rate + 1e-6:
+        return
+    _warned_rate = True
+    shard = rates.index(worst)
+    print(
+        f"warning: Partial FC kept {worst:.3f} of the classes of class shard {shard}, above "
+        f"config.loss.sample_rate={sample_rate}: the batch ({batch_size} images) holds more of "
+        "that shard's classes than the rate allows, and every positive class stays in the "
+        "softmax (fewer class shards, i.e. more classes per shard, make it rarer). The rate "
+        "of each shard is the metric partial_fc/effective_rate; warned once.",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _report_rates(effective_rates: jax.Array, sample_rate: float, batch_size: int, can_exceed):
+    if can_exceed:
+        jax.debug.callback(
+            _warn_if_rate_exceeded, effective_rates, sample_rate=sample_rate,
+            batch_size=batch_size,
+        )  # fmt: skip
 
 
 MarginFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -164,22 +266,38 @@ def margin_classifier_loss(
     if num_classes is not None:
         centers = centers[:num_classes]
     num_classes = centers.shape[0]
-    num_sampled = num_sampled_classes(num_classes, sample_rate, labels.shape[0])
-    if num_sampled < num_classes:
+    batch_size = labels.shape[0]
+    target = num_target_classes(num_classes, sample_rate)
+    num_sampled = num_sampled_classes(num_classes, sample_rate, batch_size)
+    active = None
+    effective_rate = jnp.ones((1,), jnp.float32)
+    if target < num_classes:
         if rng is None:
             raise ValueError(f"sample_rate {sample_rate} < 1 needs an rng for sampling")
-        class_index, local_labels = partial_fc_sample(rng, labels, num_classes, num_sampled)
-        centers = jnp.take(centers, class_index, axis=0)
+        class_index, local_labels, active = partial_fc_select(
+            rng, labels, num_classes, num_sampled, target
+        )
+        if num_sampled < num_classes:  # else class_index is every row, in order
+            centers = jnp.take(centers, class_index, axis=0)
+        effective_rate = (jnp.sum(active) / num_classes).astype(jnp.float32).reshape(1)
+        _report_rates(effective_rate, sample_rate, batch_size, num_sampled > target)
     else:
         local_labels = labels
 
     cosines = cosine_logits(embeddings, centers)
     logits = margin_fn(cosines, local_labels)
+    if active is not None:  # inactive columns take no part, as if never drawn
+        logits = jnp.where(active[None, :], logits, -jnp.inf)
+        cosines = jnp.where(active[None, :], cosines, -jnp.inf)
     loss, _ = softmax_cross_entropy(logits, local_labels)
     # Accuracy of the classifier itself: nearest class centre by cosine, without the margin
     # (with s=64, m=0.4 the margin logits are wrong long after the embeddings are right).
     _, accuracy = softmax_cross_entropy(cosines, local_labels)
-    return loss, {"loss/margin_ce": loss, "accuracy": accuracy}
+    return loss, {
+        "loss/margin_ce": loss,
+        "accuracy": accuracy,
+        "partial_fc/effective_rate": effective_rate,
+    }
 
 
 def _shard_index(axes: tuple[str, ...]) -> jax.Array:
@@ -212,10 +330,13 @@ def sharded_margin_classifier_loss(
     memory per device falls as 1 / devices. Labels are shifted to each device's rows, -1 where
     the class lives elsewhere (the margins leave such rows unchanged).
 
-    Partial FC samples per device: ``num_sampled_classes(R, sample_rate, B)`` of its own rows,
-    always including the batch's classes it holds, with the key folded with the device index;
-    so at ``sample_rate < 1`` the draw (not the expected loss) depends on the device count.
-    At ``sample_rate == 1`` the values equal the unsharded loss.
+    Partial FC samples per device, as Partial FC v2 per GPU: ``int(rate * real rows)`` of its
+    own real rows (padding rows are never drawn), or exactly the batch's classes it holds when
+    those are more; the key is folded with the device index, so at ``sample_rate < 1`` the draw
+    (not the expected loss) depends on the device count. The static room per device is
+    ``num_sampled_classes(R, rate, B)``; the columns beyond the active count are masked out.
+    ``partial_fc/effective_rate`` in the metrics is (num shards,): each shard's active real
+    classes over its real classes. At ``sample_rate == 1`` the values equal the unsharded loss.
 
     Runs the unsharded loss when no mesh is active or ``class_axes`` is empty.
     """
@@ -230,19 +351,35 @@ def sharded_margin_classifier_loss(
     rng = jax.random.PRNGKey(0) if rng is None else rng
     batch_size = labels.shape[0]
 
+    num_shards = math.prod(mesh.shape[a] for a in class_axes)
+    rows = centers.shape[0] // num_shards
+    # Real classes per shard and the configured count of each (static: the mesh is known).
+    real_rows = [min(max(num_classes - i * rows, 0), rows) for i in range(num_shards)]
+    targets = [num_target_classes(r, sample_rate) if r else 0 for r in real_rows]
+    sampling = any(t < r for t, r in zip(targets, real_rows))
+    num_sampled = max(num_sampled_classes(r, sample_rate, batch_size) for r in real_rows if r)
+    can_exceed = any(t < min(batch_size, r) for t, r in zip(targets, real_rows))
+
     def local(emb, local_centers, labels, rng):
-        rows = local_centers.shape[0]
-        first = _shard_index(class_axes) * rows
+        shard = _shard_index(class_axes)
+        first = shard * rows
         labels = jnp.asarray(labels, jnp.int32)
         here = (labels >= first) & (labels < first + rows)
         local_labels = jnp.where(here, labels - first, -1)
         class_ids = first + jnp.arange(rows)
-        num_sampled = num_sampled_classes(rows, sample_rate, batch_size)
-        if num_sampled < rows:
-            shard_rng = jax.random.fold_in(rng, _shard_index(class_axes))
-            index, local_labels = partial_fc_sample(shard_rng, local_labels, rows, num_sampled)
+        num_real = jnp.asarray(real_rows, jnp.int32)[shard]
+        active = None
+        if sampling:
+            shard_rng = jax.random.fold_in(rng, shard)
+            target = jnp.asarray(targets, jnp.int32)[shard]
+            index, local_labels, active = partial_fc_select(
+                shard_rng, local_labels, rows, num_sampled, target, num_real
+            )
             local_centers, class_ids = local_centers[index], class_ids[index]
         is_class = (class_ids < num_classes)[None, :]  # padding rows take no part
+        if active is not None:  # columns past the configured count take no part either
+            is_class = is_class & active[None, :]
+        effective = jnp.sum(is_class) / jnp.maximum(num_real, 1)
 
         cosines = cosine_logits(emb, local_centers)
         logits = jnp.where(is_class, margin_fn(cosines, local_labels).astype(jnp.float32), -jnp.inf)
@@ -261,12 +398,20 @@ def sharded_margin_classifier_loss(
         target_cos = jax.lax.psum(jnp.sum(jnp.where(is_target, cosines, 0.0), axis=1), class_axes)
         correct = valid & (target_cos >= best)
         accuracy = jnp.sum(correct).astype(jnp.float32) / num_valid
-        return loss, accuracy
+        # (num shards,) on every device (a psum of one-hot rows): a replicated metric, so the
+        # host callback needs no gather.
+        one_hot = jax.nn.one_hot(shard, num_shards, dtype=jnp.float32)
+        return loss, accuracy, jax.lax.psum(one_hot * effective.astype(jnp.float32), class_axes)
 
-    loss, accuracy = jax.shard_map(
+    loss, accuracy, effective_rate = jax.shard_map(
         local,
         in_specs=(P(), P(class_axes), P(), P()),
-        out_specs=(P(), P()),
+        out_specs=(P(), P(), P()),
         axis_names=set(class_axes),
     )(embeddings, centers, labels, rng)
-    return loss, {"loss/margin_ce": loss, "accuracy": accuracy}
+    _report_rates(effective_rate, sample_rate, batch_size, sampling and can_exceed)
+    return loss, {
+        "loss/margin_ce": loss,
+        "accuracy": accuracy,
+        "partial_fc/effective_rate": effective_rate,
+    }

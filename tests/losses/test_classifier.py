@@ -1,17 +1,24 @@
 """Normalised classifier and Partial FC sampling."""
 import functools
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from facemoe_jax.losses import classifier
 from facemoe_jax.losses.classifier import (
     cosine_logits,
     init_class_centers,
     margin_classifier_loss,
     num_sampled_classes,
+    num_target_classes,
     partial_fc_sample,
+    partial_fc_select,
 )
 from facemoe_jax.losses.margins import combined_margin_logits
 
@@ -120,7 +127,8 @@ def test_full_softmax_loss_matches_numpy():
     np.testing.assert_allclose(
         float(metrics["accuracy"]), np.mean(cos.argmax(axis=1) == labels), atol=1e-7
     )
-    assert set(metrics) == {"loss/margin_ce", "accuracy"}
+    assert set(metrics) == {"loss/margin_ce", "accuracy", "partial_fc/effective_rate"}
+    np.testing.assert_array_equal(metrics["partial_fc/effective_rate"], [1.0])
 
 
 def test_jitted_sampled_loss_gradient_only_on_sampled_rows():
@@ -155,3 +163,118 @@ def test_sampling_requires_rng():
     with pytest.raises(ValueError, match="0.0"):
         margin_classifier_loss(jnp.ones((2, 3)), jnp.ones((10, 3)), jnp.array([0, 1]), None,
                                sample_rate=0.0, margin_fn=COSFACE)
+
+
+# Partial FC v2 (insightface partial_fc_v2.py), per GPU, as facts: num_sample = int(rate *
+# num_local); perm = rand(num_local); perm[positives] = 2; index = topk(perm, num_sample) sorted;
+# when the GPU's distinct positives outnumber num_sample, index = the positives alone.
+
+
+def test_num_target_classes():
+    assert num_target_classes(100, 0.3) == 30
+    assert num_target_classes(8, 0.5) == 4
+    assert num_target_classes(10, 0.01) == 1  # at least one column
+    assert num_target_classes(7, 1.0) == 7
+    with pytest.raises(ValueError, match="1.5"):
+        num_target_classes(100, 1.5)
+
+
+def test_partial_fc_select_keeps_the_rate_or_only_the_positives():
+    key = jax.random.PRNGKey(3)
+    scores = np.array(jax.random.uniform(key, (20,)))
+    # 3 distinct positives, target 6, room 8: the 6 highest scores with the positives forced.
+    labels = np.array([4, 4, 11, 17, -1, 4, 11, 17], np.int32)
+    index, local, active = map(np.asarray, partial_fc_select(key, labels, 20, 8, 6))
+    forced = scores.copy()
+    forced[[4, 11, 17]] = 2.0
+    assert set(index[active].tolist()) == set(np.argsort(-forced)[:6].tolist())
+    assert active.sum() == 6 and np.all(np.diff(index) > 0)
+    valid = labels >= 0
+    np.testing.assert_array_equal(index[local[valid]], labels[valid])
+    assert np.all(active[local[valid]]) and local[~valid].tolist() == [-1]
+    # 8 distinct positives, target 2: exactly the positives, nothing else.
+    labels = np.array([0, 2, 5, 7, 9, 13, 16, 19], np.int32)
+    index, local, active = map(np.asarray, partial_fc_select(key, labels, 20, 8, 2))
+    assert sorted(index[active].tolist()) == labels.tolist()
+    # Rows at or past num_real (padding) are never active, even when the room reaches them.
+    index, _, active = map(np.asarray, partial_fc_select(key, labels[:2], 20, 20, 15, 12))
+    assert active.sum() == 12 and index[active].max() < 12
+
+
+def _numpy_cosface_ce(emb, centers, labels, columns):
+    """Mean CE of CosFace (s=64, m=0.4) logits over the given centre rows (float64)."""
+    e = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    c = centers[columns] / np.linalg.norm(centers[columns], axis=1, keepdims=True)
+    logits = 64.0 * (e @ c.T)
+    target = np.searchsorted(columns, labels)
+    logits[np.arange(len(labels)), target] -= 64.0 * 0.4
+    top = logits.max(1)
+    log_z = np.log(np.exp(logits - top[:, None]).sum(1)) + top
+    return float(np.mean(log_z - logits[np.arange(len(labels)), target]))
+
+
+def test_low_rate_keeps_only_the_positives_and_warns(capfd, monkeypatch):
+    monkeypatch.setattr(classifier, "_warned_rate", False)
+    rng = np.random.default_rng(4)
+    emb = rng.normal(size=(6, 8))
+    centers = rng.normal(size=(10, 8))
+    labels = np.array([0, 2, 2, 5, 7, 7], np.int32)  # 4 distinct classes, rate 0.3 asks for 3
+
+    def loss_fn(centers):
+        return margin_classifier_loss(
+            jnp.asarray(emb, jnp.float32), centers, labels, jax.random.PRNGKey(0),
+            sample_rate=0.3, margin_fn=COSFACE,
+        )  # fmt: skip
+
+    (loss, metrics), grad = jax.value_and_grad(loss_fn, has_aux=True)(
+        jnp.asarray(centers, jnp.float32)
+    )
+    # Before: max(int(10 * 0.3), batch 6) = 6 rows, the 4 positives and 2 random others
+    # (effective rate 0.6); now the 4 positives alone (0.4), as Partial FC v2.
+    positives = np.unique(labels)
+    got = float(loss)
+    assert got == pytest.approx(_numpy_cosface_ce(emb, centers, labels, positives), rel=1e-5)
+    np.testing.assert_allclose(metrics["partial_fc/effective_rate"], [0.4])
+    rows = np.flatnonzero(np.any(np.asarray(grad) != 0, axis=1))
+    np.testing.assert_array_equal(rows, positives)
+    err = capfd.readouterr().err
+    assert "Partial FC kept 0.400 of the classes of class shard 0" in err
+    assert "config.loss.sample_rate=0.3" in err
+
+
+def test_room_beyond_the_rate_is_masked(capfd, monkeypatch):
+    monkeypatch.setattr(classifier, "_warned_rate", False)
+    rng = np.random.default_rng(5)
+    emb = rng.normal(size=(12, 8)).astype(np.float32)
+    centers = rng.normal(size=(20, 8)).astype(np.float32)
+    labels = np.repeat(np.array([1, 6, 12, 19], np.int32), 3)  # 4 classes, rate 0.5 asks 10
+    key = jax.random.PRNGKey(2)
+    assert num_sampled_classes(20, 0.5, 12) == 12  # the static room
+    loss, metrics = margin_classifier_loss(
+        emb, centers, labels, key, sample_rate=0.5, margin_fn=COSFACE
+    )
+    index, _, active = map(np.asarray, partial_fc_select(key, labels, 20, 12, 10))
+    kept = index[active]
+    assert len(kept) == 10 and {1, 6, 12, 19} <= set(kept.tolist())
+    assert float(loss) == pytest.approx(_numpy_cosface_ce(emb, centers, labels, kept), rel=1e-5)
+    np.testing.assert_allclose(metrics["partial_fc/effective_rate"], [0.5])
+    assert "Partial FC" not in capfd.readouterr().err  # at the configured rate: no warning
+
+
+def test_sharded_partial_fc_keeps_the_configured_rate():
+    # Issue 17 item 3 on 4 fake devices (subprocess): 32 classes, 8 rows per device, batch 8,
+    # rate 0.5. Before the fix every device kept all 8 rows (loss = full softmax, measured
+    # 17.12599 = 17.12599); now 4 rows per device, or exactly its own positives (6 on device 0).
+    script = os.path.join(os.path.dirname(__file__), "partial_fc_check.py")
+    done = subprocess.run(
+        [sys.executable, script], capture_output=True, text=True, timeout=600, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["effective_rate"] == [0.75, 0.5, 0.5, 0.5]
+    assert report["rows_with_grad_per_shard"] == [6, 4, 4, 4]
+    assert report["rows_with_grad"] == report["kept_rows"]
+    assert report["loss"] == pytest.approx(report["reference_loss"], rel=1e-5)
+    assert abs(report["loss"] - report["full_softmax_loss"]) > 0.1
+    assert "Partial FC kept 0.750 of the classes of class shard 0" in done.stderr
+    assert "SPMD" not in done.stderr  # the replicated metric needs no gather
