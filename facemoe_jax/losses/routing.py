@@ -9,11 +9,29 @@ Two families are provided:
 
 * the literature's definitions: ST-MoE router z-loss ``mean_t logsumexp(logits_t)**2`` and the
   Switch-Transformer load-balance loss ``E * sum_e f_e * P_e``;
-* the ``official_*`` variants, exactly what the FaceMoE PyTorch code computes (see
-  ``official_facemoe.md``), which differ in form and scale.
+* the ``official_*`` variants, exactly what the FaceMoE PyTorch code (Kartik-3004/FaceMoE,
+  ``backbones/swin_moe.py``) computes per MoE layer, which differ in form and scale:
+  z-loss ``mean(logits**2)`` over tokens x experts (the paper's algorithm sums over experts
+  instead; neither is ST-MoE's); load balance ``E * sum_e importance_e * load_e / T**2`` with
+  ``importance_e = sum_t softmax(logits_t)_e``, ``load_e`` = tokens that chose e among their top
+  k and ``T`` the tokens of all images of the (per-GPU) batch.
 
 None of them multiplies by a coefficient (FaceMoE uses 1e-3 for the z-loss, 1e-2 for the load
-balance, then 10x the sum over layers): coefficients belong to the training config.
+balance, then adds 10 x the sum over its 22 layers to the identity loss in the classifier-only and
+full fine-tuning scripts; the WebFace pre-training script computes them but does not add them):
+coefficients and the sum-or-mean over layers belong to the training config.
+
+Whose tokens (a documented difference, not a bug): the official recipes train with PyTorch DDP on
+8 GPUs and no SyncBatchNorm, so each GPU computes these losses from its own 128 images' tokens
+and DDP averages the gradients: the official value is the *mean over GPUs of per-GPU losses*.
+Here ``train/step.py`` calls them under ``jit`` on the global batch, so ``T`` is every token of
+the global batch. The z-loss is a mean over tokens, so both give the same value when the GPUs
+hold equal batches; the load balance is a product of two sums over tokens, so the two agree only
+when every GPU routes alike (the global form has the cross-GPU products ``importance_g * load_h``,
+the per-GPU mean only ``g = h``). The same holds for the BatchNorm layers of the embedding head
+(``feature_layer``: BatchNorm1d, Dropout, Linear, BatchNorm1d): official training normalises with
+each GPU's batch statistics, ours with the global batch's (``models/``; the running averages
+used at evaluation are what a checkpoint stores either way).
 """
 from __future__ import annotations
 
