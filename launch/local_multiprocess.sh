@@ -8,7 +8,7 @@
 # Every process runs the same command; facemoe_jax.parallel.multihost reads FACEMOE_COORDINATOR,
 # FACEMOE_NUM_PROCESSES and FACEMOE_PROCESS_ID. Output lines carry a "[host i/N]" prefix. If one
 # process fails the others are stopped (they would wait forever in a collective), and the
-# script exits with the failing status.
+# script exits with the failing status (non-zero; 0 only when every process succeeded).
 set -euo pipefail
 
 if [ $# -lt 3 ] || [ "$3" != "--" ]; then
@@ -29,11 +29,22 @@ for ((i = 0; i < num_processes; i++)); do
   pids+=("$!")
 done
 
+# Wait for the processes one at a time (`wait -n` with no ids: any child; ids already reaped
+# would print "no such job"). The first non-zero status stops the others: SIGTERM, then SIGKILL
+# after a grace period (a process blocked in a collective may never act on SIGTERM).
 status=0
 for ((left = num_processes; left > 0; left--)); do
-  if ! wait -n "${pids[@]}"; then
-    status=$?
-    kill "${pids[@]}" 2>/dev/null || true
+  rc=0
+  wait -n || rc=$?
+  if [ "$rc" -ne 0 ]; then
+    status=$rc
+    echo "local_multiprocess: a process exited with status $rc; stopping the others" >&2
+    kill -TERM "${pids[@]}" 2>/dev/null || true
+    for ((tick = 0; tick < ${FACEMOE_KILL_GRACE_TICKS:-50}; tick++)); do
+      [ -z "$(jobs -rp)" ] && break  # running jobs only (an ended one is a zombie to kill -0)
+      sleep 0.2
+    done
+    kill -KILL "${pids[@]}" 2>/dev/null || true
     break
   fi
 done
