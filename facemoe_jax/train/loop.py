@@ -29,7 +29,25 @@ from facemoe_jax.train import trainable as trainable_lib
 from facemoe_jax.train.writers import make_writer
 
 
-def check_workdir(workdir: str) -> None:
+def check_workdir(workdir: str, wait_s: float = 120.0) -> None:
+    """Process 0 creates the workdir and proves it writable; the other processes of the run
+    only wait (up to wait_s) until it exists and can be written, so they never race on the
+    same probe file. Every process must see the same folder (a shared disk or a bucket)."""
+    if jax.process_index() != 0:
+        deadline = time.monotonic() + wait_s
+        while not os.path.isdir(workdir):
+            if time.monotonic() > deadline:
+                raise ValueError(
+                    f"--workdir={workdir} did not appear within {wait_s:.0f} s on process "
+                    f"{jax.process_index()}: process 0 creates it, and every process must see "
+                    "the same folder (a shared disk or a bucket)"
+                )
+            time.sleep(0.05)
+        if not os.access(workdir, os.W_OK | os.X_OK):
+            raise ValueError(
+                f"--workdir={workdir} is not writable by process {jax.process_index()}"
+            )
+        return
     try:
         os.makedirs(workdir, exist_ok=True)
         probe = os.path.join(workdir, ".write_test")
