@@ -51,6 +51,12 @@ def run(config, workdir: str, mode: str) -> dict:
 
     from facemoe_jax.parallel import multihost
 
+    if mode in ("eval", "export") and "://" not in workdir and not os.path.isdir(workdir):
+        # Refuse before anything (Orbax, writers) could create it as a side effect.
+        raise ValueError(
+            f"--workdir={workdir} does not exist: --mode={mode} reads the checkpoints of a "
+            "trained workdir"
+        )
     multihost.initialize_from_environment()  # before anything touches a device
     jax.config.update("jax_threefry_partitionable", True)
     if mode == "export":
