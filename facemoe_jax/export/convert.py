@@ -334,3 +334,8 @@ def save_safetensors(state: dict[str, np.ndarray], path: str, metadata=None) -> 
     from safetensors.numpy import save_file
 
     save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, path, metadata=metadata)
+    # safetensors writes through a private temporary file (mode 0600); give the file the mode
+    # open() would (0666 less the umask, 0644 usually), as model.pt and config.json beside it.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
