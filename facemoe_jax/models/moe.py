@@ -15,12 +15,25 @@ Three pieces change independently:
     it returns a dispatcher and the router metrics (z-loss, balance loss, load, entropy, drops);
   * data movement: a dispatcher moves tokens to experts and back. `CapacityDispatcher` is the
     vmoe/Switch path (one-hot (G, S, E, C) tensors, tokens over capacity are dropped and counted);
-    `DroplessDispatcher` sorts the T*K (token, expert) assignments by expert so every token is
-    processed, and the experts run as one grouped matmul (`jax.lax.ragged_dot`);
+    `DroplessDispatcher` sorts the T*K (token, expert) assignments by expert into blocks of
+    rows, each block holding one expert's rows (an expert's rows padded to whole blocks, R rows
+    in all, a static bound for any routing), so every token is processed and each expert only
+    computes its own rows (`grouped_matmul.block_expert_mlp`: on XLA:CPU `jax.lax.ragged_dot`
+    is lowered densely, every row through every expert). Both dispatchers have the same
+    `dispatch()` / `combine()` / `kept` / `run_experts()` interface, so callers never branch on
+    the dispatcher type;
   * the expert network: `Experts` holds E MLPs as stacked (E, ...) weights. Stacking (rather than
     `nn.vmap` over a Dense) lets the same parameters serve both the batched (E, N, D) einsum of the
-    capacity path and the ragged grouped matmul of the dropless path, and gives the expert axis a
+    capacity path and the block-grouped MLP of the dropless path, and gives the expert axis a
     name that sharding rules can match (`.../experts/...`).
+
+Also R: padded dispatch rows of the dropless path (blocks of B rows).
+
+Combine rules (`top_k_routing`): "softmax_topk" (softmax over the K chosen logits; with K=1 the
+weight is always 1 and the router gets no gradient from the task loss, so the config check
+refuses it), "softmax_all" (softmax over all E logits, then the K chosen probabilities:
+Switch/vmoe), "raw_logits" (the official FaceMoE rule). The K weighted expert outputs are summed
+in float32 whatever the activation dtype (as the official float32 model does).
 
 Router math is float32 even when activations are bfloat16: top-k on low-precision logits flips
 choices between nearly tied experts, and the auxiliary losses square the logits.
@@ -37,12 +50,13 @@ import jax.numpy as jnp
 from flax import struct
 
 from facemoe_jax.losses import routing
+from facemoe_jax.models import grouped_matmul
 from facemoe_jax.parallel import expert_parallel
 from facemoe_jax.parallel.expert_parallel import per_batch_shard
 
 Array = jax.Array
 
-COMBINE_MODES = ("softmax_topk", "raw_logits")
+COMBINE_MODES = ("softmax_topk", "softmax_all", "raw_logits")
 
 
 def expert_capacity(
@@ -59,7 +73,8 @@ def top_k_routing(logits: Array, top_k: int, combine: str) -> tuple[Array, Array
       logits: (..., E) float32 router logits.
       top_k: K.
       combine: "softmax_topk": weights are the softmax over the K chosen logits (they sum to 1);
-        "raw_logits": the official FaceMoE rule, the chosen raw logits themselves.
+        "softmax_all": the softmax over all E logits, taken at the K chosen experts (Switch,
+        vmoe); "raw_logits": the official FaceMoE rule, the chosen raw logits themselves.
     Returns:
       expert_index (..., K) int32 ordered from best to K-th choice, combine_weights (..., K) float32.
     """
@@ -68,6 +83,8 @@ def top_k_routing(logits: Array, top_k: int, combine: str) -> tuple[Array, Array
     top_logits, expert_index = jax.lax.top_k(logits, top_k)
     if combine == "softmax_topk":
         weights = jax.nn.softmax(top_logits, axis=-1)
+    elif combine == "softmax_all":
+        weights = jnp.take_along_axis(jax.nn.softmax(logits, axis=-1), expert_index, axis=-1)
     else:
         weights = top_logits
     return expert_index.astype(jnp.int32), weights
@@ -110,15 +127,24 @@ class CapacityDispatcher:
         return jax.vmap(one_group)(x, self._flat_slot())
 
     def combine(self, y: Array) -> Array:
-        """(G, E, C, D) expert outputs -> (G, S, D) weighted sum over each token's kept choices."""
+        """(G, E, C, D) expert outputs -> (G, S, D) weighted sum over each token's kept choices,
+        accumulated in float32."""
         _, e, c, d = y.shape
-        w = jnp.where(self.kept, self.weights, 0.0).astype(y.dtype)
+        w = jnp.where(self.kept, self.weights, 0.0)
 
         def one_group(outputs, flat_slot, weights):  # (E, C, D), (S, K), (S, K)
             rows = jnp.concatenate([outputs.reshape(e * c, d), jnp.zeros((1, d), y.dtype)])
-            return jnp.einsum("sk,skd->sd", weights, rows[flat_slot])
+            return jnp.einsum(
+                "sk,skd->sd", weights, rows[flat_slot], preferred_element_type=jnp.float32
+            )
 
-        return jax.vmap(one_group)(y, self._flat_slot(), w)
+        return jax.vmap(one_group)(y, self._flat_slot(), w).astype(y.dtype)
+
+    def run_experts(self, buffers: Array, weights, activation) -> Array:
+        """The E expert MLPs on the (G, E, C, D) buffers (expert-parallel under a mesh)."""
+        return expert_parallel.capacity_experts(
+            lambda b, w: expert_mlp(b, w, activation), buffers, weights
+        )
 
     @property
     def combine_weights(self) -> Array:
@@ -132,30 +158,58 @@ class CapacityDispatcher:
 
 @struct.dataclass
 class DroplessDispatcher:
-    """Sorts the T*K (token, expert) assignments by expert; every assignment is processed.
+    """Puts the T*K (token, expert) assignments into expert-sorted blocks of rows; none dropped.
 
-    order: (T*K,) permutation that sorts assignments by expert; token_of_assignment (T*K,);
-    group_sizes: (E,) assignments per expert; weights: (T*K,) combine weight of each assignment.
+    Expert e's rows start at block `block_start[e]` and fill `ceil(group_sizes[e] / B)` blocks
+    (the last one padded with zero rows); R = `num_rows` is a static bound for any routing
+    (T*K + E*(B-1) rounded up to whole blocks). Assignments are sorted stably, so within an
+    expert, rows follow token order (first choices and second choices interleaved by token).
+
+    row: (G, S, K) int32, the dispatch row of each assignment; weights: (G, S, K) float32
+    combine weights; group_sizes: (E,) assignments per expert.
     """
 
-    order: Array
-    token_of_assignment: Array
-    group_sizes: Array
+    row: Array
     weights: Array
-    shape: tuple[int, int] = struct.field(pytree_node=False)  # (G, S)
+    group_sizes: Array
+    num_rows: int = struct.field(pytree_node=False)
+    block_size: int = struct.field(pytree_node=False)
+
+    @property
+    def kept(self) -> Array:
+        return jnp.ones(self.row.shape, bool)
 
     def dispatch(self, x: Array) -> Array:
-        """(G, S, D) -> (T*K, D) token copies, contiguous per expert."""
-        tokens = x.reshape(-1, x.shape[-1])
-        return tokens[self.token_of_assignment[self.order]]
+        """(G, S, D) -> (R, D) token copies in expert blocks; padding rows are zeros."""
+        g, s, d = x.shape
+        k = self.row.shape[-1]
+        tokens = jnp.concatenate([x.reshape(g * s, d), jnp.zeros((1, d), x.dtype)])
+        token_of_row = jnp.full((self.num_rows,), g * s, jnp.int32)
+        token_of_row = token_of_row.at[self.row.reshape(-1)].set(
+            jnp.repeat(jnp.arange(g * s, dtype=jnp.int32), k), unique_indices=True
+        )
+        return tokens[token_of_row]
 
     def combine(self, y: Array) -> Array:
-        """(T*K, D) expert outputs in sorted order -> (G, S, D)."""
-        per_assignment = jnp.zeros_like(y).at[self.order].set(y)
-        weighted = per_assignment * self.weights[:, None].astype(y.dtype)
-        g, s = self.shape
-        tokens = jnp.zeros((g * s, y.shape[-1]), y.dtype).at[self.token_of_assignment].add(weighted)
-        return tokens.reshape(g, s, -1)
+        """(R, D) expert outputs -> (G, S, D) weighted sum over each token's K choices,
+        accumulated in float32."""
+        per_choice = y[self.row]  # (G, S, K, D)
+        out = jnp.einsum(
+            "gsk,gskd->gsd", self.weights, per_choice, preferred_element_type=jnp.float32
+        )
+        return out.astype(y.dtype)
+
+    def run_experts(self, rows: Array, weights, activation) -> Array:
+        """The E expert MLPs on the (R, D) expert-sorted rows (expert-parallel under a mesh)."""
+        return expert_parallel.dropless_experts(
+            lambda r, segments, w: grouped_matmul.block_expert_mlp(
+                r, w, *segments, self.block_size, activation
+            ),
+            rows,
+            self.group_sizes,
+            weights,
+            self.block_size,
+        )
 
 
 def capacity_dispatcher(
@@ -183,20 +237,31 @@ def capacity_dispatcher(
 
 
 def dropless_dispatcher(
-    expert_index: Array, weights: Array, num_experts: int
+    expert_index: Array, weights: Array, num_experts: int, block_size: int | None = None
 ) -> DroplessDispatcher:
-    """Builds the sorted-assignment dispatch of (G, S, K) choices (no capacity, nothing dropped)."""
+    """Places the (G, S, K) choices in expert-sorted blocks of rows (nothing dropped).
+
+    block_size: rows per block (B); by default `grouped_matmul.choose_block_size`.
+    """
     g, s, k = expert_index.shape
+    assignments = g * s * k
+    if block_size is None:
+        block_size = grouped_matmul.choose_block_size(assignments, num_experts)
     flat_expert = expert_index.reshape(-1)  # (T*K,), assignment a = token * K + choice
-    order = jnp.argsort(flat_expert, stable=True)
     group_sizes = jnp.bincount(flat_expert, length=num_experts).astype(jnp.int32)
-    token_of_assignment = jnp.repeat(jnp.arange(g * s, dtype=jnp.int32), k)
+    block_start, _ = grouped_matmul.block_layout(group_sizes, block_size)
+    # Rank of each assignment among its expert's (stable: token order), then its padded row.
+    order = jnp.argsort(flat_expert, stable=True)
+    group_offset = jnp.cumsum(group_sizes) - group_sizes
+    rank_sorted = jnp.arange(assignments, dtype=jnp.int32) - group_offset[flat_expert[order]]
+    rank = jnp.zeros((assignments,), jnp.int32).at[order].set(rank_sorted, unique_indices=True)
+    row = block_start[flat_expert] * block_size + rank
     return DroplessDispatcher(
-        order=order,
-        token_of_assignment=token_of_assignment,
+        row=row.reshape(g, s, k).astype(jnp.int32),
+        weights=weights.astype(jnp.float32),
         group_sizes=group_sizes,
-        weights=weights.reshape(-1),
-        shape=(g, s),
+        num_rows=grouped_matmul.padded_rows(assignments, num_experts, block_size),
+        block_size=block_size,
     )
 
 
@@ -260,39 +325,24 @@ class TopKRouter(nn.Module):
 
         # Routing is per image, so each device routes its own images (expert_parallel.py).
         expert_index, dispatcher = per_batch_shard(route, x.shape[0], logits)
-        if isinstance(dispatcher, CapacityDispatcher):
-            kept = dispatcher.kept
-        else:
-            kept = jnp.ones(expert_index.shape, bool)
-        return dispatcher, router_metrics(logits, expert_index, kept)
+        return dispatcher, router_metrics(logits, expert_index, dispatcher.kept)
 
 
 def expert_mlp(
     x: Array,
     weights: tuple[Array, Array, Array, Array],
     activation: Callable[[Array], Array],
-    group_sizes: Array | None = None,
 ) -> Array:
-    """E two-layer MLPs, weights (fc1 (E, D, H), fc1 bias (E, H), fc2 (E, H, D), fc2 bias (E, D)).
-
-    Batched (capacity path): x (G, E, C, D) -> (G, E, C, D), expert e applied to x[:, e].
-    Grouped (dropless path): x (N, D) rows sorted by expert, group_sizes (E,) -> (N, D); rows
-    after the last group (sum(group_sizes) <= N) come out as the fc2 bias of the last expert and
-    are ignored by the caller.
-    """
+    """E two-layer MLPs on capacity buffers: x (G, E, C, D) -> (G, E, C, D), expert e applied to
+    x[:, e]; weights (fc1 (E, D, H), fc1 bias (E, H), fc2 (E, H, D), fc2 bias (E, D))."""
     w1, b1, w2, b2 = weights
-    if group_sizes is None:
-        # One (G*C, D) x (D, H) matmul per expert, on rows made contiguous per expert: about a
-        # third faster on CPU than letting the einsum batch over a strided expert axis.
-        g, e, c, d = x.shape
-        rows = x.transpose(1, 0, 2, 3).reshape(e, g * c, d)
-        hidden = activation(jnp.einsum("end,edh->enh", rows, w1) + b1[:, None])
-        out = jnp.einsum("enh,ehd->end", hidden, w2) + b2[:, None]
-        return out.reshape(e, g, c, -1).transpose(1, 0, 2, 3)
-    e = w1.shape[0]
-    expert_of_row = jnp.repeat(jnp.arange(e), group_sizes, total_repeat_length=x.shape[0])
-    hidden = activation(jax.lax.ragged_dot(x, w1, group_sizes) + b1[expert_of_row])
-    return jax.lax.ragged_dot(hidden, w2, group_sizes) + b2[expert_of_row]
+    # One (G*C, D) x (D, H) matmul per expert, on rows made contiguous per expert: about a
+    # third faster on CPU than letting the einsum batch over a strided expert axis.
+    g, e, c, d = x.shape
+    rows = x.transpose(1, 0, 2, 3).reshape(e, g * c, d)
+    hidden = activation(jnp.einsum("end,edh->enh", rows, w1) + b1[:, None])
+    out = jnp.einsum("enh,ehd->end", hidden, w2) + b2[:, None]
+    return out.reshape(e, g, c, -1).transpose(1, 0, 2, 3)
 
 
 class Experts(nn.Module):
@@ -305,11 +355,12 @@ class Experts(nn.Module):
     kernel_init: Callable[..., Any] = nn.initializers.truncated_normal(0.02)
 
     @nn.compact
-    def __call__(self, x: Array, group_sizes: Array | None = None) -> Array:
-        """Capacity buffers (G, E, C, D), or expert-sorted rows (N, D) with group_sizes (E,).
+    def __call__(self, x: Array, dispatcher: CapacityDispatcher | DroplessDispatcher) -> Array:
+        """The experts on what `dispatcher.dispatch` made: capacity buffers (G, E, C, D) or
+        expert-sorted rows (R, D).
 
         Under a mesh with an `expert` axis the weights are split over it and the tokens travel
-        to them (`expert_parallel`); otherwise this is `expert_mlp` on local arrays.
+        to them (`expert_parallel`); otherwise the MLPs run on local arrays.
         """
         e, h, width = self.num_experts, self.hidden_dim, x.shape[-1]
         weights = tuple(
@@ -321,13 +372,7 @@ class Experts(nn.Module):
                 self.param("fc2_bias", nn.initializers.zeros, (e, width)),
             )
         )
-        if group_sizes is None:
-            return expert_parallel.capacity_experts(
-                lambda b, w: expert_mlp(b, w, self.activation), x, weights
-            )
-        return expert_parallel.dropless_experts(
-            lambda r, g, w: expert_mlp(r, w, self.activation, g), x, group_sizes, weights
-        )
+        return dispatcher.run_experts(x, weights, self.activation)
 
 
 class MoEFeedForward(nn.Module):
@@ -351,9 +396,6 @@ class MoEFeedForward(nn.Module):
         )
         groups = x.shape[0]
         dispatched = per_batch_shard(lambda d, tokens: d.dispatch(tokens), groups, dispatcher, x)
-        if isinstance(dispatcher, DroplessDispatcher):
-            y = experts(dispatched, dispatcher.group_sizes)
-        else:
-            y = experts(dispatched)
+        y = experts(dispatched, dispatcher)
         out = per_batch_shard(lambda d, outputs: d.combine(outputs), groups, dispatcher, y)
         return out.astype(x.dtype), metrics

@@ -8,8 +8,8 @@ experts. An MoE layer then runs as:
      per image (capacity counts tokens per group), so nothing crosses devices;
   2. move expert buffers to the devices that hold the experts and back (`capacity_experts`:
      `all_to_all` over the `expert` axis), or, on the dropless path whose per-expert row counts
-     change every step, gather the sorted rows of the `expert` row, compute the local experts'
-     rows and reduce-scatter the results back (`dropless_experts`);
+     change every step, gather the expert-sorted row blocks of the `expert` row, compute the
+     local experts' blocks and reduce-scatter the results back (`dropless_experts`);
   3. combine on each device, again for its own images only.
 
 Why `shard_map` and not sharding constraints: with constraints alone the SPMD partitioner
@@ -96,50 +96,62 @@ def capacity_experts(mlp: Callable, buffers: Array, weights: tuple[Array, ...]) 
     )(buffers, weights)
 
 
+def _block_layout(group_sizes: Array, block_size: int) -> tuple[Array, Array]:
+    from facemoe_jax.models import grouped_matmul  # models import this module
+
+    return grouped_matmul.block_layout(group_sizes, block_size)
+
+
+def _segments(group_sizes: Array, block_size: int):
+    """One device's (E,) row counts -> its segments (expert, first block, blocks), one per expert."""
+    start, count = _block_layout(group_sizes, block_size)
+    return jnp.arange(group_sizes.shape[0], dtype=jnp.int32), start, count
+
+
 def dropless_experts(
-    mlp: Callable, rows: Array, group_sizes: Array, weights: tuple[Array, ...]
+    mlp: Callable, rows: Array, group_sizes: Array, weights: tuple[Array, ...], block_size: int
 ) -> Array:
-    """Expert MLPs on expert-sorted rows when the experts live on other devices.
+    """Expert MLPs on expert-sorted blocks of rows, with the experts possibly on other devices.
 
-    rows (N, D) and group_sizes (E,) are the per-device outputs of the dropless dispatch, laid
-    out as `per_batch_shard` returns them: device blocks concatenated, N = devices * N_loc and
-    group_sizes of shape (devices * E,). mlp(rows, group_sizes, weights) is the grouped MLP of
-    `moe.expert_mlp`.
+    rows (R, D) and group_sizes (E,) are the per-device outputs of the dropless dispatch, laid
+    out as `per_batch_shard` returns them: device blocks concatenated, R = devices * R_loc and
+    group_sizes of shape (devices * E,). mlp(rows, (expert, start, count), weights) is
+    `grouped_matmul.block_expert_mlp`: segment s = blocks [start, start + count) of the rows,
+    computed with expert[s]'s weights; rows in no segment come out zero.
 
-    Per device: all-gather the rows and counts of the `expert` row of the mesh, stably re-sort
-    them so the rows of this device's E / n experts come first (grouped by expert), run the
-    grouped MLP on those, zero the others, and reduce-scatter: each row's output comes from the
-    one device holding its expert, and every device gets back its own rows.
+    Per device: all-gather the rows and counts of the `expert` row of the mesh, and run the
+    local E / n experts on their blocks from each of the n devices (n * E / n segments); the
+    other experts' blocks stay zero, so a reduce-scatter gives every device its own rows, each
+    computed by the one device that holds its expert.
     """
     mesh = context_mesh()
     shards = expert_shards()
     num_experts = weights[0].shape[0]
     # Dispatched globally (per_batch_shard fell back): one (E,) count vector, no device blocks.
     if mesh is None or group_sizes.shape[0] != _batch_shards(mesh) * num_experts:
-        return mlp(rows, group_sizes, weights)
+        return mlp(rows, _segments(group_sizes, block_size), weights)
+
+    def own_experts(local_rows, local_sizes, local_weights):
+        return mlp(local_rows, _segments(local_sizes, block_size), local_weights)
+
     if shards == 1:  # every device holds every expert: its own rows, its own counts
         return jax.shard_map(
-            mlp, in_specs=(P(BATCH_AXES), P(BATCH_AXES), P()), out_specs=P(BATCH_AXES)
+            own_experts, in_specs=(P(BATCH_AXES), P(BATCH_AXES), P()), out_specs=P(BATCH_AXES)
         )(rows, group_sizes, weights)
     check_expert_split(num_experts, shards)
     local_experts = num_experts // shards
 
-    def local(local_rows, local_sizes, local_weights):  # (N_loc, D), (E,), (E_loc, ...)
-        n_loc = local_rows.shape[0]
-        all_rows = jax.lax.all_gather(local_rows, EXPERT_AXIS, tiled=True)  # (n * N_loc, D)
+    def local(local_rows, local_sizes, local_weights):  # (R_loc, D), (E,), (E_loc, ...)
+        blocks_per_device = local_rows.shape[0] // block_size
+        all_rows = jax.lax.all_gather(local_rows, EXPERT_AXIS, tiled=True)  # (n * R_loc, D)
         all_sizes = jax.lax.all_gather(local_sizes, EXPERT_AXIS)  # (n, E)
-        expert_of_row = jax.vmap(
-            lambda sizes: jnp.repeat(jnp.arange(num_experts), sizes, total_repeat_length=n_loc)
-        )(all_sizes).reshape(-1)
+        start, count = jax.vmap(lambda g: _block_layout(g, block_size))(all_sizes)
+        start = start + blocks_per_device * jnp.arange(shards, dtype=jnp.int32)[:, None]
         first = jax.lax.axis_index(EXPERT_AXIS) * local_experts
-        is_local = (expert_of_row >= first) & (expert_of_row < first + local_experts)
-        # Local experts' rows first, grouped by expert; the rest after (outside every group).
-        key = jnp.where(is_local, expert_of_row - first, local_experts)
-        order = jnp.argsort(key, stable=True)
-        sizes = jnp.sum(jax.lax.dynamic_slice_in_dim(all_sizes, first, local_experts, 1), 0)
-        out_sorted = mlp(all_rows[order], sizes.astype(jnp.int32), local_weights)
-        out = jnp.zeros_like(out_sorted).at[order].set(out_sorted)
-        out = jnp.where(is_local[:, None], out, 0)
+        start = jax.lax.dynamic_slice_in_dim(start, first, local_experts, 1).reshape(-1)
+        count = jax.lax.dynamic_slice_in_dim(count, first, local_experts, 1).reshape(-1)
+        expert = jnp.tile(jnp.arange(local_experts, dtype=jnp.int32), shards)
+        out = mlp(all_rows, (expert, start, count), local_weights)
         return jax.lax.psum_scatter(out, EXPERT_AXIS, scatter_dimension=0, tiled=True)
 
     weight_specs = tuple(P(EXPERT_AXIS) for _ in weights)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from facemoe_jax.models import moe
+from facemoe_jax.models import grouped_matmul, moe
 
 
 def test_expert_capacity_rounds_up():
@@ -76,16 +76,74 @@ def test_capacity_dispatch_top2_first_choices_have_priority():
 def test_dropless_dispatch_round_trip():
     index = jnp.array([[[1, 0], [0, 2], [2, 1]]])  # G=1, S=3, K=2, E=3
     weights = jnp.array([[[0.6, 0.4], [0.5, 0.5], [0.9, 0.1]]])
-    dispatcher = moe.dropless_dispatcher(index, weights, num_experts=3)
+    dispatcher = moe.dropless_dispatcher(index, weights, num_experts=3, block_size=2)
     np.testing.assert_array_equal(dispatcher.group_sizes, [2, 2, 2])
     x = jnp.array([[[1.0], [2.0], [3.0]]])
     rows = dispatcher.dispatch(x)
-    # Sorted by expert: expert 0 gets tokens 0 and 1, expert 1 tokens 0 and 2, expert 2 tokens 1, 2.
-    np.testing.assert_array_equal(rows[:, 0], [1, 2, 1, 3, 2, 3])
-    expert_scale = jnp.array([1.0, 1.0, 10.0, 10.0, 100.0, 100.0])[:, None]
+    # Sorted by expert: expert 0 gets tokens 0 and 1, expert 1 tokens 0 and 2, expert 2 tokens 1, 2;
+    # the static row count holds any routing in whole blocks (6 + 3 * (2 - 1) -> 10), rest zeros.
+    assert rows.shape == (10, 1)
+    np.testing.assert_array_equal(rows[:, 0], [1, 2, 1, 3, 2, 3, 0, 0, 0, 0])
+    expert_scale = jnp.array([1.0, 1.0, 10.0, 10.0, 100.0, 100.0, 0, 0, 0, 0])[:, None]
     out = dispatcher.combine(rows * expert_scale)
     expected = [1 * (0.6 * 10 + 0.4 * 1), 2 * (0.5 * 1 + 0.5 * 100), 3 * (0.9 * 100 + 0.1 * 10)]
     np.testing.assert_allclose(out[0, :, 0], expected, rtol=1e-6)
+
+
+def test_dropless_dispatch_pads_each_expert_to_whole_blocks():
+    # Expert 0: 3 rows -> 2 blocks of 2 (one zero row); expert 1: none; expert 2: 3 rows.
+    index = jnp.array([[[0, 2], [2, 0], [0, 2]]])
+    dispatcher = moe.dropless_dispatcher(index, jnp.ones((1, 3, 2)), num_experts=3, block_size=2)
+    rows = dispatcher.dispatch(jnp.array([[[1.0], [2.0], [3.0]]]))
+    np.testing.assert_array_equal(rows[:8, 0], [1, 2, 3, 0, 1, 2, 3, 0])
+    np.testing.assert_array_equal(dispatcher.row[0], [[0, 4], [5, 1], [2, 6]])
+    assert not bool(jnp.any(rows[8:]))
+
+
+def test_block_expert_mlp_matches_numpy_in_value_and_gradient():
+    """Blocks of expert-sorted rows, an empty expert and a partial last block, against numpy."""
+    rng = np.random.default_rng(0)
+    e, d, h, block = 3, 4, 6, 4
+    sizes = np.array([5, 0, 7])
+    start, count = grouped_matmul.block_layout(jnp.asarray(sizes), block)
+    np.testing.assert_array_equal(start, [0, 2, 2])
+    np.testing.assert_array_equal(count, [2, 0, 2])
+    num_rows = grouped_matmul.padded_rows(int(sizes.sum()), e, block)
+    x = rng.normal(size=(num_rows, d)).astype(np.float32)
+    w = [rng.normal(size=s).astype(np.float32) for s in [(e, d, h), (e, h), (e, h, d), (e, d)]]
+    dy = rng.normal(size=(num_rows, d)).astype(np.float32)
+    expert_of_block = np.full(num_rows // block, -1)
+    for ex in range(e):
+        expert_of_block[int(start[ex]) : int(start[ex] + count[ex])] = ex
+
+    def numpy_mlp(x, w1, b1, w2, b2):  # float64, block by block; blocks of no expert are zero
+        y = np.zeros((num_rows, d))
+        for b, ex in enumerate(expert_of_block):
+            if ex >= 0:
+                rows = slice(b * block, (b + 1) * block)
+                y[rows] = np.tanh(x[rows] @ w1[ex] + b1[ex]) @ w2[ex] + b2[ex]
+        return y
+
+    segments = (jnp.arange(e, dtype=jnp.int32), start, count)
+
+    def loss(x, weights):
+        y = grouped_matmul.block_expert_mlp(x, weights, *segments, block, jnp.tanh)
+        return jnp.sum(y * dy), y
+
+    (_, y), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x, tuple(w))
+    w64 = [a.astype(np.float64) for a in w]
+    np.testing.assert_allclose(y, numpy_mlp(x.astype(np.float64), *w64), rtol=1e-5, atol=1e-5)
+    # Numerical gradients (central differences in float64) of sum(y * dy).
+    flat = [x.astype(np.float64)] + w64
+    for i, analytic in enumerate([grads[0], *grads[1]]):
+        num = np.zeros_like(flat[i])
+        for idx in np.ndindex(flat[i].shape):
+            plus = [a.copy() for a in flat]
+            minus = [a.copy() for a in flat]
+            plus[i][idx] += 1e-6
+            minus[i][idx] -= 1e-6
+            num[idx] = (np.sum(numpy_mlp(*plus) * dy) - np.sum(numpy_mlp(*minus) * dy)) / 2e-6
+        np.testing.assert_allclose(analytic, num, rtol=1e-3, atol=1e-3)
 
 
 def _numpy_moe(x, params, num_experts, top_k, combine):
@@ -100,13 +158,15 @@ def _numpy_moe(x, params, num_experts, top_k, combine):
         w = logits[chosen]
         if combine == "softmax_topk":
             w = np.exp(w - w.max()) / np.exp(w - w.max()).sum()
+        elif combine == "softmax_all":
+            w = (np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum())[chosen]
         for e, we in zip(chosen, w):
             h = np.clip(token @ ex["fc1_kernel"][e] + ex["fc1_bias"][e], 0, 6)
             out[t] += we * (h @ ex["fc2_kernel"][e] + ex["fc2_bias"][e])
     return out.reshape(x.shape)
 
 
-@pytest.mark.parametrize("combine", ["softmax_topk", "raw_logits"])
+@pytest.mark.parametrize("combine", ["softmax_topk", "softmax_all", "raw_logits"])
 @pytest.mark.parametrize("capacity_factor", [None, 4.0])
 def test_moe_layer_matches_per_token_reference(combine, capacity_factor):
     layer = moe.MoEFeedForward(
@@ -167,3 +227,54 @@ def test_impossible_top_k_is_a_clear_error():
     layer = moe.MoEFeedForward(num_experts=2, top_k=3, hidden_dim=4)
     with pytest.raises(ValueError, match="top_k=3 must be between 1 and num_experts=2"):
         layer.init(jax.random.key(0), jnp.ones((1, 2, 4)))
+
+
+def test_softmax_all_weights_are_the_full_softmax_at_the_chosen_experts():
+    logits = jnp.array([[2.0, 1.0, 0.0, -1.0]])
+    index, w = moe.top_k_routing(logits, 2, "softmax_all")
+    p = np.exp([2.0, 1.0, 0.0, -1.0]) / np.exp([2.0, 1.0, 0.0, -1.0]).sum()
+    np.testing.assert_array_equal(index, [[0, 1]])
+    np.testing.assert_allclose(w, [p[:2]], rtol=1e-6)
+    # With K=1 the router still gets a gradient from the task loss (softmax_topk's weight is 1).
+    grad = jax.grad(lambda l: moe.top_k_routing(l, 1, "softmax_all")[1].sum())(logits)
+    assert float(jnp.abs(grad).sum()) > 0
+
+
+def test_softmax_topk_with_one_choice_is_refused_by_the_config_check():
+    from configs import common
+    from facemoe_jax.models import build_model
+
+    config = common.get_base_config()
+    config.model.update(top_k=1, router_combine="softmax_topk", moe_layers="all")
+    with pytest.raises(ValueError, match="softmax_topk' with config.model.top_k=1") as err:
+        build_model(config.model)
+    assert "\n" not in str(err.value)
+    config.model.router_combine = "softmax_all"
+    build_model(config.model)
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 4.0])
+def test_expert_outputs_are_summed_in_float32_under_bfloat16(capacity_factor):
+    """The K weighted bfloat16 outputs are summed with float32 weights in float32 and rounded to
+    bfloat16 once: equal to the float64 sum rounded once (bfloat16 weights or a bfloat16
+    running sum miss it on many tokens)."""
+    rng = np.random.default_rng(0)
+    g, s, k, e, d = 2, 32, 2, 4, 8
+    index = jnp.asarray(np.argsort(rng.random((g, s, e)), axis=-1)[..., :k].astype(np.int32))
+    weights = jnp.asarray(rng.uniform(0.05, 1.0, (g, s, k)).astype(np.float32))
+    if capacity_factor is None:
+        dispatcher = moe.dropless_dispatcher(index, weights, num_experts=e, block_size=4)
+        y = rng.normal(size=(dispatcher.num_rows, d))
+        chosen = lambda y: y[np.asarray(dispatcher.row)]  # noqa: E731
+    else:
+        dispatcher = moe.capacity_dispatcher(index, weights, num_experts=e, capacity=s)
+        y = rng.normal(size=(g, e, s, d))
+        flat = np.asarray(dispatcher._flat_slot())
+        chosen = lambda y: np.stack([y[i].reshape(e * s, d)[flat[i]] for i in range(g)])  # noqa
+    y = jnp.asarray(y, jnp.bfloat16)
+    out = dispatcher.combine(y)
+    assert out.dtype == jnp.bfloat16
+    y64 = chosen(np.asarray(y, np.float64))
+    exact = np.einsum("gsk,gskd->gsd", np.asarray(weights, np.float64), y64)
+    expected = np.asarray(jnp.asarray(exact.astype(np.float32)).astype(jnp.bfloat16), np.float64)
+    np.testing.assert_array_equal(np.asarray(out, np.float64), expected)

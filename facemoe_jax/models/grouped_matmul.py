@@ -1,0 +1,191 @@
+"""Expert MLPs over expert-sorted rows in fixed-size blocks: the dropless MoE's expert compute.
+
+`jax.lax.ragged_dot` has no native kernel on XLA:CPU: it is lowered densely (every row through
+every group's weights, then masked), which costs E/K times the useful FLOPs and E/K times the
+memory. Here the rows are laid out by the dispatcher in blocks of `block_size` rows, each block
+belonging to one expert (an expert's rows are padded up to a whole number of blocks), and a
+segment is a run of consecutive blocks that share an expert:
+
+    x (R, D) with R = NB * block_size;  w1 (E, D, H), b1 (E, H), w2 (E, H, D), b2 (E, D)
+    segment s: blocks [start[s], start[s] + count[s]) of x go through expert expert[s]
+
+The MLPs run in two nested loops (segments, then their blocks) with dynamic trip counts, so only
+the blocks that hold rows are computed: the cost is the useful work plus at most
+`block_size - 1` padding rows per segment, whatever the routing. Blocks in no segment come out
+as zeros. Each block's (B, H) hidden activations stay inside the loop body (cache-resident);
+the backward pass (custom VJP, the same loops) recomputes them instead of storing (R, H), and
+accumulates the weight gradients of each block in float32.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+
+
+def _blocks(x: Array, block_size: int) -> Array:
+    rows, width = x.shape
+    if rows % block_size:
+        raise ValueError(f"{rows} rows are not a whole number of {block_size}-row blocks")
+    return x.reshape(rows // block_size, block_size, width)
+
+
+def _vma(*arrays) -> tuple[str, ...]:
+    """Mesh axes (inside `shard_map`) over which any of the arrays varies; () outside."""
+    axes = set()
+    for a in arrays:
+        manual = getattr(jax.typeof(a), "manual_axis_type", None)
+        axes |= set(manual.varying if manual is not None else getattr(jax.typeof(a), "vma", ()))
+    return tuple(sorted(axes))
+
+
+def _varying(x, axes):
+    """x typed as varying over `axes` (a no-op outside `shard_map`): loop carries that start as
+    constants must have the type of the values the loop writes into them."""
+    missing = tuple(a for a in axes if a not in _vma(x))
+    return lax.pcast(x, missing, to="varying") if missing else x
+
+
+def _zeros(shape, dtype, axes):
+    return _varying(jnp.zeros(shape, dtype), axes)
+
+
+def _segment_loop(num_segments, start, count, body_fn, init):
+    """Runs body_fn(s, b, carry) for every block b of every segment s."""
+
+    def segment(s, carry):
+        return lax.fori_loop(start[s], start[s] + count[s], lambda b, c: body_fn(s, b, c), carry)
+
+    return lax.fori_loop(0, num_segments, segment, init)
+
+
+def _dot(a, b, contract):
+    return lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=jnp.float32)
+
+
+def _mlp_forward(x, weights, expert, start, count, block_size, activation):
+    w1, b1, w2, b2 = weights
+    xb = _blocks(x, block_size)
+    y = _zeros(xb.shape[:2] + (w2.shape[2],), x.dtype, _vma(x, *weights, expert, start, count))
+
+    def body(s, b, y):
+        e = expert[s]
+        xi = lax.dynamic_index_in_dim(xb, b, keepdims=False)
+        pre = _dot(xi, lax.dynamic_index_in_dim(w1, e, keepdims=False), ((1,), (0,)))
+        pre = pre + lax.dynamic_index_in_dim(b1, e, keepdims=False).astype(jnp.float32)
+        h = activation(pre.astype(x.dtype))
+        yi = _dot(h, lax.dynamic_index_in_dim(w2, e, keepdims=False), ((1,), (0,)))
+        yi = yi + lax.dynamic_index_in_dim(b2, e, keepdims=False).astype(jnp.float32)
+        return lax.dynamic_update_index_in_dim(y, yi.astype(y.dtype), b, 0)
+
+    y = _segment_loop(expert.shape[0], start, count, body, y)
+    return y.reshape(x.shape[0], -1)
+
+
+def block_expert_mlp(x, weights, expert, start, count, block_size, activation):
+    """Two-layer expert MLPs on expert-sorted blocks of rows, fused per block.
+
+    x (R, D) rows, weights = (w1 (E, D, H), b1 (E, H), w2 (E, H, D), b2 (E, D)); block b of
+    segment s computes activation(x[b] @ w1[e] + b1[e]) @ w2[e] + b2[e] with e = expert[s]. The
+    (block, H) hidden activations never leave the loop body: the backward pass recomputes them
+    block by block (one extra block matmul) instead of storing (R, H) of them, which keeps the
+    layer's memory at O(R * D) and its traffic close to the dense MLP's.
+    Blocks in no segment come out as zeros (no bias).
+
+    Inside `shard_map` every operand is first typed as varying over the same mesh axes (for
+    replicated weights the transpose of that cast is the psum of their gradient over devices).
+    """
+    axes = _vma(x, *weights, expert, start, count)
+    x, weights, expert, start, count = jax.tree.map(
+        lambda a: _varying(a, axes), (x, tuple(weights), expert, start, count)
+    )
+    return _block_expert_mlp(x, weights, expert, start, count, block_size, activation)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _block_expert_mlp(x, weights, expert, start, count, block_size, activation):
+    return _mlp_forward(x, weights, expert, start, count, block_size, activation)
+
+
+def _mlp_fwd(x, weights, expert, start, count, block_size, activation):
+    y = _mlp_forward(x, weights, expert, start, count, block_size, activation)
+    return y, (x, weights, expert, start, count)
+
+
+def _mlp_bwd(block_size, activation, residuals, dy):
+    x, (w1, b1, w2, b2), expert, start, count = residuals
+    xb, dyb = _blocks(x, block_size), _blocks(dy.astype(x.dtype), block_size)
+    f32 = jnp.float32
+    axes = _vma(x, dy, w1, b1, w2, b2, expert, start, count)
+    init = (
+        _zeros(xb.shape, x.dtype, axes),
+        _zeros(w1.shape, f32, axes),
+        _zeros(b1.shape, f32, axes),
+        _zeros(w2.shape, f32, axes),
+        _zeros(b2.shape, f32, axes),
+    )
+
+    def body(s, b, carry):
+        dx, dw1, db1, dw2, db2 = carry
+        e = expert[s]
+        w1e = lax.dynamic_index_in_dim(w1, e, keepdims=False)
+        w2e = lax.dynamic_index_in_dim(w2, e, keepdims=False)
+        xi = lax.dynamic_index_in_dim(xb, b, keepdims=False)
+        gi = lax.dynamic_index_in_dim(dyb, b, keepdims=False)
+        pre = _dot(xi, w1e, ((1,), (0,)))
+        pre = (pre + lax.dynamic_index_in_dim(b1, e, keepdims=False).astype(f32)).astype(x.dtype)
+        h, act_vjp = jax.vjp(activation, pre)
+        dh = _dot(gi, w2e, ((1,), (1,))).astype(x.dtype)
+        (dpre,) = act_vjp(dh)
+        dxi = _dot(dpre, w1e, ((1,), (1,)))
+        dx = lax.dynamic_update_index_in_dim(dx, dxi.astype(dx.dtype), b, 0)
+
+        def add(acc, value):
+            return lax.dynamic_update_index_in_dim(
+                acc, lax.dynamic_index_in_dim(acc, e, keepdims=False) + value, e, 0
+            )
+
+        dw2 = add(dw2, _dot(h, gi, ((0,), (0,))))
+        db2 = add(db2, jnp.sum(gi.astype(f32), axis=0))
+        dw1 = add(dw1, _dot(xi, dpre, ((0,), (0,))))
+        db1 = add(db1, jnp.sum(dpre.astype(f32), axis=0))
+        return dx, dw1, db1, dw2, db2
+
+    dx, dw1, db1, dw2, db2 = _segment_loop(expert.shape[0], start, count, body, init)
+    grads = tuple(g.astype(w.dtype) for g, w in zip((dw1, db1, dw2, db2), (w1, b1, w2, b2)))
+    return dx.reshape(x.shape), grads, None, None, None
+
+
+_block_expert_mlp.defvjp(_mlp_fwd, _mlp_bwd)
+
+
+def blocks_per_group(group_sizes: Array, block_size: int) -> Array:
+    """(E,) rows per expert -> (E,) blocks per expert (ceil)."""
+    return (group_sizes + block_size - 1) // block_size
+
+
+def block_layout(group_sizes: Array, block_size: int) -> tuple[Array, Array]:
+    """(E,) rows per expert -> (first block of each expert (E,), blocks of each expert (E,))."""
+    count = blocks_per_group(group_sizes, block_size).astype(jnp.int32)
+    start = jnp.cumsum(count) - count
+    return start.astype(jnp.int32), count
+
+
+def padded_rows(num_assignments: int, num_experts: int, block_size: int) -> int:
+    """Static row count that holds any routing of `num_assignments` rows in whole blocks."""
+    blocks = -(-(num_assignments + num_experts * (block_size - 1)) // block_size)
+    return blocks * block_size
+
+
+def choose_block_size(num_assignments: int, num_experts: int) -> int:
+    """Rows per block: large enough for efficient matmuls, small enough that the padding
+    (at most block_size - 1 rows per expert) stays a small share of the rows."""
+    block = 256
+    while block > 8 and num_experts * block > num_assignments // 8:
+        block //= 2
+    return block
