@@ -36,6 +36,11 @@ def _check_routing(cfg: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"config.model.router_combine={cfg.router_combine!r} is not one of {COMBINE_MODES}"
         )
+    if cfg.router_combine == "softmax_topk" and cfg.top_k == 1:
+        raise ValueError(
+            "config.model.router_combine='softmax_topk' with config.model.top_k=1 gives every "
+            "token weight 1 and the router no gradient: use 'softmax_all' (Switch) or 'raw_logits'"
+        )
     if cfg.capacity_factor < 0:
         raise ValueError(
             f"config.model.capacity_factor={cfg.capacity_factor} must be >= 0 (0 = dropless)"
