@@ -131,7 +131,7 @@ def get_base_config() -> ml_collections.ConfigDict:
             # training split: other identities, every image captured small) and by the probes of
             # the synthetic TinyFace-like evaluation.
             acquisition_min_pixels=8,
-            acquisition_max_pixels=14,
+            acquisition_max_pixels=16,
             acquisition_blur=0.5,  # max optical blur sigma, in low-resolution pixels
             acquisition_noise_sigma=6.0,  # max sensor noise, grey levels
             acquisition_jpeg_quality="30,80",  # JPEG quality range at the small size

@@ -274,3 +274,83 @@ def random_target_resolution(
     if not _applies(rng, p):
         return image
     return to_resolution(image, int(pixels[int(rng.integers(len(pixels)))]))
+
+
+def acquisition_low_resolution(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    min_pixels: int = 8,
+    max_pixels: int = 16,
+    max_blur: float = 0.5,
+    max_noise_sigma: float = 6.0,
+    jpeg_quality: tuple[int, int] = (30, 80),
+) -> np.ndarray:
+    """A face as a distant camera captures it, resized back to the input size (always applied).
+
+    Unlike a clean resize (``to_resolution``), every step happens where a camera does it:
+      1. optics: Gaussian blur, sigma U(0, max_blur) *low-resolution* pixels (scaled to the
+         input grid), on top of the sensor's own area integration;
+      2. sensor: area-average to P x P pixels, P uniform in {min_pixels .. max_pixels};
+      3. read noise at the small size, sigma U(0, max_noise_sigma) grey levels per pixel and
+         channel (so one noisy sensor pixel covers many input pixels after upscaling);
+      4. compression: JPEG at quality U{jpeg_quality} of the P x P image (blocking at that size);
+      5. bilinear resize back to the input, as a pipeline feeding the network does.
+    Draws, in order: P, blur, noise sigma, the noise field, the JPEG quality.
+    """
+    if not 1 <= min_pixels <= max_pixels:
+        raise ValueError(
+            f"need 1 <= acquisition min_pixels ({min_pixels}) <= max_pixels ({max_pixels})"
+        )
+    low, high = (int(q) for q in jpeg_quality)
+    if not 1 <= low <= high <= 100:
+        raise ValueError(f"acquisition JPEG quality range {jpeg_quality} must lie in 1..100")
+    height, width = image.shape[:2]
+    pixels = int(rng.integers(min_pixels, max_pixels + 1))
+    sigma = rng.uniform(0.0, max(0.0, max_blur)) * width / pixels
+    if sigma > 0.05:
+        size = 2 * int(np.ceil(3 * sigma)) + 1
+        image = cv2.GaussianBlur(image, (size, size), sigma, borderType=cv2.BORDER_REFLECT_101)
+    small = _resize(image, pixels, pixels, cv2.INTER_AREA)
+    noise_sigma = np.float32(rng.uniform(0.0, max(0.0, max_noise_sigma)))
+    small = _to_uint8(small + rng.standard_normal(small.shape, dtype=np.float32) * noise_sigma)
+    quality = int(rng.integers(low, high + 1))
+    ok, encoded = cv2.imencode(
+        ".jpg", cv2.cvtColor(small, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality]
+    )
+    if not ok:
+        raise RuntimeError(f"OpenCV failed to JPEG-encode an image of shape {small.shape}")
+    small = cv2.cvtColor(cv2.imdecode(encoded, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    return _resize(small, width, height, cv2.INTER_LINEAR)
+
+
+def acquisition_settings(data_cfg) -> dict:
+    """Keyword arguments of ``acquisition_low_resolution`` from ``config.data.acquisition_*``."""
+    text = str(data_cfg.acquisition_jpeg_quality)
+    try:
+        low, high = (int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(
+            f"config.data.acquisition_jpeg_quality={text!r} is not 'MIN,MAX' (e.g. '30,80')"
+        ) from None
+    if not 1 <= low <= high <= 100:
+        raise ValueError(
+            f"config.data.acquisition_jpeg_quality={text!r} must be MIN,MAX with "
+            "1 <= MIN <= MAX <= 100"
+        )
+    low_px, high_px = int(data_cfg.acquisition_min_pixels), int(data_cfg.acquisition_max_pixels)
+    if not 1 <= low_px <= high_px:
+        raise ValueError(
+            f"need 1 <= config.data.acquisition_min_pixels ({low_px}) <= "
+            f"config.data.acquisition_max_pixels ({high_px})"
+        )
+    for field in ("acquisition_blur", "acquisition_noise_sigma"):
+        if data_cfg[field] < 0:
+            raise ValueError(f"config.data.{field}={data_cfg[field]} must be >= 0")
+    return dict(
+        min_pixels=low_px,
+        max_pixels=high_px,
+        max_blur=float(data_cfg.acquisition_blur),
+        max_noise_sigma=float(data_cfg.acquisition_noise_sigma),
+        jpeg_quality=(low, high),
+    )

@@ -3,6 +3,8 @@
 ``config.data.train`` is one string, ``kind`` or ``kind:location``:
 
   "synthetic"            the embedded procedural identities (no download; sizes from the config)
+  "synthetic_lr"         other synthetic identities, every image captured at low resolution
+                         (``config.data.acquisition_*``): the stand-in for TinyFace's training set
   "recordio:/data/ms1m"  insightface RecordIO: a folder with train.rec/train.idx, or a .rec path
   "folder:/data/faces"   one sub-folder per identity, labels in sorted folder-name order
   "tfds:name[/config]"   a prepared TFDS data set (``config.data.tfds_split``,
@@ -14,23 +16,26 @@ The data's class count must equal ``config.data.num_classes`` (the classifier's 
 before anything is compiled.
 """
 
+import functools
+
 import ml_collections
 
-from facemoe_jax.data import folder, recordio, synthetic, tfds_sources
+from facemoe_jax.data import degrade, folder, recordio, synthetic, tfds_sources
 
-KINDS = ("synthetic", "recordio", "folder", "tfds", "arrayrecord")
+KINDS = ("synthetic", "synthetic_lr", "recordio", "folder", "tfds", "arrayrecord")
+SYNTHETIC_KINDS = ("synthetic", "synthetic_lr")
 
 
 def open_source(config: ml_collections.ConfigDict):
     """The source named by ``config.data.train`` (not yet checked against the config)."""
     spec = str(config.data.train)
     kind, _, location = spec.partition(":")
-    if kind not in KINDS or (kind == "synthetic") == bool(location):
+    if kind not in KINDS or (kind in SYNTHETIC_KINDS) == bool(location):
         raise ValueError(
             f"config.data.train={spec!r} is not a known source: use 'synthetic', "
-            "'recordio:PATH', 'folder:PATH', 'tfds:NAME' or 'arrayrecord:PATH'"
+            "'synthetic_lr', 'recordio:PATH', 'folder:PATH', 'tfds:NAME' or 'arrayrecord:PATH'"
         )
-    if kind == "synthetic":
+    if kind in SYNTHETIC_KINDS:
         if config.data.synthetic_images_per_identity < 1:
             raise ValueError(
                 "config.data.synthetic_images_per_identity="
@@ -42,6 +47,7 @@ def open_source(config: ml_collections.ConfigDict):
             image_size=config.model.image_size,
             seed=config.seed,
             cache_images=config.data.synthetic_cache,
+            **(_low_resolution_capture(config.data) if kind == "synthetic_lr" else {}),
         )
     if kind == "recordio":
         return recordio.RecordIODataSource(location)
@@ -56,6 +62,13 @@ def open_source(config: ml_collections.ConfigDict):
         image_key=config.data.image_key,
         label_key=config.data.label_key,
     )
+
+
+def _low_resolution_capture(data_cfg) -> dict:
+    capture = functools.partial(
+        degrade.acquisition_low_resolution, **degrade.acquisition_settings(data_cfg)
+    )
+    return {"first_identity": synthetic.LR_TRAIN_FIRST_IDENTITY, "capture": capture}
 
 
 def check_source(source, config: ml_collections.ConfigDict) -> None:

@@ -34,6 +34,7 @@ Determinism conventions:
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import numpy as np
 
@@ -41,8 +42,14 @@ from facemoe_jax.data.face_render import render_face
 from facemoe_jax.data.face_traits import identity_traits
 
 HELD_OUT_FIRST_IDENTITY = 1_000_000
+# The low-resolution training set ("synthetic_lr", a stand-in for TinyFace's training split):
+# identities disjoint from HR pre-training (0 .. n-1, n < 500,000) and from evaluation.
+LR_TRAIN_FIRST_IDENTITY = 500_000
+# The synthetic TinyFace-like identification protocol (evaluate/synthetic_tinyface.py).
+TINYFACE_FIRST_IDENTITY = 2_000_000
 _IMAGE_STREAM = 0x1A6E  # separates per-image draws from per-identity draws
 _PAIR_STREAM = 0x9A125  # separates verification-pair sampling from everything else
+_CAPTURE_STREAM = 0xCA97  # the per-image capture degradation of a low-resolution source
 
 
 @functools.lru_cache(maxsize=4096)
@@ -58,6 +65,21 @@ def render_identity_image(
     return render_face(_cached_traits(identity, seed), rng, image_size)
 
 
+def capture_identity_image(
+    identity: int, image_index: int, image_size: int, seed: int, capture: Callable
+) -> np.ndarray:
+    """``render_identity_image`` as a camera captured it: ``capture(image, rng)`` with a
+    generator of its own per (seed, identity, image), so the low-resolution copy of an image is
+    fixed (a data set captured small, like TinyFace) and independent of the render's draws."""
+    image = render_identity_image(identity, image_index, image_size, seed)
+    return capture(image, capture_generator(identity, image_index, seed))
+
+
+def capture_generator(identity: int, image_index: int, seed: int) -> np.random.Generator:
+    """The random stream of one image's low-resolution capture."""
+    return np.random.default_rng([seed, identity, _CAPTURE_STREAM, image_index])
+
+
 class SyntheticFaces:
     """Random-access source of synthetic face images (a grain data source).
 
@@ -66,7 +88,9 @@ class SyntheticFaces:
     whole identities; training shuffles anyway). Each record is
     ``{"image": uint8 (S, S, 3) RGB, "label": int}`` with label ``identity - first_identity``
     in ``0 .. num_identities - 1``. The image is a pure function of (seed, identity, image
-    index): the same record always has the same bytes, in any process.
+    index): the same record always has the same bytes, in any process. With ``capture`` (e.g.
+    ``degrade.acquisition_low_resolution``) every image is the low-resolution capture of that
+    render, also fixed per record (``capture_identity_image``).
 
     Training uses ``first_identity=0``; evaluation uses identities from
     ``HELD_OUT_FIRST_IDENTITY`` (1,000,000) on, disjoint from any training source with fewer
@@ -88,6 +112,7 @@ class SyntheticFaces:
         first_identity: int = 0,
         *,
         cache_images: bool = False,
+        capture: Callable | None = None,
     ):
         if num_identities < 1 or images_per_identity < 1 or image_size < 1:
             raise ValueError(
@@ -102,6 +127,7 @@ class SyntheticFaces:
         self.seed = int(seed)
         self.first_identity = int(first_identity)
         self.cache_images = bool(cache_images)
+        self.capture = capture
         self._cache: dict[int, np.ndarray] = {}
 
     def __getstate__(self) -> dict:
@@ -125,9 +151,13 @@ class SyntheticFaces:
         label, image_index = divmod(record_key, self.images_per_identity)
         image = self._cache.get(record_key)
         if image is None:
-            image = render_identity_image(
-                self.first_identity + label, image_index, self.image_size, self.seed
-            )
+            identity = self.first_identity + label
+            if self.capture is None:
+                image = render_identity_image(identity, image_index, self.image_size, self.seed)
+            else:
+                image = capture_identity_image(
+                    identity, image_index, self.image_size, self.seed, self.capture
+                )
             if self.cache_images:
                 image.flags.writeable = False  # shared between calls: protect the cache
                 self._cache[record_key] = image
@@ -137,7 +167,8 @@ class SyntheticFaces:
         return (
             f"SyntheticFaces(num_identities={self.num_identities}, "
             f"images_per_identity={self.images_per_identity}, image_size={self.image_size}, "
-            f"seed={self.seed}, first_identity={self.first_identity})"
+            f"seed={self.seed}, first_identity={self.first_identity}"
+            f"{', captured low-resolution' if self.capture is not None else ''})"
         )
 
 

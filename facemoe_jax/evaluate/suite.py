@@ -11,7 +11,9 @@ a checkpoint. From ``config.eval`` it runs, in order:
 2. resolution sweeps of the sets in ``low_resolution_sets`` at ``low_resolutions`` pixels,
    degrading the sides in ``low_resolution_sides`` (entries 'lfw@8px', 'lfw@probe8px');
 3. IJB-B / IJB-C 1:1 verification from ``ijbb_dir`` / ``ijbc_dir``: TAR at FAR 1e-6 .. 1e-1;
-4. TinyFace rank-1/5/20 from ``tinyface_dir`` (and ``tinyface_mat_dir``);
+4. the synthetic TinyFace-like identification (``synthetic_tinyface_identities`` > 0): LR
+   probes against an HR gallery with distractors, rank-1/5/10 (`synthetic_tinyface.py`);
+   TinyFace rank-1/5/20 from ``tinyface_dir`` (and ``tinyface_mat_dir``);
 5. the expert routing map of ``routing_map_faces`` faces of the first pair set.
 
 A set named in ``bin_sets`` whose file is missing is skipped with a note; a configured folder that
@@ -39,6 +41,7 @@ from facemoe_jax.evaluate import (
     quality,
     routing_map,
     sweep,
+    synthetic_tinyface,
     tinyface,
     verification,
 )
@@ -55,6 +58,7 @@ def check_eval_config(config) -> None:
         path = ev[field]
         if path and not os.path.isdir(path):
             raise ValueError(f"config.eval.{field}={path!r} is not a directory")
+    synthetic_tinyface.check_config(config)
     if ev.every_steps < 0:
         raise ValueError(f"config.eval.every_steps={ev.every_steps} must be >= 0 (0 = at the end)")
 
@@ -143,6 +147,11 @@ def run_evaluations(model, variables, config, workdir: str, step: int, writer) -
                           for px in sizes}  # fmt: skip
                 points[size] = metrics["accuracy"]
                 resolution_curves[f"{name} ({side})"] = (list(points), list(points.values()))
+
+    if ev.synthetic_tinyface_identities > 0:
+        results["synthetic_tinyface"] = synthetic_tinyface.evaluate_synthetic_tinyface(
+            embed_array, config
+        )
 
     for name in ("ijbb", "ijbc"):
         if ev[f"{name}_dir"]:

@@ -194,3 +194,42 @@ def test_jpeg_quality_controls_the_error(face):
         return np.abs(out.astype(float) - face).mean()
 
     assert error(5) > error(50) > error(95)
+
+
+def test_acquisition_is_a_small_capture_resized_back(face):
+    """Without blur, noise and JPEG loss it is the clean P-pixel resize; with them it differs."""
+    clean = degrade.acquisition_low_resolution(
+        face, np.random.default_rng(0), min_pixels=10, max_pixels=10, max_blur=0.0,
+        max_noise_sigma=0.0, jpeg_quality=(100, 100),
+    )  # fmt: skip
+    assert clean.shape == face.shape and clean.dtype == np.uint8
+    reference = degrade.to_resolution(face, 10)
+    # JPEG at quality 100 keeps luma nearly exactly (its 4:2:0 chroma subsampling does not).
+    luma = np.array([0.299, 0.587, 0.114])
+    assert np.abs((clean.astype(float) - reference) @ luma).mean() < 1.5
+    settings = dict(min_pixels=8, max_pixels=16, max_blur=0.5, max_noise_sigma=6.0,
+                    jpeg_quality=(30, 80))  # fmt: skip
+    a = degrade.acquisition_low_resolution(face, np.random.default_rng(5), **settings)
+    b = degrade.acquisition_low_resolution(face, np.random.default_rng(5), **settings)
+    np.testing.assert_array_equal(a, b)  # a pure function of the generator
+    assert _high_frequency_energy(a) < 0.5 * _high_frequency_energy(face)
+    c = degrade.acquisition_low_resolution(face, np.random.default_rng(6), **settings)
+    assert not np.array_equal(a, c)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("acquisition_min_pixels", 20, r"acquisition_min_pixels \(20\) <= .*max_pixels \(16\)"),
+        ("acquisition_jpeg_quality", "80", "acquisition_jpeg_quality='80' is not 'MIN,MAX'"),
+        ("acquisition_jpeg_quality", "0,50", "1 <= MIN <= MAX <= 100"),
+        ("acquisition_noise_sigma", -1.0, "acquisition_noise_sigma=-1.0 must be >= 0"),
+    ],
+)
+def test_acquisition_settings_name_the_field(field, value, message):
+    from configs import common
+
+    data = common.get_base_config().data
+    data[field] = value
+    with pytest.raises(ValueError, match=message):
+        degrade.acquisition_settings(data)

@@ -127,3 +127,20 @@ def test_image_cache_returns_the_same_bytes_read_only_and_is_not_pickled():
     restored = pickle.loads(pickle.dumps(cached))
     assert len(pickle.dumps(cached)) < 1000 and restored._cache == {}
     np.testing.assert_array_equal(restored[5]["image"], first)
+
+
+def test_low_resolution_source_is_other_identities_captured_small_and_fixed():
+    from configs import common
+    from facemoe_jax.data import sources
+
+    config = common.get_base_config()
+    config.model.image_size = 48
+    config.data.update(train="synthetic_lr", num_classes=5, synthetic_images_per_identity=2)
+    source = sources.train_source(config)
+    assert source.first_identity == synthetic.LR_TRAIN_FIRST_IDENTITY
+    record = source[3]
+    assert record["label"] == 1
+    np.testing.assert_array_equal(record["image"], sources.train_source(config)[3]["image"])
+    clean = synthetic.render_identity_image(synthetic.LR_TRAIN_FIRST_IDENTITY + 1, 1, 48, 0)
+    assert np.abs(record["image"].astype(int) - clean).mean() > 3  # degraded, not the render
+    assert "captured low-resolution" in repr(source)
