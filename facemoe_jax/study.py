@@ -1,0 +1,547 @@
+r"""The low-resolution adaptation study: every recipe from one HR model, the same columns.
+
+  python -m facemoe_jax.study --out runs/study                  # pre-train, then every recipe
+  python -m facemoe_jax.study --out runs/study --seeds 3        # mean ± std over 3 seeds
+  python -m facemoe_jax.study --out runs/study --pretrained runs/demo   # skip pre-training
+
+What the seed papers (FaceMoE, PETALface, instance-relation distillation, recognizability) all
+report: a model pre-trained on high-resolution (HR) faces is adapted to low-resolution (LR) data
+by several methods; each row shows what the method gained at LR and what it kept at HR.
+
+Protocol (all on the embedded synthetic identities, nothing downloaded):
+  1. pre-training: `--config` (default configs/demo.py) at HR, once (`out/pretrain_moe`); a dense
+     twin (`moe_layers="none"`, `out/pretrain_dense`) only when a recipe starts from it;
+  2. adaptation: every registered recipe starts from that checkpoint and trains `--steps` steps
+     (the same budget and seed for all) on the LR training set `synthetic_lr` (other identities,
+     every image captured small: blur, a sensor of 8-16 px, noise, JPEG), with a fresh
+     classifier over those identities unless the recipe continues another row's;
+  3. evaluation, the same columns for every row: HR verification (held-out pairs at full
+     resolution: accuracy, TAR@FAR=1e-3); LR identification (the synthetic TinyFace-like
+     protocol: LR probes against an HR gallery with 1,000 distractor identities, rank-1/5/10);
+     LR verification with only the probe degraded to 8 and 12 px.
+Rows already finished (same settings) are read back, not recomputed, so a second run of the same
+command prints the table at once and an interrupted study continues where it stopped.
+
+Output in `--out`: table.md, results.json (every row and seed, with the settings), and
+hr_vs_lr.png (HR accuracy against LR rank-1, one point per recipe).
+
+Adding a row = registering a `Recipe` (a name, what it starts from, how it changes the
+adaptation config); the loop below does not change. Later recipes (PETALface, distillation,
+recognizability) register themselves the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+from typing import Callable
+
+import ml_collections
+import numpy as np
+
+PRETRAINED = "pretrained"  # the HR MoE pre-training run
+DENSE_PRETRAINED = "dense_pretrained"  # its dense twin (for upcycling)
+
+# What a study row reports, in table order: (results.json entry, metric, column title).
+COLUMNS = (
+    ("synthetic", "accuracy", "HR verif. acc"),
+    ("synthetic", "tar@far=1e-3", "HR TAR@1e-3"),
+    ("synthetic_tinyface", "hr_rank1", "HR rank-1"),
+    ("synthetic_tinyface", "rank1", "LR rank-1"),
+    ("synthetic_tinyface", "rank5", "LR rank-5"),
+    ("synthetic_tinyface", "rank10", "LR rank-10"),
+    ("synthetic@probe8px", "accuracy", "LR verif. 8 px"),
+    ("synthetic@probe12px", "accuracy", "LR verif. 12 px"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """One row of the study.
+
+    name: the row's name; description: one line for the table.
+    start: PRETRAINED, DENSE_PRETRAINED or another recipe's name (its run is the starting point).
+    configure: changes the adaptation config in place (trainable set, losses, lr, ...).
+    train: False = evaluate the starting point as it is (the "no adaptation" row).
+    """
+
+    name: str
+    description: str
+    start: str = PRETRAINED
+    configure: Callable[[ml_collections.ConfigDict], None] = lambda config: None
+    train: bool = True
+
+
+RECIPES: dict[str, Recipe] = {}
+
+
+def register(recipe: Recipe) -> Recipe:
+    if recipe.name in RECIPES:
+        raise ValueError(f"a study recipe named {recipe.name!r} is already registered")
+    RECIPES[recipe.name] = recipe
+    return recipe
+
+
+# ---- The recipes of the low-resolution adaptation issue.
+
+
+def _classifier_only(config):
+    # FaceMoE stage 1 (train_fc.py): only a new classifier trains; the backbone runs in train
+    # mode, so its BatchNorm statistics follow the LR data.
+    config.train.update(trainable=("^classifier/",), update_batch_stats=True)
+    config.loss.update(sample_rate=0.6, z_coef=0.0, balance_coef=0.0)
+    config.optimizer.update(learning_rate=2e-3)
+
+
+def _full_fine_tuning(config):
+    config.loss.update(z_coef=0.0, balance_coef=0.0)
+
+
+def _with_router_losses(config):
+    # FaceMoE stage 2 (train_full.py): everything trains from the stage-1 run with its
+    # classifier, the router losses weighted by lambda_aux = 10.
+    config.init_classifier = True
+    config.loss.update(z_coef=10 * config.loss.z_coef, balance_coef=10 * config.loss.balance_coef)
+
+
+def _upcycled(config):
+    config.loss.update(z_coef=10 * config.loss.z_coef, balance_coef=10 * config.loss.balance_coef)
+
+
+register(Recipe("pretrained", "HR pre-trained model, no adaptation", train=False))
+register(Recipe("classifier_only", "backbone frozen, new classifier (FaceMoE stage 1)",
+                configure=_classifier_only))  # fmt: skip
+register(Recipe("full_ft", "full fine-tuning, new classifier, no router losses",
+                configure=_full_fine_tuning))  # fmt: skip
+register(Recipe("facemoe", "FaceMoE stage 2: full fine-tuning from stage 1 + router losses x10",
+                start="classifier_only", configure=_with_router_losses))  # fmt: skip
+register(Recipe("upcycled", "dense HR pre-training upcycled to MoE, then full fine-tuning",
+                start=DENSE_PRETRAINED, configure=_upcycled))  # fmt: skip
+
+
+# ---- Configs.
+
+
+@dataclasses.dataclass(frozen=True)
+class StudySettings:
+    steps: int = 300  # adaptation steps per row
+    learning_rate: float = 5e-4  # peak lr of the adaptation rows (recipes may change it)
+    warmup_steps: int = 30
+    lr_classes: int = 600  # identities of the LR training set
+    lr_images_per_identity: int = 8
+    verification_pairs: int = 1000
+    tinyface_identities: int = 200
+    tinyface_distractors: int = 1000
+
+
+def evaluation_fields(config: ml_collections.ConfigDict, settings: StudySettings) -> None:
+    """The study's columns, identical for every row."""
+    config.eval.update(
+        synthetic_pairs=settings.verification_pairs,
+        low_resolutions="8,12",
+        low_resolution_sides="probe",
+        low_resolution_sets="synthetic",
+        synthetic_tinyface_identities=settings.tinyface_identities,
+        synthetic_tinyface_distractors=settings.tinyface_distractors,
+        synthetic_tinyface_ranks="1,5,10",
+        routing_map_faces=0,
+        every_steps=0,
+        bin_dir="", ijbb_dir="", ijbc_dir="", tinyface_dir="",
+    )  # fmt: skip
+
+
+def pretraining_config(base, dense: bool) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict(base.to_dict())
+    if dense:
+        config.model.moe_layers = "none"
+    config.eval.update(synthetic_pairs=0, routing_map_faces=0, low_resolution_sets="")
+    config.eval.synthetic_tinyface_identities = 0
+    return config
+
+
+def adaptation_config(base, recipe: Recipe, settings: StudySettings, seed: int, start_dir: str):
+    """The pre-training config turned into the LR adaptation run of `recipe`."""
+    config = ml_collections.ConfigDict(base.to_dict())
+    config.seed = seed
+    config.init_from = start_dir
+    config.init_classifier = False
+    config.data.update(
+        train="synthetic_lr",
+        num_classes=settings.lr_classes,
+        num_images=0,
+        synthetic_images_per_identity=settings.lr_images_per_identity,
+    )
+    config.train.update(num_steps=settings.steps, log_every_steps=max(settings.steps // 3, 1))
+    config.optimizer.update(
+        learning_rate=settings.learning_rate,
+        warmup_steps=settings.warmup_steps,
+        end_learning_rate=0.0,
+    )
+    config.checkpoint.update(every_steps=settings.steps, max_to_keep=1)
+    if recipe.start == DENSE_PRETRAINED:
+        config.model.moe_layers = base.model.moe_layers
+    recipe.configure(config)
+    evaluation_fields(config, settings)
+    return config
+
+
+def fingerprint(*parts) -> str:
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# ---- Running rows.
+
+
+def _read_json(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def ensure_pretrained(base, out: str, dense: bool, given: str | None) -> str:
+    """The pre-training workdir (trained now unless already there, or `given`)."""
+    if given and not dense:
+        from facemoe_jax.train.checkpoint import restore_params
+
+        restore_params(given)  # fails now, naming the path, if it holds no checkpoint
+        return os.path.abspath(given)
+    workdir = os.path.join(out, "pretrain_dense" if dense else "pretrain_moe")
+    config = pretraining_config(base, dense)
+    done = _read_json(os.path.join(workdir, "done.json"))
+    key = fingerprint(config.to_dict())
+    if done and done.get("fingerprint") == key:
+        return workdir
+    from facemoe_jax.train.loop import train_and_evaluate
+
+    print(f"[study] pre-training the {'dense' if dense else 'MoE'} HR model in {workdir} "
+          f"({config.train.num_steps} steps)", flush=True)  # fmt: skip
+    t0 = time.perf_counter()
+    train_and_evaluate(config, workdir)
+    with open(os.path.join(workdir, "done.json"), "w") as f:
+        json.dump({"fingerprint": key, "seconds": time.perf_counter() - t0}, f)
+    return workdir
+
+
+def evaluate_start(start_dir: str, config, row_dir: str) -> dict:
+    """The "no adaptation" row: the starting checkpoint under the study's evaluation."""
+    from facemoe_jax.evaluate import suite
+    from facemoe_jax.models import build_model
+    from facemoe_jax.train.checkpoint import restore_params
+    from facemoe_jax.train.writers import make_writer
+
+    saved, params, batch_stats, step = restore_params(start_dir)
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.model = saved.model
+    suite.check_eval_config(config)
+    variables = {"params": params["encoder"], "batch_stats": batch_stats}
+    writer = make_writer(row_dir)
+    results = suite.run_evaluations(build_model(config.model), variables, config, row_dir, step,
+                                    writer)  # fmt: skip
+    writer.flush()
+    return results
+
+
+def trainable_share(config) -> float:
+    """Share of encoder parameters the row trains (0 for evaluation-only rows)."""
+    from facemoe_jax.models import build_model
+    from facemoe_jax.train import optimizer as optimizer_lib
+    from facemoe_jax.train import state as state_lib
+    from facemoe_jax.train import trainable
+
+    model = build_model(config.model)
+    optimizer, _ = optimizer_lib.build_optimizer(config.optimizer, 1)
+    params = state_lib.abstract_train_state(model, optimizer, config).params
+    mask = trainable.trainable_mask(params, config.train.trainable)
+    trained, total = trainable.trainable_count(params["encoder"], mask["encoder"])
+    return trained / total
+
+
+def pick_columns(results: dict) -> dict[str, float]:
+    row = {}
+    for entry, metric, _ in COLUMNS:
+        value = results.get(entry, {}).get(metric)
+        if value is not None:
+            row[f"{entry}/{metric}"] = float(value)
+    return row
+
+
+class Progress:
+    """Which row runs, and an ETA from the seconds per training step measured so far."""
+
+    def __init__(self, rows: list[tuple[int, Recipe]], steps: int):
+        self.total = len(rows)
+        self.remaining_steps = sum(steps for _, r in rows if r.train)
+        self.remaining_evals = len(rows)
+        self.step_seconds = 0.35  # a first guess (demo model, 2 CPU cores), replaced by data
+        self.eval_seconds = 30.0
+        self.t0 = time.perf_counter()
+
+    def start(self, index: int, seed: int, recipe: Recipe, reused: bool):
+        eta = self.remaining_steps * self.step_seconds + self.remaining_evals * self.eval_seconds
+        state = "reused" if reused else "running"
+        print(f"[study] row {index}/{self.total}: {recipe.name} (seed {seed}) {state}; "
+              f"elapsed {_minutes(time.perf_counter() - self.t0)}, ETA {_minutes(eta)}",
+              flush=True)  # fmt: skip
+
+    def finish(self, recipe: Recipe, steps: int, seconds: float, reused: bool):
+        self.remaining_evals -= 1
+        if recipe.train:
+            self.remaining_steps -= steps
+            if not reused:
+                self.step_seconds = max(seconds - self.eval_seconds, 1.0) / steps
+
+
+def _minutes(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def run_row(base, recipe: Recipe, settings, seed: int, out: str, starts: dict) -> dict:
+    """Trains (or evaluates) one row; returns its record (also in row_dir/row.json)."""
+    row_dir = os.path.join(out, f"seed{seed}", recipe.name)
+    start_dir = starts[recipe.start] if recipe.start in (PRETRAINED, DENSE_PRETRAINED) else (
+        os.path.join(out, f"seed{seed}", recipe.start)
+    )
+    config = adaptation_config(base, recipe, settings, seed, start_dir)
+    start_key = _read_json(os.path.join(start_dir, "row.json")) or _read_json(
+        os.path.join(start_dir, "done.json")
+    ) or {"path": os.path.abspath(start_dir)}
+    key = fingerprint(config.to_dict(), recipe.train, start_key.get("fingerprint", start_key))
+    record = _read_json(os.path.join(row_dir, "row.json"))
+    if record and record.get("fingerprint") == key:
+        record["reused"] = True
+        return record
+    if os.path.isdir(row_dir):  # an interrupted or outdated row: start it again
+        import shutil
+
+        shutil.rmtree(row_dir)
+    os.makedirs(row_dir)
+    t0 = time.perf_counter()
+    if recipe.train:
+        from facemoe_jax.train.loop import train_and_evaluate
+
+        results = train_and_evaluate(config, row_dir)
+        share = trainable_share(config)
+    else:
+        results = evaluate_start(start_dir, config, row_dir)
+        share = 0.0
+    record = {
+        "recipe": recipe.name,
+        "description": recipe.description,
+        "seed": seed,
+        "start": recipe.start,
+        "steps": settings.steps if recipe.train else 0,
+        "trainable_share": share,
+        "metrics": pick_columns(results),
+        "seconds": time.perf_counter() - t0,
+        "fingerprint": key,
+    }
+    with open(os.path.join(row_dir, "row.json"), "w") as f:
+        json.dump(record, f, indent=2)
+    record["reused"] = False
+    return record
+
+
+def order_rows(names: list[str]) -> list[Recipe]:
+    """The requested recipes plus the rows they start from, each after its start."""
+    ordered: list[Recipe] = []
+
+    def add(name: str, chain: tuple = ()):
+        if name in (PRETRAINED, DENSE_PRETRAINED) and name not in RECIPES:
+            return
+        if name not in RECIPES:
+            raise ValueError(f"--recipes: {name!r} is not a registered recipe ({sorted(RECIPES)})")
+        if name in chain:
+            raise ValueError(f"study recipes start from each other in a loop: {chain + (name,)}")
+        recipe = RECIPES[name]
+        if recipe.start not in (PRETRAINED, DENSE_PRETRAINED):
+            add(recipe.start, chain + (name,))
+        if recipe not in ordered:
+            ordered.append(recipe)
+
+    for name in names:
+        add(name)
+    return ordered
+
+
+def run_study(base, out: str, *, seeds: int = 1, recipes=None, pretrained: str | None = None,
+              settings: StudySettings = StudySettings()) -> dict:  # fmt: skip
+    """Runs (or reads back) every row; writes table.md, results.json, hr_vs_lr.png."""
+    if seeds < 1:
+        raise ValueError(f"--seeds={seeds} must be >= 1")
+    if settings.steps < 1:
+        raise ValueError(f"--steps={settings.steps} must be >= 1")
+    out = os.path.abspath(out)
+    os.makedirs(out, exist_ok=True)
+    rows = order_rows(list(recipes or RECIPES))
+    t0 = time.perf_counter()
+    starts = {PRETRAINED: ensure_pretrained(base, out, dense=False, given=pretrained)}
+    if any(r.start == DENSE_PRETRAINED for r in rows):
+        starts[DENSE_PRETRAINED] = ensure_pretrained(base, out, dense=True, given=None)
+    plan = [(seed, recipe) for seed in range(seeds) for recipe in rows]
+    progress = Progress([(s, r) for s, r in plan], settings.steps)
+    records = []
+    for index, (seed, recipe) in enumerate(plan, 1):
+        row_dir = os.path.join(out, f"seed{seed}", recipe.name)
+        progress.start(index, seed, recipe, os.path.isfile(os.path.join(row_dir, "row.json")))
+        record = run_row(base, recipe, settings, seed, out, starts)
+        progress.finish(recipe, settings.steps, record["seconds"], record["reused"])
+        records.append(record)
+    summary = summarise(records, rows)
+    write_outputs(out, summary, records, settings, base, time.perf_counter() - t0)
+    return summary
+
+
+def summarise(records: list[dict], rows: list[Recipe]) -> dict:
+    """{recipe: {"description", "trainable_share", "seeds", metric: (mean, std)}}."""
+    summary = {}
+    for recipe in rows:
+        mine = [r for r in records if r["recipe"] == recipe.name]
+        entry = {
+            "description": recipe.description,
+            "trainable_share": mine[0]["trainable_share"],
+            "trained": recipe.train,
+            "seeds": len(mine),
+            "minutes": float(np.mean([r["seconds"] for r in mine])) / 60,
+        }
+        for key in mine[0]["metrics"]:
+            values = np.array([r["metrics"][key] for r in mine])
+            entry[key] = (float(values.mean()), float(values.std()))
+        summary[recipe.name] = entry
+    return summary
+
+
+def format_table(summary: dict) -> str:
+    titles = [title for _, _, title in COLUMNS]
+    lines = ["| recipe | encoder trained | " + " | ".join(titles) + " | min/row |",
+             "|---" * (len(titles) + 3) + "|"]  # fmt: skip
+    for name, entry in summary.items():
+        cells = []
+        for entry_name, metric, _ in COLUMNS:
+            value = entry.get(f"{entry_name}/{metric}")
+            if value is None:
+                cells.append("-")
+            elif entry["seeds"] > 1:
+                cells.append(f"{100 * value[0]:.1f} ± {100 * value[1]:.1f}")
+            else:
+                cells.append(f"{100 * value[0]:.1f}")
+        share = entry["trainable_share"]
+        trains = f"{100 * share:.1f} %" if entry["trained"] else "-"
+        lines.append(f"| {name} | {trains} | " + " | ".join(cells) + f" | {entry['minutes']:.1f} |")
+    return "\n".join(lines)
+
+
+def write_outputs(out, summary, records, settings, base, seconds: float) -> None:
+    table = format_table(summary)
+    seeds = max(entry["seeds"] for entry in summary.values())
+    header = (
+        f"Low-resolution adaptation study ({seeds} seed{'s' if seeds > 1 else ''}; "
+        f"{settings.steps} adaptation steps per row; values in %"
+        f"{', mean ± std over seeds' if seeds > 1 else ''}).\n\n"
+    )
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(header + table + "\n")
+        f.write("\n" + "\n".join(f"- {n}: {e['description']}" for n, e in summary.items()) + "\n")
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(
+            {
+                "settings": dataclasses.asdict(settings),
+                "pretraining_config": base.to_dict(),
+                "summary": summary,
+                "rows": [{k: v for k, v in r.items() if k != "reused"} for r in records],
+                "seconds": seconds,
+            },
+            f,
+            indent=2,
+            default=str,
+        )
+    plot_trade_off(summary, os.path.join(out, "hr_vs_lr.png"))
+    print(header + table, flush=True)
+    print(f"[study] done in {_minutes(seconds)}; table.md, results.json and hr_vs_lr.png in {out}",
+          flush=True)  # fmt: skip
+
+
+def plot_trade_off(summary: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name, entry in summary.items():
+        hr = entry.get("synthetic/accuracy")
+        lr = entry.get("synthetic_tinyface/rank1")
+        if hr is None or lr is None:
+            continue
+        ax.errorbar(100 * lr[0], 100 * hr[0], xerr=100 * lr[1], yerr=100 * hr[1], fmt="o",
+                    capsize=3)  # fmt: skip
+        ax.annotate(name, (100 * lr[0], 100 * hr[0]), textcoords="offset points", xytext=(5, 5))
+    ax.set_xlabel("LR identification rank-1 (%)")
+    ax.set_ylabel("HR verification accuracy (%)")
+    ax.set_title("Low-resolution adaptation: LR gain vs HR kept")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---- Command line.
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m facemoe_jax.study",
+        description="Low-resolution adaptation study: every registered recipe from one HR "
+        "pre-trained model, with the same budget, seed and evaluation.",
+    )
+    parser.add_argument("--out", required=True, help="study folder (rows are reused from it)")
+    parser.add_argument("--config", default="configs/demo.py",
+                        help="pre-training config file (default: configs/demo.py)")  # fmt: skip
+    parser.add_argument("--pretrained", default=None,
+                        help="an existing HR run (workdir) to adapt instead of pre-training")  # fmt: skip
+    parser.add_argument("--seeds", type=int, default=1, help="adaptation seeds (mean ± std)")
+    parser.add_argument("--steps", type=int, default=StudySettings.steps,
+                        help="adaptation steps per row")  # fmt: skip
+    parser.add_argument("--recipes", default="",
+                        help=f"comma list (default: all of {', '.join(RECIPES)})")  # fmt: skip
+    args = parser.parse_args(argv)
+    import jax
+
+    jax.config.update("jax_threefry_partitionable", True)  # as facemoe_jax.main
+    try:
+        base = load_config(args.config)
+        recipes = [r.strip() for r in args.recipes.split(",") if r.strip()] or None
+        run_study(base, args.out, seeds=args.seeds, recipes=recipes, pretrained=args.pretrained,
+                  settings=StudySettings(steps=args.steps))  # fmt: skip
+    except (ValueError, OSError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def load_config(path: str) -> ml_collections.ConfigDict:
+    import importlib.util
+
+    if not os.path.isfile(path):
+        raise ValueError(f"--config={path!r} is not a file")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in sys.path:
+        sys.path.insert(0, root)  # config files import configs.common
+    spec = importlib.util.spec_from_file_location("study_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    sys.exit(main())

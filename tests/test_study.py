@@ -1,0 +1,90 @@
+"""The low-resolution adaptation study: deterministic rows, reuse, registration, errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from facemoe_jax import study
+from tests.train.test_step import tiny_config
+
+SETTINGS = study.StudySettings(steps=4, warmup_steps=1, lr_classes=12, lr_images_per_identity=3,
+                               verification_pairs=40, tinyface_identities=6,
+                               tinyface_distractors=10)  # fmt: skip
+
+
+def base_config():
+    config = tiny_config(num_classes=16)
+    config.model.capacity_factor = 2.0
+    config.data.update(synthetic_images_per_identity=3, synthetic_cache=True)
+    config.train.update(num_steps=6, batch_size=16, log_every_steps=3)
+    config.eval.update(batch_size=32)
+    config.checkpoint.update(every_steps=6)
+    return config
+
+
+def rows_of(out):
+    with open(os.path.join(out, "results.json")) as f:
+        return json.load(f)["rows"]
+
+
+@pytest.mark.slow
+def test_rows_are_deterministic_reused_and_tabled(tmp_path, capsys):
+    recipes = ["pretrained", "facemoe"]  # facemoe starts from classifier_only: 3 rows
+    first = study.run_study(base_config(), str(tmp_path / "a"), recipes=recipes,
+                            settings=SETTINGS)  # fmt: skip
+    assert list(first) == ["pretrained", "classifier_only", "facemoe"]
+    study.run_study(base_config(), str(tmp_path / "b"), recipes=recipes, settings=SETTINGS)
+    a, b = rows_of(tmp_path / "a"), rows_of(tmp_path / "b")
+    assert [r["metrics"] for r in a] == [r["metrics"] for r in b]  # bitwise the same numbers
+    for row in a:
+        assert set(row["metrics"]) == {f"{e}/{m}" for e, m, _ in study.COLUMNS}, row["recipe"]
+    assert a[1]["trainable_share"] == 0.0 and a[2]["trainable_share"] == 1.0
+    # The classifier-only stage leaves the encoder's weights as they were.
+    capsys.readouterr()
+    again = study.run_study(base_config(), str(tmp_path / "a"), recipes=recipes,
+                            settings=SETTINGS)  # fmt: skip
+    out = capsys.readouterr().out
+    assert out.count(" reused;") == 3 and "running" not in out
+    assert again == first
+    table = open(tmp_path / "a" / "table.md").read()
+    assert "| facemoe | 100.0 % |" in table and "LR rank-1" in table
+    assert os.path.getsize(tmp_path / "a" / "hr_vs_lr.png") > 1000
+
+
+def test_a_registered_recipe_is_a_row_after_its_start():
+    recipe = study.Recipe("test_head", "test only", start="classifier_only")
+    study.register(recipe)
+    try:
+        names = [r.name for r in study.order_rows(["test_head", "pretrained"])]
+        assert names == ["classifier_only", "test_head", "pretrained"]
+        with pytest.raises(ValueError, match="already registered"):
+            study.register(recipe)
+    finally:
+        del study.RECIPES["test_head"]
+    with pytest.raises(ValueError, match="'nope' is not a registered recipe"):
+        study.order_rows(["nope"])
+
+
+def test_adaptation_config_is_the_lr_set_with_the_recipe_applied():
+    config = study.adaptation_config(base_config(), study.RECIPES["classifier_only"], SETTINGS,
+                                     seed=2, start_dir="/x")  # fmt: skip
+    assert config.data.train == "synthetic_lr" and config.data.num_classes == 12
+    assert config.seed == 2 and config.init_from == "/x" and not config.init_classifier
+    assert config.train.trainable == ("^classifier/",) and config.train.update_batch_stats
+    assert config.eval.synthetic_tinyface_identities == 6
+    facemoe = study.adaptation_config(base_config(), study.RECIPES["facemoe"], SETTINGS, 0, "/y")
+    assert facemoe.init_classifier and facemoe.loss.z_coef == pytest.approx(10 * 1e-3)
+
+
+def test_command_line_errors_are_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "facemoe_jax.study", "--out", str(tmp_path / "s"),
+         "--config", str(tmp_path / "missing.py")],
+        capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)),
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --config=")
+    assert "missing.py" in result.stderr
