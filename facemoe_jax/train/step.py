@@ -116,6 +116,8 @@ def make_loss_fn(model, config: ml_collections.ConfigDict):
             "train/router_z_loss": z_loss,
             "train/load_balance_loss": balance,
             "train/accuracy": cls_metrics["accuracy"],
+            # The highest share of its classes any class shard kept (Partial FC).
+            "train/partial_fc_rate": jnp.max(cls_metrics["partial_fc/effective_rate"]),
             **{f"router/{k}": v for k, v in router.items()},
         }
         return total, (mutated["batch_stats"], margin_state, metrics)
