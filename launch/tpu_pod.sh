@@ -6,7 +6,8 @@
 #       --config configs/vit_b_moe.py --workdir gs://my-bucket/runs/vitb --config.mesh.expert=8
 #
 # Options (environment): TPU_PROJECT (gcloud project), TPU_EXPECTED_DEVICES (e.g. 16 for a
-# v4-32: the preflight fails unless every host sees that many), TPU_SKIP_INSTALL=1 (code only).
+# v4-32: the preflight fails unless every host sees that many), TPU_SKIP_INSTALL=1 (code only),
+# TPU_PYTHON (the workers' Python 3.11+, default python3: older TPU VM images ship 3.10).
 # jax.distributed finds the other hosts through the TPU metadata (multihost.py); each line of
 # output is prefixed with its worker by gcloud and with "[host i/n]" by the program; only
 # process 0 writes summaries. The workdir should be a gs:// bucket all hosts can write.
@@ -38,10 +39,11 @@ gcloud compute tpus tpu-vm scp "$archive" "$tpu":facemoe_code.tar.gz --zone "$zo
 on_all_workers "mkdir -p $remote_dir && tar -xzf facemoe_code.tar.gz -C $remote_dir"
 
 if [ "${TPU_SKIP_INSTALL:-0}" != "1" ]; then
-  echo "== installing requirements (and the TPU build of the pinned jax) on every worker"
-  jax_version=$(sed -n 's/^jax==\([0-9.]*\).*/\1/p' "$root/requirements.txt")
-  on_all_workers "cd $remote_dir && python3 -m venv .venv && .venv/bin/pip install -q \
-    -r requirements.txt 'jax[tpu]==$jax_version'"
+  # The package with its [tpu] extra (jax[tpu]: jaxlib + libtpu), every version held to the pins
+  # of requirements.txt (-c: pins only what is installed, so PyTorch/ONNX are left out).
+  echo "== installing the package with jax[tpu] at the pinned versions on every worker"
+  on_all_workers "cd $remote_dir && ${TPU_PYTHON:-python3} -m venv .venv && .venv/bin/pip install -q -U pip \
+    && .venv/bin/pip install -q -c requirements.txt -e '.[tpu]'"
 fi
 
 echo "== preflight: same device count on every host, psum over all devices"
