@@ -31,8 +31,8 @@ _MODE = flags.DEFINE_enum(
     "mode",
     "train",
     ["train", "eval", "export", "import"],
-    "train (then evaluate), eval, export (W/export/model.pt, .safetensors, config.json) or "
-    "import (train starting from --config.init_from=PyTorch weights).",
+    "train (then evaluate), eval, export (W/export/model.pt, .safetensors, .onnx, config.json) "
+    "or import (train starting from --config.init_from=PyTorch weights).",
 )
 
 
