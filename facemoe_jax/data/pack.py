@@ -38,7 +38,7 @@ _SHOWN_BAD = 20  # bad paths printed; all of them go to SKIPPED_FILE
 
 def _read_checked(path: str) -> tuple[bytes | None, str | None]:
     """(file bytes, None) if the image decodes as training will decode it, else (None, why)."""
-    from facemoe_jax.data.pipeline import decode_image
+    from facemoe_jax.data.pipeline import decode_image  # imports grain: not for --help
 
     try:
         with open(path, "rb") as f:
@@ -57,6 +57,8 @@ def pack_image_folder(
     Every image is decoded once to check it (in `workers` threads; OpenCV releases the GIL).
     Undecodable ones are skipped and listed (``fail_on_bad``: a ValueError naming the first).
     """
+    from facemoe_jax.data import pipeline  # noqa: F401  (imported before the clock starts)
+
     paths, labels, identities = folder.list_image_folder(images_dir)
     os.makedirs(out_dir, exist_ok=True)
     images, kept_labels, bad = [], [], []
