@@ -36,6 +36,29 @@ def get_base_config() -> ml_collections.ConfigDict:
             capacity_factor=0.0,  # 0 = dropless (sorted tokens + grouped matmul); > 0 = capacity path
             drop_path_rate=0.1,
             dtype="float32",  # activations; "bfloat16" keeps params, router and losses float32
+            # insightface CNNs (name="iresnet" with depth 18/34/50/100/200, or "mobilefacenet";
+            # models/iresnet.py, models/mobilefacenet.py). dtype="bfloat16" is their fp16=True.
+            dropout=0.0,  # IResNet: dropout before the fc layer of the head (arcface_torch's)
+            mobilefacenet_blocks=(1, 4, 6, 2),  # arcface_torch mbf; mbf_large: (2, 8, 12, 4)
+            mobilefacenet_scale=2,  # width multiplier: mbf 2, mbf_large 4
+        )
+    )
+
+    # Low-rank adapters (models/lora.py; PETALface = rank 8 on qkv, quality_mix, head adapter).
+    config.model.lora = ml_collections.ConfigDict(
+        dict(
+            rank=0,  # 0 = no adapters
+            scale=1.0,  # s in y = Wx + s * B A x (official: 1, no alpha / rank)
+            dropout=0.1,  # on the adapter output
+            where="qkv",  # comma list of "qkv", "proj", "mlp" (dense MLPs)
+            init="official",  # "official" (A, B ~ trunc_normal 0.02) or "zero_up" (B = 0)
+            quality_mix=True,  # two adapters mixed per image by `a` (PETALface); False = LoRA
+            head=False,  # one plain adapter on the Swin embedding projection (PETALface)
+            # Where `a` comes from when the input pipeline gives none (models/quality.py):
+            # a = 0.5 + quality_sign * (score - quality_threshold).
+            quality="sharpness",  # built-in estimator, or "package.module:function"
+            quality_threshold=0.5,
+            quality_sign=1.0,  # +1: higher score = better (CNNIQA); -1: lower = better (BRISQUE)
         )
     )
 
@@ -81,9 +104,12 @@ def get_base_config() -> ml_collections.ConfigDict:
             num_steps=1000,
             batch_size=128,  # global
             log_every_steps=50,
-            # Regexes over parameter paths ("encoder/blocks_1/moe/...", "classifier/centers");
+            # Steps with a non-finite loss or gradient are skipped (state unchanged, counted in
+            # train/skipped_steps); this many in a row stop the run with a checkpoint.
+            max_bad_steps=10,
+            # Regexes (comma list) over parameter paths ("encoder/blocks_1/moe/...", "classifier/centers");
             # a parameter trains when one matches, the rest are frozen (no optimiser state).
-            trainable=(".*",),
+            trainable=".*",  # comma list, e.g. "lora,^classifier/"
             # Whether BatchNorm layers whose parameters are all frozen still update their running
             # statistics (PETALface's official code does: backbone.train()).
             update_batch_stats=False,

@@ -5,16 +5,21 @@ r"""Command line: train or evaluate a face model from a config file.
   python -m facemoe_jax.main --config configs/demo.py --workdir /tmp/demo --mode=eval
 
 Every config field can be overridden with --config.<path>=<value>. Running the same command on the
-same workdir continues from the latest checkpoint. Configuration mistakes end with one line
-naming the field and value (exit status 2), not a traceback.
+same workdir continues from the latest readable checkpoint. Exit status: 0 done; 2 a mistake
+in the command, config or inputs (one line naming the field or path, not a traceback); 1 a
+fault during the run (unreadable data past config.data.max_bad_share, config.train.max_bad_steps
+non-finite steps in a row), also one line; 75 stopped by SIGTERM/SIGINT after saving a
+checkpoint at the step it was at (run the same command to continue). A second SIGTERM/SIGINT
+ends the process at once.
 """
 
 import os
 import sys
 
-# TensorFlow (pulled in by clu's writers and TFDS) is only a CPU helper here: keep it off the
-# accelerators JAX uses, and quiet.
+# TensorFlow (pulled in by clu's writers and TFDS) is only a CPU helper here: imported lazily
+# and quietly (facemoe_jax/train/writers.py), kept off the accelerators JAX uses.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -34,16 +39,6 @@ _MODE = flags.DEFINE_enum(
     "train (then evaluate), eval, export (W/export/model.pt, .safetensors, .onnx, config.json) "
     "or import (train starting from --config.init_from=PyTorch weights).",
 )
-
-
-def _hide_accelerators_from_tensorflow():
-    try:
-        import tensorflow as tf
-
-        tf.config.set_visible_devices([], "GPU")
-        tf.config.set_visible_devices([], "TPU")
-    except (ImportError, RuntimeError, ValueError):
-        pass
 
 
 def run(config, workdir: str, mode: str) -> dict:
@@ -81,24 +76,50 @@ def main(argv):
         _fail(f"unexpected arguments: {' '.join(argv[1:])}")
     if _CONFIG.value is None or _WORKDIR.value is None:
         _fail("both --config and --workdir are required")
-    _hide_accelerators_from_tensorflow()
     logging.set_verbosity(logging.WARNING)
+    from facemoe_jax.data.pipeline import BadDataError
+    from facemoe_jax.train.loop import NumericalFault, Preempted, PREEMPTED_EXIT_CODE
+
     try:
         run(_CONFIG.value, _WORKDIR.value, _MODE.value)
+    except Preempted as e:
+        print(" ".join(str(e).split()), file=sys.stderr, flush=True)
+        sys.exit(PREEMPTED_EXIT_CODE)
+    except (BadDataError, NumericalFault) as e:
+        _fail(str(e.args[0]) if e.args else repr(e), status=1)
     except (ValueError, KeyError, OSError) as e:
         _fail(str(e.args[0]) if e.args else repr(e))
 
 
-def _fail(message: str):
-    print(f"error: {' '.join(message.split())}", file=sys.stderr)
-    sys.exit(2)
+def _fail(message: str, status: int = 2):
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
+def _config_file_error(argv: list[str], detail: str) -> str:
+    """ml_collections wraps a config file's own exception in a traceback text: keep its last
+    line (the exception) and name the file."""
+    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if path is None and "--config" in argv and argv.index("--config") + 1 < len(argv):
+        path = argv[argv.index("--config") + 1]
+    lines = [line.strip() for line in detail.strip().splitlines() if line.strip()]
+    cause = lines[-1] if lines else detail
+    where = next((line for line in reversed(lines) if line.startswith("File ")), "")
+    if "Traceback" in detail:
+        # ' '.join(...) below flattens newlines; keep the file/line of the failure.
+        return f"--config={path}: get_config failed ({where}): {cause}"
+    return f"--config={path}: {cause}"
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
     """Parses flags and config overrides; a mistake ends in one line naming the flag."""
     try:
         return flags.FLAGS(argv)
+    except SyntaxError as e:  # raised by the config file itself
+        _fail(f"--config={e.filename} line {e.lineno}: {e.msg}: {(e.text or '').strip()}")
     except flags.Error as e:
+        if "Error whilst parsing config file" in str(e):
+            _fail(_config_file_error(argv, str(e).split("Error whilst parsing config file:", 1)[1]))
         _fail(str(e))
     except (KeyError, AttributeError) as e:  # ml_collections: an override names no field
         while e.args and isinstance(e.args[0], Exception):  # AttributeError(KeyError(...))

@@ -1,64 +1,239 @@
-"""Orbax checkpoints of the train state, the data-iterator position and the config.
+"""Orbax checkpoints of the train state, the data-iterator position, the loop counters and the
+config.
 
-A checkpoint step holds three items: `state` (params, optimiser, step, RNG, margin state, as
-arrays), `data` (the grain iterator state of this host, one JSON file per process) and `config`
-(JSON, for humans and for export). Restoring targets abstract arrays that carry the current
+A checkpoint step holds four items: `state` (params, optimiser, step, RNG, margin state, as
+arrays), `data` (the grain iterator state of this host, one JSON file per process), `loop`
+(JSON: skipped non-finite steps and the current streak of them) and `config` (JSON, for humans,
+for export and for the resume check). Restoring targets abstract arrays that carry the current
 mesh's shardings, so a run can continue on a different device layout.
+
+Faults: Orbax writes a step into a temporary folder and renames it when complete (on buckets it
+writes a commit marker), so a save cut by a kill is never listed. A listed step that cannot be
+read (a truncated file, a missing _METADATA) is skipped with one warning line naming it, moved
+aside to checkpoints_corrupt/STEP, and the step before it is restored. A workdir whose saved
+config differs in an architecture or data field is refused in one line naming the fields.
 """
 
 import json
 import logging
-import os
+import sys
+import time
 
 import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
-from etils import epath
+
+from facemoe_jax.train.writers import workdir_path
+
+# Fields a resumed run may not change: the architecture, the data stream, the state's structure.
+# Everything else (learning rate, num_steps, logging, evaluation ...) is a training knob: it may
+# change, and the change is printed.
+FIXED_PREFIXES = ("model.", "data.")
+FIXED_FIELDS = ("seed", "loss.class_rows_multiple", "optimizer.name", "optimizer.clip_scope",
+                "train.trainable")
+DATA_KNOBS = ("data.worker_count", "data.max_bad_share", "data.synthetic_cache",
+              "data.tfds_data_dir")
+
+
+class CheckpointError(ValueError):
+    """A workdir's checkpoints cannot be used (all unreadable, or another architecture)."""
+
+
+def _flatten(tree, prefix=""):
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _config_dict(config) -> dict:
+    if isinstance(config, ml_collections.ConfigDict):
+        return json.loads(config.to_json_best_effort())
+    return json.loads(json.dumps(config))
+
+
+def _is_fixed(field: str) -> bool:
+    if field in DATA_KNOBS:
+        return False
+    return field.startswith(FIXED_PREFIXES) or field in FIXED_FIELDS
+
+
+def config_changes(saved, current) -> tuple[list[str], list[str]]:
+    """(fixed fields that differ, knob changes as 'field old -> new') between two configs."""
+    old, new = _flatten(_config_dict(saved)), _flatten(_config_dict(current))
+    fixed, knobs = [], []
+    for field in sorted(set(old) | set(new)):
+        a, b = old.get(field, "<absent>"), new.get(field, "<absent>")
+        if a == b:
+            continue
+        if _is_fixed(field):
+            fixed.append(f"{field} (checkpoint {a!r}, now {b!r})")
+        else:
+            knobs.append(f"{field} {a!r} -> {b!r}")
+    return fixed, knobs
+
+
+def _first_line(error: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 class Checkpointer:
-    def __init__(self, workdir: str, every_steps: int, max_to_keep: int):
+    def __init__(self, workdir: str, every_steps: int, max_to_keep: int, create: bool = True):
         if every_steps < 1:
             raise ValueError(f"config.checkpoint.every_steps={every_steps} must be >= 1")
         self.every_steps = every_steps
-        # Orbax needs an absolute path; users type relative ones (--workdir runs/demo).
-        self.directory = epath.Path(os.path.abspath(workdir)) / "checkpoints"
+        # Orbax needs an absolute path; users type relative ones (--workdir runs/demo). A URL
+        # (gs://...) stays a URL: nothing local is created from it.
+        self.workdir = workdir_path(workdir)
+        self.directory = self.workdir / "checkpoints"
         self.manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create),
         )
+        self.save_seconds = []  # (step, blocking seconds of save(), seconds until committed)
+        self._pending = None
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
     def should_save(self, step: int) -> bool:
         return step % self.every_steps == 0
 
-    def save(self, step: int, state, data_iterator, config: ml_collections.ConfigDict):
+    def saved_config(self, step: int) -> dict:
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
+        )
+        return restored["config"]
+
+    def save(self, step: int, state, data_iterator, config, loop_state: dict | None = None):
         if step in self.manager.all_steps():
             return
+        self._finish_pending()
         items = dict(
             state=ocp.args.StandardSave(state),
-            config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
+            config=ocp.args.JsonSave(_config_dict(config)),
+            loop=ocp.args.JsonSave(dict(loop_state or {})),
         )
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-        self.manager.save(step, args=ocp.args.Composite(**items))
-        logging.info("Saved checkpoint at step %d to %s", step, self.directory)
+        t0 = time.perf_counter()
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        self._pending = (step, t0, time.perf_counter() - t0)
+        logging.info("Saving checkpoint at step %d to %s", step, self.directory)
+
+    def _finish_pending(self):
+        """Waits for the last save to commit and records its times; a failed async save raises
+        here (never swallowed)."""
+        self.manager.wait_until_finished()
+        self.manager.check_for_errors()
+        if self._pending is not None:
+            step, t0, blocking = self._pending
+            self.save_seconds.append((step, blocking, time.perf_counter() - t0))
+            self._pending = None
 
     def restore(self, step: int, abstract_state, data_iterator=None):
         """State restored into the shardings of `abstract_state`; the iterator is moved in place."""
+        state, _ = self._restore(step, abstract_state, data_iterator)
+        return state
+
+    def _restore(self, step: int, abstract_state, data_iterator=None):
         items = dict(state=ocp.args.StandardRestore(abstract_state))
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        step_dir = self.directory / str(step)
+        has_loop = (step_dir / "loop").exists()
+        if has_loop:
+            items["loop"] = ocp.args.JsonRestore()
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        return restored["state"]
+        return restored["state"], (dict(restored["loop"]) if has_loop else {})
+
+    def restore_latest(self, abstract_state, data_iterator, config):
+        """(state, step, loop_state) from the newest readable checkpoint, or None when there is
+        none. Unreadable steps are skipped (one warning each) and moved aside; a checkpoint of
+        another architecture or data is refused (CheckpointError naming the fields)."""
+        steps = self.steps()
+        skipped = []
+        result = None
+        for step in reversed(steps):
+            where = self.directory / str(step)
+            try:
+                saved = self.saved_config(step)
+            except Exception as e:  # noqa: BLE001 - any failure to read means unusable
+                skipped.append(step)
+                _warn(f"checkpoint {where} is unreadable, skipping it ({_first_line(e)})")
+                continue
+            fixed, knobs = config_changes(saved, config)
+            if fixed:
+                raise CheckpointError(
+                    f"--workdir={self.workdir} holds checkpoints of another model or data "
+                    f"(step {step}): {'; '.join(fixed)}; use a new workdir (or "
+                    "--config.init_from to start from it)"
+                )
+            try:
+                state, loop_state = self._restore(step, abstract_state, data_iterator)
+            except Exception as e:  # noqa: BLE001
+                skipped.append(step)
+                _warn(f"checkpoint {where} is unreadable, skipping it ({_first_line(e)})")
+                continue
+            if knobs:
+                print(
+                    f"config changes since the checkpoint at step {step}: {'; '.join(knobs)}",
+                    flush=True,
+                )
+            result = (state, step, loop_state)
+            break
+        if steps and result is None:
+            raise CheckpointError(
+                f"no checkpoint in {self.directory} is readable (steps {steps}); move them "
+                "aside to start again from scratch"
+            )
+        if skipped:
+            self._move_aside(skipped)
+            if result is not None:
+                print(f"restored step {result[1]} instead (skipped {skipped})", flush=True)
+        return result
+
+    def _move_aside(self, steps):
+        """Unreadable steps go to checkpoints_corrupt/ so later saves of those steps succeed."""
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("facemoe_checkpoint_move_aside")
+        if jax.process_index() == 0:
+            aside = self.workdir / "checkpoints_corrupt"
+            for step in steps:
+                source = self.directory / str(step)
+                target = aside / f"{step}.{int(time.time())}"
+                try:
+                    aside.mkdir(parents=True, exist_ok=True)
+                    source.rename(target)
+                except OSError as e:
+                    _warn(f"could not move {source} aside ({_first_line(e)}); deleting it")
+                    self.manager.delete(step)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("facemoe_checkpoint_moved_aside")
+        self.manager.reload()
 
     def wait(self):
-        self.manager.wait_until_finished()
+        self._finish_pending()
 
     def close(self):
+        self._finish_pending()
         self.manager.close()
 
 
@@ -81,8 +256,8 @@ def restore_params(workdir: str, step: int | None = None):
     from facemoe_jax.train import optimizer as optimizer_lib
     from facemoe_jax.train import state as state_lib
 
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    if not os.path.isdir(directory):
+    directory = workdir_path(workdir) / "checkpoints"
+    if not directory.is_dir():
         raise ValueError(f"{workdir} has no checkpoints/ folder")
     manager = ocp.CheckpointManager(directory)
     try:

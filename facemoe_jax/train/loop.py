@@ -7,13 +7,16 @@ every set in config.eval (evaluate/suite.py), written to workdir/eval/ with its 
 """
 
 import logging
+import math
 import os
+import signal
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-from clu import periodic_actions
+import numpy as np
 
 from facemoe_jax.data import augment as augment_lib
 from facemoe_jax.data import pipeline, sources
@@ -26,16 +29,99 @@ from facemoe_jax.train import optimizer as optimizer_lib
 from facemoe_jax.train import state as state_lib
 from facemoe_jax.train import step as step_lib
 from facemoe_jax.train import trainable as trainable_lib
+from facemoe_jax.train import writers as writers_lib
 from facemoe_jax.train.writers import make_writer
+
+# Exit status of a run stopped by SIGTERM/SIGINT after saving its checkpoint (EX_TEMPFAIL: run
+# the same command again to continue).
+PREEMPTED_EXIT_CODE = 75
+
+
+class Preempted(Exception):
+    """SIGTERM/SIGINT (or JAX's preemption notice) stopped the run after a checkpoint."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
+class NumericalFault(RuntimeError):
+    """config.train.max_bad_steps steps in a row had a non-finite loss or gradient."""
+
+
+class PreemptionWatch:
+    """The first SIGTERM/SIGINT asks the loop to finish its step, save and stop; a second one
+    kills the process at once (the default disposition is restored by the first).
+
+    In a multi-process run, JAX's preemption service owns SIGTERM and picks one step for all
+    hosts (`multihost_utils.reached_preemption_sync_point`); SIGINT is handled here, per host.
+    """
+
+    def __init__(self):
+        self.signal_name = None
+        self._previous = {}
+        self._multiprocess = jax.process_count() > 1
+        signals = [signal.SIGINT] if self._multiprocess else [signal.SIGTERM, signal.SIGINT]
+        for signum in signals:
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread (a test harness): no handler
+                pass
+
+    def _handle(self, signum, frame):
+        del frame
+        self.signal_name = signal.Signals(signum).name
+        for other in self._previous:
+            signal.signal(other, signal.SIG_DFL)  # a second signal ends the process at once
+        print(
+            f"{self.signal_name}: finishing this step, saving a checkpoint and stopping "
+            "(send it again to stop at once, without a checkpoint)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def reached(self, step: int) -> bool:
+        if self.signal_name is not None:
+            return True
+        if self._multiprocess:
+            from jax.experimental import multihost_utils
+
+            try:
+                if multihost_utils.reached_preemption_sync_point(step):
+                    self.signal_name = "preemption notice"
+                    return True
+            except RuntimeError:  # the preemption service is disabled
+                pass
+        return False
+
+    def restore(self):
+        for signum, previous in self._previous.items():
+            try:
+                signal.signal(signum, previous)
+            except (ValueError, TypeError):
+                pass
+
+
+def _test_nan_steps() -> set[int]:
+    """Test hook: FACEMOE_TEST_NAN_STEPS="5,6" feeds NaN images at those steps."""
+    text = os.environ.get("FACEMOE_TEST_NAN_STEPS", "").strip()
+    return {int(s) for s in text.split(",") if s.strip()} if text else set()
 
 
 def check_workdir(workdir: str, wait_s: float = 120.0) -> None:
     """Process 0 creates the workdir and proves it writable; the other processes of the run
     only wait (up to wait_s) until it exists and can be written, so they never race on the
-    same probe file. Every process must see the same folder (a shared disk or a bucket)."""
+    same probe file. Every process must see the same folder (a shared disk or a bucket).
+
+    A URL (gs://bucket/run) goes through epath like every file of the run: no local folder is
+    created from it, and an unreachable bucket stops the run in one line naming it."""
+    path = writers_lib.workdir_path(workdir)
+    remote = writers_lib.is_remote(workdir)
+    if remote:
+        writers_lib.import_tensorflow_quietly()  # epath's gs:// backend; keep its notices quiet
     if jax.process_index() != 0:
         deadline = time.monotonic() + wait_s
-        while not os.path.isdir(workdir):
+        while not _is_dir(path, workdir):
             if time.monotonic() > deadline:
                 raise ValueError(
                     f"--workdir={workdir} did not appear within {wait_s:.0f} s on process "
@@ -43,19 +129,40 @@ def check_workdir(workdir: str, wait_s: float = 120.0) -> None:
                     "the same folder (a shared disk or a bucket)"
                 )
             time.sleep(0.05)
-        if not os.access(workdir, os.W_OK | os.X_OK):
+        if not remote and not os.access(os.fspath(path), os.W_OK | os.X_OK):
             raise ValueError(
                 f"--workdir={workdir} is not writable by process {jax.process_index()}"
             )
         return
     try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_test")
-        with open(probe, "w") as f:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_test"
+        with probe.open("w") as f:
             f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise ValueError(f"--workdir={workdir} is not writable: {e.strerror}") from None
+        probe.unlink()
+    except Exception as e:  # noqa: BLE001 - OSError locally; remote backends raise their own
+        if remote:
+            raise ValueError(
+                f"--workdir={workdir}: cannot write to the bucket "
+                f"{writers_lib.bucket_of(workdir)} ({_short(e)})"
+            ) from None
+        if not isinstance(e, OSError):
+            raise
+        raise ValueError(f"--workdir={workdir} is not writable: {e.strerror or e}") from None
+
+
+def _is_dir(path, workdir: str) -> bool:
+    try:
+        return path.is_dir()
+    except Exception as e:  # noqa: BLE001 - a remote backend that cannot be reached
+        raise ValueError(
+            f"--workdir={workdir}: cannot reach {writers_lib.bucket_of(workdir)} ({_short(e)})"
+        ) from None
+
+
+def _short(error: BaseException, limit: int = 160) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def flops_per_step(compiled) -> float | None:
@@ -84,11 +191,13 @@ def print_trainable_share(params, config) -> None:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    # ---- (1) Set-up: every check that can fail runs before anything expensive.
-    check_workdir(workdir)
+    # ---- (1) Set-up: every check that can fail runs before anything is written.
     num_steps = config.train.num_steps
     if num_steps < 1:
         raise ValueError(f"config.train.num_steps={num_steps} must be >= 1")
+    max_bad_steps = int(config.train.get("max_bad_steps", 10))
+    if max_bad_steps < 1:
+        raise ValueError(f"config.train.max_bad_steps={max_bad_steps} must be >= 1")
     model = build_model(config.model)
     step_lib.check_loss_config(config.loss)
     eval_suite.check_eval_config(config)
@@ -99,6 +208,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         config.optimizer, num_steps, config.train.get("trainable")
     )
     source = sources.train_source(config)
+    check_workdir(workdir)
     data_iter = pipeline.train_iterator(
         source,
         global_batch_size=config.train.batch_size,
@@ -108,18 +218,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         worker_count=config.data.worker_count,
         max_bad_share=config.data.max_bad_share,
     )
-    writer = make_writer(workdir)
     checkpointer = checkpoint_lib.Checkpointer(
         workdir, config.checkpoint.every_steps, config.checkpoint.max_to_keep
     )
 
-    # ---- (2) State: restored into the current mesh's shardings, or created there.
+    # ---- (2) State: restored into the current mesh's shardings, or created there. The saved
+    # config is checked first (another architecture or data is refused); unreadable steps are
+    # skipped with a warning.
     abstract_state = state_lib.abstract_train_state(model, optimizer, config)
     state_shardings = sharding.state_shardings(abstract_state, mesh, config.sharding_rules)
-    latest = checkpointer.latest_step()
-    if latest is not None:
-        target = checkpoint_lib.with_shardings(abstract_state, state_shardings)
-        state = checkpointer.restore(latest, target, data_iter)
+    target = checkpoint_lib.with_shardings(abstract_state, state_shardings)
+    restored = checkpointer.restore_latest(target, data_iter, config)
+    loop_state = {"skipped_steps": 0, "bad_streak": 0}
+    if restored is not None:
+        state, latest, saved_loop = restored
+        loop_state.update(saved_loop)
         logging.info("Resumed from step %d in %s", latest, workdir)
         print(f"resumed from checkpoint at step {latest}", flush=True)
     else:
@@ -129,6 +242,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             from facemoe_jax.train.init_from import initialize_from
 
             state = initialize_from(state, config)
+    start = int(state.step)
+    writer = make_writer(workdir, resume_step=start)
     encoder_params = state_lib.count_params(state.params["encoder"])
     centres = state_lib.count_class_centre_params(state.params, config)
     print(
@@ -150,6 +265,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             (config.train.batch_size,), jnp.int32, sharding=mesh_lib.batch_sharding(mesh)
         ),
     }
+    nan_steps = _test_nan_steps()
+    if nan_steps:  # the test hook adds a replicated scalar to the images (NaN at those steps)
+        batch_spec["test_poison"] = jax.ShapeDtypeStruct(
+            (), jnp.float32, sharding=mesh_lib.replicated(mesh)
+        )
     train_step = jax.jit(
         step_lib.make_train_step(model, config, optimizer, schedule),
         donate_argnums=0,
@@ -166,44 +286,89 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         flush=True,
     )
 
-    # ---- (4) Train.
-    start = int(state.step)
-    report_progress = periodic_actions.ReportProgress(
-        num_train_steps=num_steps, writer=writer, every_secs=30.0
-    )
+    # ---- (4) Train. A step with a non-finite loss or gradient leaves the state unchanged
+    # (train/skipped_steps); its flag is read one step late, so the host never waits on the
+    # device. SIGTERM/SIGINT: finish the step, save it, stop (Preempted).
+    watch = PreemptionWatch()
+    pending_flag = None  # (step, device scalar: 1 = skipped)
+
+    def count_bad(flag_step, flag):
+        bad = float(flag) > 0.5
+        loop_state["skipped_steps"] += int(bad)
+        loop_state["bad_streak"] = loop_state["bad_streak"] + 1 if bad else 0
+        if bad:
+            print(f"step {flag_step}: non-finite loss or gradient, update skipped "
+                  f"({loop_state['bad_streak']} in a row)", file=sys.stderr, flush=True)
+        return loop_state["bad_streak"] >= max_bad_steps
+
     sums, count, interval_start = None, 0, time.perf_counter()
-    for step in range(start + 1, num_steps + 1):
-        with jax.profiler.StepTraceAnnotation("train", step_num=step):
-            batch = mesh_lib.global_batch(next(data_iter), mesh)
-            state, metrics = compiled(state, batch)
-        sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
-        count += 1
-        report_progress(step)
-        if step % config.train.log_every_steps == 0 or step == num_steps:
-            means = {k: float(v) / count for k, v in jax.device_get(sums).items()}
-            seconds = time.perf_counter() - interval_start
-            means["train/steps_per_sec"] = count / seconds
-            means["train/img_per_sec"] = count * config.train.batch_size / seconds
-            means["train/img_per_sec_per_device"] = means["train/img_per_sec"] / jax.device_count()
-            means["data/skipped_records"] = data_iter.skipped_records  # this host, cumulative
-            if flops:
-                means["train/gflops_per_sec"] = flops * count / seconds / 1e9
-            writer.write_scalars(step, means)
-            eta = (num_steps - step) / means["train/steps_per_sec"]
-            print(
-                f"step {step:>6}/{num_steps}: loss {means['train/loss']:.4f} "
-                f"acc {means['train/accuracy'] * 100:5.1f} % lr {means['train/lr']:.2e} "
-                f"{means['train/steps_per_sec']:.2f} steps/s {means['train/img_per_sec']:.0f} "
-                f"img/s ETA {int(eta) // 60}m{int(eta) % 60:02d}s",
-                flush=True,
-            )
-            sums, count, interval_start = None, 0, time.perf_counter()
-        if checkpointer.should_save(step) or step == num_steps:
-            checkpointer.save(step, state, data_iter, config)
-        if eval_suite.is_periodic_eval_step(config, step, num_steps):
-            variables = {"params": state.params["encoder"], "batch_stats": state.batch_stats}
-            eval_suite.run_evaluations(model, variables, config, workdir, step, writer)
-    checkpointer.wait()
+    try:
+        for step in range(start + 1, num_steps + 1):
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                batch = mesh_lib.global_batch(next(data_iter), mesh)
+                if nan_steps:
+                    poison = np.float32(math.nan if step in nan_steps else 0.0)
+                    batch["test_poison"] = jax.device_put(poison, mesh_lib.replicated(mesh))
+                state, metrics = compiled(state, batch)
+            too_many_bad = pending_flag is not None and count_bad(*pending_flag)
+            pending_flag = (step, metrics["train/skipped"])
+            preempted = watch.reached(step)
+            log_now = step % config.train.log_every_steps == 0 or step == num_steps
+            save_now = checkpointer.should_save(step) or step == num_steps or preempted
+            if log_now or save_now or too_many_bad:  # counts exact at logs and checkpoints
+                too_many_bad = count_bad(*pending_flag) or too_many_bad
+                pending_flag = None
+            sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
+            count += 1
+            if log_now:
+                means = {k: float(v) / count for k, v in jax.device_get(sums).items()}
+                del means["train/skipped"]
+                seconds = time.perf_counter() - interval_start
+                means["train/steps_per_sec"] = count / seconds
+                means["train/img_per_sec"] = count * config.train.batch_size / seconds
+                means["train/img_per_sec_per_device"] = (
+                    means["train/img_per_sec"] / jax.device_count()
+                )
+                means["data/skipped_records"] = data_iter.skipped_records  # this host, cumulative
+                means["train/skipped_steps"] = loop_state["skipped_steps"]  # cumulative
+                if flops:
+                    means["train/gflops_per_sec"] = flops * count / seconds / 1e9
+                writer.write_scalars(step, means)
+                eta = (num_steps - step) / means["train/steps_per_sec"]
+                print(
+                    f"step {step:>6}/{num_steps}: loss {means['train/loss']:.4f} "
+                    f"acc {means['train/accuracy'] * 100:5.1f} % lr {means['train/lr']:.2e} "
+                    f"{means['train/steps_per_sec']:.2f} steps/s "
+                    f"{means['train/img_per_sec']:.0f} img/s "
+                    f"ETA {int(eta) // 60}m{int(eta) % 60:02d}s",
+                    flush=True,
+                )
+                sums, count, interval_start = None, 0, time.perf_counter()
+            if too_many_bad:
+                checkpointer.save(step, state, data_iter, config, loop_state)
+                checkpointer.wait()
+                raise NumericalFault(
+                    f"{max_bad_steps} steps in a row (up to step {step}) had a non-finite loss "
+                    f"or gradient (config.train.max_bad_steps={max_bad_steps}): stopped; the "
+                    f"last good state is saved in {checkpointer.directory / str(step)}"
+                )
+            if save_now:
+                checkpointer.save(step, state, data_iter, config, loop_state)
+            if preempted:
+                checkpointer.wait()
+                raise Preempted(
+                    f"stopped by {watch.signal_name} at step {step} of {num_steps}: checkpoint "
+                    f"saved in {checkpointer.directory / str(step)}; run the same command to "
+                    "continue",
+                    step,
+                )
+            if eval_suite.is_periodic_eval_step(config, step, num_steps):
+                variables = {"params": state.params["encoder"], "batch_stats": state.batch_stats}
+                eval_suite.run_evaluations(model, variables, config, workdir, step, writer)
+        checkpointer.wait()
+    finally:
+        watch.restore()
+    _print_save_times(checkpointer)
 
     # ---- (5) Evaluate the final model: every set in config.eval (evaluate/suite.py).
     variables = {"params": state.params["encoder"], "batch_stats": state.batch_stats}
@@ -211,6 +376,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.flush()
     checkpointer.close()
     return results
+
+
+def _print_save_times(checkpointer) -> None:
+    """One line: how long saving blocked the loop and how long until it was committed."""
+    times = checkpointer.save_seconds
+    if not times:
+        return
+    blocking = sum(t[1] for t in times) / len(times)
+    total = sum(t[2] for t in times) / len(times)
+    logging.info("checkpoint saves: %d, blocking %.3f s, committed after %.3f s (mean)",
+                 len(times), blocking, total)
+    if os.environ.get("FACEMOE_PRINT_SAVE_TIMES"):
+        print(f"checkpoint saves: {len(times)}; the loop blocked {blocking:.3f} s per save, "
+              f"committed after {total:.3f} s (mean)", flush=True)
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -221,15 +400,16 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
         config.optimizer, config.train.num_steps, config.train.get("trainable")
     )
     checkpointer = checkpoint_lib.Checkpointer(
-        workdir, config.checkpoint.every_steps, config.checkpoint.max_to_keep
+        workdir, config.checkpoint.every_steps, config.checkpoint.max_to_keep, create=False
     )
-    step = checkpointer.latest_step()
-    if step is None:
-        raise ValueError(f"--workdir={workdir} holds no checkpoint to evaluate")
     mesh = mesh_lib.make_mesh(config.mesh)
     abstract_state = state_lib.abstract_train_state(model, optimizer, config)
     shardings = sharding.state_shardings(abstract_state, mesh, config.sharding_rules)
-    state = checkpointer.restore(step, checkpoint_lib.with_shardings(abstract_state, shardings))
+    target = checkpoint_lib.with_shardings(abstract_state, shardings)
+    restored = checkpointer.restore_latest(target, None, config)
+    if restored is None:
+        raise ValueError(f"--workdir={workdir} holds no checkpoint to evaluate")
+    state, step, _ = restored
     checkpointer.close()
     variables = {"params": state.params["encoder"], "batch_stats": state.batch_stats}
     writer = make_writer(workdir)

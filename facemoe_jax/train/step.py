@@ -75,6 +75,14 @@ def router_summary(router_metrics: dict, reduce: str) -> dict:
     return summary
 
 
+def quality_input(model, images, given):
+    """The per-image quality `a` a quality-mixed LoRA model needs (None for other models)."""
+    lora, settings = getattr(model, "lora", None), getattr(model, "quality", None)
+    if settings is None:
+        return None
+    return settings.resolve(images, given, lora)
+
+
 def make_loss_fn(model, config: ml_collections.ConfigDict):
     """loss_fn(params, state, batch) -> (total loss, (batch_stats, margin_state, metrics)).
 
@@ -88,12 +96,19 @@ def make_loss_fn(model, config: ml_collections.ConfigDict):
     def loss_fn(params, state: TrainState, batch: dict):
         rng = jax.random.fold_in(state.rng, state.step)
         dropout_rng, sample_rng = jax.random.split(rng)
+        images = normalize_images(batch["image"])
+        if "test_poison" in batch:  # test hook (loop.py, FACEMOE_TEST_NAN_STEPS): NaN images
+            images = images + batch["test_poison"].astype(images.dtype)
+        # PETALface's per-image `a`: from the batch when the pipeline supplies it, else from the
+        # model's quality estimator; logged so its distribution can be checked.
+        quality = quality_input(model, images, batch.get("quality"))
         (embeddings, router_metrics), mutated = model.apply(
             {"params": params["encoder"], "batch_stats": state.batch_stats},
-            normalize_images(batch["image"]),
+            images,
             train=True,
             rngs={"dropout": dropout_rng},
             mutable=["batch_stats"],
+            **({} if quality is None else {"quality": quality}),
         )
         margin_fn, margin_state = margin_fn_and_state(loss_cfg, embeddings, state.margin_state)
         margin_ce, cls_metrics = classifier.sharded_margin_classifier_loss(
@@ -120,6 +135,11 @@ def make_loss_fn(model, config: ml_collections.ConfigDict):
             "train/partial_fc_rate": jnp.max(cls_metrics["partial_fc/effective_rate"]),
             **{f"router/{k}": v for k, v in router.items()},
         }
+        if quality is not None:
+            metrics["quality/a_mean"] = jnp.mean(quality)
+            metrics["quality/a_std"] = jnp.std(quality)
+            metrics["quality/a_min"] = jnp.min(quality)
+            metrics["quality/a_max"] = jnp.max(quality)
         return total, (mutated["batch_stats"], margin_state, metrics)
 
     return loss_fn
@@ -142,6 +162,7 @@ def make_train_step(model, config: ml_collections.ConfigDict, optimizer, schedul
     update_frozen_stats = bool(config.train.get("update_batch_stats", False))
 
     def train_step(state: TrainState, batch: dict):
+        """A non-finite loss or gradient leaves the state unchanged but for its step."""
         grads, (batch_stats, margin_state, metrics) = jax.grad(loss_fn, has_aux=True)(
             state.params, state, batch
         )
@@ -164,6 +185,12 @@ def make_train_step(model, config: ml_collections.ConfigDict, optimizer, schedul
             opt_state=opt_state,
             margin_state=margin_state,
         )
+        # A non-finite loss or gradient skips the update: everything but the step counter stays
+        # as it was (the loop counts train/skipped and stops after config.train.max_bad_steps).
+        finite = jnp.isfinite(metrics["train/loss"]) & jnp.isfinite(metrics["train/grad_norm"])
+        kept = state.replace(step=new_state.step)
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, kept)
+        metrics["train/skipped"] = 1.0 - finite.astype(jnp.float32)
         return new_state, metrics
 
     return train_step
