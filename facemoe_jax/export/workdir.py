@@ -92,21 +92,30 @@ def export_workdir(workdir: str, out_dir: str | None = None, onnx: bool = True) 
     stage(3)
     convert.save_safetensors(state, paths["safetensors"], metadata={"format": "pt"})
     info = export_config(config.model, step)
+
+    def write_config():  # before the ONNX step too, so a failing ONNX export leaves usable files
+        with open(paths["config"], "w") as f:
+            json.dump(info, f, indent=2)
+
+    write_config()
+    onnx_path = os.path.join(out_dir, "model.onnx")
+    for stale in (onnx_path, onnx_path + ".data"):  # an earlier export's, for other weights
+        if os.path.exists(stale):
+            os.remove(stale)
     onnx_diff = None
     if onnx:
         from facemoe_jax.export import onnx as onnx_export
 
         stage(4)
-        paths["onnx"] = os.path.join(out_dir, "model.onnx")
+        paths["onnx"] = onnx_path
         module = onnx_export.torch_twin(config.model, state)
         info["onnx"] = onnx_export.export_onnx(config.model, state, paths["onnx"], module)
         stage(5)
         onnx_diff = onnx_export.check_onnx(config.model, module, paths["onnx"])
         if onnx_diff is not None:
             info["onnx"]["max_abs_diff_vs_pytorch"] = onnx_diff
+        write_config()
     progress.update(1, note="")
-    with open(paths["config"], "w") as f:
-        json.dump(info, f, indent=2)
     progress.close()
     seconds = time.perf_counter() - t0
     params = sum(int(np.prod(v.shape)) for v in state.values())
