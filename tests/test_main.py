@@ -88,3 +88,57 @@ def test_train_resume_and_eval_end_to_end(tmp_path):
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     again = json.load(open(tmp_path / "eval" / "results.json"))
     assert again["step"] == 6
+
+
+def test_config_file_with_a_syntax_error(tmp_path):
+    config = tmp_path / "broken.py"
+    config.write_text("def get_config(:\n")
+    proc = run_main("--config", str(config), "--workdir", str(tmp_path / "w"))
+    assert_one_line_error(proc, f"--config={config} line 1", "invalid syntax")
+    assert not (tmp_path / "w").exists()
+
+
+def test_config_whose_get_config_raises(tmp_path):
+    config = tmp_path / "raises.py"
+    config.write_text("def get_config(arg=None):\n    raise ValueError('no such recipe')\n")
+    proc = run_main("--config", str(config), "--workdir", str(tmp_path / "w"))
+    assert_one_line_error(proc, f"--config={config}", "ValueError: no such recipe")
+    assert not (tmp_path / "w").exists()
+
+
+def test_gs_workdir_without_network_names_the_bucket_and_creates_nothing_local(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="", PYTHONPATH=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "facemoe_jax.main", "--config", os.path.join(ROOT, "configs/demo.py"),
+         "--workdir", "gs://facemoe-no-such-bucket-14/runs/x", "--config.train.num_steps=1"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert_one_line_error(proc, "gs://facemoe-no-such-bucket-14")
+    assert os.listdir(tmp_path) == []  # no local gs:/ folder
+
+
+@pytest.mark.slow
+def test_too_many_unreadable_images_end_in_one_line(tmp_path):
+    import cv2
+    import numpy as np
+
+    faces = tmp_path / "faces"
+    for identity in range(4):
+        folder = faces / f"id{identity}"
+        folder.mkdir(parents=True)
+        for i in range(4):
+            if i % 2:
+                (folder / f"{i}.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+            else:
+                cv2.imwrite(str(folder / f"{i}.jpg"), np.full((48, 48, 3), 40 * identity, np.uint8))
+    workdir = tmp_path / "w"
+    proc = run_main("--config", "configs/demo.py", "--workdir", str(workdir),
+                    f"--config.data.train=folder:{faces}", "--config.data.num_classes=4",
+                    "--config.train.batch_size=8", "--config.train.num_steps=4",
+                    "--config.data.max_bad_share=0.01", "--config.eval.synthetic_pairs=0",
+                    "--config.eval.low_resolutions=", "--config.eval.routing_map_faces=0")
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "config.data.max_bad_share=0.01" in last, proc.stderr
+    assert not (workdir / "checkpoints" / "4").exists()

@@ -102,6 +102,12 @@ class PreemptionWatch:
                 pass
 
 
+def _test_step_seconds() -> float:
+    """Test hook: FACEMOE_TEST_STEP_SECONDS=0.3 sleeps that long after each step, so a test can
+    signal or kill a run at a moment of its choice."""
+    return float(os.environ.get("FACEMOE_TEST_STEP_SECONDS", "0") or 0)
+
+
 def _test_nan_steps() -> set[int]:
     """Test hook: FACEMOE_TEST_NAN_STEPS="5,6" feeds NaN images at those steps."""
     text = os.environ.get("FACEMOE_TEST_NAN_STEPS", "").strip()
@@ -265,7 +271,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             (config.train.batch_size,), jnp.int32, sharding=mesh_lib.batch_sharding(mesh)
         ),
     }
-    nan_steps = _test_nan_steps()
+    nan_steps, step_seconds = _test_nan_steps(), _test_step_seconds()
     if nan_steps:  # the test hook adds a replicated scalar to the images (NaN at those steps)
         batch_spec["test_poison"] = jax.ShapeDtypeStruct(
             (), jnp.float32, sharding=mesh_lib.replicated(mesh)
@@ -310,6 +316,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     poison = np.float32(math.nan if step in nan_steps else 0.0)
                     batch["test_poison"] = jax.device_put(poison, mesh_lib.replicated(mesh))
                 state, metrics = compiled(state, batch)
+            if step_seconds:
+                time.sleep(step_seconds)
             too_many_bad = pending_flag is not None and count_bad(*pending_flag)
             pending_flag = (step, metrics["train/skipped"])
             preempted = watch.reached(step)
