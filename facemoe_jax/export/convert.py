@@ -1,4 +1,4 @@
-"""JAX variables <-> PyTorch state_dicts, for our ViT-MoE and the official Swin-MoE.
+"""JAX variables <-> PyTorch state_dicts: our ViT-MoE, the official Swin-MoE, insightface's CNNs.
 
 One table of rules maps every leaf of the Flax variables to its PyTorch name(s) and layout; the
 same rules run in both directions, so export and import cannot drift apart:
@@ -9,11 +9,15 @@ same rules run in both directions, so export and import cannot drift apart:
   LayerNorm      scale, bias          -> weight, bias
   BatchNorm      scale, bias / mean, var (batch_stats) -> weight, bias / running_mean, running_var
   experts        stacked (E, ...)     -> experts.{e}.fc1.weight ... one entry per expert
+  PReLU          negative_slope (C,)  -> weight (C,)
+  CNN modules    layer1_0/downsample_1 -> layer1.0.downsample.1, layers_3 -> layers.3 (IResNet,
+                 MobileFaceNet: the Flax names are arcface_torch's with "_" before an index)
 
 Buffers PyTorch keeps but our model computes from its shapes (`relative_position_index`,
-`attn_mask` of shifted Swin windows, BatchNorm `num_batches_tracked`) are written on export and
-checked on import: a checkpoint whose window geometry differs from the config is an error, not a
-silent mismatch. Arrays are numpy here; torch is imported only to read and write .pt files.
+`attn_mask` of shifted Swin windows, BatchNorm `num_batches_tracked`, IResNet's `features.weight`,
+a constant 1 in arcface_torch) are written on export and checked on import: a checkpoint whose
+window geometry differs from the config is an error, not a silent mismatch. Arrays are numpy
+here; torch is imported only to read and write .pt files.
 
 Importing also *upcycles* a dense checkpoint (insightface/PETALface ViT naming, `mlp.fc1`...):
 with `upcycle=True`, an MoE block whose experts are missing copies the dense MLP into every
@@ -56,8 +60,20 @@ HEAD_NAMES = {
         "feature_fc2": "feature.2",
         "feature_bn2": "feature.3",
     },
+    "iresnet": {},
+    "mobilefacenet": {},
 }
-LEAF_NAMES = {"kernel": "weight", "scale": "weight", "mean": "running_mean", "var": "running_var"}
+# insightface arcface_torch CNNs: every module name maps by INDEXED (and every BatchNorm has a
+# num_batches_tracked counter).
+INSIGHTFACE_CNNS = ("iresnet", "mobilefacenet")
+INDEXED = re.compile(r"^(\w+?)_(\d+)$")
+LEAF_NAMES = {
+    "kernel": "weight",
+    "scale": "weight",
+    "mean": "running_mean",
+    "var": "running_var",
+    "negative_slope": "weight",  # PReLU
+}
 # Dense-checkpoint entries an import may drop: insightface's unused masked-autoencoder token.
 IGNORED_KEYS = re.compile(r"^mask_token$")
 log = logging.getLogger(__name__)
@@ -86,6 +102,8 @@ def _module_name(arch: str, part: str) -> str:
         return head[part]
     if part == "moe":
         return "mlp"
+    if arch in INSIGHTFACE_CNNS:
+        return INDEXED.sub(r"\1.\2", part)
     return re.sub(r"^(layers|blocks)_(\d+)$", r"\1.\2", part)
 
 
@@ -126,6 +144,14 @@ def _to_jax_layout(x: np.ndarray, kind: str) -> np.ndarray:
 def geometry_buffers(model_cfg, num_batches_tracked: int = 0) -> dict[str, np.ndarray]:
     """The PyTorch buffers that follow from the config: window indices, shift masks, BN counters."""
     buffers = {}
+    if model_cfg.name in INSIGHTFACE_CNNS:
+        flat = traverse_util.flatten_dict(abstract_variables(model_cfg)["batch_stats"])
+        for path in flat:
+            if path[-1] == "mean":
+                name = ".".join(_module_name(model_cfg.name, m) for m in path[:-1])
+                buffers[f"{name}.num_batches_tracked"] = np.asarray(num_batches_tracked, np.int64)
+        buffers.update(constant_entries(model_cfg))
+        return buffers
     if model_cfg.name == "swin_moe":
         grid = model_cfg.image_size // model_cfg.patch_size
         depths = tuple(model_cfg.depths)
@@ -144,6 +170,14 @@ def geometry_buffers(model_cfg, num_batches_tracked: int = 0) -> dict[str, np.nd
         name = HEAD_NAMES[model_cfg.name][bn]
         buffers[f"{name}.num_batches_tracked"] = np.asarray(num_batches_tracked, np.int64)
     return buffers
+
+
+def constant_entries(model_cfg) -> dict[str, np.ndarray]:
+    """Parameters PyTorch keeps that our model has as constants: IResNet's `features.weight`,
+    frozen at 1 by arcface_torch (`requires_grad = False`), is a BatchNorm without scale here."""
+    if model_cfg.name == "iresnet":
+        return {"features.weight": np.ones(model_cfg.embed_dim, np.float32)}
+    return {}
 
 
 def jax_to_torch(model_cfg, variables, num_batches_tracked: int = 0) -> dict[str, np.ndarray]:
@@ -223,9 +257,11 @@ def torch_to_jax(
         stacked = path[-2] == "experts"  # one PyTorch entry per expert -> (E, ...)
         value = np.stack(arrays) if stacked else arrays[0]
         if value.shape != leaf.shape:
+            names = [name for name, _, _ in _entries(arch, path, leaf.shape)]
             raise ValueError(
-                f"checkpoint entry for {'/'.join(path)} has shape {value.shape} after conversion, "
-                f"the model (config.model) needs {leaf.shape}"
+                f"checkpoint entry {names[0]!r}{' ...' if len(names) > 1 else ''} for "
+                f"{'/'.join(path)} has shape {value.shape} after conversion, the model "
+                f"(config.model) needs {leaf.shape}"
             )
         out[path] = jnp.asarray(value, leaf.dtype)
     _check_buffers(model_cfg, state, used)
@@ -253,6 +289,15 @@ def _check_buffers(model_cfg, state: dict, used: set) -> None:
                 used.add(name)
             continue
         if name not in state:
+            continue
+        if name in constant_entries(model_cfg):
+            if state[name].shape != expected.shape or not np.array_equal(state[name], expected):
+                raise ValueError(
+                    f"checkpoint entry {name!r} is not the constant {float(expected.flat[0])} of "
+                    f"shape {expected.shape} that arcface_torch freezes it at (requires_grad = "
+                    "False) and config.model builds without a parameter"
+                )
+            used.add(name)
             continue
         if state[name].shape != expected.shape or not np.array_equal(state[name], expected):
             raise ValueError(

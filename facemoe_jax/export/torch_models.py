@@ -413,6 +413,10 @@ def torch_model_from_config(cfg) -> nn.Module:
             router_combine=cfg.router_combine,
             capacity_factor=capacity,
         )
+    elif cfg.name in ("iresnet", "mobilefacenet"):  # insightface names (export/torch_cnn.py)
+        from facemoe_jax.export import torch_cnn
+
+        model = torch_cnn.torch_cnn_from_config(cfg)
     else:
         raise ValueError(f"config.model.name={cfg.name!r} has no PyTorch export")
     return model.eval()

@@ -3,6 +3,8 @@
 import jax.numpy as jnp
 import ml_collections
 
+from facemoe_jax.models.iresnet import STAGE_BLOCKS, IResNet
+from facemoe_jax.models.mobilefacenet import MobileFaceNet
 from facemoe_jax.models.moe import COMBINE_MODES
 from facemoe_jax.models.swin import SwinMoE, effective_window, stage_resolutions
 from facemoe_jax.models.vit import ViTMoE, parse_moe_layers
@@ -47,12 +49,16 @@ def _check_routing(cfg: ml_collections.ConfigDict) -> None:
         )
 
 
-def build_model(cfg: ml_collections.ConfigDict) -> ViTMoE | SwinMoE:
+def build_model(cfg: ml_collections.ConfigDict) -> ViTMoE | SwinMoE | IResNet | MobileFaceNet:
     """Validates config.model and builds the encoder; errors name the offending field."""
-    if cfg.name not in ("vit_moe", "swin_moe"):
+    known = ("vit_moe", "swin_moe", "iresnet", "mobilefacenet")
+    if cfg.name not in known:
         raise ValueError(
-            f"config.model.name={cfg.name!r} is not a known model (known: 'vit_moe', 'swin_moe')"
+            f"config.model.name={cfg.name!r} is not a known model (known: "
+            f"{', '.join(map(repr, known))})"
         )
+    if cfg.name in ("iresnet", "mobilefacenet"):
+        return build_cnn(cfg)
     if cfg.name == "swin_moe":
         return build_swin(cfg)
     _check_dtype_and_patch(cfg)
@@ -133,5 +139,49 @@ def build_swin(cfg: ml_collections.ConfigDict) -> SwinMoE:
         capacity_factor=cfg.capacity_factor or None,
         drop_path_rate=cfg.drop_path_rate,
         head_dropout=cfg.head_dropout,
+        dtype=DTYPES[cfg.dtype],
+    )
+
+
+def build_cnn(cfg: ml_collections.ConfigDict) -> IResNet | MobileFaceNet:
+    """insightface arcface_torch's CNNs: config.model.name="iresnet" (config.model.depth 18, 34,
+    50, 100 or 200, head dropout config.model.dropout) or "mobilefacenet"
+    (config.model.mobilefacenet_blocks / mobilefacenet_scale: (1, 4, 6, 2) / 2 = `mbf`,
+    (2, 8, 12, 4) / 4 = `mbf_large`). config.model.dtype="bfloat16" is the official fp16=True."""
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"config.model.dtype={cfg.dtype!r} is not one of {sorted(DTYPES)}")
+    if cfg.image_size < 16:
+        raise ValueError(
+            f"config.model.image_size={cfg.image_size} is too small for {cfg.name!r} (four "
+            "stride-2 stages; the official models take 112)"
+        )
+    if cfg.name == "iresnet":
+        if cfg.depth not in STAGE_BLOCKS:
+            raise ValueError(
+                f"config.model.depth={cfg.depth} is not an IResNet depth "
+                f"(one of {sorted(STAGE_BLOCKS)})"
+            )
+        if not 0.0 <= cfg.get("dropout", 0.0) < 1.0:
+            raise ValueError(f"config.model.dropout={cfg.dropout} must be in [0, 1)")
+        return IResNet(
+            depth=cfg.depth,
+            embed_dim=cfg.embed_dim,
+            dropout=cfg.get("dropout", 0.0),
+            image_size=cfg.image_size,
+            dtype=DTYPES[cfg.dtype],
+        )
+    blocks = tuple(cfg.get("mobilefacenet_blocks", (1, 4, 6, 2)))
+    scale = cfg.get("mobilefacenet_scale", 2)
+    if len(blocks) != 4 or min(blocks) < 1:
+        raise ValueError(
+            f"config.model.mobilefacenet_blocks={blocks} must be 4 block counts >= 1"
+        )
+    if scale < 1:
+        raise ValueError(f"config.model.mobilefacenet_scale={scale} must be >= 1")
+    return MobileFaceNet(
+        blocks=blocks,
+        scale=scale,
+        embed_dim=cfg.embed_dim,
+        image_size=cfg.image_size,
         dtype=DTYPES[cfg.dtype],
     )
