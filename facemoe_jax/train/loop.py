@@ -25,6 +25,7 @@ from facemoe_jax.models import build_model
 from facemoe_jax.parallel import mesh as mesh_lib
 from facemoe_jax.parallel import sharding
 from facemoe_jax.train import checkpoint as checkpoint_lib
+from facemoe_jax.train import mfu as mfu_lib
 from facemoe_jax.train import optimizer as optimizer_lib
 from facemoe_jax.train import state as state_lib
 from facemoe_jax.train import step as step_lib
@@ -285,10 +286,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     with jax.set_mesh(mesh):  # traced under the mesh: expert-parallel MoE, sharded classifier
         compiled = train_step.lower(state, batch_spec).compile()
     compile_seconds = time.perf_counter() - t0
-    flops = flops_per_step(compiled)
+    flops = mfu_lib.flops_per_device(compiled)  # per device: the step is SPMD-partitioned
+    peak, peak_source = mfu_lib.peak_flops_per_device()
     print(
         f"compiled train step in {compile_seconds:.1f} s; "
-        f"{(flops or 0) / 1e9:.2f} GFLOP per step (XLA cost analysis)",
+        f"{(flops or 0) / 1e9:.2f} GFLOP per step per device (XLA cost analysis, "
+        f"{jax.device_count()} device(s); loop bodies counted once); peak "
+        f"{peak / 1e12:.2f} TFLOP/s per device ({peak_source})",
         flush=True,
     )
 
@@ -340,7 +344,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 means["data/skipped_records"] = data_iter.skipped_records  # this host, cumulative
                 means["train/skipped_steps"] = loop_state["skipped_steps"]  # cumulative
                 if flops:
-                    means["train/gflops_per_sec"] = flops * count / seconds / 1e9
+                    means["train/gflops_per_sec_per_device"] = flops * count / seconds / 1e9
+                    means["perf/mfu"] = mfu_lib.mfu(flops, count / seconds, peak)
                 writer.write_scalars(step, means)
                 eta = (num_steps - step) / means["train/steps_per_sec"]
                 print(
