@@ -1,14 +1,31 @@
-r"""Whole train steps of one config, dense vs MoE, measured side by side in one run.
+r"""Whole train steps, measured side by side in one run: ours against a PyTorch twin, or the MoE
+paths of one config against its dense twin.
 
+  python -m benchmarks.train_step --vs-torch [--full] [--models swin,vit] [--batch 16]
   python -m benchmarks.train_step [--config configs/demo.py] [--batch 128] [--steps 10]
 
-For the config's model, its dense twin (moe_layers="none"), the dropless and the capacity MoE
-paths, prints compile seconds, XLA FLOPs per step, milliseconds per step, images/s and the ratio
-to dense. (The comparison against the PyTorch original is a later benchmark: it needs torch.)
+--vs-torch: a full train step (forward, backward, AdamW, CosFace m=0.4 s=64 over 1,000 classes,
+the official router losses with lambda_aux = 10, gradient clipping at 5) of the Swin-MoE (small:
+120 px, patch 6, width 96, depths 2/2/2, heads 3/6/12, window 5, E=3, k=2, raw-logit combine)
+and of a ViT-MoE (small: 112 px, patch 9, width 192, depth 6, 4 heads, MoE every 2nd block, E=8,
+k=2), ours (dropless, the official semantics, and capacity factor 1.5) against PyTorch models of
+the same architecture that route as the official FaceMoE code does (top-k on the gate logits,
+then a loop over the experts with boolean indexing; `export/torch_models.py`, the twins our
+exports load into) with torch's AdamW, the same batch, the same threads. Drop-path is 0 on both
+sides (the PyTorch twins have none). Steps of the three are interleaved in rounds so that the
+load of a shared machine hits them alike; the median step time of each is reported.
+--full uses the full-size official Swin-MoE (width 384, depths 2/18/2) at batch 4.
+
+Prints images/s of each, the ratio ours / PyTorch and our compile seconds, then one JSON line
+with every figure and "ratio" (the Swin-MoE, ours dropless / PyTorch).
 """
+
+from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
+import os
 import time
 
 import jax
@@ -20,15 +37,41 @@ from facemoe_jax.train import optimizer as optimizer_lib
 from facemoe_jax.train import state as state_lib
 from facemoe_jax.train import step as step_lib
 
+NUM_CLASSES = 1000
+LAMBDA_AUX = 10.0
 
-def load_config(path):
+
+def load_config(path, arg=None):
     spec = importlib.util.spec_from_file_location("benchmark_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    return module.get_config(arg)
 
 
-def measure(config, batch_size, steps):
+def small_config(model: str, full: bool):
+    """Our config at the benchmark size, with the official losses and optimiser."""
+    config = load_config("configs/swin_moe_120.py", "tinyface_full")
+    if model == "swin":
+        if not full:
+            config.model.update(width=96)
+            config.model.depths = (2, 2, 2)
+            config.model.stage_heads = (3, 6, 12)
+    else:
+        config.model.update(
+            name="vit_moe", image_size=112, patch_size=9, width=192 if not full else 512,
+            depth=6 if not full else 24, num_heads=4 if not full else 8, mlp_ratio=4.0,
+            moe_layers="every:2", num_experts=8, top_k=2, router_combine="raw_logits",
+        )  # fmt: skip
+    config.model.drop_path_rate = 0.0
+    config.data.num_classes = NUM_CLASSES
+    config.loss.update(sample_rate=1.0)
+    config.optimizer.update(warmup_steps=0)
+    config.train.num_steps = 1000
+    return config
+
+
+def make_ours(config, batch_size):
+    """(step function on a fixed batch, compile seconds, GFLOP per step)."""
     model = build_model(config.model)
     tx, schedule = optimizer_lib.build_optimizer(config.optimizer, config.train.num_steps)
     state = state_lib.create_train_state(model, tx, config)
@@ -44,38 +87,173 @@ def measure(config, batch_size, steps):
     compile_s = time.perf_counter() - start
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
+    holder = {"state": state}
+
+    def run():
+        holder["state"], metrics = compiled(holder["state"], batch)
+        jax.block_until_ready(metrics["train/loss"])
+
+    run()  # the first call allocates
+    return run, compile_s, float(cost.get("flops", 0.0)) / 1e9
+
+
+def make_torch(config, batch_size, threads):
+    """The same architecture in PyTorch, routing as the official code, trained the same way."""
+    import torch
+    from torch.nn import functional as F
+
+    from facemoe_jax.export import torch_models
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    m = config.model
+    if m.name == "swin_moe":
+        model = torch_models.SwinMoETorch(
+            image_size=m.image_size, patch_size=m.patch_size, width=m.width,
+            depths=tuple(m.depths), num_heads=tuple(m.stage_heads), window_size=m.window_size,
+            mlp_ratio=m.mlp_ratio, embed_dim=m.embed_dim, num_experts=m.num_experts,
+            top_k=m.top_k, router_combine=m.router_combine, capacity_factor=None,
+            head_dropout=m.head_dropout,
+        )  # fmt: skip
+    else:
+        model = torch_models.ViTMoETorch(
+            image_size=m.image_size, patch_size=m.patch_size, width=m.width, depth=m.depth,
+            num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, embed_dim=m.embed_dim,
+            moe_layers=m.moe_layers, num_experts=m.num_experts, top_k=m.top_k,
+            router_combine=m.router_combine, capacity_factor=None,
+        )  # fmt: skip
+    model.train()
+    # The official router computes its losses from the gate logits: collect them with hooks.
+    gate_logits = []
+    for module in model.modules():
+        if isinstance(module, torch_models.MoEMlp):
+            module.router.gate.register_forward_hook(lambda mod, inp, out: gate_logits.append(out))
+    centres = torch.nn.Parameter(torch.randn(NUM_CLASSES, m.embed_dim) * 0.01)
+    opt = torch.optim.AdamW(
+        list(model.parameters()) + [centres], lr=1e-4, weight_decay=0.1, eps=1e-8
+    )
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(batch_size, 3, m.image_size, m.image_size, generator=gen) * 2 - 1
+    labels = torch.randint(0, NUM_CLASSES, (batch_size,), generator=gen)
+    k = m.top_k
+
+    def aux_loss():
+        total = 0.0
+        for logits in gate_logits:
+            logits = logits.reshape(-1, logits.shape[-1])
+            t, e = logits.shape
+            z = 1e-3 * torch.mean(logits**2)
+            p = torch.softmax(logits, dim=1)
+            mask = torch.zeros_like(logits).scatter_(1, torch.topk(logits, k, dim=1)[1], 1.0)
+            total = total + z + 1e-2 * e * torch.sum(p.sum(0) * mask.sum(0)) / (t * t)
+        return total
+
+    def run():
+        gate_logits.clear()
+        emb = model(images)
+        cos = F.normalize(emb) @ F.normalize(centres).t()
+        cos = cos - 0.4 * F.one_hot(labels, NUM_CLASSES)
+        loss = F.cross_entropy(64.0 * cos, labels) + LAMBDA_AUX * aux_loss()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        opt.step()
+
+    run()
+    return run
+
+
+def interleaved(runs: dict, rounds: int, steps: int) -> dict:
+    """Median seconds per step of each runner, its steps interleaved round by round."""
+    times = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                run()
+            times[name].append((time.perf_counter() - start) / steps)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def vs_torch(args):
+    threads = args.threads or os.cpu_count()
+    results = {"batch": args.batch, "threads": threads, "backend": jax.default_backend()}
+    for model_name in args.models.split(","):
+        runs, compile_s, gflops = {}, {}, {}
+        for path, factor in (("dropless", 0.0), ("capacity_1.5", 1.5)):
+            config = small_config(model_name, args.full)
+            config.model.capacity_factor = factor
+            runs[path], compile_s[path], gflops[path] = make_ours(config, args.batch)
+        runs["pytorch"] = make_torch(small_config(model_name, args.full), args.batch, threads)
+        step_s = interleaved(runs, args.rounds, args.steps)
+        entry = {
+            f"{name}_img_s": round(args.batch / s, 2) for name, s in step_s.items()
+        }
+        for path in ("dropless", "capacity_1.5"):
+            entry[f"ratio_{path}"] = round(step_s["pytorch"] / step_s[path], 3)
+            entry[f"compile_s_{path}"] = round(compile_s[path], 1)
+            entry[f"gflop_per_step_{path}"] = round(gflops[path], 2)
+        results[model_name] = entry
+        print(f"{model_name}-MoE ({'full' if args.full else 'small'} size), batch {args.batch}, "
+              f"{threads} threads, median of {args.rounds} rounds x {args.steps} steps:")
+        print(f"  {'PyTorch (official routing)':>28}: {entry['pytorch_img_s']:7.2f} img/s")
+        for path in ("dropless", "capacity_1.5"):
+            print(f"  {'ours, ' + path:>28}: {entry[f'{path}_img_s']:7.2f} img/s  "
+                  f"ratio {entry[f'ratio_{path}']:.2f}  compile {entry[f'compile_s_{path}']:.1f} s"
+                  f"  {entry[f'gflop_per_step_{path}']:.2f} GFLOP/step")
+    first = args.models.split(",")[0]
+    results["ratio"] = results[first]["ratio_dropless"]
+    print(json.dumps(results))
+
+
+def measure(config, batch_size, steps):
+    run, compile_s, gflops = make_ours(config, batch_size)
     start = time.perf_counter()
     for _ in range(steps):
-        state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
-    step_s = (time.perf_counter() - start) / steps
-    return compile_s, float(cost.get("flops", 0.0)), step_s
+        run()
+    return compile_s, gflops, (time.perf_counter() - start) / steps
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="configs/demo.py")
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=10)
-    args = parser.parse_args()
-
+def vs_dense(args):
     variants = {
         "dense": dict(moe_layers="none"),
         "MoE dropless": dict(capacity_factor=0.0),
         "MoE capacity 1.25": dict(capacity_factor=1.25),
     }
     print(f"{args.config}, batch {args.batch}, backend {jax.default_backend()}")
-    dense_s = None
+    dense_s, results = None, {}
     for name, overrides in variants.items():
         config = load_config(args.config)
         config.model.update(**overrides)
-        compile_s, flops, step_s = measure(config, args.batch, args.steps)
+        compile_s, gflops, step_s = measure(config, args.batch, args.steps)
         dense_s = dense_s or step_s
-        print(f"{name:>18}: compile {compile_s:5.1f} s, {flops / 1e9:7.2f} GFLOP/step, "
+        results[name] = {"img_s": args.batch / step_s, "ratio_to_dense": step_s / dense_s}
+        print(f"{name:>18}: compile {compile_s:5.1f} s, {gflops:7.2f} GFLOP/step, "
               f"{step_s * 1e3:8.1f} ms/step, {args.batch / step_s:7.1f} img/s, "
               f"{step_s / dense_s:4.2f}x dense")
+    results["ratio"] = results["MoE dropless"]["ratio_to_dense"]
+    print(json.dumps(results))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--vs-torch", action="store_true")
+    parser.add_argument("--full", action="store_true", help="full-size models (with --vs-torch)")
+    parser.add_argument("--models", default="swin,vit")
+    parser.add_argument("--config", default="configs/demo.py")
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.vs_torch:
+        args.batch = args.batch or (4 if args.full else 16)
+        args.steps = args.steps or (1 if args.full else 2)
+        vs_torch(args)
+    else:
+        args.batch = args.batch or 128
+        args.steps = args.steps or 10
+        vs_dense(args)
 
 
 if __name__ == "__main__":
