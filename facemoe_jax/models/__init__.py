@@ -5,6 +5,8 @@ import ml_collections
 
 from facemoe_jax.models.iresnet import STAGE_BLOCKS, IResNet
 from facemoe_jax.models.mobilefacenet import MobileFaceNet
+from facemoe_jax.models import quality as quality_lib
+from facemoe_jax.models.lora import settings_from_config
 from facemoe_jax.models.moe import COMBINE_MODES
 from facemoe_jax.models.swin import SwinMoE, effective_window, stage_resolutions
 from facemoe_jax.models.vit import ViTMoE, parse_moe_layers
@@ -49,6 +51,27 @@ def _check_routing(cfg: ml_collections.ConfigDict) -> None:
         )
 
 
+def _adapters(cfg: ml_collections.ConfigDict) -> dict:
+    """The LoRA and quality fields every encoder takes (config.model.lora)."""
+    lora = settings_from_config(cfg)
+    if lora is None:
+        return {}
+    fields = cfg.lora
+    sign = float(fields.get("quality_sign", 1.0))
+    if sign not in (1.0, -1.0):
+        raise ValueError(f"config.model.lora.quality_sign={sign} must be 1 or -1")
+    if lora.quality_mix:
+        quality_lib.estimator(str(fields.get("quality", "sharpness")))  # fails here, by name
+    return {
+        "lora": lora,
+        "quality": quality_lib.QualitySettings(
+            estimator=str(fields.get("quality", "sharpness")),
+            threshold=float(fields.get("quality_threshold", 0.5)),
+            sign=sign,
+        ),
+    }
+
+
 def build_model(cfg: ml_collections.ConfigDict) -> ViTMoE | SwinMoE | IResNet | MobileFaceNet:
     """Validates config.model and builds the encoder; errors name the offending field."""
     known = ("vit_moe", "swin_moe", "iresnet", "mobilefacenet")
@@ -85,6 +108,7 @@ def build_model(cfg: ml_collections.ConfigDict) -> ViTMoE | SwinMoE | IResNet | 
         capacity_factor=cfg.capacity_factor or None,
         drop_path_rate=cfg.drop_path_rate,
         dtype=DTYPES[cfg.dtype],
+        **_adapters(cfg),
     )
 
 
@@ -140,6 +164,9 @@ def build_swin(cfg: ml_collections.ConfigDict) -> SwinMoE:
         drop_path_rate=cfg.drop_path_rate,
         head_dropout=cfg.head_dropout,
         dtype=DTYPES[cfg.dtype],
+        absolute_pos_embed=bool(cfg.get("absolute_pos_embed", True)),
+        apply_shift_mask=bool(cfg.get("apply_shift_mask", True)),
+        **_adapters(cfg),
     )
 
 

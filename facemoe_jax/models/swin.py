@@ -32,7 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from facemoe_jax.models.lora import LoRADense, LoRASettings, projection
 from facemoe_jax.models.moe import MoEFeedForward
+from facemoe_jax.models.quality import QualitySettings
 from facemoe_jax.models.vit import DropPath
 
 Array = jax.Array
@@ -107,10 +109,12 @@ class WindowAttention(nn.Module):
     num_heads: int
     window: int
     dtype: Any = jnp.float32
+    lora: LoRASettings | None = None
 
     @nn.compact
-    def __call__(self, x: Array, mask: np.ndarray | None) -> Array:
-        """x (B*nW, N, C) with N = window**2; mask (nW, N, N) or None."""
+    def __call__(self, x: Array, mask: np.ndarray | None, quality: Array | None = None,
+                 train: bool = False) -> Array:  # fmt: skip
+        """x (B*nW, N, C) with N = window**2; mask (nW, N, N) or None; quality (B*nW,) or None."""
         bw, n, c = x.shape
         head_dim = c // self.num_heads
         table = self.param(
@@ -121,7 +125,7 @@ class WindowAttention(nn.Module):
         bias = table[relative_position_index(self.window).reshape(-1)]
         bias = bias.reshape(n, n, self.num_heads).transpose(2, 0, 1)  # (heads, N, N)
 
-        qkv = nn.Dense(3 * c, dtype=self.dtype, name="qkv")(x)
+        qkv = projection(x, 3 * c, "qkv", self.lora, "qkv", quality, train, dtype=self.dtype)
         q, k, v = jnp.moveaxis(qkv.reshape(bw, n, 3, self.num_heads, head_dim), 2, 0)
         logits = jnp.einsum("bqhc,bkhc->bhqk", q * head_dim**-0.5, k).astype(jnp.float32)
         logits = logits + bias[None]
@@ -131,7 +135,7 @@ class WindowAttention(nn.Module):
             logits = logits.reshape(bw, self.num_heads, n, n)
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         out = jnp.einsum("bhqk,bkhc->bqhc", weights, v).reshape(bw, n, c)
-        return nn.Dense(c, dtype=self.dtype, name="proj")(out)
+        return projection(out, c, "proj", self.lora, "proj", quality, train, dtype=self.dtype)
 
 
 class SwinMlp(nn.Module):
@@ -139,12 +143,15 @@ class SwinMlp(nn.Module):
 
     hidden_dim: int
     dtype: Any = jnp.float32
+    lora: LoRASettings | None = None
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
-        h = nn.Dense(self.hidden_dim, dtype=self.dtype, name="fc1")(x)
+    def __call__(self, x: Array, quality: Array | None = None, train: bool = False) -> Array:
+        h = projection(x, self.hidden_dim, "fc1", self.lora, "mlp", quality, train,
+                       dtype=self.dtype)  # fmt: skip
         h = jax.nn.gelu(h, approximate=False)
-        return nn.Dense(x.shape[-1], dtype=self.dtype, name="fc2")(h)
+        return projection(h, x.shape[-1], "fc2", self.lora, "mlp", quality, train,
+                          dtype=self.dtype)  # fmt: skip
 
 
 class SwinBlock(nn.Module):
@@ -158,9 +165,11 @@ class SwinBlock(nn.Module):
     mlp_ratio: float = 4.0
     drop_path_rate: float = 0.0
     dtype: Any = jnp.float32
+    lora: LoRASettings | None = None
+    apply_shift_mask: bool = True
 
     @nn.compact
-    def __call__(self, x: Array, train: bool):
+    def __call__(self, x: Array, train: bool, quality: Array | None = None):
         b, length, c = x.shape
         side, w, s = self.resolution, self.window, self.shift
         drop_path = DropPath(self.drop_path_rate)
@@ -169,9 +178,12 @@ class SwinBlock(nn.Module):
         y = y.reshape(b, side, side, c)
         if s:
             y = jnp.roll(y, (-s, -s), axis=(1, 2))
-        mask = shifted_window_mask(side, w, s) if s else None
-        y = WindowAttention(self.num_heads, w, self.dtype, name="attn")(
-            window_partition(y, w), mask
+        # PETALface's Swin computes the shift mask and never applies it (apply_shift_mask=False).
+        mask = shifted_window_mask(side, w, s) if s and self.apply_shift_mask else None
+        # One `a` per image, repeated over its windows (windows are image-major).
+        window_quality = None if quality is None else jnp.repeat(quality, (side // w) ** 2)
+        y = WindowAttention(self.num_heads, w, self.dtype, self.lora, name="attn")(
+            window_partition(y, w), mask, window_quality, train
         )
         y = window_reverse(y, w, side, side)
         if s:
@@ -181,7 +193,7 @@ class SwinBlock(nn.Module):
         y = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name="norm2")(x)
         hidden = int(c * self.mlp_ratio)
         if self.moe is None:
-            y, metrics = SwinMlp(hidden, self.dtype, name="mlp")(y), None
+            y, metrics = SwinMlp(hidden, self.dtype, self.lora, name="mlp")(y, quality, train), None
         else:
             y, metrics = MoEFeedForward(
                 hidden_dim=hidden,
@@ -228,9 +240,11 @@ class SwinStage(nn.Module):
     moe_blocks: Sequence[int] = ()
     mlp_ratio: float = 4.0
     dtype: Any = jnp.float32
+    lora: LoRASettings | None = None
+    apply_shift_mask: bool = True
 
     @nn.compact
-    def __call__(self, x: Array, train: bool):
+    def __call__(self, x: Array, train: bool, quality: Array | None = None):
         window, shift = effective_window(self.resolution, self.window)
         metrics = []
         for i in range(self.depth):
@@ -243,8 +257,10 @@ class SwinStage(nn.Module):
                 self.mlp_ratio,
                 self.drop_path_rates[i],
                 self.dtype,
+                self.lora,
+                self.apply_shift_mask,
                 name=f"blocks_{i}",
-            )(x, train)
+            )(x, train, quality)
             if m is not None:
                 metrics.append(m)
         if self.downsample:
@@ -277,9 +293,15 @@ class SwinMoE(nn.Module):
     drop_path_rate: float = 0.05
     head_dropout: float = 0.25
     dtype: Any = jnp.float32
+    absolute_pos_embed: bool = True
+    apply_shift_mask: bool = True
+    lora: LoRASettings | None = None
+    quality: QualitySettings = QualitySettings()
 
     @nn.compact
-    def __call__(self, images: Array, train: bool = False):
+    def __call__(self, images: Array, train: bool = False, quality: Array | None = None):
+        """quality: PETALface's per-image `a` (B,) for quality-mixed adapters; None = the
+        configured estimator computes it from the images."""
         if images.shape[1:3] != (self.image_size, self.image_size):
             raise ValueError(
                 f"images of shape {images.shape} do not match config.model.image_size="
@@ -296,10 +318,12 @@ class SwinMoE(nn.Module):
         b, grid, _, d = x.shape
         x = x.reshape(b, grid * grid, d)
         x = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name="patch_norm")(x)
-        pos = self.param(
-            "absolute_pos_embed", nn.initializers.truncated_normal(0.02), (1, grid * grid, d)
-        )
-        x = x + pos.astype(self.dtype)
+        if self.absolute_pos_embed:
+            pos = self.param(
+                "absolute_pos_embed", nn.initializers.truncated_normal(0.02), (1, grid * grid, d)
+            )
+            x = x + pos.astype(self.dtype)
+        quality = self.quality.resolve(images, quality, self.lora)
 
         moe = {
             "num_experts": self.num_experts,
@@ -324,8 +348,10 @@ class SwinMoE(nn.Module):
                 moe_blocks=tuple(b - start for b in self.moe_layers if start <= b < start + depth),
                 mlp_ratio=self.mlp_ratio,
                 dtype=self.dtype,
+                lora=self.lora,
+                apply_shift_mask=self.apply_shift_mask,
                 name=f"layers_{i}",
-            )(x, train)
+            )(x, train, quality)
             metrics.extend(m)
         x = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name="norm")(x)
 
@@ -337,6 +363,12 @@ class SwinMoE(nn.Module):
         }
         x = nn.BatchNorm(name="feature_bn1", **batch_norm)(x)
         x = nn.Dropout(self.head_dropout, deterministic=not train)(x)
-        x = nn.Dense(self.embed_dim, name="feature_fc")(x)
+        if self.lora is not None and self.lora.head:  # one plain adapter, `a` does not touch it
+            x = LoRADense(self.embed_dim, self.lora.rank, self.lora.scale, self.lora.dropout,
+                          self.lora.init, quality_mix=False, name="feature_fc")(
+                x, deterministic=not train
+            )  # fmt: skip
+        else:
+            x = nn.Dense(self.embed_dim, name="feature_fc")(x)
         x = nn.BatchNorm(name="feature_bn2", **batch_norm)(x)
         return x, jax.tree.map(lambda *m: jnp.stack(m), *metrics) if metrics else {}

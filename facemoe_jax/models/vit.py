@@ -20,7 +20,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from facemoe_jax.models.lora import LoRASettings, projection
 from facemoe_jax.models.moe import MoEFeedForward
+from facemoe_jax.models.quality import QualitySettings
 
 Array = jax.Array
 
@@ -79,31 +81,37 @@ class DropPath(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with a fused, bias-free qkv projection (insightface layout)."""
+    """Multi-head self-attention with a fused, bias-free qkv projection (insightface layout);
+    `lora` adds adapters to qkv / proj (`models/lora.py`), mixed by the per-image `quality`."""
 
     num_heads: int
     dtype: Any = jnp.float32
+    lora: LoRASettings | None = None
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, quality: Array | None = None, train: bool = False) -> Array:
         b, n, d = x.shape
         head_dim = d // self.num_heads
-        qkv = nn.Dense(3 * d, use_bias=False, dtype=self.dtype, name="qkv")(x)
+        qkv = projection(x, 3 * d, "qkv", self.lora, "qkv", quality, train, use_bias=False,
+                         dtype=self.dtype)  # fmt: skip
         q, k, v = jnp.moveaxis(qkv.reshape(b, n, 3, self.num_heads, head_dim), 2, 0)
         logits = jnp.einsum("bqhc,bkhc->bhqk", q, k) * head_dim**-0.5
         weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
         out = jnp.einsum("bhqk,bkhc->bqhc", weights, v).reshape(b, n, d)
-        return nn.Dense(d, dtype=self.dtype, name="proj")(out)
+        return projection(out, d, "proj", self.lora, "proj", quality, train, dtype=self.dtype)
 
 
 class Mlp(nn.Module):
     hidden_dim: int
     dtype: Any = jnp.float32
+    lora: LoRASettings | None = None
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
-        h = jax.nn.relu6(nn.Dense(self.hidden_dim, dtype=self.dtype, name="fc1")(x))
-        return nn.Dense(x.shape[-1], dtype=self.dtype, name="fc2")(h)
+    def __call__(self, x: Array, quality: Array | None = None, train: bool = False) -> Array:
+        h = projection(x, self.hidden_dim, "fc1", self.lora, "mlp", quality, train,
+                       dtype=self.dtype)  # fmt: skip
+        return projection(jax.nn.relu6(h), x.shape[-1], "fc2", self.lora, "mlp", quality, train,
+                          dtype=self.dtype)  # fmt: skip
 
 
 class Block(nn.Module):
@@ -114,15 +122,18 @@ class Block(nn.Module):
     moe: dict | None = None  # MoEFeedForward keyword arguments, None = dense MLP
     drop_path_rate: float = 0.0
     dtype: Any = jnp.float32
+    lora: LoRASettings | None = None
 
     @nn.compact
-    def __call__(self, x: Array, train: bool):
+    def __call__(self, x: Array, train: bool, quality: Array | None = None):
         drop_path = DropPath(self.drop_path_rate)
         y = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name="norm1")(x)
-        x = x + drop_path(Attention(self.num_heads, self.dtype, name="attn")(y), not train)
+        y = Attention(self.num_heads, self.dtype, self.lora, name="attn")(y, quality, train)
+        x = x + drop_path(y, not train)
         y = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name="norm2")(x)
         if self.moe is None:
-            y, metrics = Mlp(self.mlp_dim, self.dtype, name="mlp")(y), None
+            y = Mlp(self.mlp_dim, self.dtype, self.lora, name="mlp")(y, quality, train)
+            metrics = None
         else:
             y, metrics = MoEFeedForward(
                 hidden_dim=self.mlp_dim, dtype=self.dtype, name="moe", **self.moe
@@ -147,9 +158,13 @@ class ViTMoE(nn.Module):
     capacity_factor: float | None = None
     drop_path_rate: float = 0.0
     dtype: Any = jnp.float32
+    lora: LoRASettings | None = None
+    quality: QualitySettings = QualitySettings()
 
     @nn.compact
-    def __call__(self, images: Array, train: bool = False):
+    def __call__(self, images: Array, train: bool = False, quality: Array | None = None):
+        """quality: PETALface's per-image `a` (B,) for quality-mixed adapters; None = the
+        configured estimator computes it from the images."""
         if images.shape[1:3] != (self.image_size, self.image_size):
             raise ValueError(
                 f"images of shape {images.shape} do not match config.model.image_size="
@@ -167,6 +182,7 @@ class ViTMoE(nn.Module):
         x = x.reshape(b, h * w, d)
         pos = self.param("pos_embed", nn.initializers.truncated_normal(0.02), (1, h * w, d))
         x = x + pos.astype(self.dtype)
+        quality = self.quality.resolve(images, quality, self.lora)
 
         moe = dict(
             num_experts=self.num_experts,
@@ -183,8 +199,9 @@ class ViTMoE(nn.Module):
                 moe if i in self.moe_layers else None,
                 rate,
                 self.dtype,
+                self.lora,
                 name=f"blocks_{i}",
-            )(x, train)
+            )(x, train, quality)
             if metrics is not None:
                 layer_metrics.append(metrics)
         x = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name="norm")(x)
