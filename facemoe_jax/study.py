@@ -43,6 +43,8 @@ from typing import Callable
 import ml_collections
 import numpy as np
 
+from facemoe_jax import recipes
+
 PRETRAINED = "pretrained"  # the HR MoE pre-training run
 DENSE_PRETRAINED = "dense_pretrained"  # its dense twin (for upcycling)
 
@@ -92,7 +94,7 @@ def register(recipe: Recipe) -> Recipe:
 def _classifier_only(config):
     # FaceMoE stage 1 (train_fc.py): only a new classifier trains; the backbone runs in train
     # mode, so its BatchNorm statistics follow the LR data.
-    config.train.update(trainable=("^classifier/",), update_batch_stats=True)
+    config.train.update(trainable="^classifier/", update_batch_stats=True)
     config.loss.update(sample_rate=0.6, z_coef=0.0, balance_coef=0.0)
     config.optimizer.update(learning_rate=2e-3)
 
@@ -121,6 +123,14 @@ register(Recipe("facemoe", "FaceMoE stage 2: full fine-tuning from stage 1 + rou
                 start="classifier_only", configure=_with_router_losses))  # fmt: skip
 register(Recipe("upcycled", "dense HR pre-training upcycled to MoE, then full fine-tuning",
                 start=DENSE_PRETRAINED, configure=_upcycled))  # fmt: skip
+
+
+# PETALface (issue 11): the same budget from the same pre-trained model, adapters only.
+register(Recipe("petalface", "PETALface: 2 quality-mixed LoRA (rank 4) on qkv, backbone frozen",
+                configure=lambda c: recipes.petalface(c, rank=4, head=False)))  # fmt: skip
+register(Recipe("lora", "one LoRA (rank 4) on qkv, backbone frozen (PETALface's ablation)",
+                configure=lambda c: recipes.petalface(c, rank=4, head=False,
+                                                      quality_mix=False)))  # fmt: skip
 
 
 # ---- Configs.

@@ -73,7 +73,7 @@ def test_adaptation_config_is_the_lr_set_with_the_recipe_applied():
                                      seed=2, start_dir="/x")  # fmt: skip
     assert config.data.train == "synthetic_lr" and config.data.num_classes == 12
     assert config.seed == 2 and config.init_from == "/x" and not config.init_classifier
-    assert config.train.trainable == ("^classifier/",) and config.train.update_batch_stats
+    assert config.train.trainable == "^classifier/" and config.train.update_batch_stats
     assert config.eval.synthetic_tinyface_identities == 6
     facemoe = study.adaptation_config(base_config(), study.RECIPES["facemoe"], SETTINGS, 0, "/y")
     assert facemoe.init_classifier and facemoe.loss.z_coef == pytest.approx(10 * 1e-3)

@@ -43,6 +43,7 @@ from flax import traverse_util
 
 from facemoe_jax.models import build_model
 from facemoe_jax.models import swin as swin_geometry
+from facemoe_jax.models.lora import settings_from_config
 
 # Head modules: Flax name -> PyTorch name, per architecture.
 HEAD_NAMES = {
@@ -229,9 +230,10 @@ def torch_to_jax(
     arch = model_cfg.name
     state = {k: np.asarray(v) for k, v in state_dict.items()}
     lora = sorted(k for k in state if "lora" in k)
-    if lora:
+    if lora and settings_from_config(model_cfg) is None:
         raise ValueError(
-            f"checkpoint holds LoRA adapters ({lora[0]}, ...): merge or drop them before import"
+            f"checkpoint holds LoRA adapters ({lora[0]}, ...) but config.model.lora.rank=0: set "
+            "config.model.lora (PETALface: rank 8, head=True) or merge them before import"
         )
     used = set()
     rng = np.random.default_rng(seed)

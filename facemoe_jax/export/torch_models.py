@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from facemoe_jax.models import swin as swin_geometry
+from facemoe_jax.models.lora import settings_from_config
 from facemoe_jax.models.moe import COMBINE_MODES
 from facemoe_jax.models.vit import parse_moe_layers
 
@@ -116,8 +117,42 @@ class PatchEmbed(nn.Module):
         return self.norm(self.proj(x).flatten(2).transpose(1, 2))
 
 
+class LoRALinear(nn.Linear):
+    """nn.Linear plus PETALface's adapters (official names `trainable_lora_down` / `_up`, and
+    `..._down2` / `_up2` when two are mixed by the per-image quality `a`); eval mode (no dropout).
+    The same computation as `models.lora.LoRADense`."""
+
+    def __init__(self, in_features, out_features, rank, scale=1.0, quality_mix=True, bias=True):
+        super().__init__(in_features, out_features, bias=bias)
+        self.scale, self.quality_mix = scale, quality_mix
+        self.trainable_lora_down = nn.Linear(in_features, rank, bias=False)
+        self.trainable_lora_up = nn.Linear(rank, out_features, bias=False)
+        if quality_mix:
+            self.trainable_lora_down2 = nn.Linear(in_features, rank, bias=False)
+            self.trainable_lora_up2 = nn.Linear(rank, out_features, bias=False)
+
+    def forward(self, x, a=None):
+        y = super().forward(x)
+        if not self.quality_mix:
+            return y + self.scale * self.trainable_lora_up(self.trainable_lora_down(x))
+        a = a.reshape(a.shape + (1,) * (x.dim() - a.dim())).to(x.dtype)
+        y = y + self.scale * self.trainable_lora_up(self.trainable_lora_down((1 - a) * x))
+        return y + self.scale * self.trainable_lora_up2(self.trainable_lora_down2(a * x))
+
+
+def linear(in_features, out_features, lora, target, bias=True):
+    """nn.Linear, or LoRALinear where the LoRA settings adapt `target` ("qkv", "proj", "mlp")."""
+    if lora is None or target not in lora.targets:
+        return nn.Linear(in_features, out_features, bias=bias)
+    return LoRALinear(in_features, out_features, lora.rank, lora.scale, lora.quality_mix, bias)
+
+
+def call(layer, x, a):
+    return layer(x, a) if isinstance(layer, LoRALinear) else layer(x)
+
+
 class WindowAttention(nn.Module):
-    def __init__(self, dim: int, window: int, num_heads: int):
+    def __init__(self, dim: int, window: int, num_heads: int, lora=None):
         super().__init__()
         self.window, self.num_heads = window, num_heads
         self.relative_position_bias_table = nn.Parameter(
@@ -125,13 +160,14 @@ class WindowAttention(nn.Module):
         )
         index = torch.from_numpy(swin_geometry.relative_position_index(window))
         self.register_buffer("relative_position_index", index)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = linear(dim, 3 * dim, lora, "qkv")
+        self.proj = linear(dim, dim, lora, "proj")
 
-    def forward(self, x, mask=None):
+    def forward(self, x, mask=None, a=None):
         bw, n, c = x.shape
         head_dim = c // self.num_heads
-        q, k, v = self.qkv(x).reshape(bw, n, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
+        qkv = call(self.qkv, x, a)
+        q, k, v = qkv.reshape(bw, n, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
         attn = (q * head_dim**-0.5) @ k.transpose(-2, -1)  # (B*nW, heads, N, N)
         bias = self.relative_position_bias_table[self.relative_position_index.reshape(-1)]
         attn = attn + bias.reshape(n, n, -1).permute(2, 0, 1).unsqueeze(0)
@@ -140,39 +176,46 @@ class WindowAttention(nn.Module):
             attn = attn.reshape(bw // nw, nw, self.num_heads, n, n) + mask[None, :, None]
             attn = attn.reshape(bw, self.num_heads, n, n)
         out = (attn.softmax(-1) @ v).transpose(1, 2).reshape(bw, n, c)
-        return self.proj(out)
+        return call(self.proj, out, a)
 
 
 class SwinBlock(nn.Module):
-    def __init__(self, dim, resolution, num_heads, window, shift, moe: dict | None, mlp_ratio):
+    def __init__(
+        self, dim, resolution, num_heads, window, shift, moe: dict | None, mlp_ratio, lora=None,
+        apply_shift_mask=True,
+    ):  # fmt: skip
         super().__init__()
         self.resolution, self.window, self.shift = resolution, window, shift
+        self.apply_shift_mask = apply_shift_mask
         if shift:  # registered first, as the official block does (state_dict order)
             mask = swin_geometry.shifted_window_mask(resolution, window, shift)
             self.register_buffer("attn_mask", torch.from_numpy(mask))
         else:
             self.attn_mask = None
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = WindowAttention(dim, window, num_heads)
+        self.attn = WindowAttention(dim, window, num_heads, lora)
         self.norm2 = nn.LayerNorm(dim)
         hidden = int(dim * mlp_ratio)
         if moe is None:  # a dense Swin block (PETALface's base, pre-training before upcycling)
-            self.mlp = Mlp(dim, hidden, activation=nn.GELU())
+            self.mlp = Mlp(dim, hidden, activation=nn.GELU(), lora=lora)
         else:
             self.mlp = MoEMlp(dim, hidden, activation=nn.GELU(), **moe)
 
-    def forward(self, x):
+    def forward(self, x, a=None):
         b, length, c = x.shape
         side, w, s = self.resolution, self.window, self.shift
         y = self.norm1(x).reshape(b, side, side, c)
         if s:
             y = torch.roll(y, (-s, -s), dims=(1, 2))
-        y = self.attn(window_partition(y, w), self.attn_mask)
+        mask = self.attn_mask if self.apply_shift_mask else None  # PETALface: never applied
+        window_a = None if a is None else a.repeat_interleave((side // w) ** 2)
+        y = self.attn(window_partition(y, w), mask, window_a)
         y = window_reverse(y, w, side, side)
         if s:
             y = torch.roll(y, (s, s), dims=(1, 2))
         x = x + y.reshape(b, length, c)
-        return x + self.mlp(self.norm2(x))
+        y = self.norm2(x)
+        return x + (self.mlp(y, a) if isinstance(self.mlp, Mlp) else self.mlp(y))
 
 
 class PatchMerging(nn.Module):
@@ -192,7 +235,7 @@ class PatchMerging(nn.Module):
 class SwinStage(nn.Module):
     def __init__(
         self, dim, resolution, depth, num_heads, window_size, moe, mlp_ratio, downsample,
-        moe_blocks=None,
+        moe_blocks=None, lora=None, apply_shift_mask=True,
     ):  # fmt: skip
         super().__init__()
         window, shift = swin_geometry.effective_window(resolution, window_size)
@@ -200,15 +243,15 @@ class SwinStage(nn.Module):
         self.blocks = nn.ModuleList(
             SwinBlock(
                 dim, resolution, num_heads, window, shift if i % 2 else 0,
-                moe if i in moe_blocks else None, mlp_ratio,
+                moe if i in moe_blocks else None, mlp_ratio, lora, apply_shift_mask,
             )  # fmt: skip
             for i in range(depth)
         )
         self.downsample = PatchMerging(resolution, dim) if downsample else None
 
-    def forward(self, x):
+    def forward(self, x, a=None):
         for block in self.blocks:
-            x = block(x)
+            x = block(x, a)
         return x if self.downsample is None else self.downsample(x)
 
 
@@ -231,12 +274,19 @@ class SwinMoETorch(nn.Module):
         capacity_factor=None,
         head_dropout=0.25,
         moe_layers=None,  # MoE blocks numbered over all stages; None = every block (official)
+        absolute_pos_embed=True,
+        apply_shift_mask=True,  # False: PETALface's Swin (mask computed, never applied)
+        lora=None,  # models.lora.LoRASettings: PETALface's adapters
     ):
         super().__init__()
         grid = image_size // patch_size
         moe_layers = range(sum(depths)) if moe_layers is None else moe_layers
+        self.lora = lora
         self.patch_embed = PatchEmbed(patch_size, width)
-        self.absolute_pos_embed = nn.Parameter(torch.zeros(1, grid * grid, width))
+        if absolute_pos_embed:
+            self.absolute_pos_embed = nn.Parameter(torch.zeros(1, grid * grid, width))
+        else:
+            self.absolute_pos_embed = None
         moe = {
             "num_experts": num_experts,
             "top_k": top_k,
@@ -256,6 +306,8 @@ class SwinMoETorch(nn.Module):
                 downsample=i < len(depths) - 1,
                 moe_blocks=[b - sum(depths[:i]) for b in moe_layers
                             if sum(depths[:i]) <= b < sum(depths[: i + 1])],
+                lora=lora,
+                apply_shift_mask=apply_shift_mask,
             )  # fmt: skip
             for i, depth in enumerate(depths)
         )
@@ -265,14 +317,20 @@ class SwinMoETorch(nn.Module):
         self.feature_layer = nn.Sequential(
             nn.BatchNorm1d(flat),
             nn.Dropout(head_dropout),
-            nn.Linear(flat, embed_dim),
+            LoRALinear(flat, embed_dim, lora.rank, lora.scale, quality_mix=False)
+            if lora is not None and lora.head else nn.Linear(flat, embed_dim),
             nn.BatchNorm1d(embed_dim),
         )
 
-    def forward(self, images):
-        x = self.patch_embed(images) + self.absolute_pos_embed
+    def forward(self, images, quality=None):
+        """quality: PETALface's per-image `a` (B,), required by quality-mixed adapters."""
+        if self.lora is not None and self.lora.quality_mix and quality is None:
+            raise ValueError("this Swin has quality-mixed adapters: pass quality=a (B,)")
+        x = self.patch_embed(images)
+        if self.absolute_pos_embed is not None:
+            x = x + self.absolute_pos_embed
         for layer in self.layers:
-            x = layer(x)
+            x = layer(x, quality)
         return self.feature_layer(self.norm(x).flatten(1))
 
 
@@ -295,14 +353,14 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int, activation: nn.Module | None = None):
+    def __init__(self, dim: int, hidden: int, activation: nn.Module | None = None, lora=None):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
+        self.fc1 = linear(dim, hidden, lora, "mlp")
         self.act = nn.ReLU6() if activation is None else activation
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc2 = linear(hidden, dim, lora, "mlp")
 
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+    def forward(self, x, a=None):
+        return call(self.fc2, self.act(call(self.fc1, x, a)), a)
 
 
 class VitPatchEmbed(nn.Module):
@@ -397,6 +455,9 @@ def torch_model_from_config(cfg) -> nn.Module:
             capacity_factor=capacity,
             head_dropout=cfg.head_dropout,
             moe_layers=parse_moe_layers(cfg.moe_layers, sum(cfg.depths)),
+            absolute_pos_embed=bool(cfg.get("absolute_pos_embed", True)),
+            apply_shift_mask=bool(cfg.get("apply_shift_mask", True)),
+            lora=settings_from_config(cfg),
         )
     elif cfg.name == "vit_moe":
         model = ViTMoETorch(

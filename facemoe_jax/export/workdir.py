@@ -19,6 +19,7 @@ import numpy as np
 
 import facemoe_jax
 from facemoe_jax.export import convert
+from facemoe_jax.models.lora import settings_from_config
 
 OFFICIAL_CONSTRUCTOR = "backbones.swin_moe.swin_120_topk_moe_loss(num_experts={e}, k={k})"
 
@@ -98,6 +99,12 @@ def export_workdir(workdir: str, out_dir: str | None = None, onnx: bool = True) 
             json.dump(info, f, indent=2)
 
     write_config()
+    if onnx and settings_from_config(config.model) is not None:
+        # The PyTorch twins take PETALface's per-image `a` as a second input, which the ONNX
+        # path does not trace yet.
+        print("note: model.onnx skipped: models with LoRA adapters are exported as model.pt and "
+              "model.safetensors only", flush=True)  # fmt: skip
+        onnx = False
     onnx_path = os.path.join(out_dir, "model.onnx")
     for stale in (onnx_path, onnx_path + ".data"):  # an earlier export's, for other weights
         if os.path.exists(stale):

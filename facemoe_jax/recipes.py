@@ -1,0 +1,21 @@
+"""Method set-ups shared by the config files and the low-resolution study: each changes a run
+config in place, so `configs/*.py` and `study.py` rows apply exactly the same recipe."""
+
+from __future__ import annotations
+
+
+def petalface(config, rank: int, head: bool, quality_mix: bool = True) -> None:
+    """PETALface's adapters and training set-up (official train_iqa.py) on any encoder config:
+    quality-mixed LoRA (or one plain LoRA, the ablation) on every attention qkv, optionally a
+    plain adapter on the embedding projection; only the adapters and the classifier train;
+    frozen BatchNorm statistics still update (`backbone.train()`); AdamW lr 5e-4 wd 0.1 with
+    linear decay; gradient clip 5 on the backbone's (= the adapters') gradients; CosFace m=0.4
+    over all classes; no router losses."""
+    config.model.lora.update(rank=rank, scale=1.0, dropout=0.1, where="qkv", init="official",
+                             quality_mix=quality_mix, head=head)  # fmt: skip
+    config.train.update(trainable="lora,^classifier/", update_batch_stats=True)
+    config.optimizer.update(name="adamw", learning_rate=5e-4, weight_decay=0.1,
+                            decay_power=1.0, end_learning_rate=0.0, grad_clip_norm=5.0,
+                            clip_scope="encoder")  # fmt: skip
+    config.loss.update(margin="combined", m1=1.0, m2=0.0, m3=0.4, sample_rate=1.0,
+                       z_coef=0.0, balance_coef=0.0)  # fmt: skip
