@@ -57,7 +57,8 @@ def run(config, workdir: str, mode: str) -> dict:
     if mode == "export":
         from facemoe_jax.export.workdir import export_workdir
 
-        return export_workdir(workdir)
+        alpha = config.get("export", {}).get("merge_lora_alpha")
+        return export_workdir(workdir, merge_lora_alpha=alpha)
     if mode == "import":
         if not config.get("init_from"):
             raise ValueError("--mode=import needs --config.init_from=/path/to/model.pt")

@@ -386,3 +386,23 @@ def save_safetensors(state: dict[str, np.ndarray], path: str, metadata=None) -> 
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
+
+
+def merge_lora(state: dict[str, np.ndarray], alpha: float, scale: float = 1.0) -> dict:
+    """A PyTorch state_dict with its LoRA adapters folded into the base weights, for a fixed `a`:
+    W' = W + scale * ((1 - a) B1 A1 + a B2 A2) (one adapter: W + scale * B A). The result loads
+    into the model without adapters (a plain dense Swin for PETALface), computing what the
+    adapted model computes for images of quality `a` in eval mode."""
+    merged = {k: v for k, v in state.items() if ".trainable_lora_" not in k}
+    for key in state:
+        if not key.endswith(".trainable_lora_down.weight"):
+            continue
+        prefix = key[: -len(".trainable_lora_down.weight")]
+        weight = np.asarray(state[f"{prefix}.weight"], np.float64)
+        delta = state[f"{prefix}.trainable_lora_up.weight"] @ state[key]
+        if f"{prefix}.trainable_lora_down2.weight" in state:
+            delta2 = (state[f"{prefix}.trainable_lora_up2.weight"]
+                      @ state[f"{prefix}.trainable_lora_down2.weight"])  # fmt: skip
+            delta = (1.0 - alpha) * delta + alpha * delta2
+        merged[f"{prefix}.weight"] = (weight + scale * delta).astype(state[f"{prefix}.weight"].dtype)
+    return merged

@@ -55,7 +55,9 @@ def export_config(model_cfg, step: int | None) -> dict:
     return info
 
 
-def export_workdir(workdir: str, out_dir: str | None = None, onnx: bool = True) -> dict:
+def export_workdir(
+    workdir: str, out_dir: str | None = None, onnx: bool = True, merge_lora_alpha=None
+) -> dict:
     """Exports the latest checkpoint of `workdir` (model.pt, model.safetensors, model.onnx when
     `onnx` and the onnx package is installed, config.json); returns the paths and the seconds."""
     from facemoe_jax.encoder import restore_workdir
@@ -87,12 +89,20 @@ def export_workdir(workdir: str, out_dir: str | None = None, onnx: bool = True) 
     config, variables, step = restore_workdir(os.path.abspath(workdir))
     stage(1)
     state = convert.jax_to_torch(config.model, variables, num_batches_tracked=step)
+    lora = settings_from_config(config.model)
+    if merge_lora_alpha is not None and lora is not None:
+        # PETALface for a fixed quality a: a plain dense model without adapters.
+        state = convert.merge_lora(state, float(merge_lora_alpha), lora.scale)
+        config.model.lora.rank = 0
+        print(f"adapters merged into the base weights for a = {merge_lora_alpha}", flush=True)
     os.makedirs(out_dir, exist_ok=True)
     stage(2)
     convert.save_torch(state, paths["pt"])
     stage(3)
     convert.save_safetensors(state, paths["safetensors"], metadata={"format": "pt"})
     info = export_config(config.model, step)
+    if merge_lora_alpha is not None and lora is not None:
+        info["merged_lora_alpha"] = float(merge_lora_alpha)
 
     def write_config():  # before the ONNX step too, so a failing ONNX export leaves usable files
         with open(paths["config"], "w") as f:

@@ -88,3 +88,20 @@ def test_full_size_export_has_the_official_433_names_and_shapes():
     assert ours == official
     lora = sum(int(np.prod(s)) for k, s in official.items() if "lora" in k)
     assert lora == 1_441_792  # rank 8: 0.67 % of the 213.7M frozen backbone
+
+
+def test_merged_adapters_give_a_plain_swin_computing_the_same_for_a_fixed_quality():
+    from facemoe_jax.models import build_model
+
+    cfg = petalface_tiny()
+    model, variables = random_variables(cfg)
+    x = images(cfg)
+    a = 0.3
+    expected = np.asarray(model.apply(variables, x, quality=np.full(len(x), a, np.float32))[0])
+    merged = convert.merge_lora(convert.jax_to_torch(cfg, variables), alpha=a)
+    assert not any("lora" in k for k in merged)
+    plain = petalface_tiny()
+    plain.lora.rank = 0
+    plain_variables = convert.torch_to_jax(plain, merged)
+    got = np.asarray(build_model(plain).apply(plain_variables, x)[0])
+    np.testing.assert_allclose(got, expected, atol=1e-4)
