@@ -228,6 +228,10 @@ def ensure_pretrained(base, out: str, dense: bool, given: str | None) -> str:
     key = fingerprint(config.to_dict())
     if done and done.get("fingerprint") == key:
         return workdir
+    if os.path.isdir(workdir):  # interrupted, or made with other settings: train it again
+        import shutil
+
+        shutil.rmtree(workdir)
     from facemoe_jax.train.loop import train_and_evaluate
 
     print(f"[study] pre-training the {'dense' if dense else 'MoE'} HR model in {workdir} "
