@@ -35,7 +35,7 @@ import numpy as np
 from facemoe_jax.models.lora import LoRADense, LoRASettings, projection
 from facemoe_jax.models.moe import MoEFeedForward
 from facemoe_jax.models.quality import QualitySettings
-from facemoe_jax.models.vit import DropPath
+from facemoe_jax.models.vit import DropPath, Mlp
 
 Array = jax.Array
 
@@ -138,20 +138,9 @@ class WindowAttention(nn.Module):
         return projection(out, c, "proj", self.lora, "proj", quality, train, dtype=self.dtype)
 
 
-class SwinMlp(nn.Module):
-    """The dense Swin feed-forward (fc1 -> exact GELU -> fc2): a dense Swin's, and PETALface's."""
-
-    hidden_dim: int
-    dtype: Any = jnp.float32
-    lora: LoRASettings | None = None
-
-    @nn.compact
-    def __call__(self, x: Array, quality: Array | None = None, train: bool = False) -> Array:
-        h = projection(x, self.hidden_dim, "fc1", self.lora, "mlp", quality, train,
-                       dtype=self.dtype)  # fmt: skip
-        h = jax.nn.gelu(h, approximate=False)
-        return projection(h, x.shape[-1], "fc2", self.lora, "mlp", quality, train,
-                          dtype=self.dtype)  # fmt: skip
+def exact_gelu(x: Array) -> Array:
+    """The Swin's activation: GELU with the erf (PyTorch's nn.GELU default)."""
+    return jax.nn.gelu(x, approximate=False)
 
 
 class SwinBlock(nn.Module):
@@ -193,11 +182,12 @@ class SwinBlock(nn.Module):
         y = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name="norm2")(x)
         hidden = int(c * self.mlp_ratio)
         if self.moe is None:
-            y, metrics = SwinMlp(hidden, self.dtype, self.lora, name="mlp")(y, quality, train), None
+            mlp = Mlp(hidden, self.dtype, self.lora, exact_gelu, name="mlp")
+            y, metrics = mlp(y, quality, train), None
         else:
             y, metrics = MoEFeedForward(
                 hidden_dim=hidden,
-                activation=lambda h: jax.nn.gelu(h, approximate=False),
+                activation=exact_gelu,
                 dtype=self.dtype,
                 name="mlp",
                 **self.moe,

@@ -14,7 +14,7 @@ insightface's training-time random patch masking is not reproduced.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -102,16 +102,20 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
+    """The dense feed-forward fc1 -> activation -> fc2 (ReLU6 here as insightface's ViT; the
+    dense Swin blocks use it with exact GELU)."""
+
     hidden_dim: int
     dtype: Any = jnp.float32
     lora: LoRASettings | None = None
+    activation: Callable[[Array], Array] = jax.nn.relu6
 
     @nn.compact
     def __call__(self, x: Array, quality: Array | None = None, train: bool = False) -> Array:
         h = projection(x, self.hidden_dim, "fc1", self.lora, "mlp", quality, train,
                        dtype=self.dtype)  # fmt: skip
-        return projection(jax.nn.relu6(h), x.shape[-1], "fc2", self.lora, "mlp", quality, train,
-                          dtype=self.dtype)  # fmt: skip
+        return projection(self.activation(h), x.shape[-1], "fc2", self.lora, "mlp", quality,
+                          train, dtype=self.dtype)  # fmt: skip
 
 
 class Block(nn.Module):
