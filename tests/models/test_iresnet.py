@@ -158,3 +158,21 @@ def test_training_smoke_losses_partial_fc_and_checkpoint(tmp_path):
     variables = {"params": state.params["encoder"], "batch_stats": state.batch_stats}
     expected, _ = jax.jit(model.apply)(variables, jnp.asarray(faces, jnp.float32) / 127.5 - 1.0)
     np.testing.assert_allclose(got, np.asarray(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_config_file_builds_every_architecture():
+    from configs import iresnet as iresnet_configs
+
+    for arg in ("r18", "r34", "r50", "r100", "r200", "mobilefacenet", "mobilefacenet_large"):
+        config = iresnet_configs.get_config(arg)
+        model = build_model(config.model)
+        assert config.model.image_size == 112 and config.model.dtype == "bfloat16", arg
+        if arg.startswith("r"):
+            assert model.depth == int(arg[1:])
+        else:
+            assert tuple(model.blocks) == ((1, 4, 6, 2) if arg == "mobilefacenet" else (2, 8, 12, 4))
+    config = iresnet_configs.get_config("r50")
+    assert (config.loss.m2, config.loss.scale, config.optimizer.name) == (0.5, 64.0, "sgd")
+    assert config.train.num_steps == 5_179_510 // 1024 * 20
+    with pytest.raises(ValueError, match="r77"):
+        iresnet_configs.get_config("r77")
