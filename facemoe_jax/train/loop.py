@@ -232,6 +232,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # ---- (2) State: restored into the current mesh's shardings, or created there. The saved
     # config is checked first (another architecture or data is refused); unreadable steps are
     # skipped with a warning.
+    # From here a SIGTERM/SIGINT is held until the first step is done, then saved (section 4).
+    watch = PreemptionWatch()
     abstract_state = state_lib.abstract_train_state(model, optimizer, config)
     state_shardings = sharding.state_shardings(abstract_state, mesh, config.sharding_rules)
     target = checkpoint_lib.with_shardings(abstract_state, state_shardings)
@@ -299,7 +301,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # ---- (4) Train. A step with a non-finite loss or gradient leaves the state unchanged
     # (train/skipped_steps); its flag is read one step late, so the host never waits on the
     # device. SIGTERM/SIGINT: finish the step, save it, stop (Preempted).
-    watch = PreemptionWatch()
     pending_flag = None  # (step, device scalar: 1 = skipped)
 
     def count_bad(flag_step, flag):
