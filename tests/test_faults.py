@@ -284,3 +284,16 @@ def test_resume_on_other_meshes_matches_to_float32_tolerance(tmp_path):
         assert sorted(got) == list(range(1, STEPS + 1))
         for step in range(N + 1, STEPS + 1):
             np.testing.assert_allclose(got[step], ref[step], rtol=2e-5, err_msg=f"{name} {step}")
+
+
+@pytest.mark.slow
+def test_a_second_signal_exits_at_once(tmp_path):
+    workdir = tmp_path / "twice"
+    proc = start(workdir, FACEMOE_TEST_STEP_SECONDS=1.0)
+    wait_for_checkpoint(proc, workdir, EVERY)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)  # the first is handled (between two bytecodes of the main thread)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGTERM, err[-3000:]  # killed by the signal itself
+    assert [line.split(":")[0] for line in stderr_lines(err)] == ["SIGTERM"]  # no "stopped by"

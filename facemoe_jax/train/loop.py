@@ -11,6 +11,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import time
 
 import jax
@@ -170,6 +171,19 @@ def _is_dir(path, workdir: str) -> bool:
 def _short(error: BaseException, limit: int = 160) -> str:
     text = " ".join(str(error).split()) or type(error).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def run_evaluations(model, variables, config, workdir: str, step: int, writer) -> dict:
+    """evaluate/suite.py's evaluations, their files in workdir/eval. evaluate/ writes with local
+    file calls, so for a URL workdir it writes into a local temporary folder that is then copied
+    to the URL through epath (never a local folder named after the URL)."""
+    if not writers_lib.is_remote(workdir):
+        return eval_suite.run_evaluations(model, variables, config, workdir, step, writer)
+    with tempfile.TemporaryDirectory(prefix="facemoe_eval_") as local:
+        results = eval_suite.run_evaluations(model, variables, config, local, step, writer)
+        if jax.process_index() == 0:
+            writers_lib.copy_tree(local, writers_lib.workdir_path(workdir))
+    return results
 
 
 def flops_per_step(compiled) -> float | None:
@@ -358,6 +372,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     flush=True,
                 )
                 sums, count, interval_start = None, 0, time.perf_counter()
+            if too_many_bad or preempted:
+                writer.flush()
             if too_many_bad:
                 checkpointer.save(step, state, data_iter, config, loop_state)
                 checkpointer.wait()
@@ -378,7 +394,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 )
             if eval_suite.is_periodic_eval_step(config, step, num_steps):
                 variables = {"params": state.params["encoder"], "batch_stats": state.batch_stats}
-                eval_suite.run_evaluations(model, variables, config, workdir, step, writer)
+                run_evaluations(model, variables, config, workdir, step, writer)
         checkpointer.wait()
     finally:
         watch.restore()
@@ -386,7 +402,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # ---- (5) Evaluate the final model: every set in config.eval (evaluate/suite.py).
     variables = {"params": state.params["encoder"], "batch_stats": state.batch_stats}
-    results = eval_suite.run_evaluations(model, variables, config, workdir, num_steps, writer)
+    results = run_evaluations(model, variables, config, workdir, num_steps, writer)
     writer.flush()
     checkpointer.close()
     return results
@@ -427,6 +443,6 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     checkpointer.close()
     variables = {"params": state.params["encoder"], "batch_stats": state.batch_stats}
     writer = make_writer(workdir)
-    results = eval_suite.run_evaluations(model, variables, config, workdir, step, writer)
+    results = run_evaluations(model, variables, config, workdir, step, writer)
     writer.flush()
     return results

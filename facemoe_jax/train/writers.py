@@ -48,6 +48,19 @@ def bucket_of(url: str) -> str:
     return f"{scheme}://{rest.split('/', 1)[0]}"
 
 
+def copy_tree(local_dir: str, target) -> None:
+    """Copies the files under a local folder to `target` (an epath.Path, local or a URL)."""
+    target = epath.Path(target)
+    for root, _, files in os.walk(local_dir):
+        relative = os.path.relpath(root, local_dir)
+        folder = target if relative == "." else target / relative
+        if files:
+            folder.mkdir(parents=True, exist_ok=True)
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                (folder / name).write_bytes(f.read())
+
+
 @contextlib.contextmanager
 def _stderr_silenced():
     """File descriptor 2 to /dev/null: C++ libraries write there directly."""

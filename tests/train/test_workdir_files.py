@@ -143,3 +143,24 @@ def test_checkpointer_keeps_a_url_a_url():
     )
     assert writers.workdir_path("runs/x") == epath.Path(os.path.abspath("runs/x"))
     assert writers.bucket_of("gs://my-bucket/runs/x") == "gs://my-bucket"
+
+
+def test_evaluation_files_of_a_remote_workdir_land_at_the_url(mem_scheme, tmp_path, monkeypatch):
+    from facemoe_jax.train import loop
+
+    monkeypatch.chdir(tmp_path)
+    seen = []
+
+    def fake_suite(model, variables, config, workdir, step, writer):
+        # evaluate/suite.py writes with os/open under workdir/eval
+        seen.append(workdir)
+        os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+        with open(os.path.join(workdir, "eval", "results.json"), "w") as f:
+            json.dump({"step": step}, f)
+        return {"step": step}
+
+    monkeypatch.setattr(loop.eval_suite, "run_evaluations", fake_suite)
+    assert loop.run_evaluations(None, None, None, "mem://bucket/run", 7, None) == {"step": 7}
+    assert "://" not in seen[0] and not os.path.exists(seen[0])  # a local temporary folder
+    assert json.loads(epath.Path("mem://bucket/run/eval/results.json").read_text()) == {"step": 7}
+    assert os.listdir(tmp_path) == []
