@@ -105,19 +105,17 @@ def get_config(arg=None):
     )
     config.train.update(num_steps=steps_per_epoch * epochs, batch_size=batch, log_every_steps=50)
     config.data.update(train="synthetic_lr", num_classes=classes)
-    config.eval.update(
-        synthetic_pairs=2000,
-        low_resolutions="8,16,24",
-        low_resolution_sides="both,probe",
-        synthetic_tinyface_identities=200,
-    )
+    # The study's columns at full size: HR pairs, LR identification (probes captured at 8-16 px
+    # against an HR gallery with distractors), LR verification with the probe at 8 and 16 px.
+    config.eval.update(synthetic_pairs=1000, low_resolutions="8,16", low_resolution_sides="probe",
+                       synthetic_tinyface_identities=100, synthetic_tinyface_distractors=500)
     if recipe.endswith("_fc"):
         # Only the new classifier trains; the backbone runs in train mode, so its BatchNorm
         # statistics still move (the official train_fc.py); the router losses do not matter.
         config.loss.update(
             sample_rate=0.6 if recipe == "tinyface_fc" else 1.0, z_coef=0.0, balance_coef=0.0
         )
-        config.train.update(trainable=("^classifier/",), update_batch_stats=True)
+        config.train.update(trainable="^classifier/", update_batch_stats=True)
     else:
         lambda_aux = 10.0
         config.loss.update(
