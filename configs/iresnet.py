@@ -25,7 +25,7 @@ as bfloat16 convolutions are slow on CPU, and a small evaluation batch to keep m
       --config.model.dtype=float32 --config.eval.batch_size=16 --config.eval.synthetic_pairs=50 \
       --config.eval.low_resolutions=16 --config.eval.routing_map_faces=0
 It prints 24.03M encoder parameters, the compile time (~20 s), two loss lines and 50-pair
-verification at full size and at 16 px (near chance after two steps). Then the same command
+verification at full size and at 16 px (after two steps these numbers mean little). Then the same command
 with `--mode=export` writes /tmp/r18/export/model.pt (187 tensors) that arcface_torch's
 `iresnet18().load_state_dict(torch.load(...), strict=True)` accepts (measured: embeddings equal
 to 2.8e-6 relative), plus model.safetensors, model.onnx and config.json.

@@ -136,8 +136,7 @@ def test_mobilefacenet_at_112_embeds_as_jax():
     check_parity_and_round_trip(cnn_config(name="mobilefacenet"), n=2)
 
 
-@pytest.mark.slow
-def test_iresnet50_at_112_embeds_as_jax():
+def test_iresnet50_at_112_embeds_as_jax():  # the acceptance model, full size (~10-15 s)
     check_parity_and_round_trip(cnn_config(depth=50), n=2)
 
 
