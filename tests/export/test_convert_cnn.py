@@ -22,6 +22,7 @@ import torch
 from configs import common
 from facemoe_jax import FaceEncoder
 from facemoe_jax.export import convert, torch_cnn, torch_models
+from facemoe_jax.models import build_model
 from tests.export.test_convert import images, load_strict, random_variables, torch_embed
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
@@ -192,3 +193,37 @@ def test_import_errors_name_the_entry():
         convert.torch_to_jax(cfg, dict(state, **{"fc.weight": np.zeros((32, 25088), np.float32)}))
     with pytest.raises(ValueError, match="layer1.0.extra.weight"):
         convert.torch_to_jax(cfg, dict(state, **{"layer1.0.extra.weight": np.zeros(3)}))
+
+
+def test_init_from_an_arcface_torch_training_checkpoint(tmp_path):
+    """config.init_from = arcface_torch's checkpoint_gpu_0.pt (backbone + Partial FC centres):
+    the train state starts from those weights and statistics, class centres included."""
+    from facemoe_jax.export.workdir import init_from_file
+    from facemoe_jax.train import optimizer as optimizer_lib
+    from facemoe_jax.train import state as state_lib
+
+    config = common.get_base_config()
+    config.model = cnn_config(name="mobilefacenet", image_size=32, embed_dim=64)
+    config.data.num_classes = 10
+    config.loss.class_rows_multiple = 1
+    _, variables = random_variables(config.model, seed=3)
+    state_dict = convert.jax_to_torch(config.model, variables, num_batches_tracked=9)
+    centers = np.random.default_rng(0).normal(size=(10, 64)).astype(np.float32)
+    torch.save(
+        {
+            "epoch": 1,
+            "state_dict_backbone": {k: torch.from_numpy(v.copy()) for k, v in state_dict.items()},
+            "state_dict_softmax_fc": {"weight": torch.from_numpy(centers)},
+        },
+        tmp_path / "checkpoint_gpu_0.pt",
+    )
+    config.init_from = str(tmp_path / "checkpoint_gpu_0.pt")
+    model = build_model(config.model)
+    tx, _ = optimizer_lib.build_optimizer(config.optimizer, 10)
+    state = init_from_file(state_lib.create_train_state(model, tx, config), config)
+    for got, want in zip(
+        jax.tree.leaves((state.params["encoder"], state.batch_stats)),
+        jax.tree.leaves((variables["params"], variables["batch_stats"])),
+    ):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    np.testing.assert_array_equal(np.asarray(state.params["classifier"]["centers"]), centers)
