@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from facemoe_jax.models import build_model
+from facemoe_jax.models.vit import parse_moe_layers
 from facemoe_jax.train import optimizer as optimizer_lib
 from facemoe_jax.train import state as state_lib
 from facemoe_jax.train import step as step_lib
@@ -119,7 +120,8 @@ def make_torch(config, batch_size, threads):
         model = torch_models.ViTMoETorch(
             image_size=m.image_size, patch_size=m.patch_size, width=m.width, depth=m.depth,
             num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, embed_dim=m.embed_dim,
-            moe_layers=m.moe_layers, num_experts=m.num_experts, top_k=m.top_k,
+            moe_layers=parse_moe_layers(m.moe_layers, m.depth), num_experts=m.num_experts,
+            top_k=m.top_k,
             router_combine=m.router_combine, capacity_factor=None,
         )  # fmt: skip
     model.train()
@@ -244,8 +246,16 @@ def main():
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="default: all cores")
     args = parser.parse_args()
+    if args.threads == 1:
+        # XLA reads its flags when the backend starts (first use), so this still applies: one
+        # thread on both sides, which a shared machine's load distorts least (PyTorch's
+        # OpenMP threads slow down many times over when the cores are oversubscribed).
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "")
+            + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        )
     if args.vs_torch:
         args.batch = args.batch or (4 if args.full else 16)
         args.steps = args.steps or (1 if args.full else 2)
