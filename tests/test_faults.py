@@ -50,7 +50,8 @@ def args_for(workdir, steps=STEPS, *more):
         "--config.model.width=32", "--config.model.depth=2", "--config.model.num_heads=2",
         "--config.model.embed_dim=32", "--config.optimizer.warmup_steps=1",
         "--config.eval.synthetic_pairs=0", "--config.eval.low_resolutions=",
-        "--config.eval.routing_map_faces=0", *more,
+        "--config.eval.routing_map_faces=0", "--config.eval.synthetic_tinyface_identities=0",
+        *more,
     ]  # fmt: skip
 
 
@@ -297,3 +298,18 @@ def test_a_second_signal_exits_at_once(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGTERM, err[-3000:]  # killed by the signal itself
     assert [line.split(":")[0] for line in stderr_lines(err)] == ["SIGTERM"]  # no "stopped by"
+
+
+@pytest.mark.slow
+def test_no_readable_checkpoint_is_one_error_not_a_fresh_start(reference, tmp_path):
+    ref_dir, _, _ = reference
+    workdir = _copy_until(ref_dir, tmp_path, "all_damaged")
+    for step in os.listdir(workdir / "checkpoints"):
+        os.remove(workdir / "checkpoints" / step / "state" / "_METADATA")
+    before = sorted((str(p), p.stat().st_mtime_ns) for p in workdir.rglob("*"))
+    proc = run(workdir)
+    assert proc.returncode == 2
+    lines = stderr_lines(proc.stderr)
+    assert [line.split(" ")[0] for line in lines] == ["warning:"] * 3 + ["error:"], proc.stderr
+    assert "no checkpoint in" in lines[-1] and "is readable (steps [4, 6, 8])" in lines[-1]
+    assert sorted((str(p), p.stat().st_mtime_ns) for p in workdir.rglob("*")) == before

@@ -134,6 +134,11 @@ class Checkpointer:
         self._pending = (step, t0, time.perf_counter() - t0)
         logging.info("Saving checkpoint at step %d to %s", step, self.directory)
 
+    def poll(self) -> None:
+        """Records when the last save committed (called once per step; cheap)."""
+        if self._pending is not None and not self.manager.is_saving_in_progress():
+            self._finish_pending()
+
     def _finish_pending(self):
         """Waits for the last save to commit and records its times; a failed async save raises
         here (never swallowed)."""

@@ -335,6 +335,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     poison = np.float32(math.nan if step in nan_steps else 0.0)
                     batch["test_poison"] = jax.device_put(poison, mesh_lib.replicated(mesh))
                 state, metrics = compiled(state, batch)
+            checkpointer.poll()
             if step_seconds:
                 time.sleep(step_seconds)
             too_many_bad = pending_flag is not None and count_bad(*pending_flag)
@@ -409,7 +410,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def _print_save_times(checkpointer) -> None:
-    """One line: how long saving blocked the loop and how long until it was committed."""
+    """One line: how long saving blocked the loop and how long until it was committed (seen
+    at the next step's poll, so to within one step)."""
     times = checkpointer.save_seconds
     if not times:
         return
