@@ -64,12 +64,18 @@ def _is_fixed(field: str) -> bool:
 
 
 def config_changes(saved, current) -> tuple[list[str], list[str]]:
-    """(fixed fields that differ, knob changes as 'field old -> new') between two configs."""
+    """(fixed fields that differ, knob changes as 'field old -> new') between two configs.
+    Fields only one side has (the code gained or lost a field since) are listed with the knobs."""
     old, new = _flatten(_config_dict(saved)), _flatten(_config_dict(current))
     fixed, knobs = [], []
     for field in sorted(set(old) | set(new)):
         a, b = old.get(field, "<absent>"), new.get(field, "<absent>")
         if a == b:
+            continue
+        if field not in old or field not in new:
+            # A field added to (or removed from) the code since the checkpoint was written:
+            # not a change the user made; shown, never refused.
+            knobs.append(f"{field} {a!r} -> {b!r}" if field in old else f"{field} (new) {b!r}")
             continue
         if _is_fixed(field):
             fixed.append(f"{field} (checkpoint {a!r}, now {b!r})")

@@ -164,3 +164,12 @@ def test_evaluation_files_of_a_remote_workdir_land_at_the_url(mem_scheme, tmp_pa
     assert "://" not in seen[0] and not os.path.exists(seen[0])  # a local temporary folder
     assert json.loads(epath.Path("mem://bucket/run/eval/results.json").read_text()) == {"step": 7}
     assert os.listdir(tmp_path) == []
+
+
+def test_fields_added_to_the_code_since_the_checkpoint_are_not_refused():
+    from configs import demo
+
+    saved = demo.get_config().to_dict()
+    del saved["model"]["dtype"]  # a checkpoint from before the field existed
+    fixed, knobs = checkpoint_lib.config_changes(saved, demo.get_config())
+    assert fixed == [] and knobs == ["model.dtype (new) 'float32'"]
