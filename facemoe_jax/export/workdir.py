@@ -1,11 +1,10 @@
-"""The CLI's export and import: a workdir's checkpoint -> PyTorch files, PyTorch files -> a run.
+"""The CLI's export: a workdir's checkpoint -> PyTorch (and ONNX) files.
 
 `--mode=export` writes W/export/model.pt (a plain state_dict for `load_state_dict(strict=True)`),
-W/export/model.safetensors (the same tensors) and W/export/config.json (architecture, input size,
-normalisation, channel order, and our config.model to rebuild the encoder).
-`--config.init_from=FILE` (what `--mode=import` requires) starts a new run from PyTorch weights:
-our exports, the official FaceMoE `model.pt` or `checkpoint_gpu_0.pt`, or a dense insightface
-ViT (upcycled into the MoE blocks).
+W/export/model.safetensors (the same tensors), W/export/model.onnx and W/export/config.json
+(architecture, input size, normalisation, channel order, and our config.model to rebuild the
+encoder). The other direction, `--config.init_from=FILE` (what `--mode=import` requires), is
+`train/init_from.py`.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ import json
 import os
 import time
 
-import jax
 import numpy as np
 
 import facemoe_jax
@@ -146,26 +144,3 @@ def export_workdir(
                    else "not checked: onnxruntime is not installed")  # fmt: skip
         print(f"model.onnx: dynamic batch, NCHW float32 normalised input ({checked})", flush=True)
     return {**paths, "seconds": seconds, "step": step, "onnx_max_abs_diff": onnx_diff}
-
-
-def init_from_file(state, config):
-    """The train state with its encoder (and, when shapes allow, class centres) replaced by the
-    weights in config.init_from; arrays keep the shardings of `state`."""
-    path = config.init_from
-    torch_state, extras = convert.load_state_dict_file(path)
-    variables = convert.torch_to_jax(config.model, torch_state, upcycle=True, seed=config.seed)
-
-    def place(new, old):
-        return jax.device_put(np.asarray(new, old.dtype), old.sharding)
-
-    params = dict(state.params)
-    params["encoder"] = jax.tree.map(place, variables["params"], state.params["encoder"])
-    batch_stats = jax.tree.map(place, variables["batch_stats"], state.batch_stats)
-    centers = extras.get("classifier_centers")
-    old_centers = state.params["classifier"].get("centers")
-    if centers is not None and old_centers is not None and centers.shape == old_centers.shape:
-        params["classifier"] = {"centers": place(centers, old_centers)}
-        print(f"initialised encoder and class centres from {path}", flush=True)
-    else:
-        print(f"initialised encoder from {path}", flush=True)
-    return state.replace(params=params, batch_stats=batch_stats)

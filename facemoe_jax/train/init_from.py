@@ -109,53 +109,81 @@ def _summary(names: list[str], limit: int = 6) -> str:
     return f"{shown}{', ...' if len(names) > limit else ''} ({len(names)})"
 
 
+def _source_from_run(path: str):
+    """(origin, encoder params, batch stats, class centres, (classes, embed dim)) of a run."""
+    from facemoe_jax.train.checkpoint import restore_params
+
+    workdir, step = split_run_path(path)
+    source_config, params, batch_stats, step = restore_params(workdir, step)
+    shape = (source_config.data.num_classes, source_config.model.embed_dim)
+    return f"{path} (step {step})", params["encoder"], batch_stats, (
+        np.asarray(params["classifier"]["centers"])[: shape[0]]
+    ), shape
+
+
+def _source_from_file(path: str, config):
+    """The same for a PyTorch file (our exports, official model.pt / checkpoint_gpu_0.pt, dense
+    insightface ViTs). A file without adapters feeds an adapter model's frozen weights (an HR
+    model is where PETALface starts): it is converted as the model without adapters."""
+    import ml_collections
+
+    from facemoe_jax.export import convert
+    from facemoe_jax.models.lora import settings_from_config
+
+    torch_state, extras = convert.load_state_dict_file(path)
+    model_cfg = config.model
+    if settings_from_config(model_cfg) is not None and not any(
+        ".trainable_lora_" in k for k in torch_state
+    ):
+        model_cfg = ml_collections.ConfigDict(model_cfg.to_dict())
+        model_cfg.lora.rank = 0
+    variables = convert.torch_to_jax(model_cfg, torch_state, upcycle=True, seed=config.seed)
+    centers = extras.get("classifier_centers")
+    shape = None if centers is None else tuple(np.shape(centers))
+    return path, variables["params"], variables["batch_stats"], centers, shape
+
+
+def _unflatten_onto(flat: dict, like):
+    tree = traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
+    return jax.tree.map(_place, tree, like)
+
+
 def initialize_from(state, config):
     """`state` (freshly initialised, sharded) with the weights of `config.init_from` merged in."""
     path = str(config.init_from)
     if not os.path.exists(path):
         raise ValueError(f"config.init_from={path!r} does not exist")
-    if not is_run_directory(path):
-        from facemoe_jax.export.workdir import init_from_file
-
-        return init_from_file(state, config)
-
-    from facemoe_jax.train.checkpoint import restore_params
-
-    workdir, step = split_run_path(path)
-    source_config, source_params, source_stats, step = restore_params(workdir, step)
-    origin = f"{path} (step {step})"
+    if is_run_directory(path):
+        origin, encoder_src, stats_src, centers, shape = _source_from_run(path)
+    else:
+        origin, encoder_src, stats_src, centers, shape = _source_from_file(path, config)
 
     encoder, new, upcycled, unused = merge_by_path(
-        _flat(state.params["encoder"]), _flat(source_params["encoder"]), "parameter", origin
+        _flat(state.params["encoder"]), _flat(encoder_src), "parameter", origin
     )
     stats, new_stats, _, unused_stats = merge_by_path(
-        _flat(state.batch_stats), _flat(source_stats), "batch statistic", origin
+        _flat(state.batch_stats), _flat(stats_src), "batch statistic", origin
     )
     params = dict(state.params)
-    params["encoder"] = jax.tree.map(
-        _place, traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in encoder.items()}),
-        state.params["encoder"],
-    )
-    batch_stats = jax.tree.map(
-        _place, traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in stats.items()}),
-        state.batch_stats,
-    ) if stats else state.batch_stats
+    params["encoder"] = _unflatten_onto(encoder, state.params["encoder"])
+    batch_stats = _unflatten_onto(stats, state.batch_stats) if stats else state.batch_stats
 
     classifier_note = "fresh classifier"
     if config.get("init_classifier", False):
         ours = (config.data.num_classes, config.model.embed_dim)
-        theirs = (source_config.data.num_classes, source_config.model.embed_dim)
-        if ours == theirs:
+        if centers is not None and tuple(shape) == ours:
             n = config.data.num_classes
-            centers = np.asarray(state.params["classifier"]["centers"]).copy()
-            centers[:n] = np.asarray(source_params["classifier"]["centers"])[:n]
+            merged = np.asarray(state.params["classifier"]["centers"]).copy()
+            merged[:n] = np.asarray(centers)[:n]
             params["classifier"] = {
-                "centers": _place(centers, state.params["classifier"]["centers"])
+                "centers": _place(merged, state.params["classifier"]["centers"])
             }
             classifier_note = f"class centres loaded ({n} classes)"
+        elif centers is None:
+            classifier_note = "fresh classifier (the source has no class centres)"
         else:
             classifier_note = (
-                f"fresh classifier (source has {theirs[0]} classes x {theirs[1]}, this run "
+                f"fresh classifier (source has {shape[0]} classes x {shape[1]}, this run "
                 f"{ours[0]} x {ours[1]})"
             )
     parts = [

@@ -198,7 +198,6 @@ def test_import_errors_name_the_entry():
 def test_init_from_an_arcface_torch_training_checkpoint(tmp_path):
     """config.init_from = arcface_torch's checkpoint_gpu_0.pt (backbone + Partial FC centres):
     the train state starts from those weights and statistics, class centres included."""
-    from facemoe_jax.export.workdir import init_from_file
     from facemoe_jax.train import optimizer as optimizer_lib
     from facemoe_jax.train import state as state_lib
 
@@ -218,9 +217,12 @@ def test_init_from_an_arcface_torch_training_checkpoint(tmp_path):
         tmp_path / "checkpoint_gpu_0.pt",
     )
     config.init_from = str(tmp_path / "checkpoint_gpu_0.pt")
+    config.init_classifier = True
     model = build_model(config.model)
     tx, _ = optimizer_lib.build_optimizer(config.optimizer, 10)
-    state = init_from_file(state_lib.create_train_state(model, tx, config), config)
+    from facemoe_jax.train.init_from import initialize_from
+
+    state = initialize_from(state_lib.create_train_state(model, tx, config), config)
     for got, want in zip(
         jax.tree.leaves((state.params["encoder"], state.batch_stats)),
         jax.tree.leaves((variables["params"], variables["batch_stats"])),

@@ -103,3 +103,30 @@ def test_missing_paths_and_steps_are_clear_errors(dense_run, tmp_path):
         init_from.initialize_from(None, config)
     with pytest.raises(ValueError, match=r"no checkpoint at step 9 \(steps: \[5\]\)"):
         checkpoint_lib.restore_params(workdir, 9)
+
+
+def test_a_pytorch_hr_model_without_adapters_starts_a_petalface_run(tmp_path, capsys):
+    """PETALface starts from an HR model.pt that has no adapters: its weights fill the frozen
+    layers and the adapters keep their initialisers (listed as new)."""
+    import torch
+
+    from facemoe_jax.export import convert
+    from tests.export.test_convert import random_variables
+    from tests.export.test_petalface import petalface_tiny
+
+    cfg = petalface_tiny()
+    plain = petalface_tiny()
+    plain.lora.rank = 0
+    _, hr = random_variables(plain)
+    torch.save({k: torch.from_numpy(v.copy()) for k, v in convert.jax_to_torch(plain, hr).items()},
+               tmp_path / "model.pt")  # fmt: skip
+    config = tiny_config()
+    config.model = cfg
+    config.init_from = str(tmp_path / "model.pt")
+    state = init_from.initialize_from(fresh_state(config), config)
+    line = capsys.readouterr().out
+    assert "new (from their initialisers): feature_fc/trainable_lora_down/kernel" in line
+    qkv = state.params["encoder"]["layers_0"]["blocks_0"]["attn"]["qkv"]
+    np.testing.assert_array_equal(qkv["kernel"], hr["params"]["layers_0"]["blocks_0"]["attn"]
+                                  ["qkv"]["kernel"])  # fmt: skip
+    assert "trainable_lora_up2" in qkv
