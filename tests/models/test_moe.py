@@ -100,8 +100,11 @@ def test_dropless_dispatch_pads_each_expert_to_whole_blocks():
     assert not bool(jnp.any(rows[8:]))
 
 
-def test_block_expert_mlp_matches_numpy_in_value_and_gradient():
-    """Blocks of expert-sorted rows, an empty expert and a partial last block, against numpy."""
+@pytest.mark.parametrize("keep_hidden", [True, False])
+def test_block_expert_mlp_matches_numpy_in_value_and_gradient(keep_hidden, monkeypatch):
+    """Blocks of expert-sorted rows, an empty expert and a partial last block, against numpy
+    (backward from stored or recomputed pre-activations)."""
+    monkeypatch.setattr(grouped_matmul, "KEEP_HIDDEN", keep_hidden)
     rng = np.random.default_rng(0)
     e, d, h, block = 3, 4, 6, 4
     sizes = np.array([5, 0, 7])
