@@ -55,7 +55,10 @@ def collect_router_logits(
     model, variables, images: np.ndarray, batch_size: int
 ) -> dict[str, np.ndarray]:
     """{router path, in layer order: (N, S, E) logits} for `images` (N, H, W, 3) uint8."""
-    fn = make_router_logits_fn(model)
+    from facemoe_jax.evaluate.embed import EmbedFn
+
+    fn = EmbedFn(make_router_logits_fn(model))  # compiled ahead, batch capped to free memory
+    batch_size = fn.fit_batch_size(variables, images.shape[1:], min(batch_size, len(images)))
     per_layer: dict[str, list[np.ndarray]] = {}
     for batch, valid in eval_batches(images, batch_size):
         for name, logits in fn(variables, batch).items():
