@@ -215,32 +215,34 @@ def test_corrupt_checkpoints_are_skipped(reference, tmp_path):
 
 
 @pytest.mark.slow
-def test_nan_batch_is_skipped_and_counted_then_too_many_stop_the_run(tmp_path):
+def test_nan_batches_are_skipped_and_counted_then_too_many_stop_the_run(tmp_path):
+    # NaN images at step 3 (skipped, counted), then at 5 and 6: config.train.max_bad_steps=2 in
+    # a row stop the run with a clear error and a checkpoint of the last good state.
     workdir = tmp_path / "nan"
-    proc = run(workdir, 4, FACEMOE_TEST_NAN_STEPS="3")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = {r["step"]: r for r in map(json.loads, open(workdir / "metrics.jsonl"))}
-    assert [rows[s]["train/skipped_steps"] for s in (1, 2, 3, 4)] == [0, 0, 1, 1]
-    assert np.isnan(rows[3]["train/loss"]) and np.isfinite(rows[4]["train/loss"])
-    assert stderr_lines(proc.stderr) == [
-        "step 3: non-finite loss or gradient, update skipped (1 in a row)"
-    ]
-
-    # config.train.max_bad_steps in a row: a clear error, a checkpoint of the last good state.
-    workdir = tmp_path / "nan_stop"
-    proc = run(workdir, 8, "--config.train.max_bad_steps=2", FACEMOE_TEST_NAN_STEPS="2,3,4")
-    assert proc.returncode == 1
-    last = stderr_lines(proc.stderr)[-1]
-    assert last.startswith("error: 2 steps in a row (up to step ") and "max_bad_steps=2" in last
+    proc = run(workdir, STEPS, "--config.train.max_bad_steps=2", FACEMOE_TEST_NAN_STEPS="3,5,6")
+    assert proc.returncode == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
-    stopped = int(last.split("up to step ")[1].split(")")[0])
-    assert committed(workdir, stopped)
-    _, params = final_params(workdir)
-    # The saved parameters are those after step 1, the last good one: a resume without the
-    # NaN batches trains on from them.
-    ok = run(workdir, stopped + 1)
-    assert ok.returncode == 0, ok.stderr[-3000:]
-    assert f"resumed from checkpoint at step {stopped}" in ok.stdout
+    lines = stderr_lines(proc.stderr)
+    assert lines[:3] == [
+        "step 3: non-finite loss or gradient, update skipped (1 in a row)",
+        "step 5: non-finite loss or gradient, update skipped (1 in a row)",
+        "step 6: non-finite loss or gradient, update skipped (2 in a row)",
+    ]
+    assert len(lines) == 4 and lines[3].startswith("error: 2 steps in a row (up to step 6)")
+    assert "config.train.max_bad_steps=2" in lines[3]
+    assert str(workdir / "checkpoints" / "6") in lines[3]
+    rows = {r["step"]: r for r in map(json.loads, open(workdir / "metrics.jsonl"))}
+    assert [rows[s]["train/skipped_steps"] for s in range(1, 7)] == [0, 0, 1, 1, 2, 3]
+    assert np.isnan(rows[3]["train/loss"]) and np.isfinite(rows[4]["train/loss"])
+    assert committed(workdir, 6)
+    from facemoe_jax.train.checkpoint import restore_params
+
+    # Steps 5 and 6 changed nothing: the step-6 checkpoint holds the state after step 4.
+    _, params_4, stats_4, _ = restore_params(str(workdir), 4)
+    _, params_6, stats_6, step = restore_params(str(workdir), 6)
+    assert step == 6
+    assert_trees_equal(params_6, params_4)
+    assert_trees_equal(stats_6, stats_4)
 
 
 @pytest.mark.slow
@@ -272,8 +274,9 @@ def test_resume_on_other_meshes_matches_to_float32_tolerance(tmp_path):
     proc = run(full, STEPS, *mesh_args, devices=8)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ref = losses(full)
-    for name, devices, more in [("one_device", 1, ("--config.mesh.data=1",)),
-                                ("mesh_4x2", 8, ("--config.mesh.data=4", "--config.mesh.expert=2"))]:
+    others = [("one_device", 1, ("--config.mesh.data=1",)),
+              ("mesh_4x2", 8, ("--config.mesh.data=4", "--config.mesh.expert=2"))]
+    for name, devices, more in others:
         workdir = tmp_path / name
         shutil.copytree(full, workdir)
         for step in (6, 8):  # resume from step 4
