@@ -316,3 +316,41 @@ def test_no_readable_checkpoint_is_one_error_not_a_fresh_start(reference, tmp_pa
     assert [line.split(" ")[0] for line in lines] == ["warning:"] * 3 + ["error:"], proc.stderr
     assert "no checkpoint in" in lines[-1] and "is readable (steps [4, 6, 8])" in lines[-1]
     assert sorted((str(p), p.stat().st_mtime_ns) for p in workdir.rglob("*")) == before
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_host_of_two_saves_the_same_step_on_both(tmp_path):
+    # Two processes of 4 fake devices each (as launch/local_multiprocess.sh starts them). JAX's
+    # preemption service owns SIGTERM there: the host that gets it tells the other, both reach
+    # multihost_utils.reached_preemption_sync_point at the same step, save it and exit 75.
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    workdir = tmp_path / "two_hosts"
+    procs = [
+        subprocess.Popen(
+            args_for(workdir, 16, "--config.checkpoint.every_steps=4"), cwd=ROOT,
+            env=env_for(4, FACEMOE_COORDINATOR=f"127.0.0.1:{port}", FACEMOE_NUM_PROCESSES=2,
+                        FACEMOE_PROCESS_ID=i, FACEMOE_TEST_STEP_SECONDS=0.3),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    try:
+        wait_for_checkpoint(procs[0], workdir, 4)
+        procs[1].send_signal(signal.SIGTERM)
+        outputs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    stopped = set()
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 75, err[-3000:]
+        line = next(x for x in err.splitlines() if "stopped by preemption notice at step" in x)
+        stopped.add(int(line.split(" at step ")[1].split()[0]))
+    assert len(stopped) == 1  # the same step on both hosts
+    (step,) = stopped
+    assert 4 < step < 16 and committed(workdir, step)
