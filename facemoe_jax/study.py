@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import sys
@@ -42,8 +43,10 @@ from typing import Callable
 
 import ml_collections
 import numpy as np
+from etils import epath
 
 from facemoe_jax import recipes
+from facemoe_jax.train.writers import workdir_path
 
 PRETRAINED = "pretrained"  # the HR MoE pre-training run
 DENSE_PRETRAINED = "dense_pretrained"  # its dense twin (for upcycling)
@@ -209,7 +212,7 @@ def fingerprint(*parts) -> str:
 
 def _read_json(path: str):
     try:
-        with open(path) as f:
+        with epath.Path(path).open() as f:
             return json.load(f)
     except (OSError, json.JSONDecodeError):
         return None
@@ -221,24 +224,22 @@ def ensure_pretrained(base, out: str, dense: bool, given: str | None) -> str:
         from facemoe_jax.train.checkpoint import restore_params
 
         restore_params(given)  # fails now, naming the path, if it holds no checkpoint
-        return os.path.abspath(given)
+        return str(workdir_path(given))
     workdir = os.path.join(out, "pretrain_dense" if dense else "pretrain_moe")
     config = pretraining_config(base, dense)
     done = _read_json(os.path.join(workdir, "done.json"))
     key = fingerprint(config.to_dict())
     if done and done.get("fingerprint") == key:
         return workdir
-    if os.path.isdir(workdir):  # interrupted, or made with other settings: train it again
-        import shutil
-
-        shutil.rmtree(workdir)
+    if epath.Path(workdir).is_dir():  # interrupted, or made with other settings: train it again
+        epath.Path(workdir).rmtree()
     from facemoe_jax.train.loop import train_and_evaluate
 
     print(f"[study] pre-training the {'dense' if dense else 'MoE'} HR model in {workdir} "
           f"({config.train.num_steps} steps)", flush=True)  # fmt: skip
     t0 = time.perf_counter()
     train_and_evaluate(config, workdir)
-    with open(os.path.join(workdir, "done.json"), "w") as f:
+    with epath.Path(workdir, "done.json").open("w") as f:
         json.dump({"fingerprint": key, "seconds": time.perf_counter() - t0}, f)
     return workdir
 
@@ -248,6 +249,7 @@ def evaluate_start(start_dir: str, config, row_dir: str) -> dict:
     from facemoe_jax.evaluate import suite
     from facemoe_jax.models import build_model
     from facemoe_jax.train.checkpoint import restore_params
+    from facemoe_jax.train.loop import run_evaluations
     from facemoe_jax.train.writers import make_writer
 
     saved, params, batch_stats, step = restore_params(start_dir)
@@ -256,8 +258,8 @@ def evaluate_start(start_dir: str, config, row_dir: str) -> dict:
     suite.check_eval_config(config)
     variables = {"params": params["encoder"], "batch_stats": batch_stats}
     writer = make_writer(row_dir)
-    results = suite.run_evaluations(build_model(config.model), variables, config, row_dir, step,
-                                    writer)  # fmt: skip
+    results = run_evaluations(build_model(config.model), variables, config, row_dir, step,
+                              writer)  # fmt: skip
     writer.flush()
     return results
 
@@ -326,17 +328,15 @@ def run_row(base, recipe: Recipe, settings, seed: int, out: str, starts: dict) -
     config = adaptation_config(base, recipe, settings, seed, start_dir)
     start_key = _read_json(os.path.join(start_dir, "row.json")) or _read_json(
         os.path.join(start_dir, "done.json")
-    ) or {"path": os.path.abspath(start_dir)}
+    ) or {"path": str(workdir_path(start_dir))}
     key = fingerprint(config.to_dict(), recipe.train, start_key.get("fingerprint", start_key))
     record = _read_json(os.path.join(row_dir, "row.json"))
     if record and record.get("fingerprint") == key:
         record["reused"] = True
         return record
-    if os.path.isdir(row_dir):  # an interrupted or outdated row: start it again
-        import shutil
-
-        shutil.rmtree(row_dir)
-    os.makedirs(row_dir)
+    if epath.Path(row_dir).is_dir():  # an interrupted or outdated row: start it again
+        epath.Path(row_dir).rmtree()
+    epath.Path(row_dir).mkdir(parents=True)
     t0 = time.perf_counter()
     if recipe.train:
         from facemoe_jax.train.loop import train_and_evaluate
@@ -357,7 +357,7 @@ def run_row(base, recipe: Recipe, settings, seed: int, out: str, starts: dict) -
         "seconds": time.perf_counter() - t0,
         "fingerprint": key,
     }
-    with open(os.path.join(row_dir, "row.json"), "w") as f:
+    with epath.Path(row_dir, "row.json").open("w") as f:
         json.dump(record, f, indent=2)
     record["reused"] = False
     return record
@@ -392,8 +392,8 @@ def run_study(base, out: str, *, seeds: int = 1, recipes=None, pretrained: str |
         raise ValueError(f"--seeds={seeds} must be >= 1")
     if settings.steps < 1:
         raise ValueError(f"--steps={settings.steps} must be >= 1")
-    out = os.path.abspath(out)
-    os.makedirs(out, exist_ok=True)
+    out = str(workdir_path(out))  # a URL (gs://...) stays a URL: files go through epath
+    epath.Path(out).mkdir(parents=True, exist_ok=True)
     rows = order_rows(list(recipes or RECIPES))
     t0 = time.perf_counter()
     starts = {PRETRAINED: ensure_pretrained(base, out, dense=False, given=pretrained)}
@@ -404,7 +404,7 @@ def run_study(base, out: str, *, seeds: int = 1, recipes=None, pretrained: str |
     records = []
     for index, (seed, recipe) in enumerate(plan, 1):
         row_dir = os.path.join(out, f"seed{seed}", recipe.name)
-        progress.start(index, seed, recipe, os.path.isfile(os.path.join(row_dir, "row.json")))
+        progress.start(index, seed, recipe, epath.Path(row_dir, "row.json").is_file())
         record = run_row(base, recipe, settings, seed, out, starts)
         progress.finish(recipe, settings.steps, record["seconds"], record["reused"])
         records.append(record)
@@ -460,10 +460,10 @@ def write_outputs(out, summary, records, settings, base, seconds: float) -> None
         f"{settings.steps} adaptation steps per row; values in %"
         f"{', mean ± std over seeds' if seeds > 1 else ''}).\n\n"
     )
-    with open(os.path.join(out, "table.md"), "w") as f:
+    with epath.Path(out, "table.md").open("w") as f:
         f.write(header + table + "\n")
         f.write("\n" + "\n".join(f"- {n}: {e['description']}" for n, e in summary.items()) + "\n")
-    with open(os.path.join(out, "results.json"), "w") as f:
+    with epath.Path(out, "results.json").open("w") as f:
         json.dump(
             {
                 "settings": dataclasses.asdict(settings),
@@ -502,7 +502,9 @@ def plot_trade_off(summary: dict, path: str) -> None:
     ax.set_title("Low-resolution adaptation: LR gain vs HR kept")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    epath.Path(path).write_bytes(buffer.getvalue())
     plt.close(fig)
 
 

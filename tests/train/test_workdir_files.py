@@ -173,3 +173,16 @@ def test_fields_added_to_the_code_since_the_checkpoint_are_not_refused():
     del saved["model"]["dtype"]  # a checkpoint from before the field existed
     fixed, knobs = checkpoint_lib.config_changes(saved, demo.get_config())
     assert fixed == [] and knobs == ["model.dtype (new) 'float32'"]
+
+
+def test_study_files_go_through_epath(mem_scheme, tmp_path, monkeypatch):
+    from facemoe_jax import study
+
+    monkeypatch.chdir(tmp_path)
+    assert study._read_json("mem://bucket/study/row.json") is None
+    epath.Path("mem://bucket/study").mkdir(parents=True, exist_ok=True)
+    epath.Path("mem://bucket/study/row.json").write_text('{"fingerprint": "abc"}')
+    assert study._read_json("mem://bucket/study/row.json") == {"fingerprint": "abc"}
+    study.plot_trade_off({}, "mem://bucket/study/hr_vs_lr.png")
+    assert epath.Path("mem://bucket/study/hr_vs_lr.png").read_bytes()[:4] == b"\x89PNG"
+    assert os.listdir(tmp_path) == []
