@@ -52,6 +52,11 @@ def run(config, workdir: str, mode: str) -> dict:
             f"--workdir={workdir} does not exist: --mode={mode} reads the checkpoints of a "
             "trained workdir"
         )
+    if str(config.data.get("train", "")).startswith("tfds:"):
+        # TFDS imports TensorFlow: first quietly, and off the accelerators JAX uses.
+        from facemoe_jax.train.writers import import_tensorflow_quietly
+
+        import_tensorflow_quietly()
     multihost.initialize_from_environment()  # before anything touches a device
     jax.config.update("jax_threefry_partitionable", True)
     if mode == "export":
@@ -93,7 +98,10 @@ def main(argv):
 
 
 def _fail(message: str, status: int = 2):
-    print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    message = " ".join(str(message).split())
+    if len(message) > 1000:  # e.g. TFDS lists every dataset it knows
+        message = f"{message[:1000]} ... ({len(message) - 1000} more characters)"
+    print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(status)
 
 
