@@ -50,7 +50,8 @@ class Router(nn.Module):
 class MoEMlp(nn.Module):
     """Top-k MoE feed-forward: (B, N, C) -> (B, N, C).
 
-    combine: "raw_logits" (official FaceMoE: the chosen logits are the weights) or "softmax_topk".
+    combine: "raw_logits" (official FaceMoE: the chosen logits are the weights), "softmax_topk"
+    (softmax over the K chosen logits) or "softmax_all" (softmax over all E, at the K chosen).
     capacity_factor None = every token processed; otherwise each image (group) gives each expert
     at most ceil(factor * N * k / E) tokens, as `models/moe.py` does.
     """
@@ -68,7 +69,12 @@ class MoEMlp(nn.Module):
         num_experts = len(self.experts)
         logits = self.router.gate(x.float())  # (B, N, E)
         top_logits, index = torch.topk(logits, self.top_k, dim=-1)  # (B, N, K)
-        weights = top_logits if self.combine == "raw_logits" else top_logits.softmax(-1)
+        if self.combine == "raw_logits":
+            weights = top_logits
+        elif self.combine == "softmax_all":  # Switch/vmoe: probabilities over all E experts
+            weights = logits.softmax(-1).gather(-1, index)
+        else:
+            weights = top_logits.softmax(-1)
         if self.capacity_factor is not None:
             capacity = max(1, math.ceil(self.capacity_factor * n * self.top_k / num_experts))
             choice = F.one_hot(index, num_experts)  # (B, N, K, E)

@@ -91,8 +91,9 @@ def test_run_evaluations_every_format(tiny_model, tmp_path, capsys):
         assert re.search(rf"^embed {label}: (\d+)/\1 images in \d+m\d\ds", out, re.M), label
     assert set(results) == {
         "synthetic", "synthetic@8px", "synthetic@48px", "synthetic@probe8px",
-        "synthetic@probe48px", "heldout", "ijbc", "tinyface",
+        "synthetic@probe48px", "heldout", "ijbc", "tinyface", "synthetic_tinyface",
     }  # fmt: skip
+    assert set(results["synthetic_tinyface"]) == {"rank1", "rank5", "rank10", "hr_rank1"}
     assert results["heldout"] == results["synthetic"]
     unchanged = {k: v for k, v in results["synthetic"].items() if k != "erc_auc"}
     assert results["synthetic@48px"] == unchanged  # 48 px = the input size: no degradation

@@ -96,8 +96,9 @@ def load_strict(cfg, state):
         pytest.param(tiny_swin_config(), marks=pytest.mark.slow),  # ~25 s on 2 busy cores
         tiny_vit_config(),  # dropless, softmax over the top-k
         tiny_vit_config(router_combine="raw_logits", capacity_factor=1.0),  # tokens dropped
+        tiny_vit_config(router_combine="softmax_all"),  # Switch/vmoe combine
     ],
-    ids=["swin", "vit_dropless", "vit_capacity_raw"],
+    ids=["swin", "vit_dropless", "vit_capacity_raw", "vit_softmax_all"],
 )
 def test_export_matches_jax_embeddings_and_round_trips_bit_exactly(cfg):
     model, variables = random_variables(cfg)
