@@ -128,9 +128,16 @@ register(Recipe("upcycled", "dense HR pre-training upcycled to MoE, then full fi
                 start=DENSE_PRETRAINED, configure=_upcycled))  # fmt: skip
 
 
+def _petalface_zero_up(config):
+    recipes.petalface(config, rank=4, head=False)
+    config.model.lora.init = "zero_up"
+
+
 # PETALface (issue 11): the same budget from the same pre-trained model, adapters only.
 register(Recipe("petalface", "PETALface: 2 quality-mixed LoRA (rank 4) on qkv, backbone frozen",
                 configure=lambda c: recipes.petalface(c, rank=4, head=False)))  # fmt: skip
+register(Recipe("petalface_zero_up", "PETALface with B = 0 at the start (the pre-trained function)",
+                configure=_petalface_zero_up))  # fmt: skip
 register(Recipe("lora", "one LoRA (rank 4) on qkv, backbone frozen (PETALface's ablation)",
                 configure=lambda c: recipes.petalface(c, rank=4, head=False,
                                                       quality_mix=False)))  # fmt: skip
