@@ -39,6 +39,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from facemoe_jax.models.layers import check_image_size
+
 Array = jax.Array
 
 STAGE_BLOCKS = {
@@ -144,11 +146,7 @@ class IResNet(nn.Module):
 
     @nn.compact
     def __call__(self, images: Array, train: bool = False):
-        if images.shape[1:3] != (self.image_size, self.image_size):
-            raise ValueError(
-                f"images of shape {images.shape} do not match config.model.image_size="
-                f"{self.image_size}"
-            )
+        check_image_size(images, self.image_size)
         blocks = STAGE_BLOCKS[self.depth]
         x = conv(STAGE_WIDTHS[0], 3, 1, 1, self.dtype, "conv1")(images.astype(self.dtype))
         x = batch_norm(train, self.dtype, "bn1")(x)

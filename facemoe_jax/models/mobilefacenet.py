@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from facemoe_jax.models.iresnet import PReLU, batch_norm, conv
+from facemoe_jax.models.layers import check_image_size
 
 Array = jax.Array
 
@@ -126,11 +127,7 @@ class MobileFaceNet(nn.Module):
 
     @nn.compact
     def __call__(self, images: Array, train: bool = False):
-        if images.shape[1:3] != (self.image_size, self.image_size):
-            raise ValueError(
-                f"images of shape {images.shape} do not match config.model.image_size="
-                f"{self.image_size}"
-            )
+        check_image_size(images, self.image_size)
         c1, c2, dt = 64 * self.scale, 128 * self.scale, self.dtype
         b0, b1, b2, b3 = self.blocks
         x = images.astype(dt)

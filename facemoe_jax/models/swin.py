@@ -32,10 +32,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from facemoe_jax.models.layers import DropPath, check_image_size
 from facemoe_jax.models.lora import LoRADense, LoRASettings, projection
 from facemoe_jax.models.moe import MoEFeedForward
 from facemoe_jax.models.quality import QualitySettings
-from facemoe_jax.models.vit import DropPath, Mlp
+from facemoe_jax.models.vit import Mlp
 
 Array = jax.Array
 
@@ -292,11 +293,7 @@ class SwinMoE(nn.Module):
     def __call__(self, images: Array, train: bool = False, quality: Array | None = None):
         """quality: PETALface's per-image `a` (B,) for quality-mixed adapters; None = the
         configured estimator computes it from the images."""
-        if images.shape[1:3] != (self.image_size, self.image_size):
-            raise ValueError(
-                f"images of shape {images.shape} do not match config.model.image_size="
-                f"{self.image_size}"
-            )
+        check_image_size(images, self.image_size)
         x = nn.Conv(
             self.width,
             (self.patch_size, self.patch_size),

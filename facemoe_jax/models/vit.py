@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from facemoe_jax.models.layers import DropPath, check_image_size
 from facemoe_jax.models.lora import LoRASettings, projection
 from facemoe_jax.models.moe import MoEFeedForward
 from facemoe_jax.models.quality import QualitySettings
@@ -62,22 +63,6 @@ def parse_moe_layers(spec: str, depth: int) -> tuple[int, ...]:
     if layers and not (0 <= layers[0] and layers[-1] < depth):
         raise ValueError(f"config.model.moe_layers={spec!r} names blocks outside 0..{depth - 1}")
     return layers
-
-
-class DropPath(nn.Module):
-    """Stochastic depth: drops the whole residual branch per sample during training."""
-
-    rate: float
-
-    @nn.compact
-    def __call__(self, x: Array, deterministic: bool) -> Array:
-        if deterministic or self.rate == 0.0:
-            return x
-        keep = 1.0 - self.rate
-        mask = jax.random.bernoulli(
-            self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1)
-        )
-        return jnp.where(mask, x / keep, 0.0).astype(x.dtype)
 
 
 class Attention(nn.Module):
@@ -169,11 +154,7 @@ class ViTMoE(nn.Module):
     def __call__(self, images: Array, train: bool = False, quality: Array | None = None):
         """quality: PETALface's per-image `a` (B,) for quality-mixed adapters; None = the
         configured estimator computes it from the images."""
-        if images.shape[1:3] != (self.image_size, self.image_size):
-            raise ValueError(
-                f"images of shape {images.shape} do not match config.model.image_size="
-                f"{self.image_size}"
-            )
+        check_image_size(images, self.image_size)
         x = nn.Conv(
             self.width,
             (self.patch_size, self.patch_size),
