@@ -225,6 +225,19 @@ def _read_json(path: str):
         return None
 
 
+def prepare_run_dir(directory: str, key: str) -> None:
+    """A run folder for settings `key`: one interrupted with the same settings (a stopped study)
+    is kept, so the run continues from its last checkpoint; one made with other settings is
+    cleared."""
+    pending = _read_json(os.path.join(directory, "pending.json"))
+    path = epath.Path(directory)
+    if path.is_dir() and not (pending and pending.get("fingerprint") == key):
+        path.rmtree()
+    path.mkdir(parents=True, exist_ok=True)
+    with epath.Path(directory, "pending.json").open("w") as f:
+        json.dump({"fingerprint": key}, f)
+
+
 def ensure_pretrained(base, out: str, dense: bool, given: str | None) -> str:
     """The pre-training workdir (trained now unless already there, or `given`)."""
     if given and not dense:
@@ -238,8 +251,7 @@ def ensure_pretrained(base, out: str, dense: bool, given: str | None) -> str:
     key = fingerprint(config.to_dict())
     if done and done.get("fingerprint") == key:
         return workdir
-    if epath.Path(workdir).is_dir():  # interrupted, or made with other settings: train it again
-        epath.Path(workdir).rmtree()
+    prepare_run_dir(workdir, key)
     from facemoe_jax.train.loop import train_and_evaluate
 
     print(f"[study] pre-training the {'dense' if dense else 'MoE'} HR model in {workdir} "
@@ -341,9 +353,7 @@ def run_row(base, recipe: Recipe, settings, seed: int, out: str, starts: dict) -
     if record and record.get("fingerprint") == key:
         record["reused"] = True
         return record
-    if epath.Path(row_dir).is_dir():  # an interrupted or outdated row: start it again
-        epath.Path(row_dir).rmtree()
-    epath.Path(row_dir).mkdir(parents=True)
+    prepare_run_dir(row_dir, key)
     t0 = time.perf_counter()
     if recipe.train:
         from facemoe_jax.train.loop import train_and_evaluate
@@ -539,6 +549,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     import jax
 
+    from facemoe_jax.train.loop import Preempted
+
     jax.config.update("jax_threefry_partitionable", True)  # as facemoe_jax.main
     try:
         base = load_config(args.config)
@@ -548,6 +560,9 @@ def main(argv=None) -> int:
     except (ValueError, OSError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except Preempted as e:  # SIGTERM/SIGINT: the running row saved its step; rerun to continue
+        print(f"{e} (study: run the same study command to continue)", file=sys.stderr)
+        return 75
     return 0
 
 

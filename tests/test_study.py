@@ -88,3 +88,14 @@ def test_command_line_errors_are_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: --config=")
     assert "missing.py" in result.stderr
+
+
+def test_an_interrupted_run_folder_is_kept_for_the_same_settings_only(tmp_path):
+    folder = tmp_path / "row"
+    study.prepare_run_dir(str(folder), "key-a")
+    (folder / "checkpoints").mkdir()
+    study.prepare_run_dir(str(folder), "key-a")  # the same settings: continue from checkpoints
+    assert (folder / "checkpoints").is_dir()
+    study.prepare_run_dir(str(folder), "key-b")  # other settings: start again
+    assert not (folder / "checkpoints").exists()
+    assert json.load(open(folder / "pending.json")) == {"fingerprint": "key-b"}
