@@ -149,9 +149,12 @@ def run_evaluations(model, variables, config, workdir: str, step: int, writer) -
                 resolution_curves[f"{name} ({side})"] = (list(points), list(points.values()))
 
     if ev.synthetic_tinyface_identities > 0:
-        results["synthetic_tinyface"] = synthetic_tinyface.evaluate_synthetic_tinyface(
-            embed_array, config
-        )
+        protocol = synthetic_tinyface.build_protocol(config)
+        total = sum(len(protocol[k]) for k in ("gallery", "probes", "hr_probes"))
+        with Progress("embed synthetic_tinyface", total) as progress:
+            results["synthetic_tinyface"] = synthetic_tinyface.evaluate_synthetic_tinyface(
+                lambda images: embed_array(images, progress), config, protocol
+            )
 
     for name in ("ijbb", "ijbc"):
         if ev[f"{name}_dir"]:

@@ -81,11 +81,11 @@ def build_protocol(config) -> dict[str, np.ndarray]:
     }
 
 
-def evaluate_synthetic_tinyface(embed_array, config) -> dict[str, float]:
+def evaluate_synthetic_tinyface(embed_array, config, protocol=None) -> dict[str, float]:
     """{"rank1": ..., "rank5": ..., "rank10": ..., "hr_rank1": ...} with
     `embed_array(uint8 images) -> (N, D)`; hr_rank1 searches with the uncaptured probes, so the
     gap to rank1 is what the low resolution costs on the same faces."""
-    protocol = build_protocol(config)
+    protocol = build_protocol(config) if protocol is None else protocol
     gallery = embed_array(protocol["gallery"])
 
     def search(probes, ranks):
