@@ -209,6 +209,13 @@ def print_trainable_share(params, config) -> None:
         f"{list(trainable_lib.parse_patterns(patterns))}; frozen BatchNorm statistics {update}",
         flush=True,
     )
+    if enc_trained < enc_total and not config.get("init_from"):
+        print(
+            "warning: part of the encoder is frozen but config.init_from is empty: the frozen "
+            "weights are random (start from a pre-trained run: --config.init_from=WORKDIR)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
