@@ -152,3 +152,17 @@ def test_missing_data_path_creates_no_workdir(tmp_path):
                     "--config.data.train=folder:/nonexistent/faces")
     assert_one_line_error(proc, "/nonexistent/faces")
     assert not workdir.exists()
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("--config.train.trainable=lroa", "['lroa'] match no parameter"),
+        ("--config.init_from=/nonexistent/run", "config.init_from='/nonexistent/run' does not exist"),
+    ],
+)
+def test_what_trains_and_where_it_starts_fail_before_the_workdir(tmp_path, override, fragment):
+    workdir = tmp_path / "w"
+    proc = run_main("--config", "configs/demo.py", "--workdir", str(workdir), override)
+    assert_one_line_error(proc, fragment)
+    assert not workdir.exists()

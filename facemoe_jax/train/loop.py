@@ -235,6 +235,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     optimizer, schedule = optimizer_lib.build_optimizer(
         config.optimizer, num_steps, config.train.get("trainable")
     )
+    # The state's shapes: building them checks config.train.trainable against the parameters,
+    # like every mistake here, before anything is written into the workdir.
+    abstract_state = state_lib.abstract_train_state(model, optimizer, config)
+    if config.get("init_from") and not os.path.exists(str(config.init_from)):
+        raise ValueError(f"config.init_from={config.init_from!r} does not exist")
     source = sources.train_source(config)
     check_workdir(workdir)
     data_iter = pipeline.train_iterator(
@@ -255,7 +260,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # skipped with a warning.
     # From here a SIGTERM/SIGINT is held until the first step is done, then saved (section 4).
     watch = PreemptionWatch()
-    abstract_state = state_lib.abstract_train_state(model, optimizer, config)
     state_shardings = sharding.state_shardings(abstract_state, mesh, config.sharding_rules)
     target = checkpoint_lib.with_shardings(abstract_state, state_shardings)
     restored = checkpointer.restore_latest(target, data_iter, config)
