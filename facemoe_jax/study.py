@@ -46,6 +46,7 @@ import numpy as np
 from etils import epath
 
 from facemoe_jax import recipes
+from facemoe_jax.progress import format_duration
 from facemoe_jax.train.writers import workdir_path
 
 PRETRAINED = "pretrained"  # the HR MoE pre-training run
@@ -322,7 +323,7 @@ class Progress:
         eta = self.remaining_steps * self.step_seconds + self.remaining_evals * self.eval_seconds
         state = "reused" if reused else "running"
         print(f"[study] row {index}/{self.total}: {recipe.name} (seed {seed}) {state}; "
-              f"elapsed {_minutes(time.perf_counter() - self.t0)}, ETA {_minutes(eta)}",
+              f"elapsed {format_duration(time.perf_counter() - self.t0)}, ETA {format_duration(eta)}",
               flush=True)  # fmt: skip
 
     def finish(self, recipe: Recipe, steps: int, seconds: float, reused: bool):
@@ -331,11 +332,6 @@ class Progress:
             self.remaining_steps -= steps
             if not reused:
                 self.step_seconds = max(seconds - self.eval_seconds, 1.0) / steps
-
-
-def _minutes(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def run_row(base, recipe: Recipe, settings, seed: int, out: str, starts: dict) -> dict:
@@ -495,7 +491,7 @@ def write_outputs(out, summary, records, settings, base, seconds: float) -> None
         )
     plot_trade_off(summary, os.path.join(out, "hr_vs_lr.png"))
     print(header + table, flush=True)
-    print(f"[study] done in {_minutes(seconds)}; table.md, results.json and hr_vs_lr.png in {out}",
+    print(f"[study] done in {format_duration(seconds)}; table.md, results.json and hr_vs_lr.png in {out}",
           flush=True)  # fmt: skip
 
 
