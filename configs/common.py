@@ -203,8 +203,9 @@ def get_base_config() -> ml_collections.ConfigDict:
 
     # --mode=export: with adapters (config.model.lora), fold them into the base weights for
     # this fixed quality a (PETALface -> a plain dense Swin); None keeps the adapters.
-    config.export = ml_collections.ConfigDict({"merge_lora_alpha": None})
-    config.export.merge_lora_alpha = ml_collections.FieldReference(None, field_type=float)
+    config.export = ml_collections.ConfigDict(
+        {"merge_lora_alpha": ml_collections.FieldReference(None, field_type=float)}
+    )
 
     config.mesh = ml_collections.ConfigDict(dict(data=-1, expert=1))
     # (regex over state paths, PartitionSpec entries) pairs, first match wins, unmatched arrays
