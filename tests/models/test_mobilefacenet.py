@@ -11,6 +11,7 @@ import pytest
 from configs import common
 from facemoe_jax.models import build_model
 from facemoe_jax.models.mobilefacenet import output_side
+from tests.models.test_iresnet import abstract
 
 
 def mbf_config(**overrides):
@@ -18,12 +19,6 @@ def mbf_config(**overrides):
     cfg.update(name="mobilefacenet", image_size=112, embed_dim=512)
     cfg.update(**overrides)
     return cfg
-
-
-def abstract(cfg):
-    model = build_model(cfg)
-    x = jnp.zeros((2, cfg.image_size, cfg.image_size, 3))
-    return jax.eval_shape(lambda: model.init(jax.random.key(0), x))
 
 
 @pytest.mark.parametrize(

@@ -239,7 +239,7 @@ def test_softmax_all_weights_are_the_full_softmax_at_the_chosen_experts():
     np.testing.assert_array_equal(index, [[0, 1]])
     np.testing.assert_allclose(w, [p[:2]], rtol=1e-6)
     # With K=1 the router still gets a gradient from the task loss (softmax_topk's weight is 1).
-    grad = jax.grad(lambda l: moe.top_k_routing(l, 1, "softmax_all")[1].sum())(logits)
+    grad = jax.grad(lambda x: moe.top_k_routing(x, 1, "softmax_all")[1].sum())(logits)
     assert float(jnp.abs(grad).sum()) > 0
 
 
