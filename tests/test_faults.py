@@ -98,6 +98,13 @@ def stderr_lines(proc_stderr: str) -> list[str]:
     return [line for line in proc_stderr.splitlines() if line.strip()]
 
 
+def our_messages(proc_stderr: str) -> list[str]:
+    """The run's own warning/error lines. A failed TensorStore read may leave its worker threads
+    printing asyncio tracebacks ("Event loop is closed") after Orbax gave up on the step; that
+    noise is TensorStore's, comes or not with thread timing, and is not what these tests check."""
+    return [line for line in proc_stderr.splitlines() if line.startswith(("warning: ", "error: "))]
+
+
 def committed(workdir, step) -> bool:
     """Orbax renames a step's temporary folder when the save is complete."""
     return (workdir / "checkpoints" / str(step) / "_CHECKPOINT_METADATA").exists()
@@ -203,7 +210,7 @@ def test_corrupt_checkpoints_are_skipped(reference, tmp_path):
     os.remove(before / "state" / "_METADATA")
     proc = run(workdir)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    warnings = stderr_lines(proc.stderr)
+    warnings = our_messages(proc.stderr)
     assert len(warnings) == 2, proc.stderr
     assert warnings[0].startswith(f"warning: checkpoint {latest} is unreadable")
     assert warnings[1].startswith(f"warning: checkpoint {before} is unreadable")
@@ -312,7 +319,7 @@ def test_no_readable_checkpoint_is_one_error_not_a_fresh_start(reference, tmp_pa
     before = sorted((str(p), p.stat().st_mtime_ns) for p in workdir.rglob("*"))
     proc = run(workdir)
     assert proc.returncode == 2
-    lines = stderr_lines(proc.stderr)
+    lines = our_messages(proc.stderr)
     assert [line.split(" ")[0] for line in lines] == ["warning:"] * 3 + ["error:"], proc.stderr
     assert "no checkpoint in" in lines[-1] and "is readable (steps [4, 6, 8])" in lines[-1]
     assert sorted((str(p), p.stat().st_mtime_ns) for p in workdir.rglob("*")) == before
