@@ -118,8 +118,10 @@ def get_config(arg=None):
         config.train.update(trainable="^classifier/", update_batch_stats=True)
     else:
         lambda_aux = 10.0
+        # Each GPU of the official DDP run balances its own 16 images' tokens.
         config.loss.update(
-            sample_rate=1.0, z_coef=lambda_aux * 1e-3, balance_coef=lambda_aux * 1e-2
+            sample_rate=1.0, z_coef=lambda_aux * 1e-3, balance_coef=lambda_aux * 1e-2,
+            aux_statistics="per_device",
         )
         # Continues the classifier of the fc stage (train_full.py loads state_dict_softmax_fc).
         config.init_classifier = True

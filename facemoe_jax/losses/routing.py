@@ -24,14 +24,17 @@ coefficients and the sum-or-mean over layers belong to the training config.
 Whose tokens (a documented difference, not a bug): the official recipes train with PyTorch DDP on
 8 GPUs and no SyncBatchNorm, so each GPU computes these losses from its own 128 images' tokens
 and DDP averages the gradients: the official value is the *mean over GPUs of per-GPU losses*.
-Here ``train/step.py`` calls them under ``jit`` on the global batch, so ``T`` is every token of
-the global batch. The z-loss is a mean over tokens, so both give the same value when the GPUs
-hold equal batches; the load balance is a product of two sums over tokens, so the two agree only
-when every GPU routes alike (the global form has the cross-GPU products ``importance_g * load_h``,
-the per-GPU mean only ``g = h``). The same holds for the BatchNorm layers of the embedding head
-(``feature_layer``: BatchNorm1d, Dropout, Linear, BatchNorm1d): official training normalises with
-each GPU's batch statistics, ours with the global batch's (``models/``; the running averages
-used at evaluation are what a checkpoint stores either way).
+By default (``config.loss.aux_statistics="global"``) ``train/step.py`` uses them on the global
+batch, so ``T`` is every token of the global batch; ``"per_device"`` takes the
+``.../per_device`` values of ``models/moe.router_metrics``, which compute each device's loss
+from its own images and average them (the official semantics). The z-loss is a mean over
+tokens, so both give the same value when the devices hold equal batches; the load balance is a
+product of two sums over tokens, so the two agree only when every device routes alike (the
+global form has the cross-device products ``importance_g * load_h``, the per-device mean only
+``g = h``). The BatchNorm layers of the embedding head (``feature_layer``: BatchNorm1d,
+Dropout, Linear, BatchNorm1d) always use the global batch's statistics here, each GPU's in
+official training (the running averages used at evaluation are what a checkpoint stores either
+way).
 """
 from __future__ import annotations
 

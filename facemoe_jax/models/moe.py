@@ -52,7 +52,7 @@ from flax import struct
 from facemoe_jax.losses import routing
 from facemoe_jax.models import grouped_matmul
 from facemoe_jax.parallel import expert_parallel
-from facemoe_jax.parallel.expert_parallel import per_batch_shard
+from facemoe_jax.parallel.expert_parallel import batch_shard_count, per_batch_shard
 
 Array = jax.Array
 
@@ -265,17 +265,32 @@ def dropless_dispatcher(
     )
 
 
-def router_metrics(logits: Array, expert_index: Array, kept: Array) -> dict[str, Array]:
-    """Auxiliary losses and diagnostics of one MoE layer (all float32 scalars, expert_load (E,))."""
+def router_metrics(
+    logits: Array, expert_index: Array, kept: Array, device_groups: int = 1
+) -> dict[str, Array]:
+    """Auxiliary losses and diagnostics of one MoE layer (all float32 scalars, expert_load (E,)).
+
+    logits (G, S, E) for G images. The `.../per_device` balance losses split the G images into
+    `device_groups` consecutive blocks (the devices' shares of the batch), compute the loss of
+    each block and average them: the official DDP semantics (`config.loss.aux_statistics`).
+    The z-losses are means over tokens, equal either way for equal blocks.
+    """
     num_experts = logits.shape[-1]
-    logits = logits.reshape(-1, num_experts)
+    chosen = jax.nn.one_hot(expert_index, num_experts).sum(axis=-2)  # (G, S, E)
     probs = jax.nn.softmax(logits, axis=-1)
-    chosen = jax.nn.one_hot(expert_index.reshape(logits.shape[0], -1), num_experts).sum(axis=1)
+
+    def grouped(fn):
+        split = lambda a: a.reshape(device_groups, -1, num_experts)  # noqa: E731
+        return jnp.mean(jax.vmap(fn)(split(probs), split(chosen)))
+
+    flat_logits = logits.reshape(-1, num_experts)
     return {
-        "router_z_loss": routing.router_z_loss(logits),
+        "router_z_loss": routing.router_z_loss(flat_logits),
         "load_balance_loss": routing.load_balance_loss(probs, chosen),
-        "official_router_z_loss": routing.official_router_z_loss(logits),
+        "load_balance_loss/per_device": grouped(routing.load_balance_loss),
+        "official_router_z_loss": routing.official_router_z_loss(flat_logits),
         "official_load_balance_loss": routing.official_load_balance_loss(probs, chosen),
+        "official_load_balance_loss/per_device": grouped(routing.official_load_balance_loss),
         "router_entropy": routing.router_entropy(probs),
         "expert_load": routing.expert_load_fractions(chosen),
         "dropped_fraction": 1.0 - jnp.mean(kept.astype(jnp.float32)),
@@ -325,7 +340,10 @@ class TopKRouter(nn.Module):
 
         # Routing is per image, so each device routes its own images (expert_parallel.py).
         expert_index, dispatcher = per_batch_shard(route, x.shape[0], logits)
-        return dispatcher, router_metrics(logits, expert_index, dispatcher.kept)
+        metrics = router_metrics(
+            logits, expert_index, dispatcher.kept, batch_shard_count(x.shape[0])
+        )
+        return dispatcher, metrics
 
 
 def expert_mlp(

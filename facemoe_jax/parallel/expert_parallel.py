@@ -49,6 +49,15 @@ def _batch_shards(mesh) -> int:
     return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
 
 
+def batch_shard_count(num_groups: int) -> int:
+    """Devices the num_groups images are split over (1 without a mesh or when they do not split
+    evenly, the cases in which `per_batch_shard` runs on the global arrays)."""
+    mesh = context_mesh()
+    if mesh is None or num_groups % _batch_shards(mesh):
+        return 1
+    return _batch_shards(mesh)
+
+
 def per_batch_shard(fn: Callable, num_groups: int, *args):
     """fn(*args) run independently on every device's slice of the leading (group) axis.
 

@@ -21,6 +21,14 @@ from facemoe_jax.train.state import TrainState
 
 Z_LOSS_KEYS = {"st_moe": "router_z_loss", "official": "official_router_z_loss"}
 BALANCE_KEYS = {"switch": "load_balance_loss", "official": "official_load_balance_loss"}
+# Whose tokens the load-balance loss counts: the global batch's, or each device's share averaged
+# over devices (the official DDP recipe: one loss per GPU, gradients averaged).
+AUX_STATISTICS = ("global", "per_device")
+
+
+def balance_key(cfg) -> str:
+    key = BALANCE_KEYS[cfg.load_balance_loss]
+    return key + "/per_device" if cfg.get("aux_statistics", "global") == "per_device" else key
 
 
 def check_loss_config(cfg: ml_collections.ConfigDict) -> None:
@@ -37,6 +45,10 @@ def check_loss_config(cfg: ml_collections.ConfigDict) -> None:
         )
     if cfg.aux_reduce not in ("mean", "sum"):
         raise ValueError(f"config.loss.aux_reduce={cfg.aux_reduce!r} is not 'mean' or 'sum'")
+    if cfg.get("aux_statistics", "global") not in AUX_STATISTICS:
+        raise ValueError(
+            f"config.loss.aux_statistics={cfg.aux_statistics!r} is not one of {AUX_STATISTICS}"
+        )
 
 
 def margin_fn_and_state(cfg, embeddings, margin_state):
@@ -66,13 +78,17 @@ def router_summary(router_metrics: dict, reduce: str) -> dict:
     combine = jnp.sum if reduce == "sum" else jnp.mean
     summary = {
         key: combine(router_metrics[key])
-        for key in (*Z_LOSS_KEYS.values(), *BALANCE_KEYS.values())
+        for key in (*Z_LOSS_KEYS.values(), *BALANCE_KEYS.values(), *_per_device(BALANCE_KEYS))
     }
     summary["router_entropy"] = jnp.mean(router_metrics["router_entropy"])
     summary["dropped_fraction"] = jnp.mean(router_metrics["dropped_fraction"])
     # Share of assignments taken by the busiest expert of the busiest block (1/E when balanced).
     summary["expert_load_max"] = jnp.max(router_metrics["expert_load"])
     return summary
+
+
+def _per_device(keys: dict) -> list[str]:
+    return [key + "/per_device" for key in keys.values()]
 
 
 def quality_input(model, images, given):
@@ -123,7 +139,7 @@ def make_loss_fn(model, config: ml_collections.ConfigDict):
         )
         router = router_summary(router_metrics, loss_cfg.aux_reduce)
         z_loss = router.get(Z_LOSS_KEYS[loss_cfg.router_z_loss], 0.0)
-        balance = router.get(BALANCE_KEYS[loss_cfg.load_balance_loss], 0.0)
+        balance = router.get(balance_key(loss_cfg), 0.0)
         total = margin_ce + loss_cfg.z_coef * z_loss + loss_cfg.balance_coef * balance
         metrics = {
             "train/loss": total,

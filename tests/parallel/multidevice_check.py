@@ -154,6 +154,30 @@ def classifier_only(margin: str, sample_rate: float, num_classes: int = 37) -> d
     }
 
 
+def router_statistics() -> dict:
+    """An MoE layer's balance losses on 16 images under the 4x2 mesh (2 images per device),
+    with the router logits for the test's numpy reference."""
+    from facemoe_jax.models import moe
+
+    layer = moe.MoEFeedForward(num_experts=8, top_k=2, hidden_dim=16, capacity_factor=0.0)
+    x = jax.random.normal(jax.random.PRNGKey(7), (16, 5, 32))
+    variables = layer.init(jax.random.PRNGKey(8), x)
+    apply = jax.jit(lambda v, x: layer.apply(v, x)[1])
+    single = apply(variables, x)
+    mesh = mesh_lib.make_mesh(tiny_config(0.0, "combined").mesh.__class__(dict(data=4, expert=2)))
+    with jax.set_mesh(mesh):
+        sharded = apply(variables, jax.device_put(x, mesh_lib.batch_sharding(mesh)))
+    keys = ("official_load_balance_loss", "load_balance_loss")
+    logits = np.asarray(x @ variables["params"]["router"]["gate"]["kernel"])
+    return {
+        "logits": logits.tolist(),
+        "single": {k: float(single[k]) for k in keys}
+        | {k + "/per_device": float(single[k + "/per_device"]) for k in keys},
+        "mesh": {k: float(sharded[k]) for k in keys}
+        | {k + "/per_device": float(sharded[k + "/per_device"]) for k in keys},
+    }
+
+
 if __name__ == "__main__":
     print(
         json.dumps(
@@ -164,6 +188,7 @@ if __name__ == "__main__":
                 "classifier_adaface": classifier_only("adaface", 1.0),
                 # 803 classes in 808 rows, 101 per device: each samples max(30, 16) of its rows.
                 "classifier_sampled": classifier_only("combined", 0.3, num_classes=803),
+                "router_statistics": router_statistics(),
             }
         )
     )

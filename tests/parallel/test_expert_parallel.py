@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 MESHES = ("8x1", "4x2", "2x4", "1x8")
@@ -74,3 +75,39 @@ def test_class_sharded_partial_fc_samples_per_device(report):
     assert r["padding_rows_with_grad"] == 0
     # Only the sampled rows learn; the last device may spend up to its 5 padding rows.
     assert 8 * 30 - 5 <= r["rows_with_grad"] <= 8 * 30
+
+
+def _numpy_balance_losses(logits: np.ndarray, top_k: int = 2) -> tuple[float, float]:
+    """(official, Switch) load balance of (images, tokens, E) logits, from the formulas."""
+    num_experts = logits.shape[-1]
+    flat = logits.reshape(-1, num_experts).astype(np.float64)
+    probs = np.exp(flat - flat.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    chosen = np.zeros_like(probs)
+    np.put_along_axis(chosen, np.argsort(-flat, axis=-1)[:, :top_k], 1.0, axis=-1)
+    tokens = flat.shape[0]
+    official = num_experts * np.sum(probs.sum(0) * chosen.sum(0)) / tokens**2
+    switch = num_experts * np.sum(chosen.sum(0) / chosen.sum() * probs.mean(0))
+    return official, switch
+
+
+@pytest.mark.slow
+def test_per_device_balance_loss_is_the_mean_of_each_devices_loss(report):
+    r = report["router_statistics"]
+    logits = np.asarray(r["logits"])  # (16 images, 5 tokens, 8 experts); 8 devices x 2 images
+    official, switch = _numpy_balance_losses(logits)
+    per_device = [_numpy_balance_losses(block) for block in np.split(logits, 8)]
+    expected = {
+        "official_load_balance_loss": official,
+        "load_balance_loss": switch,
+        "official_load_balance_loss/per_device": np.mean([o for o, _ in per_device]),
+        "load_balance_loss/per_device": np.mean([s for _, s in per_device]),
+    }
+    for key, value in expected.items():
+        np.testing.assert_allclose(r["mesh"][key], value, rtol=1e-5, err_msg=key)
+    # One device: "per_device" is the global batch.
+    for key in ("official_load_balance_loss", "load_balance_loss"):
+        np.testing.assert_allclose(r["single"][key + "/per_device"], r["single"][key], rtol=1e-6)
+        np.testing.assert_allclose(r["single"][key], expected[key], rtol=1e-5)
+    # The devices route differently, so the two statistics differ here.
+    assert abs(expected["official_load_balance_loss/per_device"] - official) > 1e-3

@@ -111,7 +111,8 @@ def test_partial_fc_step_runs_and_uses_the_step_rng():
     [("margin", "sphere", "config.loss.margin='sphere'"),
      ("router_z_loss", "l2", "config.loss.router_z_loss='l2'"),
      ("load_balance_loss", "gshard", "config.loss.load_balance_loss='gshard'"),
-     ("aux_reduce", "max", "config.loss.aux_reduce='max'")],
+     ("aux_reduce", "max", "config.loss.aux_reduce='max'"),
+     ("aux_statistics", "per_host", "config.loss.aux_statistics='per_host'")],
 )
 def test_loss_config_errors(field, value, message):
     config = tiny_config()
