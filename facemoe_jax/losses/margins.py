@@ -181,12 +181,33 @@ def adaface_logits(
     Returns:
       (logits (B, C) float32, new_running_mean, new_running_std).
     """
-    cosines = jnp.clip(jnp.asarray(cosines, jnp.float32), -1.0 + eps, 1.0 - eps)
     new_mean, new_std = adaface_update_stats(
         feature_norms, running_mean, running_std, t_alpha=t_alpha
     )
+    logits = adaface_logits_given_stats(
+        cosines, labels, feature_norms, new_mean, new_std,
+        margin=margin, h=h, scale=scale, eps=eps,
+    )
+    return logits, new_mean, new_std
+
+
+def adaface_logits_given_stats(
+    cosines: jax.Array,
+    labels: jax.Array,
+    feature_norms: jax.Array,
+    mean: jax.Array,
+    std: jax.Array,
+    *,
+    margin: float = 0.4,
+    h: float = 0.333,
+    scale: float = 64.0,
+    eps: float = 1e-3,
+) -> jax.Array:
+    """`adaface_logits` with ``mu, sigma`` already updated by this batch (the train step updates
+    its state once and builds the logits from the result): (B, C) float32 logits."""
+    cosines = jnp.clip(jnp.asarray(cosines, jnp.float32), -1.0 + eps, 1.0 - eps)
     safe_norms = _safe_norms(feature_norms)
-    margin_scaler = jnp.clip((safe_norms - new_mean) / (new_std + eps) * h, -1.0, 1.0)  # (B,)
+    margin_scaler = jnp.clip((safe_norms - mean) / (std + eps) * h, -1.0, 1.0)  # (B,)
 
     target_cos = _target_cosines(cosines, labels)
     theta = jnp.arccos(target_cos)
@@ -196,8 +217,7 @@ def adaface_logits(
     target = jnp.cos(theta_margined) - g_additive
 
     is_target = _target_mask(labels, cosines.shape[1])
-    logits = jnp.where(is_target, target[:, None], cosines) * jnp.float32(scale)
-    return logits, new_mean, new_std
+    return jnp.where(is_target, target[:, None], cosines) * jnp.float32(scale)
 
 
 def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:

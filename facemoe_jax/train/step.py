@@ -59,16 +59,15 @@ def margin_fn_and_state(cfg, embeddings, margin_state):
         )
         return fn, margin_state
     norms = jnp.linalg.norm(embeddings, axis=-1)
-    mean, std = margin_state["mean"], margin_state["std"]
-
-    def fn(cosines, labels):
-        return margins.adaface_logits(
-            cosines, labels, norms, mean, std, margin=cfg.adaface_margin, h=cfg.adaface_h,
-            scale=cfg.scale,
-        )[0]
-
-    new_mean, new_std = margins.adaface_update_stats(norms, mean, std)
-    return fn, {"mean": new_mean, "std": new_std}
+    # The running statistics are updated once; the logits use the updated values (AdaFace).
+    mean, std = margins.adaface_update_stats(
+        norms, margin_state["mean"], margin_state["std"]
+    )
+    fn = functools.partial(
+        margins.adaface_logits_given_stats, feature_norms=norms, mean=mean, std=std,
+        margin=cfg.adaface_margin, h=cfg.adaface_h, scale=cfg.scale,
+    )
+    return fn, {"mean": mean, "std": std}
 
 
 def router_summary(router_metrics: dict, reduce: str) -> dict:
