@@ -22,6 +22,7 @@ recipes run DDP without SyncBatchNorm, so their head BatchNorm statistics are pe
 """
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from typing import Callable
@@ -30,7 +31,6 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from facemoe_jax.losses.margins import softmax_cross_entropy
 
 # Squared-norm floor for L2 normalisation: keeps 1/||x|| and its gradient finite at x = 0
 # (same role as torch.nn.functional.normalize's eps=1e-12 on the norm).
@@ -262,37 +262,20 @@ def margin_classifier_loss(
       (loss, {"loss/margin_ce": loss, "accuracy": top-1 accuracy of the cosines, without margin,
       over the sampled classes}).
     """
-    labels = jnp.asarray(labels, jnp.int32)
     if num_classes is not None:
         centers = centers[:num_classes]
     num_classes = centers.shape[0]
     batch_size = labels.shape[0]
     target = num_target_classes(num_classes, sample_rate)
+    sampling = target < num_classes
+    if sampling and rng is None:
+        raise ValueError(f"sample_rate {sample_rate} < 1 needs an rng for sampling")
     num_sampled = num_sampled_classes(num_classes, sample_rate, batch_size)
-    active = None
-    effective_rate = jnp.ones((1,), jnp.float32)
-    if target < num_classes:
-        if rng is None:
-            raise ValueError(f"sample_rate {sample_rate} < 1 needs an rng for sampling")
-        class_index, local_labels, active = partial_fc_select(
-            rng, labels, num_classes, num_sampled, target
-        )
-        if num_sampled < num_classes:  # else class_index is every row, in order
-            centers = jnp.take(centers, class_index, axis=0)
-        effective_rate = (jnp.sum(active) / num_classes).astype(jnp.float32).reshape(1)
-        _report_rates(effective_rate, sample_rate, batch_size, num_sampled > target)
-    else:
-        local_labels = labels
-
-    cosines = cosine_logits(embeddings, centers)
-    logits = margin_fn(cosines, local_labels)
-    if active is not None:  # inactive columns take no part, as if never drawn
-        logits = jnp.where(active[None, :], logits, -jnp.inf)
-        cosines = jnp.where(active[None, :], cosines, -jnp.inf)
-    loss, _ = softmax_cross_entropy(logits, local_labels)
-    # Accuracy of the classifier itself: nearest class centre by cosine, without the margin
-    # (with s=64, m=0.4 the margin logits are wrong long after the embeddings are right).
-    _, accuracy = softmax_cross_entropy(cosines, local_labels)
+    loss, accuracy, effective_rate = _class_block_loss(
+        embeddings, centers, labels, rng, margin_fn=margin_fn, axes=(),
+        real_rows=(num_classes,), targets=(target,), sampling=sampling, num_sampled=num_sampled,
+    )
+    _report_rates(effective_rate, sample_rate, batch_size, sampling and num_sampled > target)
     return loss, {
         "loss/margin_ce": loss,
         "accuracy": accuracy,
@@ -306,6 +289,63 @@ def _shard_index(axes: tuple[str, ...]) -> jax.Array:
     for axis in axes:
         index = index * jax.lax.axis_size(axis) + jax.lax.axis_index(axis)
     return index
+
+
+def _class_block_loss(
+    embeddings, centers, labels, rng, *, margin_fn, axes, real_rows, targets, sampling,
+    num_sampled,
+):
+    """Loss, accuracy and (shards,) effective rates of the batch against this device's block of
+    centre rows; the softmax is assembled across the blocks of the mesh axes `axes` (() = one
+    block holding every row: the collectives are then identities, the unsharded loss).
+
+    real_rows / targets: each block's real classes and configured Partial FC count (static);
+    num_sampled: the static room of the sample (`num_sampled_classes`).
+    """
+    num_shards = len(real_rows)
+    rows = centers.shape[0]
+    shard = _shard_index(axes)
+    first = shard * rows
+    labels = jnp.asarray(labels, jnp.int32)
+    here = (labels >= first) & (labels < first + rows)
+    local_labels = jnp.where(here, labels - first, -1)
+    class_ids = first + jnp.arange(rows)
+    num_real = jnp.asarray(real_rows, jnp.int32)[shard]
+    active = None
+    if sampling:
+        # One block draws with the run's key itself, blocks of a mesh with a key per block.
+        block_rng = jax.random.fold_in(rng, shard) if axes else rng
+        index, local_labels, active = partial_fc_select(
+            block_rng, local_labels, rows, num_sampled, jnp.asarray(targets, jnp.int32)[shard],
+            num_real,
+        )
+        if num_sampled < rows:  # else index is every row, in order
+            centers, class_ids = centers[index], class_ids[index]
+    is_class = (class_ids < first + num_real)[None, :]  # padding rows take no part
+    if active is not None:  # columns past the configured count take no part either
+        is_class = is_class & active[None, :]
+    effective = jnp.sum(is_class) / jnp.maximum(num_real, 1)
+
+    cosines = cosine_logits(embeddings, centers)
+    logits = jnp.where(is_class, margin_fn(cosines, local_labels).astype(jnp.float32), -jnp.inf)
+    row_max = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(logits, axis=1)), axes)
+    sum_exp = jax.lax.psum(jnp.sum(jnp.exp(logits - row_max[:, None]), axis=1), axes)
+    is_target = local_labels[:, None] == jnp.arange(logits.shape[1])[None, :]
+    target = jax.lax.psum(jnp.sum(jnp.where(is_target, logits, 0.0), axis=1), axes)
+    valid = labels >= 0
+    num_valid = jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
+    loss = jnp.sum(jnp.where(valid, row_max + jnp.log(sum_exp) - target, 0.0)) / num_valid
+
+    # Accuracy of the classifier itself: nearest class centre by cosine, without the margin
+    # (with s=64, m=0.4 the margin logits are wrong long after the embeddings are right).
+    cosines = jax.lax.stop_gradient(cosines)  # a metric: no gradient through pmax
+    best = jax.lax.pmax(jnp.max(jnp.where(is_class, cosines, -jnp.inf), axis=1), axes)
+    target_cos = jax.lax.psum(jnp.sum(jnp.where(is_target, cosines, 0.0), axis=1), axes)
+    accuracy = jnp.sum(valid & (target_cos >= best)).astype(jnp.float32) / num_valid
+    # (num shards,) on every device (a psum of one-hot rows): a replicated metric, so the host
+    # callback needs no gather.
+    one_hot = jax.nn.one_hot(shard, num_shards, dtype=jnp.float32)
+    return loss, accuracy, jax.lax.psum(one_hot * effective.astype(jnp.float32), axes)
 
 
 def sharded_margin_classifier_loss(
@@ -360,49 +400,10 @@ def sharded_margin_classifier_loss(
     num_sampled = max(num_sampled_classes(r, sample_rate, batch_size) for r in real_rows if r)
     can_exceed = any(t < min(batch_size, r) for t, r in zip(targets, real_rows))
 
-    def local(emb, local_centers, labels, rng):
-        shard = _shard_index(class_axes)
-        first = shard * rows
-        labels = jnp.asarray(labels, jnp.int32)
-        here = (labels >= first) & (labels < first + rows)
-        local_labels = jnp.where(here, labels - first, -1)
-        class_ids = first + jnp.arange(rows)
-        num_real = jnp.asarray(real_rows, jnp.int32)[shard]
-        active = None
-        if sampling:
-            shard_rng = jax.random.fold_in(rng, shard)
-            target = jnp.asarray(targets, jnp.int32)[shard]
-            index, local_labels, active = partial_fc_select(
-                shard_rng, local_labels, rows, num_sampled, target, num_real
-            )
-            local_centers, class_ids = local_centers[index], class_ids[index]
-        is_class = (class_ids < num_classes)[None, :]  # padding rows take no part
-        if active is not None:  # columns past the configured count take no part either
-            is_class = is_class & active[None, :]
-        effective = jnp.sum(is_class) / jnp.maximum(num_real, 1)
-
-        cosines = cosine_logits(emb, local_centers)
-        logits = jnp.where(is_class, margin_fn(cosines, local_labels).astype(jnp.float32), -jnp.inf)
-        row_max = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(logits, axis=1)), class_axes)
-        sum_exp = jax.lax.psum(jnp.sum(jnp.exp(logits - row_max[:, None]), axis=1), class_axes)
-        is_target = local_labels[:, None] == jnp.arange(logits.shape[1])[None, :]
-        target = jax.lax.psum(jnp.sum(jnp.where(is_target, logits, 0.0), axis=1), class_axes)
-        valid = labels >= 0
-        num_valid = jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
-        loss = jnp.sum(jnp.where(valid, row_max + jnp.log(sum_exp) - target, 0.0)) / num_valid
-
-        # Accuracy of the plain cosines: the target is the nearest centre over all devices.
-        cosines = jax.lax.stop_gradient(cosines)  # a metric: no gradient through pmax
-        masked_cos = jnp.where(is_class, cosines, -jnp.inf)
-        best = jax.lax.pmax(jnp.max(masked_cos, axis=1), class_axes)
-        target_cos = jax.lax.psum(jnp.sum(jnp.where(is_target, cosines, 0.0), axis=1), class_axes)
-        correct = valid & (target_cos >= best)
-        accuracy = jnp.sum(correct).astype(jnp.float32) / num_valid
-        # (num shards,) on every device (a psum of one-hot rows): a replicated metric, so the
-        # host callback needs no gather.
-        one_hot = jax.nn.one_hot(shard, num_shards, dtype=jnp.float32)
-        return loss, accuracy, jax.lax.psum(one_hot * effective.astype(jnp.float32), class_axes)
-
+    local = functools.partial(
+        _class_block_loss, margin_fn=margin_fn, axes=class_axes, real_rows=tuple(real_rows),
+        targets=tuple(targets), sampling=sampling, num_sampled=num_sampled,
+    )
     loss, accuracy, effective_rate = jax.shard_map(
         local,
         in_specs=(P(), P(class_axes), P(), P()),
