@@ -39,7 +39,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from facemoe_jax.models.layers import check_image_size
+from facemoe_jax.models.layers import batch_norm, check_image_size
 
 Array = jax.Array
 
@@ -51,21 +51,7 @@ STAGE_BLOCKS = {
     200: (6, 26, 60, 6),
 }
 STAGE_WIDTHS = (64, 128, 256, 512)
-BN_EPS = 1e-5
-BN_MOMENTUM = 0.9  # Flax keeps momentum * old + (1 - momentum) * batch: PyTorch's momentum 0.1
 PRELU_INIT = 0.25
-
-
-def batch_norm(train: bool, dtype: Any, name: str, use_scale: bool = True) -> nn.BatchNorm:
-    """PyTorch BatchNorm defaults (eps 1e-5, momentum 0.1); statistics reduced in float32."""
-    return nn.BatchNorm(
-        use_running_average=not train,
-        momentum=BN_MOMENTUM,
-        epsilon=BN_EPS,
-        use_scale=use_scale,
-        dtype=dtype,
-        name=name,
-    )
 
 
 class PReLU(nn.Module):
@@ -123,15 +109,15 @@ class IBasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
-        out = batch_norm(train, self.dtype, "bn1")(x)
+        out = batch_norm(train, "bn1", dtype=self.dtype)(x)
         out = conv(self.planes, 3, 1, 1, self.dtype, "conv1")(out)
-        out = batch_norm(train, self.dtype, "bn2")(out)
+        out = batch_norm(train, "bn2", dtype=self.dtype)(out)
         out = PReLU(self.dtype, name="prelu")(out)
         out = conv(self.planes, 3, self.stride, 1, self.dtype, "conv2")(out)
-        out = batch_norm(train, self.dtype, "bn3")(out)
+        out = batch_norm(train, "bn3", dtype=self.dtype)(out)
         if self.downsample:  # PyTorch: downsample = Sequential(conv1x1, BatchNorm2d)
             x = conv(self.planes, 1, self.stride, 0, self.dtype, "downsample_0")(x)
-            x = batch_norm(train, self.dtype, "downsample_1")(x)
+            x = batch_norm(train, "downsample_1", dtype=self.dtype)(x)
         return out + x
 
 
@@ -149,7 +135,7 @@ class IResNet(nn.Module):
         check_image_size(images, self.image_size)
         blocks = STAGE_BLOCKS[self.depth]
         x = conv(STAGE_WIDTHS[0], 3, 1, 1, self.dtype, "conv1")(images.astype(self.dtype))
-        x = batch_norm(train, self.dtype, "bn1")(x)
+        x = batch_norm(train, "bn1", dtype=self.dtype)(x)
         x = PReLU(self.dtype, name="prelu")(x)
         inplanes = STAGE_WIDTHS[0]
         for stage, (planes, count) in enumerate(zip(STAGE_WIDTHS, blocks)):
@@ -163,7 +149,7 @@ class IResNet(nn.Module):
                     name=f"layer{stage + 1}_{i}",
                 )(x, train)
                 inplanes = planes
-        x = batch_norm(train, self.dtype, "bn2")(x)
+        x = batch_norm(train, "bn2", dtype=self.dtype)(x)
         b = x.shape[0]
         x = x.transpose(0, 3, 1, 2).reshape(b, -1)  # PyTorch's flatten of NCHW: channel-major
         x = nn.Dropout(self.dropout, deterministic=not train or self.dropout == 0)(x)
@@ -174,5 +160,5 @@ class IResNet(nn.Module):
             bias_init=torch_linear_bias_init(x.shape[-1]),
             name="fc",
         )(x)
-        x = batch_norm(train, jnp.float32, "features", use_scale=False)(x)
+        x = batch_norm(train, "features", dtype=jnp.float32, use_scale=False)(x)
         return x, {}

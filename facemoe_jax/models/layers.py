@@ -2,11 +2,29 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 Array = jax.Array
+
+BATCH_NORM_EPS = 1e-5  # PyTorch's default
+# Flax keeps momentum * old + (1 - momentum) * batch: PyTorch's momentum=0.1.
+BATCH_NORM_MOMENTUM = 0.9
+
+
+def batch_norm(
+    train: bool, name: str, *, epsilon: float = BATCH_NORM_EPS, dtype: Any = None,
+    use_scale: bool = True,
+) -> nn.BatchNorm:
+    """A BatchNorm with PyTorch's defaults (the official models' layers), batch statistics in
+    training and running averages in evaluation; statistics are reduced in float32."""
+    return nn.BatchNorm(
+        use_running_average=not train, momentum=BATCH_NORM_MOMENTUM, epsilon=epsilon,
+        use_scale=use_scale, dtype=dtype, name=name,
+    )
 
 
 def check_image_size(images: Array, image_size: int) -> None:

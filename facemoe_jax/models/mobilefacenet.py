@@ -37,8 +37,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from facemoe_jax.models.iresnet import PReLU, batch_norm, conv
-from facemoe_jax.models.layers import check_image_size
+from facemoe_jax.models.iresnet import PReLU, conv
+from facemoe_jax.models.layers import batch_norm, check_image_size
 
 Array = jax.Array
 
@@ -78,7 +78,7 @@ class ConvBlock(nn.Module):
             groups=self.groups,
             kernel_init=KAIMING_FAN_OUT,
         )(x)
-        x = batch_norm(train, self.dtype, "layers_1")(x)
+        x = batch_norm(train, "layers_1", dtype=self.dtype)(x)
         if not self.linear:
             x = PReLU(self.dtype, name="layers_2")(x)
         return x
@@ -164,4 +164,4 @@ class GDC(nn.Module):
         x = nn.Dense(
             self.embed_dim, use_bias=False, kernel_init=KAIMING_FAN_OUT, name="layers_2"
         )(x)
-        return batch_norm(train, jnp.float32, "layers_3")(x)
+        return batch_norm(train, "layers_3", dtype=jnp.float32)(x)

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from facemoe_jax.models.layers import DropPath, check_image_size
+from facemoe_jax.models.layers import DropPath, batch_norm, check_image_size
 from facemoe_jax.models.lora import LoRADense, LoRASettings, projection
 from facemoe_jax.models.moe import MoEFeedForward
 from facemoe_jax.models.quality import QualitySettings
@@ -41,8 +41,6 @@ from facemoe_jax.models.vit import Mlp
 Array = jax.Array
 
 LAYER_NORM_EPS = 1e-5
-BATCH_NORM_EPS = 1e-5
-BATCH_NORM_MOMENTUM = 0.9  # Flax convention; PyTorch's momentum=0.1
 MASKED = -100.0  # the official mask value (added to attention logits)
 
 
@@ -343,12 +341,7 @@ class SwinMoE(nn.Module):
         x = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name="norm")(x)
 
         x = x.reshape(b, -1).astype(jnp.float32)  # tokens-major, as torch's x.reshape(B, -1)
-        batch_norm = {
-            "use_running_average": not train,
-            "momentum": BATCH_NORM_MOMENTUM,
-            "epsilon": BATCH_NORM_EPS,
-        }
-        x = nn.BatchNorm(name="feature_bn1", **batch_norm)(x)
+        x = batch_norm(train, "feature_bn1")(x)
         x = nn.Dropout(self.head_dropout, deterministic=not train)(x)
         if self.lora is not None and self.lora.head:  # one plain adapter, `a` does not touch it
             x = LoRADense(self.embed_dim, self.lora.rank, self.lora.scale, self.lora.dropout,
@@ -357,5 +350,5 @@ class SwinMoE(nn.Module):
             )  # fmt: skip
         else:
             x = nn.Dense(self.embed_dim, name="feature_fc")(x)
-        x = nn.BatchNorm(name="feature_bn2", **batch_norm)(x)
+        x = batch_norm(train, "feature_bn2")(x)
         return x, jax.tree.map(lambda *m: jnp.stack(m), *metrics) if metrics else {}

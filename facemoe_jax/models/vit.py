@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from facemoe_jax.models.layers import DropPath, check_image_size
+from facemoe_jax.models.layers import DropPath, batch_norm, check_image_size
 from facemoe_jax.models.lora import LoRASettings, projection
 from facemoe_jax.models.moe import MoEFeedForward
 from facemoe_jax.models.quality import QualitySettings
@@ -193,18 +193,8 @@ class ViTMoE(nn.Module):
 
         x = x.reshape(b, -1).astype(jnp.float32)
         x = nn.Dense(self.width, use_bias=False, name="feature_fc1")(x)
-        x = nn.BatchNorm(
-            use_running_average=not train,
-            momentum=0.9,
-            epsilon=HEAD_BATCH_NORM_EPS,
-            name="feature_bn1",
-        )(x)
+        x = batch_norm(train, "feature_bn1", epsilon=HEAD_BATCH_NORM_EPS)(x)
         x = nn.Dense(self.embed_dim, use_bias=False, name="feature_fc2")(x)
-        x = nn.BatchNorm(
-            use_running_average=not train,
-            momentum=0.9,
-            epsilon=HEAD_BATCH_NORM_EPS,
-            name="feature_bn2",
-        )(x)
+        x = batch_norm(train, "feature_bn2", epsilon=HEAD_BATCH_NORM_EPS)(x)
         stacked = jax.tree.map(lambda *m: jnp.stack(m), *layer_metrics) if layer_metrics else {}
         return x, stacked
