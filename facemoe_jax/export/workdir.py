@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 
 import numpy as np
@@ -18,6 +19,7 @@ import numpy as np
 import facemoe_jax
 from facemoe_jax.export import convert
 from facemoe_jax.models.lora import settings_from_config
+from facemoe_jax.train import writers
 
 OFFICIAL_CONSTRUCTOR = "backbones.swin_moe.swin_120_topk_moe_loss(num_experts={e}, k={k})"
 
@@ -57,12 +59,30 @@ def export_workdir(
     workdir: str, out_dir: str | None = None, onnx: bool = True, merge_lora_alpha=None
 ) -> dict:
     """Exports the latest checkpoint of `workdir` (model.pt, model.safetensors, model.onnx when
-    `onnx` and the onnx package is installed, config.json); returns the paths and the seconds."""
+    `onnx` and the onnx package is installed, config.json) to `out_dir` (default W/export);
+    returns the paths and the seconds.
+
+    torch, safetensors and onnx write local files, so for a URL target (`gs://...`) the files
+    are written into a local temporary folder and then copied to the URL through epath; no
+    local folder is ever named after the URL."""
+    target = out_dir or str(writers.workdir_path(workdir) / "export")
+    if not writers.is_remote(target):
+        return _export(workdir, target, onnx, merge_lora_alpha)
+    with tempfile.TemporaryDirectory(prefix="facemoe_export_") as local:
+        result = _export(workdir, local, onnx, merge_lora_alpha)
+        writers.copy_tree(local, writers.workdir_path(target))
+    for key in ("pt", "safetensors", "config", "onnx"):
+        if key in result:
+            result[key] = str(writers.workdir_path(target) / os.path.basename(result[key]))
+    print(f"copied the export to {target}", flush=True)
+    return result
+
+
+def _export(workdir: str, out_dir: str, onnx: bool, merge_lora_alpha) -> dict:
     from facemoe_jax.encoder import restore_workdir
     from facemoe_jax.progress import Progress
 
     t0 = time.perf_counter()
-    out_dir = out_dir or os.path.join(workdir, "export")
     paths = {
         "pt": os.path.join(out_dir, "model.pt"),
         "safetensors": os.path.join(out_dir, "model.safetensors"),
@@ -84,7 +104,7 @@ def export_workdir(
         progress.update(1 if i else 0, note=steps[i])
 
     stage(0)
-    config, variables, step = restore_workdir(os.path.abspath(workdir))
+    config, variables, step = restore_workdir(workdir)
     stage(1)
     state = convert.jax_to_torch(config.model, variables, num_batches_tracked=step)
     lora = settings_from_config(config.model)

@@ -7,6 +7,7 @@ MemoryFileSystem behind epath) and checks that the workdir, its probe and metric
 there and nothing lands on local disk.
 """
 
+import io
 import json
 import os
 
@@ -185,4 +186,37 @@ def test_study_files_go_through_epath(mem_scheme, tmp_path, monkeypatch):
     assert study._read_json("mem://bucket/study/row.json") == {"fingerprint": "abc"}
     study.plot_trade_off({}, "mem://bucket/study/hr_vs_lr.png")
     assert epath.Path("mem://bucket/study/hr_vs_lr.png").read_bytes()[:4] == b"\x89PNG"
+    assert os.listdir(tmp_path) == []
+
+
+def test_export_to_a_remote_workdir_lands_at_the_url(mem_scheme, tmp_path, monkeypatch):
+    import torch
+    from configs import common
+
+    from facemoe_jax import encoder
+    from facemoe_jax.export import workdir as export_lib
+    from tests.export.test_convert import random_variables, tiny_vit_config
+
+    monkeypatch.chdir(tmp_path)
+    config = common.get_base_config()
+    config.model = tiny_vit_config()
+    _, variables = random_variables(config.model)
+    seen = []
+
+    def restore(workdir, step=None):  # the checkpoint restore has its own remote tests
+        seen.append(workdir)
+        return config, variables, 12
+
+    monkeypatch.setattr(encoder, "restore_workdir", restore)
+    result = export_lib.export_workdir("mem://bucket/run", onnx=False)
+    assert seen == ["mem://bucket/run"]  # not made absolute: no <cwd>/mem:/bucket
+    assert result["pt"] == "mem://bucket/run/export/model.pt"
+    assert sorted(mem_scheme.store) == [
+        f"mem://bucket/run/export/{name}"
+        for name in ("config.json", "model.pt", "model.safetensors")
+    ]
+    saved = torch.load(io.BytesIO(epath.Path(result["pt"]).read_bytes()), weights_only=True)
+    assert any(name.endswith("num_batches_tracked") for name in saved)
+    assert all(v.item() == 12 for k, v in saved.items() if k.endswith("num_batches_tracked"))
+    assert json.loads(epath.Path(result["config"]).read_text())["step"] == 12
     assert os.listdir(tmp_path) == []
