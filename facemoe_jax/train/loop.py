@@ -23,6 +23,7 @@ from facemoe_jax.data import augment as augment_lib
 from facemoe_jax.data import pipeline, sources
 from facemoe_jax.evaluate import suite as eval_suite
 from facemoe_jax.models import build_model
+from facemoe_jax.progress import format_duration
 from facemoe_jax.parallel import mesh as mesh_lib
 from facemoe_jax.parallel import sharding
 from facemoe_jax.train import checkpoint as checkpoint_lib
@@ -380,7 +381,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     f"acc {means['train/accuracy'] * 100:5.1f} % lr {means['train/lr']:.2e} "
                     f"{means['train/steps_per_sec']:.2f} steps/s "
                     f"{means['train/img_per_sec']:.0f} img/s "
-                    f"ETA {int(eta) // 60}m{int(eta) % 60:02d}s",
+                    f"ETA {format_duration(eta)}",
                     flush=True,
                 )
                 sums, count, interval_start = None, 0, time.perf_counter()
