@@ -16,8 +16,8 @@ run is started again); the student is the same architecture starting from the te
 (`distill.init_student`), trained 300 steps of 128 images on the 600 LR training identities of
 the low-resolution study, with a fresh classifier: the study's `aird` row.
 
-Run (on 2 CPU cores about 3 minutes for the teacher, then about 3 for the student, evaluation
-included):
+Run (on 2 CPU cores the teacher costs what the demo does, then the student about 3 minutes of
+training and evaluation, as the study's rows):
   python -m facemoe_jax.main --config configs/aird.py --workdir runs/aird
 With a teacher you already have (one of our workdirs or a PyTorch file, whose architecture
 may differ from the student's):
