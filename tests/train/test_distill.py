@@ -78,6 +78,7 @@ def test_teacher_from_a_workdir_of_another_architecture(teacher_run, capsys):
         distill_lib.load_teacher(config, mesh)
 
 
+@pytest.mark.slow
 def test_step_adds_the_weighted_terms_and_leaves_the_teacher_alone(teacher_run):
     workdir, saved = teacher_run
     mesh = mesh_lib.make_mesh(ml_collections.ConfigDict({"data": 1, "expert": 1}))
