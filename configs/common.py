@@ -164,6 +164,9 @@ def get_base_config() -> ml_collections.ConfigDict:
             acquisition_blur=0.5,  # max optical blur sigma, in low-resolution pixels
             acquisition_noise_sigma=6.0,  # max sensor noise, grey levels
             acquisition_jpeg_quality="30,80",  # JPEG quality range at the small size
+            # The same capture as a training augmentation (a fresh capture per epoch, after the
+            # geometry): the LR half of distillation's paired HR/LR images.
+            acquisition_prob=0.0,
         )
     )
 
@@ -194,6 +197,37 @@ def get_base_config() -> ml_collections.ConfigDict:
             every_steps=0,  # also evaluate every N training steps (0 = only at the end)
             flip_test=True,
             batch_size=256,
+            # Test-time BatchNorm adaptation (evaluate/adapt_bn.py): before each set of images
+            # is embedded, "cumulative" re-estimates every BatchNorm's mean and variance on its
+            # first adapt_bn_batches batches (unlabelled); "per_batch" normalises each batch with
+            # its own statistics (FaceBN); "off" uses the trained running statistics.
+            adapt_bn="off",
+            adapt_bn_batches=8,
+        )
+    )
+
+    # Instance-relation distillation (train/distill.py, losses/distill.py, configs/aird.py): a
+    # frozen teacher embeds batch["image_hr"] inside the train step, the student the paired LR
+    # image (data: a degradation in the augmenter, e.g. data.acquisition_prob=1).
+    config.distill = ml_collections.ConfigDict(
+        dict(
+            # A workdir (latest checkpoint), W/checkpoints/STEP, or a PyTorch file; "" = none.
+            # Reloaded at every start (never checkpointed with the student).
+            teacher="",
+            # A PyTorch teacher's architecture: a config file "path.py[:arg]"; "" = the
+            # export's config.json beside the file. A workdir teacher uses its saved config.
+            teacher_config="",
+            # With teacher "": a config file "path.py[:arg]" trained first, at HR, into
+            # WORKDIR/teacher (once; a resumed run reuses it), then used as the teacher.
+            pretrain_teacher="",
+            # The student starts from the teacher's weights (config.init_from = the teacher) when
+            # config.init_from is empty and the architectures match.
+            init_student=False,
+            instance_weight=0.0,  # x instance loss, added to the margin loss
+            relation_weight=0.0,  # x relation loss
+            instance_form="cosine",  # "cosine": 1 - cos(s_i, t_i); "mse": of L2-normalised rows
+            relation_form="mse",  # "mse": of the B x B cosine matrices; "kl": row softmaxes
+            temperature=0.1,  # relation_form="kl" only
         )
     )
 

@@ -5,6 +5,8 @@
   enc = FaceEncoder.from_checkpoint("runs/demo/export") # an export dir (model.safetensors/.pt)
   enc = FaceEncoder.from_checkpoint("model.pt", config=cfg)  # a PyTorch file, e.g. FaceMoE's
   emb = enc.embed(images)  # uint8 RGB (N, S, S, 3) at the model's input size -> float32 (N, 512)
+  target = enc.adapt(target_images)       # a new encoder, BatchNorm statistics of the target set
+  online = enc.adapt(mode="per_batch")    # a new encoder normalising each batch by its own
 
 `embed` follows the official evaluation scripts: pixels scaled by (x/255 - 0.5)/0.5, eval-mode
 BatchNorm; `flip_test=True` adds the raw embeddings of the image and of its mirror image before
@@ -37,6 +39,7 @@ class FaceEncoder:
         self.step = step
         self.image_size = int(config.model.image_size)
         self.embed_dim = int(config.model.embed_dim)
+        self.per_batch = None  # set by adapt(mode="per_batch"): evaluate/adapt_bn.py
 
         def embed_fn(variables, images, flip_test):
             x = normalize_images(images)
@@ -74,6 +77,31 @@ class FaceEncoder:
         state, _ = convert.load_state_dict_file(path)
         return cls(config, convert.torch_to_jax(config.model, state))
 
+    # ---- test-time BatchNorm adaptation (evaluate/adapt_bn.py)
+
+    def adapt(self, images=None, mode: str = "cumulative", batch_size: int = 64,
+              num_batches: int = 0) -> "FaceEncoder":  # fmt: skip
+        """A new, adapted encoder (this one is left as it is). "cumulative": every BatchNorm's
+        mean and variance re-estimated on `images` (uint8 RGB, unlabelled target faces; all of
+        them, or the first `num_batches` batches of `batch_size`); "per_batch": its `embed`
+        normalises each batch with that batch's own statistics (`images` not needed). Every
+        parameter stays the same array; only BatchNorm statistics change."""
+        from facemoe_jax.evaluate.adapt_bn import BatchNormAdaptation
+
+        adaptation = BatchNormAdaptation(self.model, mode, num_batches)
+        adapted = FaceEncoder(self.config, self.variables, self.step)
+        if mode == "per_batch":
+            adapted.per_batch = adaptation
+        else:
+            images = np.asarray(images)
+            s = self.image_size
+            if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (s, s, 3):
+                raise ValueError(f"FaceEncoder.adapt takes uint8 RGB images of shape (N, {s}, "
+                                 f"{s}, 3); got {images.dtype} {images.shape}")  # fmt: skip
+            adapted.variables = adaptation.adapted_variables(self.variables, images, batch_size,
+                                                             num_batches)  # fmt: skip
+        return adapted
+
     # ---- inference
 
     def embed(
@@ -91,6 +119,12 @@ class FaceEncoder:
                 f"FaceEncoder.embed takes uint8 RGB images of shape (N, {s}, {s}, 3) (the model's "
                 f"input size); got {images.dtype} {images.shape}"
             )
+        if self.per_batch is not None and len(images):  # adapt(mode="per_batch")
+            emb = self.per_batch.embed_per_batch(self.variables, images, batch_size,
+                                                 flip_test=flip_test)  # fmt: skip
+            if normalize:
+                emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+            return emb.astype(np.float32)
         out = []
         for start in range(0, len(images), batch_size):
             batch = images[start : start + batch_size]

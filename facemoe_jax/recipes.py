@@ -19,3 +19,27 @@ def petalface(config, rank: int, head: bool, quality_mix: bool = True) -> None:
                             clip_scope="encoder")  # fmt: skip
     config.loss.update(margin="combined", m1=1.0, m2=0.0, m3=0.4, sample_rate=1.0,
                        z_coef=0.0, balance_coef=0.0)  # fmt: skip
+
+
+# Adaptable instance-relation distillation (arXiv 2409.02049), our reading of the abstract. The
+# weights were set once from the training losses, never from an evaluation: in the first steps
+# from the demo HR model the margin loss is ~21, 1 - cos ~0.4 and the relation MSE ~0.05, so
+# each weighted term starts near 2, a tenth of the margin loss.
+DISTILL_INSTANCE_WEIGHT = 5.0
+DISTILL_RELATION_WEIGHT = 40.0
+
+
+def distillation(config, instance_weight: float, relation_weight: float, teacher: str = "") -> None:
+    """The distillation training set-up on any encoder config: everything trains (no router
+    losses, as full fine-tuning), the margin loss plus the weighted instance (1 - cos) and
+    relation (MSE of the batch cosine matrices) terms against a frozen HR `teacher`. The student
+    sees LR images of records whose clean version the teacher sees: the synthetic LR identities
+    are read at full resolution (`synthetic_lr_hr`) and captured in the augmenter, fresh each
+    epoch (`data.acquisition_prob=1`, the `acquisition_*` settings), paired with the render."""
+    config.distill.update(teacher=teacher, instance_weight=instance_weight,
+                          relation_weight=relation_weight, instance_form="cosine",
+                          relation_form="mse")  # fmt: skip
+    if config.data.train == "synthetic_lr":
+        config.data.train = "synthetic_lr_hr"
+    config.data.acquisition_prob = 1.0
+    config.loss.update(z_coef=0.0, balance_coef=0.0)

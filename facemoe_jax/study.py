@@ -144,6 +144,31 @@ register(Recipe("lora", "one LoRA (rank 4) on qkv, backbone frozen (PETALface's 
                                                       quality_mix=False)))  # fmt: skip
 
 
+def _distilled(instance_weight: float, relation_weight: float):
+    # The HR model is both the frozen teacher and the student's start (config.init_from).
+    return lambda c: recipes.distillation(c, instance_weight, relation_weight, teacher=c.init_from)
+
+
+def _adapt_bn(config):
+    config.eval.adapt_bn = "cumulative"
+
+
+# Adaptable instance-relation distillation (issue 12): paired LR/HR data, the same for all rows.
+W_INSTANCE, W_RELATION = recipes.DISTILL_INSTANCE_WEIGHT, recipes.DISTILL_RELATION_WEIGHT
+register(Recipe("lr_student", "full fine-tuning on paired LR captures, no distillation",
+                configure=_distilled(0.0, 0.0)))  # fmt: skip
+register(Recipe("aird_instance", "+ instance distillation from the frozen HR model",
+                configure=_distilled(W_INSTANCE, 0.0)))  # fmt: skip
+register(Recipe("aird_relation", "+ relation distillation (global batch)",
+                configure=_distilled(0.0, W_RELATION)))  # fmt: skip
+register(Recipe("aird", "+ instance and relation distillation",
+                configure=_distilled(W_INSTANCE, W_RELATION)))  # fmt: skip
+register(Recipe("aird_adapt_bn", "aird evaluated with test-time BatchNorm adaptation",
+                start="aird", configure=_adapt_bn, train=False))  # fmt: skip
+register(Recipe("lr_student_adapt_bn", "lr_student evaluated with test-time BatchNorm adaptation",
+                start="lr_student", configure=_adapt_bn, train=False))  # fmt: skip
+
+
 # ---- Configs.
 
 

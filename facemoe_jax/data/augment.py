@@ -6,6 +6,7 @@
   geometry (shared by HR and LR):  crop_with_zero_pad -> horizontal_flip
   degradations (LR only):          photometric_jitter -> gaussian_blur -> motion_blur
                                    -> random_low_resolution -> random_target_resolution
+                                   -> random_acquisition (blur, small sensor, noise, JPEG)
                                    -> sensor_noise -> jpeg_recompress -> grayscale
 
 The order follows a camera: optics and motion blur the scene, the sensor samples it small and
@@ -94,6 +95,10 @@ class Augmenter:
                 f"jpeg_max_quality ({c.jpeg_max_quality}) <= 100"
             )
         self.grayscale_prob = c.grayscale_prob
+        acquisition_prob = c.get("acquisition_prob", 0.0)
+        self.acquisition = {"p": acquisition_prob}
+        if acquisition_prob > 0:
+            self.acquisition.update(degrade.acquisition_settings(c))
 
         # Only steps that can apply are kept: a switched-off step costs nothing, not even a
         # draw, so e.g. flip-only keeps the random stream of the flip alone.
@@ -107,6 +112,7 @@ class Augmenter:
             (degrade.motion_blur, self.motion_blur),
             (degrade.random_low_resolution, self.low_res),
             (degrade.random_target_resolution, self.target_res),
+            (degrade.random_acquisition, self.acquisition),
             (degrade.sensor_noise, self.noise),
             (degrade.jpeg_recompress, self.jpeg),
             (degrade.grayscale, {"p": self.grayscale_prob}),

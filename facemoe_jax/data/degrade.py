@@ -324,6 +324,15 @@ def acquisition_low_resolution(
     return _resize(small, width, height, cv2.INTER_LINEAR)
 
 
+def random_acquisition(image: np.ndarray, rng: np.random.Generator, *, p: float,
+                       **settings) -> np.ndarray:  # fmt: skip
+    """With probability ``p``, ``acquisition_low_resolution(image, rng, **settings)``: the
+    capture as a training augmentation (a fresh capture each time the record is read)."""
+    if not _applies(rng, p):
+        return image
+    return acquisition_low_resolution(image, rng, **settings)
+
+
 def acquisition_settings(data_cfg) -> dict:
     """Keyword arguments of ``acquisition_low_resolution`` from ``config.data.acquisition_*``."""
     text = str(data_cfg.acquisition_jpeg_quality)

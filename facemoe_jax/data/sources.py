@@ -5,6 +5,9 @@
   "synthetic"            the embedded procedural identities (no download; sizes from the config)
   "synthetic_lr"         other synthetic identities, every image captured at low resolution
                          (``config.data.acquisition_*``): the stand-in for TinyFace's training set
+  "synthetic_lr_hr"      the same identities as rendered, at full resolution: the capture then
+                         comes from the augmenter (``config.data.acquisition_prob``), fresh each
+                         epoch, and distillation's paired mode gives the teacher the render
   "recordio:/data/ms1m"  insightface RecordIO: a folder with train.rec/train.idx, or a .rec path
   "folder:/data/faces"   one sub-folder per identity, labels in sorted folder-name order
   "tfds:name[/config]"   a prepared TFDS data set (``config.data.tfds_split``,
@@ -22,8 +25,9 @@ import ml_collections
 
 from facemoe_jax.data import degrade, folder, recordio, synthetic, tfds_sources
 
-KINDS = ("synthetic", "synthetic_lr", "recordio", "folder", "tfds", "arrayrecord")
-SYNTHETIC_KINDS = ("synthetic", "synthetic_lr")
+KINDS = ("synthetic", "synthetic_lr", "synthetic_lr_hr", "recordio", "folder", "tfds",
+         "arrayrecord")  # fmt: skip
+SYNTHETIC_KINDS = ("synthetic", "synthetic_lr", "synthetic_lr_hr")
 
 
 def open_source(config: ml_collections.ConfigDict):
@@ -33,7 +37,8 @@ def open_source(config: ml_collections.ConfigDict):
     if kind not in KINDS or (kind in SYNTHETIC_KINDS) == bool(location):
         raise ValueError(
             f"config.data.train={spec!r} is not a known source: use 'synthetic', "
-            "'synthetic_lr', 'recordio:PATH', 'folder:PATH', 'tfds:NAME' or 'arrayrecord:PATH'"
+            "'synthetic_lr', 'synthetic_lr_hr', 'recordio:PATH', 'folder:PATH', 'tfds:NAME' or "
+            "'arrayrecord:PATH'"
         )
     if kind in SYNTHETIC_KINDS:
         if config.data.synthetic_images_per_identity < 1:
@@ -47,7 +52,7 @@ def open_source(config: ml_collections.ConfigDict):
             image_size=config.model.image_size,
             seed=config.seed,
             cache_images=config.data.synthetic_cache,
-            **(_low_resolution_capture(config.data) if kind == "synthetic_lr" else {}),
+            **_low_resolution_identities(config.data, kind),
         )
     if kind == "recordio":
         return recordio.RecordIODataSource(location)
@@ -64,7 +69,11 @@ def open_source(config: ml_collections.ConfigDict):
     )
 
 
-def _low_resolution_capture(data_cfg) -> dict:
+def _low_resolution_identities(data_cfg, kind: str) -> dict:
+    if kind == "synthetic":
+        return {}
+    if kind == "synthetic_lr_hr":
+        return {"first_identity": synthetic.LR_TRAIN_FIRST_IDENTITY}
     capture = functools.partial(
         degrade.acquisition_low_resolution, **degrade.acquisition_settings(data_cfg)
     )

@@ -16,6 +16,9 @@ a checkpoint. From ``config.eval`` it runs, in order:
    TinyFace rank-1/5/20 from ``tinyface_dir`` (and ``tinyface_mat_dir``);
 5. the expert routing map of ``routing_map_faces`` faces of the first pair set.
 
+With ``adapt_bn`` ("cumulative" or "per_batch", `adapt_bn.py`) every set of images is embedded
+with BatchNorm statistics estimated on that set (test-time adaptation); the routing map is not.
+
 A set named in ``bin_sets`` whose file is missing is skipped with a note; a configured folder that
 does not exist is an error (`check_eval_config` runs before training starts). Output:
 workdir/eval/results.json ({"step": s, set: {metric: value}}), routing.json, roc.png,
@@ -35,6 +38,7 @@ from facemoe_jax.data import synthetic
 from facemoe_jax.progress import Progress
 from facemoe_jax.evaluate import bin as bin_lib
 from facemoe_jax.evaluate import (
+    adapt_bn,
     embed,
     ijb,
     plots,
@@ -59,6 +63,7 @@ def check_eval_config(config) -> None:
         if path and not os.path.isdir(path):
             raise ValueError(f"config.eval.{field}={path!r} is not a directory")
     synthetic_tinyface.check_config(config)
+    adapt_bn.check_config(ev)
     if ev.every_steps < 0:
         raise ValueError(f"config.eval.every_steps={ev.every_steps} must be >= 0 (0 = at the end)")
 
@@ -101,17 +106,20 @@ def run_evaluations(model, variables, config, workdir: str, step: int, writer) -
     """Runs every configured evaluation; returns {set: metrics} (also in results.json)."""
     ev, size = config.eval, config.model.image_size
     embed_fn = embed.make_embed_fn(model, flip_test=ev.flip_test)
+    adaptation = adapt_bn.from_eval_config(model, ev)  # None: the trained BatchNorm statistics
+    embed_images = embed.embed_images if adaptation is None else adaptation.embed_array
+    embed_loaded = embed.embed_loaded if adaptation is None else adaptation.embed_loaded
 
     # Progress (name, images done/total, ETA): one line per set; a call without one gets its own.
     def embed_array(images, progress=None):
         if progress is not None:
-            return embed.embed_images(embed_fn, variables, images, ev.batch_size, progress)
+            return embed_images(embed_fn, variables, images, ev.batch_size, progress)
         with Progress("embed", len(images)) as own:
-            return embed.embed_images(embed_fn, variables, images, ev.batch_size, own)
+            return embed_images(embed_fn, variables, images, ev.batch_size, own)
 
     def embed_files(load, count, label="embed"):
         with Progress(label, count) as progress:
-            return embed.embed_loaded(embed_fn, variables, load, count, ev.batch_size, progress)
+            return embed_loaded(embed_fn, variables, load, count, ev.batch_size, progress)
 
     results, roc_curves, erc_curves, resolution_curves = {}, {}, {}, {}
     routing_faces = None

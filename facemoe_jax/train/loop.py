@@ -27,6 +27,7 @@ from facemoe_jax.progress import format_duration
 from facemoe_jax.parallel import mesh as mesh_lib
 from facemoe_jax.parallel import sharding
 from facemoe_jax.train import checkpoint as checkpoint_lib
+from facemoe_jax.train import distill as distill_lib
 from facemoe_jax.train import mfu as mfu_lib
 from facemoe_jax.train import optimizer as optimizer_lib
 from facemoe_jax.train import state as state_lib
@@ -220,6 +221,8 @@ def print_trainable_share(params, config) -> None:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    # A distillation run may first train its own teacher (config.distill.pretrain_teacher).
+    config = distill_lib.with_pretrained_teacher(config, workdir)
     # ---- (1) Set-up: every check that can fail runs before anything is written.
     num_steps = config.train.num_steps
     if num_steps < 1:
@@ -229,6 +232,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         raise ValueError(f"config.train.max_bad_steps={max_bad_steps} must be >= 1")
     model = build_model(config.model)
     step_lib.check_loss_config(config.loss)
+    distill_lib.check_config(config)
     eval_suite.check_eval_config(config)
     mesh = mesh_lib.make_mesh(config.mesh)
     mesh_lib.check_batch_size(config.train.batch_size, mesh)
@@ -242,12 +246,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.get("init_from") and not os.path.exists(str(config.init_from)):
         raise ValueError(f"config.init_from={config.init_from!r} does not exist")
     source = sources.train_source(config)
+    # The frozen distillation teacher (None without one): reloaded at every start, never saved.
+    teacher, teacher_variables = distill_lib.load_teacher(config, mesh)
     check_workdir(workdir)
     data_iter = pipeline.train_iterator(
         source,
         global_batch_size=config.train.batch_size,
         seed=config.seed,
-        augment=augment_lib.Augmenter(config.data),
+        augment=augment_lib.Augmenter(config.data, paired=teacher is not None),
         image_size=config.model.image_size,
         worker_count=config.data.worker_count,
         max_bad_share=config.data.max_bad_share,
@@ -300,19 +306,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             (config.train.batch_size,), jnp.int32, sharding=mesh_lib.batch_sharding(mesh)
         ),
     }
+    if teacher is not None:
+        batch_spec["image_hr"] = batch_spec["image"]
     nan_steps, step_seconds = _test_nan_steps(), _test_step_seconds()
     if nan_steps:  # the test hook adds a replicated scalar to the images (NaN at those steps)
         batch_spec["test_poison"] = jax.ShapeDtypeStruct(
             (), jnp.float32, sharding=mesh_lib.replicated(mesh)
         )
     train_step = jax.jit(
-        step_lib.make_train_step(model, config, optimizer, schedule),
+        step_lib.make_train_step(model, config, optimizer, schedule, teacher),
         donate_argnums=0,
         out_shardings=(state_shardings, mesh_lib.replicated(mesh)),
     )
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):  # traced under the mesh: expert-parallel MoE, sharded classifier
-        compiled = train_step.lower(state, batch_spec).compile()
+        compiled = train_step.lower(state, batch_spec, teacher_variables).compile()
     compile_seconds = time.perf_counter() - t0
     flops = mfu_lib.flops_per_device(compiled)  # per device: the step is SPMD-partitioned
     peak, peak_source = mfu_lib.peak_flops_per_device()
@@ -346,7 +354,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 if nan_steps:
                     poison = np.float32(math.nan if step in nan_steps else 0.0)
                     batch["test_poison"] = jax.device_put(poison, mesh_lib.replicated(mesh))
-                state, metrics = compiled(state, batch)
+                state, metrics = compiled(state, batch, teacher_variables)
             checkpointer.poll()
             if step_seconds:
                 time.sleep(step_seconds)

@@ -1,6 +1,7 @@
 """The jitted train step: margin softmax over the class centres plus the router auxiliary losses.
 
-total = margin CE + z_coef * router z-loss + balance_coef * load-balance loss, where the router
+total = margin CE + z_coef * router z-loss + balance_coef * load-balance loss (+ the
+distillation terms when a frozen teacher is given: train/distill.py), where the router
 losses of the MoE blocks are averaged (or summed, `config.loss.aux_reduce="sum"`, the official
 FaceMoE convention) over blocks. Losses and the margin softmax are float32 whatever the
 activation dtype.
@@ -16,6 +17,7 @@ import optax
 from facemoe_jax.data.pipeline import normalize_images
 from facemoe_jax.losses import classifier, margins
 from facemoe_jax.parallel import sharding
+from facemoe_jax.train import distill as distill_lib
 from facemoe_jax.train import trainable as trainable_lib
 from facemoe_jax.train.state import TrainState
 
@@ -98,8 +100,9 @@ def quality_input(model, images, given):
     return settings.resolve(images, given, lora)
 
 
-def make_loss_fn(model, config: ml_collections.ConfigDict):
-    """loss_fn(params, state, batch) -> (total loss, (batch_stats, margin_state, metrics)).
+def make_loss_fn(model, config: ml_collections.ConfigDict, teacher=None):
+    """loss_fn(params, state, batch, teacher_variables=None) -> (total loss, (batch_stats,
+    margin_state, metrics)); `teacher` (train/distill.Teacher) adds the distillation terms.
 
     The differentiable half of the train step, separate so that tests can compare gradients
     across meshes. Randomness (dropout, Partial FC sampling) derives from fold_in(rng, step).
@@ -108,7 +111,7 @@ def make_loss_fn(model, config: ml_collections.ConfigDict):
     check_loss_config(loss_cfg)
     class_axes = sharding.class_axes(config.sharding_rules)
 
-    def loss_fn(params, state: TrainState, batch: dict):
+    def loss_fn(params, state: TrainState, batch: dict, teacher_variables=None):
         rng = jax.random.fold_in(state.rng, state.step)
         dropout_rng, sample_rng = jax.random.split(rng)
         images = normalize_images(batch["image"])
@@ -139,7 +142,11 @@ def make_loss_fn(model, config: ml_collections.ConfigDict):
         router = router_summary(router_metrics, loss_cfg.aux_reduce)
         z_loss = router.get(Z_LOSS_KEYS[loss_cfg.router_z_loss], 0.0)
         balance = router.get(balance_key(loss_cfg), 0.0)
+        distill_loss, distill_metrics = distill_lib.loss_terms(
+            teacher, teacher_variables, batch, embeddings
+        )
         total = margin_ce + loss_cfg.z_coef * z_loss + loss_cfg.balance_coef * balance
+        total = total + distill_loss
         metrics = {
             "train/loss": total,
             "train/margin_ce": margin_ce,
@@ -149,6 +156,7 @@ def make_loss_fn(model, config: ml_collections.ConfigDict):
             # The highest share of its classes any class shard kept (Partial FC).
             "train/partial_fc_rate": jnp.max(cls_metrics["partial_fc/effective_rate"]),
             **{f"router/{k}": v for k, v in router.items()},
+            **distill_metrics,
         }
         if quality is not None:
             metrics["quality/a_mean"] = jnp.mean(quality)
@@ -160,8 +168,10 @@ def make_loss_fn(model, config: ml_collections.ConfigDict):
     return loss_fn
 
 
-def make_train_step(model, config: ml_collections.ConfigDict, optimizer, schedule):
-    """Returns train_step(state, batch) -> (state, metrics); jit it with the state donated.
+def make_train_step(model, config: ml_collections.ConfigDict, optimizer, schedule, teacher=None):
+    """Returns train_step(state, batch, teacher_variables=None) -> (state, metrics); jit it with
+    the state donated. With a distillation `teacher`, its frozen variables are the third
+    argument (never part of the state: train/distill.py says why).
 
     Under `jax.set_mesh(mesh)` the MoE layers run expert-parallel and the classifier runs
     class-sharded (`parallel/expert_parallel.py`, `losses/classifier.py`); without a mesh the
@@ -172,14 +182,14 @@ def make_train_step(model, config: ml_collections.ConfigDict, optimizer, schedul
     statistics of fully frozen layers are carried over too unless
     `config.train.update_batch_stats` (PETALface's `backbone.train()` behaviour).
     """
-    loss_fn = make_loss_fn(model, config)
+    loss_fn = make_loss_fn(model, config, teacher)
     patterns = config.train.get("trainable", trainable_lib.ALL)
     update_frozen_stats = bool(config.train.get("update_batch_stats", False))
 
-    def train_step(state: TrainState, batch: dict):
+    def train_step(state: TrainState, batch: dict, teacher_variables=None):
         """A non-finite loss or gradient leaves the state unchanged but for its step."""
         grads, (batch_stats, margin_state, metrics) = jax.grad(loss_fn, has_aux=True)(
-            state.params, state, batch
+            state.params, state, batch, teacher_variables
         )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
