@@ -92,12 +92,19 @@ def initialize_from_environment(env: Mapping[str, str] | None = None) -> str:
 
 
 class PrefixedStream:
-    """A text stream that starts every line with a prefix."""
+    """A text stream that starts every line with a prefix and hands whole lines to the stream.
+
+    The processes of one run share a pipe; `print` writes the text and its newline separately,
+    so passing pieces through would let another host's line land in between. Text is held until
+    its line ends (or until `flush`), then the complete lines go out in one write and are
+    flushed: one `write(2)` per group of lines, which a pipe keeps whole up to PIPE_BUF bytes.
+    """
 
     def __init__(self, stream, prefix: str):
-        self._stream, self._prefix, self._at_line_start = stream, prefix, True
+        self._stream, self._prefix = stream, prefix
+        self._at_line_start, self._pending = True, ""
 
-    def write(self, text: str) -> int:
+    def _emit(self, text: str) -> None:
         out = []
         for piece in text.splitlines(keepends=True):
             if self._at_line_start:
@@ -105,9 +112,19 @@ class PrefixedStream:
             out.append(piece)
             self._at_line_start = piece.endswith("\n")
         self._stream.write("".join(out))
+        self._stream.flush()
+
+    def write(self, text: str) -> int:
+        lines, newline, rest = (self._pending + text).rpartition("\n")
+        if newline:
+            self._emit(lines + newline)
+        self._pending = rest
         return len(text)
 
     def flush(self):
+        if self._pending:  # a line without its end yet (a progress bar): shown as it is
+            self._emit(self._pending)
+            self._pending = ""
         self._stream.flush()
 
     def __getattr__(self, name):

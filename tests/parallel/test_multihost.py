@@ -57,6 +57,28 @@ def test_prefixed_stream_prefixes_every_line_once():
     assert sink.getvalue() == "[host 1/2] step 1 done\n[host 1/2] step 2\n"
 
 
+def test_prefixed_stream_hands_over_whole_lines_in_one_write():
+    # Two hosts share one pipe: a line split over writes (print writes its text, then "\n")
+    # must reach the pipe in one write, or another host's line can land inside it.
+    writes = []
+
+    class Sink:
+        def write(self, text):
+            writes.append(text)
+
+        def flush(self):
+            pass
+
+    stream = multihost.PrefixedStream(Sink(), "[host 0/2] ")
+    print("preflight ok: {'devices': 8}", file=stream, flush=True)
+    assert writes == ["[host 0/2] preflight ok: {'devices': 8}\n"]
+    stream.write("embed: 10/20 images")  # a progress line without its end yet
+    assert len(writes) == 1
+    stream.flush()
+    stream.write(" done\n")
+    assert writes[1:] == ["[host 0/2] embed: 10/20 images", " done\n"]
+
+
 def _run(command, env_extra=None, timeout=600):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env_extra or {})}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
