@@ -3,7 +3,8 @@
 total = margin CE + z_coef * router z-loss + balance_coef * load-balance loss, where the router
 losses of the MoE blocks are averaged (or summed, `config.loss.aux_reduce="sum"`, the official
 FaceMoE convention) over blocks. Losses and the margin softmax are float32 whatever the
-activation dtype.
+activation dtype. With config.recognizability.enabled the recognizability losses are added and
+the unrecognizable-identity centre advances first (losses/recognizability.py).
 """
 
 import functools
@@ -15,6 +16,7 @@ import optax
 
 from facemoe_jax.data.pipeline import normalize_images
 from facemoe_jax.losses import classifier, margins
+from facemoe_jax.losses import recognizability
 from facemoe_jax.parallel import sharding
 from facemoe_jax.train import trainable as trainable_lib
 from facemoe_jax.train.state import TrainState
@@ -91,6 +93,8 @@ def make_loss_fn(model, config: ml_collections.ConfigDict):
     """
     loss_cfg = config.loss
     check_loss_config(loss_cfg)
+    recognizability.check_config(config)
+    ri_on = recognizability.enabled(config)
     class_axes = sharding.class_axes(config.sharding_rules)
 
     def loss_fn(params, state: TrainState, batch: dict):
@@ -107,7 +111,7 @@ def make_loss_fn(model, config: ml_collections.ConfigDict):
             images,
             train=True,
             rngs={"dropout": dropout_rng},
-            mutable=["batch_stats"],
+            mutable=["batch_stats", "intermediates"] if ri_on else ["batch_stats"],
             **({} if quality is None else {"quality": quality}),
         )
         margin_fn, margin_state = margin_fn_and_state(loss_cfg, embeddings, state.margin_state)
@@ -125,6 +129,14 @@ def make_loss_fn(model, config: ml_collections.ConfigDict):
         z_loss = router.get(Z_LOSS_KEYS[loss_cfg.router_z_loss], 0.0)
         balance = router.get(BALANCE_KEYS[loss_cfg.load_balance_loss], 0.0)
         total = margin_ce + loss_cfg.z_coef * z_loss + loss_cfg.balance_coef * balance
+        ri_metrics = {}
+        if ri_on:
+            ri_loss, ri_metrics = recognizability.loss_terms(
+                config.recognizability, embeddings, params["classifier"]["centers"],
+                batch["label"], state.ri_centre, mutated.get("intermediates"),
+                num_classes=config.data.num_classes, class_axes=class_axes,
+            )  # fmt: skip
+            total = total + ri_loss
         metrics = {
             "train/loss": total,
             "train/margin_ce": margin_ce,
@@ -134,6 +146,7 @@ def make_loss_fn(model, config: ml_collections.ConfigDict):
             # The highest share of its classes any class shard kept (Partial FC).
             "train/partial_fc_rate": jnp.max(cls_metrics["partial_fc/effective_rate"]),
             **{f"router/{k}": v for k, v in router.items()},
+            **ri_metrics,
         }
         if quality is not None:
             metrics["quality/a_mean"] = jnp.mean(quality)
@@ -158,13 +171,17 @@ def make_train_step(model, config: ml_collections.ConfigDict, optimizer, schedul
     `config.train.update_batch_stats` (PETALface's `backbone.train()` behaviour).
     """
     loss_fn = make_loss_fn(model, config)
+    ri_on = recognizability.enabled(config)
     patterns = config.train.get("trainable", trainable_lib.ALL)
     update_frozen_stats = bool(config.train.get("update_batch_stats", False))
 
     def train_step(state: TrainState, batch: dict):
         """A non-finite loss or gradient leaves the state unchanged but for its step."""
+        # The unrecognizable-identity centre moves first; this step's loss uses the new one.
+        advanced = state if not ri_on else state.replace(ri_centre=recognizability.next_centre(
+            model, config, state, normalize_images(batch["image"])))  # fmt: skip
         grads, (batch_stats, margin_state, metrics) = jax.grad(loss_fn, has_aux=True)(
-            state.params, state, batch
+            state.params, advanced, batch
         )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -178,7 +195,7 @@ def make_train_step(model, config: ml_collections.ConfigDict, optimizer, schedul
                 )
         metrics["train/grad_norm"] = optax.tree.norm(grads)
         metrics["train/lr"] = schedule(state.step)
-        new_state = state.replace(
+        new_state = advanced.replace(
             step=state.step + 1,
             params=params,
             batch_stats=batch_stats,

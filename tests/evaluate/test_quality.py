@@ -34,3 +34,24 @@ def test_quality_from_embedding_norms_and_errors():
         quality.error_versus_reject(np.ones(3), np.zeros(3, bool), np.ones(2))
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         quality.error_versus_reject(np.ones(3), np.zeros(3, bool), np.ones(3), 0.1, [0.0, 1.0])
+
+
+def test_spearman_rho_matches_the_rank_formula_with_ties():
+    x = np.array([0.1, 0.4, 0.4, 0.9, 0.3, 0.7])
+    y = np.array([8, 12, 12, 48, 8, 24])
+    # Average ranks by hand (ties share the mean of their places), then Pearson's r.
+    rx = np.array([1, 3.5, 3.5, 6, 2, 5])
+    ry = np.array([1.5, 3.5, 3.5, 6, 1.5, 5])
+    want = np.corrcoef(rx, ry)[0, 1]
+    assert quality.spearman_rho(x, y) == pytest.approx(want, rel=1e-12)
+    assert quality.spearman_rho(x, -y) == pytest.approx(-want, rel=1e-12)
+
+
+def test_random_rejection_keeps_the_error_on_average_and_fnmr_at_reject():
+    rng = np.random.default_rng(0)
+    issame = np.repeat([True, False], 500)
+    scores = np.where(issame, rng.normal(0.5, 0.2, 1000), rng.normal(0.0, 0.1, 1000))
+    erc = quality.random_rejection(scores, issame, fmr=1e-2, draws=30, seed=1)
+    # Random rejection removes genuine pairs of every score alike: the FNMR stays where it was.
+    np.testing.assert_allclose(erc["fnmr"][:10], erc["fnmr"][0], atol=0.03)
+    assert quality.fnmr_at_reject(erc, 0.2) == erc["fnmr"][4]  # fractions 0, 0.05, ... 0.2
