@@ -159,7 +159,8 @@ def run_evaluations(model, variables, config, workdir: str, step: int, writer) -
                 ev.quality_fmr, ev.batch_size, config.seed,
             )  # fmt: skip
             metrics.update(extra)
-            erc_curves.update({f"{name}: {kind}": erc for kind, erc in curves.items()})
+            erc_curves.update({f"{name}: {kind}": erc for kind, erc in curves.items()
+                               if kind != "as given: embedding norm"})  # = erc_curves[name]
             if quality_faces is None:
                 quality_faces = images_a[: ev.get("quality_resolution_faces", 200)]
         results[name] = metrics
