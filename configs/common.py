@@ -5,6 +5,8 @@ config.train.batch_size (global, over all hosts and devices), config.checkpoint.
 config.mesh (axis sizes, -1 = the remaining devices), config.eval.
 """
 
+import math
+
 import ml_collections
 
 
@@ -77,14 +79,20 @@ def get_base_config() -> ml_collections.ConfigDict:
             ui_images=32,  # batch images given a degraded copy each step (0 = all)
             centre_momentum=0.9,  # EMA of the unrecognizable-identity centre c_UI
             ui_weight=0.5,  # RI = ui_weight * s_UI + (1 - ui_weight) * s_cls
-            ui_angle_scale=1.5708,  # s_UI = clip(angle(e, c_UI) / this, 0, 1), radians
-            margin_angle_scale=0.5,  # s_cls = clip(0.5 + (theta_N - theta_P) / (2 * this), 0, 1)
+            # s_UI = clip(angle(e, c_UI) / this, 0, 1) and s_cls = clip(0.5 + (theta_N -
+            # theta_P) / (2 * this), 0, 1), radians; pi = the angles' full range: no clipping.
+            ui_angle_scale=math.pi,
+            margin_angle_scale=math.pi,
             diversion_weight=1.0,  # index diversion loss weight (0 = off)
             diversion_threshold=0.5,  # images with RI below this are diverted ...
             diversion_margin=0.2,  # ... until cos(e, c_UI) <= this
             diversion_weighting="threshold",  # "threshold" ([RI < t]) or "soft" (1 - RI)
-            quality_weight=1.0,  # smooth-L1 regression of RI by the quality head
+            quality_weight=1.0,  # smooth-L1 regression of RI by the quality head ...
             quality_beta=0.75,
+            # ... over copies of this many batch images (0 = all), spread over these sizes and
+            # the full size (stop-gradient embeddings: the head learns, the encoder does not).
+            quality_images=64,
+            quality_pixels="4,6,8,12,16,24,32",
         )
     )
 

@@ -1,5 +1,7 @@
 """FaceEncoder.quality: the quality head's score per image, no label; refused without a head."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +14,7 @@ from facemoe_jax.models import build_model
 from tests.train.test_step import tiny_config
 
 
+@functools.cache
 def encoder(quality_head: bool):
     config = tiny_config()
     if quality_head:

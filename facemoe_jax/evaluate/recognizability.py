@@ -8,7 +8,7 @@
   quality score is for: a stream of frames from unusable to sharp).
 - `quality_vs_resolution`: held-out faces degraded to each of `sizes` pixels (and at full
   size, `data/degrade.to_resolution`), the mean predicted quality per size and the Spearman rho
-  between quality and resolution over all of them.
+  between quality and resolution over all of them (and per face, averaged).
 - `perceptibility_weights`: the attention's mean weight per position over some faces.
 """
 
@@ -107,7 +107,8 @@ def pair_set_quality(quality_fn, embed_fn, variables, images_a, images_b, issame
 def quality_vs_resolution(quality_fn, variables, images: np.ndarray, sizes, image_size: int,
                           batch_size: int):  # fmt: skip
     """(metrics, curve): Spearman rho between predicted quality and resolution over `images`
-    degraded to every size below the input and at full size; mean quality per size."""
+    degraded to every size below the input and at full size (pooled over all faces, and the
+    mean over faces of each face's own rho); mean quality per size."""
     pixels = sorted({int(p) for p in sizes if int(p) < image_size}) + [image_size]
     qualities = []
     for px in pixels:
@@ -116,7 +117,10 @@ def quality_vs_resolution(quality_fn, variables, images: np.ndarray, sizes, imag
         )
         qualities.append(embed.embed_images(quality_fn, variables, faces, batch_size))
     rho = quality.spearman_rho(np.concatenate(qualities), np.repeat(pixels, len(images)))
-    metrics = {"spearman_rho": rho,
+    # Per face: does the quality of one face fall as that face is degraded (free of how faces
+    # differ from each other, which the pooled rho also ranks)?
+    per_face = np.mean([quality.spearman_rho(q, pixels) for q in np.stack(qualities, axis=1)])
+    metrics = {"spearman_rho": rho, "spearman_rho_per_face": float(per_face),
                **{f"mean_quality@{px}px": float(np.mean(q)) for px, q in zip(pixels, qualities)}}  # fmt: skip
     curve = {"pixels": pixels, "mean": [float(np.mean(q)) for q in qualities],
              "std": [float(np.std(q)) for q in qualities], "spearman_rho": rho}  # fmt: skip

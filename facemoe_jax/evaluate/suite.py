@@ -112,8 +112,8 @@ def _format(name: str, metrics: dict) -> str:
         return line
     if name == "quality_vs_resolution":
         means = ", ".join(f"{k.split('@')[1]} {v:.3f}" for k, v in metrics.items() if "@" in k)
-        return (f"quality vs resolution: Spearman rho {metrics['spearman_rho']:.3f}; mean "
-                f"quality {means}")  # fmt: skip
+        return (f"quality vs resolution: Spearman rho {metrics['spearman_rho']:.3f} (per face "
+                f"{metrics['spearman_rho_per_face']:.3f}); mean quality {means}")  # fmt: skip
     return f"eval {name:>18}: " + ", ".join(f"{k} {v * 100:.2f} %" for k, v in metrics.items())
 
 

@@ -27,6 +27,11 @@ class centre of the classifier), w_j the other real classes, c = c_UI.
        s_cls = clip(0.5 + (theta_N - theta_P) / (2 * margin_angle_scale), 0, 1) (0.5 on the boundary)
        RI    = ui_weight * s_UI + (1 - ui_weight) * s_cls
 
+   Both scales default to pi, the full range of the angles (theta_UI in [0, pi], theta_N - theta_P
+   in [-pi, pi]), so neither term clips: RI keeps ranking faces where a smaller scale saturates
+   (with pi/2 and 0.5 nearly every training face, orthogonal to c and well classified, scored
+   the same). Smaller scales stretch the middle of the range and clip its ends.
+
    RI carries no gradient (a target and a selector, never a path). Under the class-sharded
    classifier each device holds some rows of the centre matrix: its own-class cosine is summed
    and its hardest negative maximised over the class axes (``prototype_cosines``).
@@ -38,8 +43,19 @@ class centre of the classifier), w_j the other real classes, c = c_UI.
 
    with c and w_i constants (no gradient); the gradient flows through e_i only.
 
-4. **Quality regression** (``smooth_l1``): the quality head's prediction q_i in (0, 1) regresses
-   the stop-gradient RI: L_Q = mean_i smoothL1_beta(q_i - RI_i), beta = 0.75 (the paper's).
+4. **Quality regression** (``smooth_l1``, ``quality_copies``): the quality head learns from copies
+   of the batch that span the resolutions, so that its target varies with resolution instead of
+   with what the batch happens to hold. Each step the first ``quality_images`` batch images are
+   split into G = len(quality_pixels) + 1 groups (image i in group i mod G; sizes not below the
+   input size are dropped); group g is resized to quality_pixels[g] pixels and back (as the c_UI
+   copies, no noise), the last group stays at full size. The copies are embedded by the current encoder in evaluation mode, without gradient
+   (the same forward pass as the c_UI copies), and their RI_k is item 2 with the new c and the
+   images' own labels. The head (training mode: its dropout on) predicts q_k in (0, 1) from the
+   stop-gradient embedding f_k:
+
+       L_Q = mean_k smoothL1_beta(q_k - RI_k),   beta = quality_beta (0.75, the paper's)
+
+   so L_Q trains the head alone, never the encoder.
 
 Total added to the train loss: diversion_weight * L_ID + quality_weight * L_Q.
 """
@@ -54,9 +70,11 @@ import ml_collections
 from jax.sharding import PartitionSpec as P
 
 from facemoe_jax.losses import classifier
+from facemoe_jax.models.recognizability import QUALITY_KEY, QUALITY_NAME, QualityHead
 
 WEIGHTINGS = ("threshold", "soft")
-QUALITY_KEY = "quality"  # the encoders sow the quality head's (B,) prediction under this name
+COPY_EMBEDDINGS = "ri_copy_embeddings"  # batch entries the train step adds (``with_copies``)
+COPY_LABELS = "ri_copy_labels"
 _NO_NEGATIVE = -2.0  # below any cosine: "no other class here"
 
 
@@ -97,6 +115,20 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     for field in ("ui_noise_std", "diversion_weight", "quality_weight"):
         if cfg[field] < 0:
             raise ValueError(f"config.recognizability.{field}={cfg[field]} must be >= 0")
+    pixels = str(cfg.quality_pixels)
+    try:
+        sizes = parse_pixels(pixels)
+    except ValueError:
+        sizes = (0,)
+    if not all(p >= 1 for p in sizes):
+        raise ValueError(
+            f"config.recognizability.quality_pixels={pixels!r} must be comma-separated sizes >= 1"
+        )
+    if cfg.quality_images < 0 or cfg.quality_images > config.train.batch_size:
+        raise ValueError(
+            f"config.recognizability.quality_images={cfg.quality_images} must be in 0.."
+            f"{config.train.batch_size} (0 = the whole batch)"
+        )
     if cfg.diversion_weighting not in WEIGHTINGS:
         raise ValueError(
             f"config.recognizability.diversion_weighting={cfg.diversion_weighting!r} is not "
@@ -117,14 +149,20 @@ def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), 1e-24))
 
 
+def resize_through(images: jax.Array, pixels: int) -> jax.Array:
+    """(B, H, W, 3) -> the same faces with only `pixels` x `pixels` of information: antialiased
+    linear resize down (area-like averaging, as evaluation's cv2.INTER_AREA), bilinear back."""
+    b, h, w, c = images.shape
+    small = jax.image.resize(images.astype(jnp.float32), (b, pixels, pixels, c), "linear",
+                             antialias=True)  # fmt: skip
+    return jax.image.resize(small, (b, h, w, c), "linear", antialias=False)
+
+
 def degrade_beyond_recognition(images: jax.Array, rng: jax.Array, pixels: int,
                                noise_std: float) -> jax.Array:  # fmt: skip
     """(B, H, W, 3) in [-1, 1] -> the same faces at `pixels` x `pixels` (antialiased linear
     resize, i.e. area-like averaging, then bilinear back) plus Gaussian noise, clipped."""
-    b, h, w, c = images.shape
-    x = images.astype(jnp.float32)
-    small = jax.image.resize(x, (b, pixels, pixels, c), "linear", antialias=True)
-    x = jax.image.resize(small, (b, h, w, c), "linear", antialias=False)
+    x = resize_through(images, pixels)
     x = x + noise_std * jax.random.normal(rng, x.shape, jnp.float32)
     return jnp.clip(x, -1.0, 1.0)
 
@@ -218,29 +256,58 @@ def sown_quality(intermediates) -> jax.Array | None:
     return intermediates[QUALITY_KEY][0]
 
 
-def next_centre(model, config, state, images) -> jax.Array:
-    """The state's c_UI after this step's degraded copies (item 1), no gradient.
+def quality_copies(images: jax.Array, pixels: tuple[int, ...], count: int) -> jax.Array:
+    """The first `count` (0 = all) images, image i resized to pixels[i mod G] and back (G =
+    len(pixels) + 1; i mod G = len(pixels): kept at full size): item 4's copies, same order."""
+    if count:
+        images = images[:count]
+    groups = len(pixels) + 1
+    copies = images.astype(jnp.float32)
+    for g, px in enumerate(pixels[: images.shape[0]]):
+        copies = copies.at[g::groups].set(resize_through(images[g::groups], int(px)))
+    return copies
 
-    images: the batch normalised to [-1, 1]; the first ``ui_images`` (0 = all) are degraded with
-    noise drawn from fold_in(rng, step), so a resumed run draws the same."""
+
+def parse_pixels(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in str(text).split(",") if p.strip())
+
+
+def with_copies(model, config, state, batch: dict, images: jax.Array):
+    """(state with the next c_UI, batch plus the quality copies' embeddings and labels).
+
+    images: the batch normalised to [-1, 1]. One evaluation-mode forward pass without gradient
+    embeds both kinds of copies: the first ``ui_images`` (0 = all) degraded beyond recognition
+    with noise drawn from fold_in(rng, step) (a resumed run draws the same) for c_UI (item 1),
+    and the ``quality_copies`` (item 4), whose embeddings and labels go into the batch for the
+    loss (``COPY_EMBEDDINGS``, ``COPY_LABELS``)."""
     cfg = config.recognizability
-    if cfg.ui_images:
-        images = images[: cfg.ui_images]
+    ui = images[: cfg.ui_images] if cfg.ui_images else images
     rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 0x5249)  # "RI"
-    degraded = degrade_beyond_recognition(images, rng, int(cfg.ui_pixels), cfg.ui_noise_std)
+    parts = [degrade_beyond_recognition(ui, rng, int(cfg.ui_pixels), cfg.ui_noise_std)]
+    if cfg.quality_weight > 0:
+        pixels = tuple(p for p in parse_pixels(cfg.quality_pixels) if p < images.shape[1])
+        parts.append(quality_copies(images, pixels, int(cfg.quality_images)))
     variables = {"params": state.params["encoder"], "batch_stats": state.batch_stats}
-    ui_embeddings, _ = model.apply(jax.lax.stop_gradient(variables), degraded, train=False)
-    return update_centre(state.ri_centre, jax.lax.stop_gradient(ui_embeddings),
-                         cfg.centre_momentum)  # fmt: skip
+    embedded, _ = model.apply(jax.lax.stop_gradient(variables), jnp.concatenate(parts),
+                              train=False)  # fmt: skip
+    embedded = jax.lax.stop_gradient(embedded)
+    centre = update_centre(state.ri_centre, embedded[: ui.shape[0]], cfg.centre_momentum)
+    batch = dict(batch)
+    if cfg.quality_weight > 0:
+        labels = batch["label"][: cfg.quality_images] if cfg.quality_images else batch["label"]
+        batch[COPY_EMBEDDINGS], batch[COPY_LABELS] = embedded[ui.shape[0]:], labels
+    return state.replace(ri_centre=centre), batch
 
 
-def loss_terms(cfg, embeddings, centers, labels, centre, intermediates, *, num_classes: int,
-               class_axes: tuple[str, ...]) -> tuple[jax.Array, dict]:  # fmt: skip
-    """diversion_weight * L_ID + quality_weight * L_Q and the metrics, for one batch.
+def predict_quality(model, encoder_params, embeddings, dropout_rng) -> jax.Array:
+    """The model's quality head (training mode) on given embeddings, without gradient into them."""
+    head = QualityHead(model.heads.quality_hidden, model.heads.quality_dropout)
+    return head.apply({"params": encoder_params[QUALITY_NAME]}, jax.lax.stop_gradient(embeddings),
+                      True, rngs={"dropout": dropout_rng})  # fmt: skip
 
-    cfg: config.recognizability; embeddings (B, D) raw; centers: the classifier's centre matrix;
-    centre: c_UI (D,); intermediates: the forward pass's sown values (the quality prediction).
-    """
+
+def _index(cfg, embeddings, centers, labels, centre, num_classes, class_axes):
+    """(cos(e, c_UI), RI) of raw embeddings (item 2)."""
     cos_ui = l2_normalize(embeddings) @ jax.lax.stop_gradient(centre)
     cos_own, cos_hardest = prototype_cosines(
         embeddings, centers, labels, num_classes=num_classes, class_axes=class_axes
@@ -249,6 +316,19 @@ def loss_terms(cfg, embeddings, centers, labels, centre, intermediates, *, num_c
         cos_ui, cos_own, cos_hardest, ui_weight=cfg.ui_weight,
         ui_angle_scale=cfg.ui_angle_scale, margin_angle_scale=cfg.margin_angle_scale,
     )  # fmt: skip
+    return cos_ui, ri
+
+
+def loss_terms(cfg, embeddings, centers, labels, centre, batch, quality_fn, *, num_classes: int,
+               class_axes: tuple[str, ...]) -> tuple[jax.Array, dict]:  # fmt: skip
+    """diversion_weight * L_ID + quality_weight * L_Q and the metrics, for one batch.
+
+    cfg: config.recognizability; embeddings (B, D) raw; centers: the classifier's centre matrix;
+    centre: c_UI (D,); batch: with the copies of ``with_copies`` when quality_weight > 0;
+    quality_fn: stop-gradient embeddings -> the head's predictions (``predict_quality``), or
+    None for a model without a quality head.
+    """
+    cos_ui, ri = _index(cfg, embeddings, centers, labels, centre, num_classes, class_axes)
     diversion = diversion_loss(cos_ui, ri, threshold=cfg.diversion_threshold,
                                margin=cfg.diversion_margin, weighting=cfg.diversion_weighting)  # fmt: skip
     total = cfg.diversion_weight * diversion
@@ -259,10 +339,14 @@ def loss_terms(cfg, embeddings, centers, labels, centre, intermediates, *, num_c
         "ri/cos_to_ui_centre": jnp.mean(jax.lax.stop_gradient(cos_ui)),
         "ri/diversion_loss": diversion,
     }
-    quality = sown_quality(intermediates)
-    if quality is not None:
-        quality_loss = smooth_l1(quality, ri, cfg.quality_beta)
+    if quality_fn is not None and COPY_EMBEDDINGS in batch:
+        copies = batch[COPY_EMBEDDINGS]
+        _, copy_ri = _index(cfg, copies, centers, batch[COPY_LABELS], centre, num_classes,
+                            class_axes)  # fmt: skip
+        quality = quality_fn(copies)
+        quality_loss = smooth_l1(quality, copy_ri, cfg.quality_beta)
         total = total + cfg.quality_weight * quality_loss
         metrics["ri/quality_loss"] = quality_loss
-        metrics["ri/quality_abs_error"] = jnp.mean(jnp.abs(jax.lax.stop_gradient(quality) - ri))
+        metrics["ri/copies_ri_std"] = jnp.std(copy_ri)
+        metrics["ri/quality_abs_error"] = jnp.mean(jnp.abs(jax.lax.stop_gradient(quality) - copy_ri))
     return total, metrics

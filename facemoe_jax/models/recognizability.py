@@ -9,8 +9,9 @@
   average face by the evaluation (as the routing maps are).
 - **Quality head** (`QualityHead`): the raw embedding -> Dense(hidden) -> ReLU -> Dropout ->
   Dense(1) -> sigmoid, one score in (0, 1) per image, trained to regress the recognizability
-  index (losses/recognizability.py) and sown as intermediates "quality" (B,), so quality needs
-  no label at test time (`FaceEncoder.quality`).
+  index of stop-gradient embeddings (losses/recognizability.py: the train step applies the
+  head's parameters to the embeddings of the batch's copies at many resolutions) and sown as
+  intermediates "quality" (B,), so quality needs no label at test time (`FaceEncoder.quality`).
 
 The architecture of both is our choice: the paper's exact attention and regression layers are
 not known (see losses/recognizability.py).
@@ -24,9 +25,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from facemoe_jax.losses.recognizability import QUALITY_KEY
-
 ATTENTION_NAME = "perceptibility"
+QUALITY_NAME = "quality_head"  # the head's parameters, directly under the encoder's
+QUALITY_KEY = "quality"  # the encoders sow the quality head's (B,) prediction under this name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,5 +87,5 @@ def estimate_quality(settings: HeadSettings, module: nn.Module, embeddings: jax.
     """Called inside an encoder's compact __call__: sows the quality prediction (B,)."""
     if settings.quality_head:
         quality = QualityHead(settings.quality_hidden, settings.quality_dropout,
-                              name="quality_head")(embeddings, train)  # fmt: skip
+                              name=QUALITY_NAME)(embeddings, train)  # fmt: skip
         module.sow("intermediates", QUALITY_KEY, quality)

@@ -95,6 +95,7 @@ def make_loss_fn(model, config: ml_collections.ConfigDict):
     check_loss_config(loss_cfg)
     recognizability.check_config(config)
     ri_on = recognizability.enabled(config)
+    quality_head = bool(config.model.get("quality_head", False))
     class_axes = sharding.class_axes(config.sharding_rules)
 
     def loss_fn(params, state: TrainState, batch: dict):
@@ -111,7 +112,7 @@ def make_loss_fn(model, config: ml_collections.ConfigDict):
             images,
             train=True,
             rngs={"dropout": dropout_rng},
-            mutable=["batch_stats", "intermediates"] if ri_on else ["batch_stats"],
+            mutable=["batch_stats"],
             **({} if quality is None else {"quality": quality}),
         )
         margin_fn, margin_state = margin_fn_and_state(loss_cfg, embeddings, state.margin_state)
@@ -131,9 +132,11 @@ def make_loss_fn(model, config: ml_collections.ConfigDict):
         total = margin_ce + loss_cfg.z_coef * z_loss + loss_cfg.balance_coef * balance
         ri_metrics = {}
         if ri_on:
+            quality_fn = None if not quality_head else lambda f: recognizability.predict_quality(
+                model, params["encoder"], f, jax.random.fold_in(dropout_rng, 1))  # fmt: skip
             ri_loss, ri_metrics = recognizability.loss_terms(
                 config.recognizability, embeddings, params["classifier"]["centers"],
-                batch["label"], state.ri_centre, mutated.get("intermediates"),
+                batch["label"], state.ri_centre, batch, quality_fn,
                 num_classes=config.data.num_classes, class_axes=class_axes,
             )  # fmt: skip
             total = total + ri_loss
@@ -178,8 +181,11 @@ def make_train_step(model, config: ml_collections.ConfigDict, optimizer, schedul
     def train_step(state: TrainState, batch: dict):
         """A non-finite loss or gradient leaves the state unchanged but for its step."""
         # The unrecognizable-identity centre moves first; this step's loss uses the new one.
-        advanced = state if not ri_on else state.replace(ri_centre=recognizability.next_centre(
-            model, config, state, normalize_images(batch["image"])))  # fmt: skip
+        # The batch gains the embeddings of its copies the quality head learns from.
+        advanced = state
+        if ri_on:
+            advanced, batch = recognizability.with_copies(
+                model, config, state, batch, normalize_images(batch["image"]))  # fmt: skip
         grads, (batch_stats, margin_state, metrics) = jax.grad(loss_fn, has_aux=True)(
             state.params, advanced, batch
         )

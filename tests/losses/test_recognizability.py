@@ -99,6 +99,20 @@ def test_degraded_copies_keep_only_a_few_pixels_of_information():
     assert float(jnp.max(jnp.abs(noisy))) <= 1.0 and not np.allclose(noisy, out)
 
 
+def test_quality_copies_span_the_sizes_in_groups():
+    rng = np.random.default_rng(4)
+    images = jnp.asarray(rng.uniform(-1, 1, (7, 24, 24, 3)), jnp.float32)
+    copies = np.asarray(ri.quality_copies(images, (4, 12), count=6))
+    assert copies.shape == (6, 24, 24, 3)
+    # Groups of i mod 3: 4 px (0, 3), 12 px (1, 4), full size (2, 5: the input itself).
+    np.testing.assert_array_equal(copies[[2, 5]], np.asarray(images)[[2, 5]])
+    roughness = [float(np.mean(np.abs(np.diff(copies[[i, i + 3]], axis=1)))) for i in (0, 1, 2)]
+    assert roughness[0] < roughness[1] < roughness[2]  # fewer pixels, smoother copy
+    # A resize down and back averages pixels: each copy keeps its face's mean colour.
+    np.testing.assert_allclose(copies.mean(axis=(1, 2)), np.asarray(images[:6]).mean(axis=(1, 2)),
+                               atol=0.03)  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "field, value, message",
     [
@@ -106,6 +120,8 @@ def test_degraded_copies_keep_only_a_few_pixels_of_information():
         ("centre_momentum", 1.0, "centre_momentum=1.0"),
         ("diversion_weighting", "hard", "diversion_weighting='hard'"),
         ("margin_angle_scale", 0.0, "margin_angle_scale=0.0"),
+        ("quality_pixels", "4,x", "quality_pixels='4,x'"),
+        ("quality_images", 1000, "quality_images=1000"),
     ],
 )
 def test_config_errors_name_the_field(field, value, message):
