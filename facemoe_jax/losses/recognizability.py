@@ -48,10 +48,10 @@ class centre of the classifier), w_j the other real classes, c = c_UI.
    with what the batch happens to hold. Each step the first ``quality_images`` batch images are
    split into G = len(quality_pixels) + 1 groups (image i in group i mod G; sizes not below the
    input size are dropped); group g is resized to quality_pixels[g] pixels and back (as the c_UI
-   copies, no noise), the last group stays at full size. The copies are embedded by the current encoder in evaluation mode, without gradient
-   (the same forward pass as the c_UI copies), and their RI_k is item 2 with the new c and the
-   images' own labels. The head (training mode: its dropout on) predicts q_k in (0, 1) from the
-   stop-gradient embedding f_k:
+   copies, no noise), the last group stays at full size. The copies are embedded by the current
+   encoder in evaluation mode, without gradient (the same forward pass as the c_UI copies), and
+   their RI_k is item 2 with the new c and the images' own labels. The head (training mode: its
+   dropout on) predicts q_k in (0, 1) from the stop-gradient embedding f_k:
 
        L_Q = mean_k smoothL1_beta(q_k - RI_k),   beta = quality_beta (0.75, the paper's)
 
@@ -278,13 +278,14 @@ def with_copies(model, config, state, batch: dict, images: jax.Array):
     images: the batch normalised to [-1, 1]. One evaluation-mode forward pass without gradient
     embeds both kinds of copies: the first ``ui_images`` (0 = all) degraded beyond recognition
     with noise drawn from fold_in(rng, step) (a resumed run draws the same) for c_UI (item 1),
-    and the ``quality_copies`` (item 4), whose embeddings and labels go into the batch for the
-    loss (``COPY_EMBEDDINGS``, ``COPY_LABELS``)."""
+    and, for a model with a quality head to train, the ``quality_copies`` (item 4), whose
+    embeddings and labels go into the batch for the loss (``COPY_EMBEDDINGS``, ``COPY_LABELS``)."""
     cfg = config.recognizability
+    trains_head = bool(config.model.get("quality_head", False)) and cfg.quality_weight > 0
     ui = images[: cfg.ui_images] if cfg.ui_images else images
     rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 0x5249)  # "RI"
     parts = [degrade_beyond_recognition(ui, rng, int(cfg.ui_pixels), cfg.ui_noise_std)]
-    if cfg.quality_weight > 0:
+    if trains_head:
         pixels = tuple(p for p in parse_pixels(cfg.quality_pixels) if p < images.shape[1])
         parts.append(quality_copies(images, pixels, int(cfg.quality_images)))
     variables = {"params": state.params["encoder"], "batch_stats": state.batch_stats}
@@ -293,7 +294,7 @@ def with_copies(model, config, state, batch: dict, images: jax.Array):
     embedded = jax.lax.stop_gradient(embedded)
     centre = update_centre(state.ri_centre, embedded[: ui.shape[0]], cfg.centre_momentum)
     batch = dict(batch)
-    if cfg.quality_weight > 0:
+    if trains_head:
         labels = batch["label"][: cfg.quality_images] if cfg.quality_images else batch["label"]
         batch[COPY_EMBEDDINGS], batch[COPY_LABELS] = embedded[ui.shape[0]:], labels
     return state.replace(ri_centre=centre), batch
@@ -324,7 +325,7 @@ def loss_terms(cfg, embeddings, centers, labels, centre, batch, quality_fn, *, n
     """diversion_weight * L_ID + quality_weight * L_Q and the metrics, for one batch.
 
     cfg: config.recognizability; embeddings (B, D) raw; centers: the classifier's centre matrix;
-    centre: c_UI (D,); batch: with the copies of ``with_copies`` when quality_weight > 0;
+    centre: c_UI (D,); batch: with the copies of ``with_copies`` when the head trains;
     quality_fn: stop-gradient embeddings -> the head's predictions (``predict_quality``), or
     None for a model without a quality head.
     """
@@ -348,5 +349,6 @@ def loss_terms(cfg, embeddings, centers, labels, centre, batch, quality_fn, *, n
         total = total + cfg.quality_weight * quality_loss
         metrics["ri/quality_loss"] = quality_loss
         metrics["ri/copies_ri_std"] = jnp.std(copy_ri)
-        metrics["ri/quality_abs_error"] = jnp.mean(jnp.abs(jax.lax.stop_gradient(quality) - copy_ri))
+        error = jnp.abs(jax.lax.stop_gradient(quality) - copy_ri)
+        metrics["ri/quality_abs_error"] = jnp.mean(error)
     return total, metrics

@@ -49,7 +49,8 @@ def test_step_moves_the_centre_adds_the_losses_and_resumes_bitwise(tmp_path):
             "ri/quality_loss"]  # fmt: skip
 
     grads = jax.jit(jax.grad(quality_loss))(state.params["encoder"])
-    touched = {k for k, g in grads.items() if any(np.any(np.asarray(x)) for x in jax.tree.leaves(g))}
+    touched = {name for name, g in grads.items()
+               if any(np.any(np.asarray(x)) for x in jax.tree.leaves(g))}  # fmt: skip
     assert touched == {"quality_head"}
 
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
