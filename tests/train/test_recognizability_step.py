@@ -24,6 +24,7 @@ def test_step_moves_the_centre_adds_the_losses_and_resumes_bitwise(tmp_path):
     config = tiny_config()
     recipes.recognizability(config)
     config.recognizability.update(ui_images=8, quality_images=12)
+    config.model.update(moe_layers="none", depth=1)  # RI never looks inside the blocks: compile less
     model, state, step = setup(config)
     assert state.ri_centre.shape == (32,) and not np.any(np.asarray(state.ri_centre))
     batch = fixed_batch()
@@ -32,23 +33,28 @@ def test_step_moves_the_centre_adds_the_losses_and_resumes_bitwise(tmp_path):
     rng = jax.random.fold_in(jax.random.fold_in(state.rng, 0), 0x5249)
     degraded = recognizability.degrade_beyond_recognition(
         normalize_images(batch["image"][:8]), rng, 4, config.recognizability.ui_noise_std)
-    variables = {"params": state.params["encoder"], "batch_stats": state.batch_stats}
-    ui = np.asarray(jax.jit(lambda v, x: model.apply(v, x)[0])(variables, degraded))
-    expected = unit(unit(ui).mean(axis=0))
-    # The quality loss reaches the head and nothing else of the encoder.
-    copies = jax.jit(lambda s, b: recognizability.with_copies(
-        model, config, s, b, normalize_images(b["image"]))[1])(state, batch)  # fmt: skip
+
+    @jax.jit  # one compilation for the references
+    def references(state, batch, degraded):
+        variables = {"params": state.params["encoder"], "batch_stats": state.batch_stats}
+        copies = recognizability.with_copies(model, config, state, batch,
+                                             normalize_images(batch["image"]))[1]  # fmt: skip
+
+        def quality_loss(encoder_params):
+            fn = lambda f: recognizability.predict_quality(  # noqa: E731
+                model, encoder_params, f, jax.random.PRNGKey(0))
+            return recognizability.loss_terms(
+                config.recognizability, jnp.ones((16, 32)), state.params["classifier"]["centers"],
+                batch["label"], state.ri_centre, copies, fn, num_classes=8, class_axes=())[1][
+                "ri/quality_loss"]  # fmt: skip
+
+        grads = jax.grad(quality_loss)(state.params["encoder"])
+        return model.apply(variables, degraded)[0], copies, grads
+
+    ui, copies, grads = references(state, batch, degraded)
+    expected = unit(unit(np.asarray(ui)).mean(axis=0))
+    # The quality loss is computed over the 12 copies and reaches the head, nothing else.
     assert copies[recognizability.COPY_EMBEDDINGS].shape == (12, 32)
-
-    def quality_loss(encoder_params):
-        fn = lambda f: recognizability.predict_quality(  # noqa: E731
-            model, encoder_params, f, jax.random.PRNGKey(0))
-        return recognizability.loss_terms(
-            config.recognizability, jnp.ones((16, 32)), state.params["classifier"]["centers"],
-            batch["label"], jnp.asarray(expected), copies, fn, num_classes=8, class_axes=())[1][
-            "ri/quality_loss"]  # fmt: skip
-
-    grads = jax.jit(jax.grad(quality_loss))(state.params["encoder"])
     touched = {name for name, g in grads.items()
                if any(np.any(np.asarray(x)) for x in jax.tree.leaves(g))}  # fmt: skip
     assert touched == {"quality_head"}
