@@ -5,6 +5,8 @@ config.train.batch_size (global, over all hosts and devices), config.checkpoint.
 config.mesh (axis sizes, -1 = the remaining devices), config.eval.
 """
 
+import math
+
 import ml_collections
 
 
@@ -41,6 +43,12 @@ def get_base_config() -> ml_collections.ConfigDict:
             dropout=0.0,  # IResNet: dropout before the fc layer of the head (arcface_torch's)
             mobilefacenet_blocks=(1, 4, 6, 2),  # arcface_torch mbf; mbf_large: (2, 8, 12, 4)
             mobilefacenet_scale=2,  # width multiplier: mbf 2, mbf_large 4
+            # Recognizability heads (models/recognizability.py; configs/recognizability.py):
+            # attention over tokens / feature-map positions before the embedding head, and a
+            # head regressing the recognizability index (needs config.recognizability.enabled).
+            perceptibility_attention=False,
+            quality_head=False,
+            quality_head_dropout=0.1,
         )
     )
 
@@ -59,6 +67,32 @@ def get_base_config() -> ml_collections.ConfigDict:
             quality="sharpness",  # built-in estimator, or "package.module:function"
             quality_threshold=0.5,
             quality_sign=1.0,  # +1: higher score = better (CNNIQA); -1: lower = better (BRISQUE)
+        )
+    )
+
+    # The recognizability index (losses/recognizability.py documents every formula).
+    config.recognizability = ml_collections.ConfigDict(
+        dict(
+            enabled=False,  # c_UI in the train state, RI, diversion and quality losses
+            ui_pixels=4,  # unrecognizable copies: resized to this many pixels ...
+            ui_noise_std=0.1,  # ... plus this Gaussian noise ([-1, 1] pixel scale)
+            ui_images=32,  # batch images given a degraded copy each step (0 = all)
+            centre_momentum=0.9,  # EMA of the unrecognizable-identity centre c_UI
+            ui_weight=0.5,  # RI = ui_weight * s_UI + (1 - ui_weight) * s_cls
+            # s_UI = clip(angle(e, c_UI) / this, 0, 1) and s_cls = clip(0.5 + (theta_N -
+            # theta_P) / (2 * this), 0, 1), radians; pi = the angles' full range: no clipping.
+            ui_angle_scale=math.pi,
+            margin_angle_scale=math.pi,
+            diversion_weight=1.0,  # index diversion loss weight (0 = off)
+            diversion_threshold=0.5,  # images with RI below this are diverted ...
+            diversion_margin=0.2,  # ... until cos(e, c_UI) <= this
+            diversion_weighting="threshold",  # "threshold" ([RI < t]) or "soft" (1 - RI)
+            quality_weight=1.0,  # smooth-L1 regression of RI by the quality head ...
+            quality_beta=0.75,
+            # ... over copies of this many batch images (0 = all), spread over these sizes and
+            # the full size (stop-gradient embeddings: the head learns, the encoder does not).
+            quality_images=64,
+            quality_pixels="4,6,8,12,16,24,32",
         )
     )
 
@@ -193,6 +227,10 @@ def get_base_config() -> ml_collections.ConfigDict:
             synthetic_tinyface_distractors=1000,  # HR distractor identities in the gallery
             synthetic_tinyface_ranks="1,5,10",
             quality_fmr=1e-3,  # error-versus-reject threshold: this false-match rate
+            # Models with a quality head (config.model.quality_head): held-out faces of the
+            # first pair set degraded to these sizes (and full size) for quality vs resolution.
+            quality_resolutions="8,12,16,24,32",
+            quality_resolution_faces=200,
             routing_map_faces=256,  # faces averaged for the expert routing map (0 = off)
             every_steps=0,  # also evaluate every N training steps (0 = only at the end)
             flip_test=True,

@@ -7,6 +7,7 @@
   emb = enc.embed(images)  # uint8 RGB (N, S, S, 3) at the model's input size -> float32 (N, 512)
   target = enc.adapt(target_images)       # a new encoder, BatchNorm statistics of the target set
   online = enc.adapt(mode="per_batch")    # a new encoder normalising each batch by its own
+  q = enc.quality(images)  # models with a quality head (recognizability): (N,) in (0, 1)
 
 `embed` follows the official evaluation scripts: pixels scaled by (x/255 - 0.5)/0.5, eval-mode
 BatchNorm; `flip_test=True` adds the raw embeddings of the image and of its mirror image before
@@ -49,6 +50,25 @@ class FaceEncoder:
             return emb.astype(jnp.float32)
 
         self._embed = jax.jit(embed_fn, static_argnums=2)
+        self._quality = {}  # flip_test -> the compiled quality head (FaceEncoder.quality)
+
+    def quality(self, images: np.ndarray, flip_test: bool = True, batch_size: int = 64):
+        """uint8 RGB (N, S, S, 3) -> (N,) float32 predicted recognizability in (0, 1), higher =
+        more recognisable (the quality head, config.model.quality_head; no label needed)."""
+        from facemoe_jax.evaluate import embed, recognizability
+
+        if not recognizability.has_quality_head(self.model):
+            raise ValueError(
+                "FaceEncoder.quality needs a model trained with a quality head "
+                "(config.model.quality_head=True, configs/recognizability.py)"
+            )
+        images = self._check_images(images, "quality")
+        if flip_test not in self._quality:
+            self._quality[flip_test] = recognizability.make_quality_fn(self.model, flip_test)
+        if not len(images):
+            return np.zeros((0,), np.float32)
+        return embed.embed_images(self._quality[flip_test], self.variables, images,
+                                  batch_size).astype(np.float32)  # fmt: skip
 
     # ---- constructors
 
@@ -112,13 +132,8 @@ class FaceEncoder:
         batch_size: int = 64,
     ) -> np.ndarray:
         """uint8 RGB (N, S, S, 3) with S = the model's input size -> float32 (N, embed_dim)."""
-        images = np.asarray(images)
+        images = self._check_images(images, "embed")
         s = self.image_size
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (s, s, 3):
-            raise ValueError(
-                f"FaceEncoder.embed takes uint8 RGB images of shape (N, {s}, {s}, 3) (the model's "
-                f"input size); got {images.dtype} {images.shape}"
-            )
         if self.per_batch is not None and len(images):  # adapt(mode="per_batch")
             emb = self.per_batch.embed_per_batch(self.variables, images, batch_size,
                                                  flip_test=flip_test)  # fmt: skip
@@ -136,6 +151,16 @@ class FaceEncoder:
         if normalize:
             emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
         return emb.astype(np.float32)
+
+    def _check_images(self, images, method: str) -> np.ndarray:
+        images = np.asarray(images)
+        s = self.image_size
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (s, s, 3):
+            raise ValueError(
+                f"FaceEncoder.{method} takes uint8 RGB images of shape (N, {s}, {s}, 3) (the "
+                f"model's input size); got {images.dtype} {images.shape}"
+            )
+        return images
 
 
 def read_export_config(path: str) -> ml_collections.ConfigDict:

@@ -43,3 +43,16 @@ def distillation(config, instance_weight: float, relation_weight: float, teacher
         config.data.train = "synthetic_lr_hr"
     config.data.acquisition_prob = 1.0
     config.loss.update(z_coef=0.0, balance_coef=0.0)
+
+
+def recognizability(config, attention: bool = True, diversion: bool = True,
+                    quality_head: bool = True) -> None:  # fmt: skip
+    """The recognizability index (losses/recognizability.py) on any encoder config: the
+    unrecognizable-identity centre and RI, the index diversion loss (`diversion=False`: weight
+    0, the ablation), the perceptibility attention before the embedding head (`attention=False`:
+    the ablation) and the quality head regressing RI; no router losses."""
+    config.recognizability.enabled = True
+    if not diversion:
+        config.recognizability.diversion_weight = 0.0
+    config.model.update(perceptibility_attention=attention, quality_head=quality_head)
+    config.loss.update(z_coef=0.0, balance_coef=0.0)

@@ -169,6 +169,23 @@ register(Recipe("lr_student_adapt_bn", "lr_student evaluated with test-time Batc
                 start="lr_student", configure=_adapt_bn, train=False))  # fmt: skip
 
 
+def _recognizability(attention: bool = True, diversion: bool = True):
+    def configure(config):
+        _full_fine_tuning(config)
+        recipes.recognizability(config, attention=attention, diversion=diversion)
+
+    return configure
+
+
+# Recognizability index (issue 13): full fine-tuning plus RI's parts, and without each part.
+register(Recipe("ri", "full fine-tuning + recognizability index: c_UI, diversion loss, "
+                "perceptibility attention, quality head", configure=_recognizability()))  # fmt: skip
+register(Recipe("ri_no_diversion", "ri without the index diversion loss",
+                configure=_recognizability(diversion=False)))  # fmt: skip
+register(Recipe("ri_no_attention", "ri without the perceptibility attention",
+                configure=_recognizability(attention=False)))  # fmt: skip
+
+
 # ---- Configs.
 
 

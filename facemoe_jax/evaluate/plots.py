@@ -5,6 +5,8 @@
 * error-versus-reject curves of the quality score;
 * expert routing maps: per MoE layer, the first-choice expert of each patch position drawn over
   the average face, its opacity the share of faces that agree.
+* the recognizability heads: predicted quality against face resolution, and the
+  perceptibility attention map (mean weight per position) over the average face.
 
 Each function saves a PNG and returns it as a uint8 (H, W, 3) array for
 ``writer.write_images``. Matplotlib runs headless (Agg), figures are closed after drawing.
@@ -73,7 +75,7 @@ def plot_error_versus_reject(curves: dict[str, dict], fmr: float, path: str) -> 
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for name, erc in curves.items():
         ax.plot(erc["reject_fraction"], erc["fnmr"], label=f"{name} (AUC {erc['auc']:.4f})")
-    ax.set_xlabel("share of pairs rejected (lowest embedding-norm quality first)")
+    ax.set_xlabel("share of pairs rejected (lowest quality first)")
     ax.set_ylabel(f"FNMR at FMR={fmr:g}")
     ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
@@ -129,3 +131,35 @@ def plot_routing_maps(
     pixels = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
     plt.close(fig)
     return pixels
+
+
+def plot_quality_vs_resolution(curve: dict, full_resolution: int, path: str) -> np.ndarray:
+    """curve: {"pixels": [...], "mean": [...], "std": [...], "spearman_rho": r}."""
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.errorbar(curve["pixels"], curve["mean"], yerr=curve["std"], fmt="o-", capsize=3)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(curve["pixels"], [str(p) for p in curve["pixels"]])
+    ax.set_xlabel(f"face resolution (pixels; model input {full_resolution})")
+    ax.set_ylabel("predicted quality (mean ± std over faces)")
+    ax.grid(True, alpha=0.3)
+    ax.set_title(f"quality head vs resolution (Spearman rho {curve['spearman_rho']:.3f})")
+    return _save(fig, path)
+
+
+def plot_attention_map(mean_face: np.ndarray, weights: np.ndarray, path: str) -> np.ndarray:
+    """weights: (S,) mean attention per position, S a square (the token grid or feature map);
+    drawn as a heat map over the average face, in multiples of the uniform weight 1/S."""
+    grid = round(np.sqrt(len(weights)))
+    if grid * grid != len(weights):
+        raise ValueError(f"{len(weights)} attention positions are not a square grid")
+    size = mean_face.shape[0]
+    relative = np.asarray(weights, np.float64).reshape(grid, grid) * len(weights)
+    fig, ax = plt.subplots(figsize=(4.2, 3.8))
+    ax.imshow(np.asarray(mean_face, np.float64).mean(axis=-1) / 255.0, cmap="gray",
+              extent=(0, size, size, 0), vmin=0, vmax=1)  # fmt: skip
+    image = ax.imshow(relative, cmap="inferno", alpha=0.55, extent=(0, size, size, 0),
+                      interpolation="nearest")  # fmt: skip
+    fig.colorbar(image, ax=ax, label="weight x positions (1 = uniform)")
+    ax.set_title("perceptibility attention over the average face", fontsize=9)
+    ax.axis("off")
+    return _save(fig, path)

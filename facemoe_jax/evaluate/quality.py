@@ -10,8 +10,10 @@ errors. The ERC (Grother & Tabassi; the curves of SER-FIQ, MagFace, CR-FIQA) sho
    pair goes first) and report the false non-match rate of the genuine pairs that remain.
 
 The area under the curve (trapezoid over the reject fractions) is the summary number: lower is
-better. The quality score today is the embedding norm (before normalisation, of f(x) + f(flip x));
-the recognizability index of the low-resolution papers plugs in as another `quality` array.
+better. Quality scores: the embedding norm (before normalisation, of f(x) + f(flip x)); the
+recognizability quality head's prediction (evaluate/recognizability.py), when the model has one;
+and random rejection (the mean curve over seeded random orders: what rejecting blindly gives).
+`spearman_rho` ranks a quality score against the resolution the faces were degraded to.
 """
 
 from __future__ import annotations
@@ -73,3 +75,39 @@ def error_versus_reject(
     valid = ~np.isnan(fnmr)
     auc = float(np.trapezoid(fnmr[valid], reject_fractions[valid])) if valid.sum() > 1 else 0.0
     return {"reject_fraction": reject_fractions, "fnmr": fnmr, "threshold": threshold, "auc": auc}
+
+
+def random_rejection(
+    scores: np.ndarray,
+    issame: np.ndarray,
+    fmr: float = 1e-3,
+    reject_fractions: np.ndarray = DEFAULT_REJECT_FRACTIONS,
+    draws: int = 20,
+    seed: int = 0,
+) -> dict[str, np.ndarray | float]:
+    """The ERC of rejecting pairs in random order: the mean FNMR over `draws` seeded random
+    qualities (same threshold, same format as `error_versus_reject`)."""
+    rng = np.random.default_rng(seed)
+    curves = [
+        error_versus_reject(scores, issame, rng.random(len(scores)), fmr, reject_fractions)
+        for _ in range(draws)
+    ]
+    fnmr = np.mean([c["fnmr"] for c in curves], axis=0)
+    return {"reject_fraction": curves[0]["reject_fraction"], "fnmr": fnmr,
+            "threshold": curves[0]["threshold"], "auc": float(np.mean([c["auc"] for c in curves]))}  # fmt: skip
+
+
+def fnmr_at_reject(erc: dict, fraction: float) -> float:
+    """FNMR of an ERC at the reject fraction closest to `fraction`."""
+    index = int(np.argmin(np.abs(np.asarray(erc["reject_fraction"]) - fraction)))
+    return float(erc["fnmr"][index])
+
+
+def spearman_rho(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman's rank correlation (average ranks for ties): Pearson's r of the ranks."""
+    from scipy.stats import rankdata
+
+    rx, ry = rankdata(np.asarray(x, np.float64)), rankdata(np.asarray(y, np.float64))
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denominator = np.sqrt(np.sum(rx * rx) * np.sum(ry * ry))
+    return float(np.sum(rx * ry) / denominator) if denominator > 0 else 0.0

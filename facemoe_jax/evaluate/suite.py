@@ -14,7 +14,11 @@ a checkpoint. From ``config.eval`` it runs, in order:
 4. the synthetic TinyFace-like identification (``synthetic_tinyface_identities`` > 0): LR
    probes against an HR gallery with distractors, rank-1/5/10 (`synthetic_tinyface.py`);
    TinyFace rank-1/5/20 from ``tinyface_dir`` (and ``tinyface_mat_dir``);
-5. the expert routing map of ``routing_map_faces`` faces of the first pair set.
+5. the expert routing map of ``routing_map_faces`` faces of the first pair set;
+6. with the recognizability heads (evaluate/recognizability.py): error-versus-reject of every
+   pair set by the quality head beside the norm and random rejection, the quality against the
+   resolution of ``quality_resolution_faces`` faces degraded to ``quality_resolutions`` pixels
+   (quality_vs_resolution.png), and the perceptibility attention map (perceptibility_map.png).
 
 With ``adapt_bn`` ("cumulative" or "per_batch", `adapt_bn.py`) every set of images is embedded
 with BatchNorm statistics estimated on that set (test-time adaptation); the routing map is not.
@@ -43,6 +47,7 @@ from facemoe_jax.evaluate import (
     ijb,
     plots,
     quality,
+    recognizability as ri_eval,
     routing_map,
     sweep,
     synthetic_tinyface,
@@ -64,6 +69,7 @@ def check_eval_config(config) -> None:
             raise ValueError(f"config.eval.{field}={path!r} is not a directory")
     synthetic_tinyface.check_config(config)
     adapt_bn.check_config(ev)
+    sweep.parse_sizes(ev.get("quality_resolutions", ""))
     if ev.every_steps < 0:
         raise ValueError(f"config.eval.every_steps={ev.every_steps} must be >= 0 (0 = at the end)")
 
@@ -94,11 +100,25 @@ def _verification_sets(config):
 
 def _format(name: str, metrics: dict) -> str:
     if "accuracy" in metrics:
-        return (
+        line = (
             f"eval {name:>18}: accuracy {metrics['accuracy'] * 100:6.2f} % "
             f"(± {metrics['accuracy_std'] * 100:.2f}), "
             f"TAR@FAR=1e-3 {metrics['tar@far=1e-3'] * 100:6.2f} %"
         )
+        for prefix, label in (("", name), ("mixed_", f"{name} mixed-res")):
+            if f"{prefix}fnmr_reject20_quality" in metrics:
+                line += (
+                    f"\nquality {label:>15}: FNMR {metrics[prefix + 'fnmr_reject0']:.3f}; "
+                    "rejecting the 20 % lowest-quality pairs: quality head "
+                    f"{metrics[prefix + 'fnmr_reject20_quality']:.3f}, embedding norm "
+                    f"{metrics[prefix + 'fnmr_reject20_norm']:.3f}, random "
+                    f"{metrics[prefix + 'fnmr_reject20_random']:.3f}"
+                )
+        return line
+    if name == "quality_vs_resolution":
+        means = ", ".join(f"{k.split('@')[1]} {v:.3f}" for k, v in metrics.items() if "@" in k)
+        return (f"quality vs resolution: Spearman rho {metrics['spearman_rho']:.3f} (per face "
+                f"{metrics['spearman_rho_per_face']:.3f}); mean quality {means}")  # fmt: skip
     return f"eval {name:>18}: " + ", ".join(f"{k} {v * 100:.2f} %" for k, v in metrics.items())
 
 
@@ -123,6 +143,8 @@ def run_evaluations(model, variables, config, workdir: str, step: int, writer) -
 
     results, roc_curves, erc_curves, resolution_curves = {}, {}, {}, {}
     routing_faces = None
+    quality_fn = ri_eval.make_quality_fn(model, ev.flip_test) if ri_eval.has_quality_head(model) else None
+    quality_faces, ri_pictures = None, {}
     sweep_sets = {s.strip() for s in ev.low_resolution_sets.split(",") if s.strip()}
     sizes = sweep.parse_sizes(ev.low_resolutions)
     sides = sweep.parse_sides(ev.low_resolution_sides)
@@ -138,6 +160,17 @@ def run_evaluations(model, variables, config, workdir: str, step: int, writer) -
         )
         erc_curves[name] = quality.error_versus_reject(scores, issame, pair_quality, ev.quality_fmr)
         metrics["erc_auc"] = erc_curves[name]["auc"]
+        if quality_fn is not None:
+            extra, curves = ri_eval.pair_set_quality(
+                quality_fn, embed_array, variables, images_a, images_b, issame,
+                sweep.parse_sizes(ev.get("quality_resolutions", "8,12,16,24,32")), size,
+                ev.quality_fmr, ev.batch_size, config.seed,
+            )  # fmt: skip
+            metrics.update(extra)
+            erc_curves.update({f"{name}: {kind}": erc for kind, erc in curves.items()
+                               if kind != "as given: embedding norm"})  # = erc_curves[name]
+            if quality_faces is None:
+                quality_faces = images_a[: ev.get("quality_resolution_faces", 200)]
         results[name] = metrics
         if routing_faces is None and ev.routing_map_faces > 0:
             routing_faces = np.concatenate([images_a, images_b])[: ev.routing_map_faces]
@@ -180,19 +213,31 @@ def run_evaluations(model, variables, config, workdir: str, step: int, writer) -
             protocol, lambda load, count: embed_files(load, count, "embed tinyface"), size
         )
 
+    if quality_faces is not None and len(quality_faces):
+        results["quality_vs_resolution"], ri_pictures["quality_curve"] = (
+            ri_eval.quality_vs_resolution(
+                quality_fn, variables, quality_faces,
+                sweep.parse_sizes(ev.get("quality_resolutions", "8,12,16,24,32")), size,
+                ev.batch_size,
+            )
+        )  # fmt: skip
+    if routing_faces is not None and ri_eval.has_perceptibility_attention(model):
+        ri_pictures["attention"] = ri_eval.perceptibility_weights(
+            model, variables, routing_faces, ev.batch_size
+        )
     routing = {}
     if routing_faces is not None:
         logits = routing_map.collect_router_logits(model, variables, routing_faces, ev.batch_size)
         routing = {n: routing_map.first_choice_shares(x) for n, x in logits.items()}
 
     _write_outputs(workdir, step, writer, results, roc_curves, erc_curves, resolution_curves,
-                   routing, routing_faces, ev.quality_fmr, size)  # fmt: skip
+                   routing, routing_faces, ev.quality_fmr, size, ri_pictures)  # fmt: skip
     return results
 
 
 def _write_outputs(
     workdir, step, writer, results, roc_curves, erc_curves, resolution_curves,
-    routing, routing_faces, fmr, size,
+    routing, routing_faces, fmr, size, ri_pictures=None,
 ):  # fmt: skip
     for name, metrics in results.items():
         print(_format(name, metrics), flush=True)
@@ -218,6 +263,16 @@ def _write_outputs(
     if resolution_curves:
         images["accuracy_vs_resolution"] = plots.plot_resolution_curves(
             resolution_curves, size, os.path.join(out, "accuracy_vs_resolution.png")
+        )
+    ri_pictures = ri_pictures or {}
+    if "quality_curve" in ri_pictures:
+        images["quality_vs_resolution"] = plots.plot_quality_vs_resolution(
+            ri_pictures["quality_curve"], size, os.path.join(out, "quality_vs_resolution.png")
+        )
+    if "attention" in ri_pictures:
+        images["perceptibility_map"] = plots.plot_attention_map(
+            routing_faces.mean(axis=0), ri_pictures["attention"],
+            os.path.join(out, "perceptibility_map.png"),
         )
     if erc_curves:
         images["error_vs_reject"] = plots.plot_error_versus_reject(

@@ -8,6 +8,7 @@ from facemoe_jax.models.mobilefacenet import MobileFaceNet
 from facemoe_jax.models import quality as quality_lib
 from facemoe_jax.models.lora import settings_from_config
 from facemoe_jax.models.moe import COMBINE_MODES
+from facemoe_jax.models.recognizability import HeadSettings
 from facemoe_jax.models.swin import SwinMoE, effective_window, stage_resolutions
 from facemoe_jax.models.vit import ViTMoE, parse_moe_layers
 
@@ -72,6 +73,21 @@ def _adapters(cfg: ml_collections.ConfigDict) -> dict:
     }
 
 
+def _heads(cfg: ml_collections.ConfigDict) -> dict:
+    """The recognizability heads (config.model.perceptibility_attention / quality_head); none
+    by default, and then the encoder's parameters and outputs are exactly as without them."""
+    heads = HeadSettings(
+        perceptibility_attention=bool(cfg.get("perceptibility_attention", False)),
+        quality_head=bool(cfg.get("quality_head", False)),
+        quality_dropout=float(cfg.get("quality_head_dropout", 0.1)),
+    )
+    if not 0.0 <= heads.quality_dropout < 1.0:
+        raise ValueError(
+            f"config.model.quality_head_dropout={heads.quality_dropout} must be in [0, 1)"
+        )
+    return {"heads": heads}
+
+
 def build_model(cfg: ml_collections.ConfigDict) -> ViTMoE | SwinMoE | IResNet | MobileFaceNet:
     """Validates config.model and builds the encoder; errors name the offending field."""
     known = ("vit_moe", "swin_moe", "iresnet", "mobilefacenet")
@@ -109,6 +125,7 @@ def build_model(cfg: ml_collections.ConfigDict) -> ViTMoE | SwinMoE | IResNet | 
         drop_path_rate=cfg.drop_path_rate,
         dtype=DTYPES[cfg.dtype],
         **_adapters(cfg),
+        **_heads(cfg),
     )
 
 
@@ -167,6 +184,7 @@ def build_swin(cfg: ml_collections.ConfigDict) -> SwinMoE:
         absolute_pos_embed=bool(cfg.get("absolute_pos_embed", True)),
         apply_shift_mask=bool(cfg.get("apply_shift_mask", True)),
         **_adapters(cfg),
+        **_heads(cfg),
     )
 
 
@@ -196,6 +214,7 @@ def build_cnn(cfg: ml_collections.ConfigDict) -> IResNet | MobileFaceNet:
             dropout=cfg.get("dropout", 0.0),
             image_size=cfg.image_size,
             dtype=DTYPES[cfg.dtype],
+            **_heads(cfg),
         )
     blocks = tuple(cfg.get("mobilefacenet_blocks", (1, 4, 6, 2)))
     scale = cfg.get("mobilefacenet_scale", 2)
@@ -211,4 +230,5 @@ def build_cnn(cfg: ml_collections.ConfigDict) -> IResNet | MobileFaceNet:
         embed_dim=cfg.embed_dim,
         image_size=cfg.image_size,
         dtype=DTYPES[cfg.dtype],
+        **_heads(cfg),
     )

@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from facemoe_jax.models.layers import batch_norm, check_image_size
+from facemoe_jax.models.recognizability import HeadSettings, attend_map
 
 Array = jax.Array
 
@@ -129,6 +130,7 @@ class IResNet(nn.Module):
     dropout: float = 0.0
     image_size: int = 112
     dtype: Any = jnp.float32
+    heads: HeadSettings = HeadSettings()  # perceptibility attention, quality head (off)
 
     @nn.compact
     def __call__(self, images: Array, train: bool = False):
@@ -150,6 +152,7 @@ class IResNet(nn.Module):
                 )(x, train)
                 inplanes = planes
         x = batch_norm(train, "bn2", dtype=self.dtype)(x)
+        x = attend_map(self.heads, x)
         b = x.shape[0]
         x = x.transpose(0, 3, 1, 2).reshape(b, -1)  # PyTorch's flatten of NCHW: channel-major
         x = nn.Dropout(self.dropout, deterministic=not train or self.dropout == 0)(x)
@@ -161,4 +164,5 @@ class IResNet(nn.Module):
             name="fc",
         )(x)
         x = batch_norm(train, "features", dtype=jnp.float32, use_scale=False)(x)
+        x = attend_map(self.heads, x)
         return x, {}

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 
 from facemoe_jax.models.iresnet import PReLU, conv
 from facemoe_jax.models.layers import batch_norm, check_image_size
+from facemoe_jax.models.recognizability import HeadSettings, attend_map, estimate_quality
 
 Array = jax.Array
 
@@ -124,6 +125,7 @@ class MobileFaceNet(nn.Module):
     embed_dim: int = 512
     image_size: int = 112
     dtype: Any = jnp.float32
+    heads: HeadSettings = HeadSettings()  # perceptibility attention, quality head (off)
 
     @nn.compact
     def __call__(self, images: Array, train: bool = False):
@@ -145,7 +147,9 @@ class MobileFaceNet(nn.Module):
 
         x = x.astype(jnp.float32)  # the official `self.conv_sep(x.float() if self.fp16 else x)`
         x = ConvBlock(512, dtype=jnp.float32, name="conv_sep")(x, train)
+        x = attend_map(self.heads, x)
         x = GDC(self.embed_dim, name="features")(x, train)
+        estimate_quality(self.heads, self, x, train)
         return x, {}
 
 

@@ -36,6 +36,7 @@ from facemoe_jax.models.layers import DropPath, batch_norm, check_image_size
 from facemoe_jax.models.lora import LoRADense, LoRASettings, projection
 from facemoe_jax.models.moe import MoEFeedForward
 from facemoe_jax.models.quality import QualitySettings
+from facemoe_jax.models.recognizability import HeadSettings, attend, estimate_quality
 from facemoe_jax.models.vit import Mlp
 
 Array = jax.Array
@@ -286,6 +287,7 @@ class SwinMoE(nn.Module):
     apply_shift_mask: bool = True
     lora: LoRASettings | None = None
     quality: QualitySettings = QualitySettings()
+    heads: HeadSettings = HeadSettings()  # perceptibility attention, quality head (off)
 
     @nn.compact
     def __call__(self, images: Array, train: bool = False, quality: Array | None = None):
@@ -339,6 +341,7 @@ class SwinMoE(nn.Module):
             )(x, train, quality)
             metrics.extend(m)
         x = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name="norm")(x)
+        x = attend(self.heads, x)
 
         x = x.reshape(b, -1).astype(jnp.float32)  # tokens-major, as torch's x.reshape(B, -1)
         x = batch_norm(train, "feature_bn1")(x)
@@ -351,4 +354,5 @@ class SwinMoE(nn.Module):
         else:
             x = nn.Dense(self.embed_dim, name="feature_fc")(x)
         x = batch_norm(train, "feature_bn2")(x)
+        estimate_quality(self.heads, self, x, train)
         return x, jax.tree.map(lambda *m: jnp.stack(m), *metrics) if metrics else {}

@@ -24,6 +24,7 @@ from facemoe_jax.models.layers import DropPath, batch_norm, check_image_size
 from facemoe_jax.models.lora import LoRASettings, projection
 from facemoe_jax.models.moe import MoEFeedForward
 from facemoe_jax.models.quality import QualitySettings
+from facemoe_jax.models.recognizability import HeadSettings, attend, estimate_quality
 
 Array = jax.Array
 
@@ -149,6 +150,7 @@ class ViTMoE(nn.Module):
     dtype: Any = jnp.float32
     lora: LoRASettings | None = None
     quality: QualitySettings = QualitySettings()
+    heads: HeadSettings = HeadSettings()  # perceptibility attention, quality head (off)
 
     @nn.compact
     def __call__(self, images: Array, train: bool = False, quality: Array | None = None):
@@ -190,11 +192,13 @@ class ViTMoE(nn.Module):
             if metrics is not None:
                 layer_metrics.append(metrics)
         x = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name="norm")(x)
+        x = attend(self.heads, x)
 
         x = x.reshape(b, -1).astype(jnp.float32)
         x = nn.Dense(self.width, use_bias=False, name="feature_fc1")(x)
         x = batch_norm(train, "feature_bn1", epsilon=HEAD_BATCH_NORM_EPS)(x)
         x = nn.Dense(self.embed_dim, use_bias=False, name="feature_fc2")(x)
         x = batch_norm(train, "feature_bn2", epsilon=HEAD_BATCH_NORM_EPS)(x)
+        estimate_quality(self.heads, self, x, train)
         stacked = jax.tree.map(lambda *m: jnp.stack(m), *layer_metrics) if layer_metrics else {}
         return x, stacked

@@ -32,6 +32,11 @@ from facemoe_jax.train.writers import workdir_path
 FIXED_PREFIXES = ("model.", "data.")
 FIXED_FIELDS = ("seed", "loss.class_rows_multiple", "optimizer.name", "optimizer.clip_scope",
                 "train.trainable")
+# Switches that add leaves to the state, with the value a checkpoint written before the switch
+# existed had: turning one on over such a checkpoint is refused like an architecture change
+# (instead of failing to read the checkpoint).
+STATE_SWITCHES = {"recognizability.enabled": False, "model.perceptibility_attention": False,
+                  "model.quality_head": False}
 DATA_KNOBS = ("data.worker_count", "data.max_bad_share", "data.synthetic_cache",
               "data.tfds_data_dir")
 
@@ -60,6 +65,8 @@ def _config_dict(config) -> dict:
 def _is_fixed(field: str) -> bool:
     if field in DATA_KNOBS:
         return False
+    if field in STATE_SWITCHES:
+        return True
     return field.startswith(FIXED_PREFIXES) or field in FIXED_FIELDS
 
 
@@ -69,10 +76,11 @@ def config_changes(saved, current) -> tuple[list[str], list[str]]:
     old, new = _flatten(_config_dict(saved)), _flatten(_config_dict(current))
     fixed, knobs = [], []
     for field in sorted(set(old) | set(new)):
-        a, b = old.get(field, "<absent>"), new.get(field, "<absent>")
+        a = old.get(field, STATE_SWITCHES.get(field, "<absent>"))
+        b = new.get(field, STATE_SWITCHES.get(field, "<absent>"))
         if a == b:
             continue
-        if field not in old or field not in new:
+        if (field not in old or field not in new) and field not in STATE_SWITCHES:
             # A field added to (or removed from) the code since the checkpoint was written:
             # not a change the user made; shown, never refused.
             knobs.append(f"{field} {a!r} -> {b!r}" if field in old else f"{field} (new) {b!r}")

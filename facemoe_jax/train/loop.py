@@ -22,6 +22,7 @@ import numpy as np
 from facemoe_jax.data import augment as augment_lib
 from facemoe_jax.data import pipeline, sources
 from facemoe_jax.evaluate import suite as eval_suite
+from facemoe_jax.losses import recognizability
 from facemoe_jax.models import build_model
 from facemoe_jax.progress import format_duration
 from facemoe_jax.parallel import mesh as mesh_lib
@@ -233,6 +234,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     model = build_model(config.model)
     step_lib.check_loss_config(config.loss)
     distill_lib.check_config(config)
+    recognizability.check_config(config)
     eval_suite.check_eval_config(config)
     mesh = mesh_lib.make_mesh(config.mesh)
     mesh_lib.check_batch_size(config.train.batch_size, mesh)

@@ -7,6 +7,8 @@ the class axis splits evenly over the devices whatever their number.
 `rng` is a raw uint32 key (checkpointable as a plain array); each step derives its randomness
 with fold_in(rng, step), so a resumed run draws the same numbers as an uninterrupted one.
 `margin_state` holds AdaFace's running feature-norm statistics (carried, unused, by other margins).
+`ri_centre` is the recognizability index's unrecognizable-identity centre (embed_dim,) when
+config.recognizability.enabled, else None (no leaf: such states and checkpoints are unchanged).
 """
 
 from typing import Any
@@ -19,6 +21,7 @@ import optax
 from flax import struct
 
 from facemoe_jax.losses import classifier, margins
+from facemoe_jax.losses import recognizability
 
 
 class TrainState(struct.PyTreeNode):
@@ -28,6 +31,7 @@ class TrainState(struct.PyTreeNode):
     opt_state: Any
     rng: jax.Array
     margin_state: dict
+    ri_centre: Any = None
 
 
 def init_train_state(
@@ -64,6 +68,7 @@ def init_train_state(
             "mean": jnp.asarray(margins.ADAFACE_INITIAL_MEAN, jnp.float32),
             "std": jnp.asarray(margins.ADAFACE_INITIAL_STD, jnp.float32),
         },
+        ri_centre=recognizability.initial_centre(config),
     )
 
 

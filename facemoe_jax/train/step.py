@@ -4,7 +4,8 @@ total = margin CE + z_coef * router z-loss + balance_coef * load-balance loss (+
 distillation terms when a frozen teacher is given: train/distill.py), where the router
 losses of the MoE blocks are averaged (or summed, `config.loss.aux_reduce="sum"`, the official
 FaceMoE convention) over blocks. Losses and the margin softmax are float32 whatever the
-activation dtype.
+activation dtype. With config.recognizability.enabled the recognizability losses are added and
+the unrecognizable-identity centre advances first (losses/recognizability.py).
 """
 
 import functools
@@ -16,6 +17,7 @@ import optax
 
 from facemoe_jax.data.pipeline import normalize_images
 from facemoe_jax.losses import classifier, margins
+from facemoe_jax.losses import recognizability
 from facemoe_jax.parallel import sharding
 from facemoe_jax.train import distill as distill_lib
 from facemoe_jax.train import trainable as trainable_lib
@@ -109,6 +111,9 @@ def make_loss_fn(model, config: ml_collections.ConfigDict, teacher=None):
     """
     loss_cfg = config.loss
     check_loss_config(loss_cfg)
+    recognizability.check_config(config)
+    ri_on = recognizability.enabled(config)
+    quality_head = bool(config.model.get("quality_head", False))
     class_axes = sharding.class_axes(config.sharding_rules)
 
     def loss_fn(params, state: TrainState, batch: dict, teacher_variables=None):
@@ -147,6 +152,16 @@ def make_loss_fn(model, config: ml_collections.ConfigDict, teacher=None):
         )
         total = margin_ce + loss_cfg.z_coef * z_loss + loss_cfg.balance_coef * balance
         total = total + distill_loss
+        ri_metrics = {}
+        if ri_on:
+            quality_fn = None if not quality_head else lambda f: recognizability.predict_quality(
+                model, params["encoder"], f, jax.random.fold_in(dropout_rng, 1))  # fmt: skip
+            ri_loss, ri_metrics = recognizability.loss_terms(
+                config.recognizability, embeddings, params["classifier"]["centers"],
+                batch["label"], state.ri_centre, batch, quality_fn,
+                num_classes=config.data.num_classes, class_axes=class_axes,
+            )  # fmt: skip
+            total = total + ri_loss
         metrics = {
             "train/loss": total,
             "train/margin_ce": margin_ce,
@@ -157,6 +172,7 @@ def make_loss_fn(model, config: ml_collections.ConfigDict, teacher=None):
             "train/partial_fc_rate": jnp.max(cls_metrics["partial_fc/effective_rate"]),
             **{f"router/{k}": v for k, v in router.items()},
             **distill_metrics,
+            **ri_metrics,
         }
         if quality is not None:
             metrics["quality/a_mean"] = jnp.mean(quality)
@@ -183,13 +199,20 @@ def make_train_step(model, config: ml_collections.ConfigDict, optimizer, schedul
     `config.train.update_batch_stats` (PETALface's `backbone.train()` behaviour).
     """
     loss_fn = make_loss_fn(model, config, teacher)
+    ri_on = recognizability.enabled(config)
     patterns = config.train.get("trainable", trainable_lib.ALL)
     update_frozen_stats = bool(config.train.get("update_batch_stats", False))
 
     def train_step(state: TrainState, batch: dict, teacher_variables=None):
         """A non-finite loss or gradient leaves the state unchanged but for its step."""
+        # The unrecognizable-identity centre moves first; this step's loss uses the new one.
+        # The batch gains the embeddings of its copies the quality head learns from.
+        advanced = state
+        if ri_on:
+            advanced, batch = recognizability.with_copies(
+                model, config, state, batch, normalize_images(batch["image"]))  # fmt: skip
         grads, (batch_stats, margin_state, metrics) = jax.grad(loss_fn, has_aux=True)(
-            state.params, state, batch, teacher_variables
+            state.params, advanced, batch, teacher_variables
         )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -203,7 +226,7 @@ def make_train_step(model, config: ml_collections.ConfigDict, optimizer, schedul
                 )
         metrics["train/grad_norm"] = optax.tree.norm(grads)
         metrics["train/lr"] = schedule(state.step)
-        new_state = state.replace(
+        new_state = advanced.replace(
             step=state.step + 1,
             params=params,
             batch_stats=batch_stats,

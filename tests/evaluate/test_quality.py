@@ -34,3 +34,54 @@ def test_quality_from_embedding_norms_and_errors():
         quality.error_versus_reject(np.ones(3), np.zeros(3, bool), np.ones(2))
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         quality.error_versus_reject(np.ones(3), np.zeros(3, bool), np.ones(3), 0.1, [0.0, 1.0])
+
+
+def test_spearman_rho_matches_the_rank_formula_with_ties():
+    x = np.array([0.1, 0.4, 0.4, 0.9, 0.3, 0.7])
+    y = np.array([8, 12, 12, 48, 8, 24])
+    # Average ranks by hand (ties share the mean of their places), then Pearson's r.
+    rx = np.array([1, 3.5, 3.5, 6, 2, 5])
+    ry = np.array([1.5, 3.5, 3.5, 6, 1.5, 5])
+    want = np.corrcoef(rx, ry)[0, 1]
+    assert quality.spearman_rho(x, y) == pytest.approx(want, rel=1e-12)
+    assert quality.spearman_rho(x, -y) == pytest.approx(-want, rel=1e-12)
+
+
+def test_random_rejection_keeps_the_error_on_average_and_fnmr_at_reject():
+    rng = np.random.default_rng(0)
+    issame = np.repeat([True, False], 500)
+    scores = np.where(issame, rng.normal(0.5, 0.2, 1000), rng.normal(0.0, 0.1, 1000))
+    erc = quality.random_rejection(scores, issame, fmr=1e-2, draws=30, seed=1)
+    # Random rejection removes genuine pairs of every score alike: the FNMR stays where it was.
+    np.testing.assert_allclose(erc["fnmr"][:10], erc["fnmr"][0], atol=0.03)
+    assert quality.fnmr_at_reject(erc, 0.2) == erc["fnmr"][4]  # fractions 0, 0.05, ... 0.2
+
+
+def test_quality_vs_resolution_pooled_and_per_face_rho():
+    import jax
+    import jax.numpy as jnp
+    from scipy.stats import spearmanr
+
+    from facemoe_jax.data import degrade
+    from facemoe_jax.evaluate import embed
+    from facemoe_jax.evaluate.recognizability import quality_vs_resolution
+
+    # A stand-in quality: how much neighbouring pixels differ (falls as a face loses pixels),
+    # plus a per-face offset from the first pixel, so faces also differ from each other.
+    def roughness(images):
+        x = np.asarray(images, np.float64)
+        return np.abs(np.diff(x, axis=2)).mean(axis=(1, 2, 3)) + x[:, 0, 0, 0]
+
+    fn = embed.EmbedFn(jax.jit(lambda v, x: jnp.abs(jnp.diff(x.astype(jnp.float32), axis=2)).mean(
+        axis=(1, 2, 3)) + x[:, 0, 0, 0].astype(jnp.float32)))  # fmt: skip
+    faces = np.random.default_rng(0).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    metrics, curve = quality_vs_resolution(fn, {}, faces, (4, 8, 32), 16, batch_size=4)
+    pixels = [4, 8, 16]  # 32 is not below the input size: only the full size stays
+    q = np.stack([roughness(np.stack([degrade.to_resolution(f, p) for f in faces]) if p < 16
+                            else faces) for p in pixels], axis=1)  # fmt: skip
+    assert curve["pixels"] == pixels
+    np.testing.assert_allclose(curve["mean"], q.mean(axis=0), rtol=1e-5)
+    assert metrics["spearman_rho"] == pytest.approx(
+        spearmanr(q.ravel(), np.tile(pixels, len(faces))).correlation, abs=1e-9)
+    assert metrics["spearman_rho_per_face"] == pytest.approx(
+        np.mean([spearmanr(row, pixels).correlation for row in q]), abs=1e-9)

@@ -1,0 +1,33 @@
+r"""The recognizability index (Chai et al., CVPR 2023, our reading) on the CPU demo model.
+
+The demo ViT-MoE (configs/demo.py: 48x48 synthetic faces, 1,000 identities, 700 steps of 128)
+with everything of the method on (facemoe_jax/recipes.recognizability):
+  - the unrecognizable-identity centre c_UI in the train state, an EMA (momentum 0.9) of the
+    normalised embeddings of 32 batch images a step degraded to 4 px plus noise;
+  - the recognizability index RI in [0, 1] from the angle to c_UI and the margin between the own
+    class prototype and the hardest negative (losses/recognizability.py gives the formula);
+  - the index diversion hinge on images with RI < 0.5 (cos to c_UI pushed below 0.2);
+  - perceptibility attention over the ViT tokens before the embedding head;
+  - a quality head regressing RI (smooth-L1, beta 0.75) over stop-gradient embeddings of 64
+    batch images copied at 4, 6, 8, 12, 16, 24, 32 px and full size: `FaceEncoder.quality(images)`.
+Training images are degraded to 8-32 px half of the time (target_res_prob=0.5), so the batch
+holds faces from unrecognisable to sharp and RI has something to rank.
+
+Run:
+  python -m facemoe_jax.main --config configs/recognizability.py --workdir runs/ri
+Besides the demo's evaluation it prints the quality-versus-resolution line (Spearman rho between
+the predicted quality and the resolution of held-out faces degraded from 48 to 8 px) and the
+error-versus-reject summary of the quality head, the embedding norm and random rejection
+(eval/error_vs_reject.png, eval/quality_vs_resolution.png, eval/perceptibility_map.png).
+"""
+from configs import demo
+
+from facemoe_jax import recipes
+
+
+def get_config(arg=None):
+    del arg
+    config = demo.get_config()
+    recipes.recognizability(config)
+    config.data.update(target_res_prob=0.5, target_resolutions="8,12,16,24,32")
+    return config

@@ -1,0 +1,140 @@
+"""Evaluation of the recognizability heads (models/recognizability.py), run by suite.py.
+
+- `make_quality_fn`: the quality head's score per image (mean of the image and its mirror image
+  with the flip test), compiled ahead like the embedding (`embed.EmbedFn`).
+- `pair_set_quality`: error-versus-reject of a verification set by the quality head beside the
+  embedding norm and random rejection (quality.py), with the FNMR left after rejecting 20 %;
+  once as the set is and once with its second faces degraded to mixed resolutions (the case a
+  quality score is for: a stream of frames from unusable to sharp).
+- `quality_vs_resolution`: held-out faces degraded to each of `sizes` pixels (and at full
+  size, `data/degrade.to_resolution`), the mean predicted quality per size and the Spearman rho
+  between quality and resolution over all of them (and per face, averaged).
+- `perceptibility_weights`: the attention's mean weight per position over some faces.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from facemoe_jax.data import degrade
+from facemoe_jax.data.pipeline import normalize_images
+from facemoe_jax.evaluate import embed, quality
+from facemoe_jax.losses.recognizability import sown_quality
+from facemoe_jax.models.recognizability import ATTENTION_NAME
+
+REJECT_FRACTION = 0.2  # the share of pairs the summary rejects
+
+
+def has_quality_head(model) -> bool:
+    heads = getattr(model, "heads", None)
+    return bool(heads is not None and heads.quality_head)
+
+
+def has_perceptibility_attention(model) -> bool:
+    heads = getattr(model, "heads", None)
+    return bool(heads is not None and heads.perceptibility_attention)
+
+
+def make_quality_fn(model, flip_test: bool = True) -> embed.EmbedFn:
+    """jit(variables, uint8 images (B, H, W, 3)) -> (B,) float32 predicted quality."""
+
+    def predict(variables, x):
+        _, state = model.apply(variables, x, train=False, mutable=["intermediates"])
+        return sown_quality(state["intermediates"]).astype(jnp.float32)
+
+    @jax.jit
+    def quality_fn(variables, images):
+        x = normalize_images(images)
+        q = predict(variables, x)
+        return 0.5 * (q + predict(variables, x[:, :, ::-1])) if flip_test else q
+
+    return embed.EmbedFn(quality_fn)
+
+
+def _erc_set(scores, issame, norm_quality, head_quality, fmr: float, seed: int, prefix: str):
+    """ERCs of one set of pairs by the quality head, the norm and at random; FNMR summary."""
+    curves = {
+        "quality head": quality.error_versus_reject(scores, issame, head_quality, fmr),
+        "embedding norm": quality.error_versus_reject(scores, issame, norm_quality, fmr),
+        "random": quality.random_rejection(scores, issame, fmr, seed=seed),
+    }
+    metrics = {f"{prefix}fnmr_reject0": quality.fnmr_at_reject(curves["random"], 0.0)}
+    for kind, key in (("quality head", "quality"), ("embedding norm", "norm"), ("random", "random")):
+        metrics[f"{prefix}fnmr_reject20_{key}"] = quality.fnmr_at_reject(curves[kind], REJECT_FRACTION)
+        metrics[f"{prefix}erc_auc_{key}"] = curves[kind]["auc"]
+    return metrics, curves
+
+
+def mixed_resolution(images: np.ndarray, sizes, image_size: int, seed: int):
+    """Each face degraded to a size drawn (seeded) from `sizes` below the input or kept at full
+    size: (images, pixels per image)."""
+    pixels = sorted({int(p) for p in sizes if int(p) < image_size}) + [image_size]
+    drawn = np.random.default_rng(seed).choice(pixels, len(images))
+    out = np.stack([face if px >= image_size else degrade.to_resolution(face, int(px))
+                    for face, px in zip(images, drawn)])  # fmt: skip
+    return out, drawn
+
+
+def pair_set_quality(quality_fn, embed_fn, variables, images_a, images_b, issame, sizes,
+                     image_size: int, fmr: float, batch_size: int, seed: int = 0):  # fmt: skip
+    """(metrics, {curve name: ERC}) of one verification set, twice: as it is, and with its
+    second faces degraded to mixed resolutions (`mixed_resolution`, prefix "mixed_"): the
+    FNMR at FMR `fmr` before and after rejecting the 20 % lowest-quality pairs by the quality
+    head, the embedding norm and at random, and each ERC's area.
+
+    embed_fn: uint8 images -> raw embeddings (flip test as configured)."""
+    from facemoe_jax.evaluate import verification
+
+    metrics, curves = {}, {}
+    emb_a = embed_fn(images_a)
+    qa = embed.embed_images(quality_fn, variables, images_a, batch_size)
+    mixed_b, _ = mixed_resolution(images_b, sizes, image_size, seed)
+    for prefix, faces_b in (("", images_b), ("mixed_", mixed_b)):
+        emb_b = embed_fn(faces_b)
+        qb = embed.embed_images(quality_fn, variables, faces_b, batch_size)
+        scores = 1.0 - verification.pair_distances(emb_a, emb_b) / 2.0
+        norm = np.minimum(quality.embedding_norm_quality(emb_a),
+                          quality.embedding_norm_quality(emb_b))  # fmt: skip
+        m, c = _erc_set(scores, issame, norm, np.minimum(qa, qb), fmr, seed, prefix)
+        metrics.update(m)
+        label = "mixed resolution" if prefix else "as given"
+        curves.update({f"{label}: {kind}": erc for kind, erc in c.items()})
+    return metrics, curves
+
+
+def quality_vs_resolution(quality_fn, variables, images: np.ndarray, sizes, image_size: int,
+                          batch_size: int):  # fmt: skip
+    """(metrics, curve): Spearman rho between predicted quality and resolution over `images`
+    degraded to every size below the input and at full size (pooled over all faces, and the
+    mean over faces of each face's own rho); mean quality per size."""
+    pixels = sorted({int(p) for p in sizes if int(p) < image_size}) + [image_size]
+    qualities = []
+    for px in pixels:
+        faces = images if px >= image_size else np.stack(
+            [degrade.to_resolution(face, px) for face in images]
+        )
+        qualities.append(embed.embed_images(quality_fn, variables, faces, batch_size))
+    rho = quality.spearman_rho(np.concatenate(qualities), np.repeat(pixels, len(images)))
+    # Per face: does the quality of one face fall as that face is degraded (free of how faces
+    # differ from each other, which the pooled rho also ranks)?
+    per_face = np.mean([quality.spearman_rho(q, pixels) for q in np.stack(qualities, axis=1)])
+    metrics = {"spearman_rho": rho, "spearman_rho_per_face": float(per_face),
+               **{f"mean_quality@{px}px": float(np.mean(q)) for px, q in zip(pixels, qualities)}}  # fmt: skip
+    curve = {"pixels": pixels, "mean": [float(np.mean(q)) for q in qualities],
+             "std": [float(np.std(q)) for q in qualities], "spearman_rho": rho}  # fmt: skip
+    return metrics, curve
+
+
+def perceptibility_weights(model, variables, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """(S,) the attention weight of each position, averaged over `images` (uint8)."""
+
+    @jax.jit
+    def weights_fn(variables, images):
+        _, state = model.apply(variables, normalize_images(images), train=False,
+                               mutable=["intermediates"])  # fmt: skip
+        return state["intermediates"][ATTENTION_NAME]["weights"][0]
+
+    fn = embed.EmbedFn(weights_fn)
+    return embed.embed_images(fn, variables, images, batch_size).mean(axis=0)

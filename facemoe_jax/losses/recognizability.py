@@ -1,0 +1,354 @@
+r"""The recognizability index (RI) and its losses (Chai et al., CVPR 2023), as we read them.
+
+No official code exists and the full text was not reachable (see /work/shared/spec/lr_methods.md
+section C): the paper's abstract and third-party notes say *what* the parts are (an
+unrecognizable-identity centre, positive and nearest negative class prototypes, an "index
+diversion" hinge, a perceptibility attention, an RI regression head with smooth-L1, beta 0.75);
+the formulas below are ours, every constant is in ``config.recognizability``.
+
+Notation: e = L2-normalised embedding of an image, w_y = its class prototype (the L2-normalised
+class centre of the classifier), w_j the other real classes, c = c_UI.
+
+1. **Unrecognizable-identity centre** (``update_centre``). Each step, ``ui_images`` images of the
+   batch are degraded beyond recognition (``degrade_beyond_recognition``: area-resized to
+   ``ui_pixels`` x ``ui_pixels``, bilinear back, plus Gaussian noise of ``ui_noise_std`` in the
+   [-1, 1] pixel scale) and embedded by the current encoder in evaluation mode, without gradient.
+   With u = normalise(mean_i normalise(f(degraded_i))) and momentum m:
+
+       c <- normalise(m * c + (1 - m) * u)
+
+   The state starts at c = 0, so the first step sets c = u exactly. A step whose loss or gradient
+   is not finite leaves c unchanged (the train step keeps the whole state).
+
+2. **RI** per image, in [0, 1] (``recognizability_index``), from three angles:
+   theta_UI = arccos cos(e, c), theta_P = arccos cos(e, w_y), theta_N = arccos max_{j != y} cos(e, w_j):
+
+       s_UI  = clip(theta_UI / ui_angle_scale, 0, 1)                         (far from c = 1)
+       s_cls = clip(0.5 + (theta_N - theta_P) / (2 * margin_angle_scale), 0, 1) (0.5 on the boundary)
+       RI    = ui_weight * s_UI + (1 - ui_weight) * s_cls
+
+   Both scales default to pi, the full range of the angles (theta_UI in [0, pi], theta_N - theta_P
+   in [-pi, pi]), so neither term clips: RI keeps ranking faces where a smaller scale saturates
+   (with pi/2 and 0.5 nearly every training face, orthogonal to c and well classified, scored
+   the same). Smaller scales stretch the middle of the range and clip its ends.
+
+   RI carries no gradient (a target and a selector, never a path). Under the class-sharded
+   classifier each device holds some rows of the centre matrix: its own-class cosine is summed
+   and its hardest negative maximised over the class axes (``prototype_cosines``).
+
+3. **Index diversion loss** (``diversion_loss``): images with a low RI are pushed away from c,
+
+       L_ID = mean_i  w_i * max(0, cos(e_i, c) - diversion_margin),
+       w_i  = [RI_i < diversion_threshold]   ("threshold")   or   1 - RI_i   ("soft"),
+
+   with c and w_i constants (no gradient); the gradient flows through e_i only.
+
+4. **Quality regression** (``smooth_l1``, ``quality_copies``): the quality head learns from copies
+   of the batch that span the resolutions, so that its target varies with resolution instead of
+   with what the batch happens to hold. Each step the first ``quality_images`` batch images are
+   split into G = len(quality_pixels) + 1 groups (image i in group i mod G; sizes not below the
+   input size are dropped); group g is resized to quality_pixels[g] pixels and back (as the c_UI
+   copies, no noise), the last group stays at full size. The copies are embedded by the current
+   encoder in evaluation mode, without gradient (the same forward pass as the c_UI copies), and
+   their RI_k is item 2 with the new c and the images' own labels. The head (training mode: its
+   dropout on) predicts q_k in (0, 1) from the stop-gradient embedding f_k:
+
+       L_Q = mean_k smoothL1_beta(q_k - RI_k),   beta = quality_beta (0.75, the paper's)
+
+   so L_Q trains the head alone, never the encoder.
+
+Total added to the train loss: diversion_weight * L_ID + quality_weight * L_Q.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax.sharding import PartitionSpec as P
+
+from facemoe_jax.losses import classifier
+from facemoe_jax.models.recognizability import QUALITY_KEY, QUALITY_NAME, QualityHead
+
+WEIGHTINGS = ("threshold", "soft")
+COPY_EMBEDDINGS = "ri_copy_embeddings"  # batch entries the train step adds (``with_copies``)
+COPY_LABELS = "ri_copy_labels"
+_NO_NEGATIVE = -2.0  # below any cosine: "no other class here"
+
+
+def enabled(config: ml_collections.ConfigDict) -> bool:
+    return bool(config.get("recognizability", {}).get("enabled", False))
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Errors name the field; also refuses a quality head that nothing would train."""
+    quality_head = bool(config.model.get("quality_head", False))
+    if not enabled(config):
+        if quality_head:
+            raise ValueError(
+                "config.model.quality_head=True needs config.recognizability.enabled=True (the "
+                "head regresses the recognizability index; nothing else trains it)"
+            )
+        return
+    cfg = config.recognizability
+    if cfg.ui_pixels < 1 or cfg.ui_pixels > config.model.image_size:
+        raise ValueError(
+            f"config.recognizability.ui_pixels={cfg.ui_pixels} must be in 1.."
+            f"{config.model.image_size} (the input size)"
+        )
+    if cfg.ui_images < 0 or cfg.ui_images > config.train.batch_size:
+        raise ValueError(
+            f"config.recognizability.ui_images={cfg.ui_images} must be in 0.."
+            f"{config.train.batch_size} (0 = the whole batch)"
+        )
+    if not 0.0 <= cfg.centre_momentum < 1.0:
+        raise ValueError(
+            f"config.recognizability.centre_momentum={cfg.centre_momentum} must be in [0, 1)"
+        )
+    if not 0.0 <= cfg.ui_weight <= 1.0:
+        raise ValueError(f"config.recognizability.ui_weight={cfg.ui_weight} must be in [0, 1]")
+    for field in ("ui_angle_scale", "margin_angle_scale", "quality_beta"):
+        if cfg[field] <= 0:
+            raise ValueError(f"config.recognizability.{field}={cfg[field]} must be > 0")
+    for field in ("ui_noise_std", "diversion_weight", "quality_weight"):
+        if cfg[field] < 0:
+            raise ValueError(f"config.recognizability.{field}={cfg[field]} must be >= 0")
+    pixels = str(cfg.quality_pixels)
+    try:
+        sizes = parse_pixels(pixels)
+    except ValueError:
+        sizes = (0,)
+    if not all(p >= 1 for p in sizes):
+        raise ValueError(
+            f"config.recognizability.quality_pixels={pixels!r} must be comma-separated sizes >= 1"
+        )
+    if cfg.quality_images < 0 or cfg.quality_images > config.train.batch_size:
+        raise ValueError(
+            f"config.recognizability.quality_images={cfg.quality_images} must be in 0.."
+            f"{config.train.batch_size} (0 = the whole batch)"
+        )
+    if cfg.diversion_weighting not in WEIGHTINGS:
+        raise ValueError(
+            f"config.recognizability.diversion_weighting={cfg.diversion_weighting!r} is not "
+            f"one of {WEIGHTINGS}"
+        )
+
+
+def initial_centre(config: ml_collections.ConfigDict):
+    """The state's `ri_centre`: zeros (embed_dim,) when RI is on (the first update sets it),
+    else None (no leaf: the state and its checkpoints are as without RI)."""
+    if not enabled(config):
+        return None
+    return jnp.zeros((config.model.embed_dim,), jnp.float32)
+
+
+def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
+    x = jnp.asarray(x, jnp.float32)
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), 1e-24))
+
+
+def resize_through(images: jax.Array, pixels: int) -> jax.Array:
+    """(B, H, W, 3) -> the same faces with only `pixels` x `pixels` of information: antialiased
+    linear resize down (area-like averaging, as evaluation's cv2.INTER_AREA), bilinear back."""
+    b, h, w, c = images.shape
+    small = jax.image.resize(images.astype(jnp.float32), (b, pixels, pixels, c), "linear",
+                             antialias=True)  # fmt: skip
+    return jax.image.resize(small, (b, h, w, c), "linear", antialias=False)
+
+
+def degrade_beyond_recognition(images: jax.Array, rng: jax.Array, pixels: int,
+                               noise_std: float) -> jax.Array:  # fmt: skip
+    """(B, H, W, 3) in [-1, 1] -> the same faces at `pixels` x `pixels` (antialiased linear
+    resize, i.e. area-like averaging, then bilinear back) plus Gaussian noise, clipped."""
+    x = resize_through(images, pixels)
+    x = x + noise_std * jax.random.normal(rng, x.shape, jnp.float32)
+    return jnp.clip(x, -1.0, 1.0)
+
+
+def update_centre(centre: jax.Array, ui_embeddings: jax.Array, momentum: float) -> jax.Array:
+    """c <- normalise(m c + (1 - m) normalise(mean_i normalise(u_i))); c = 0 at the start."""
+    batch_direction = l2_normalize(jnp.mean(l2_normalize(ui_embeddings), axis=0))
+    return l2_normalize(momentum * centre + (1.0 - momentum) * batch_direction)
+
+
+def _own_and_hardest(embeddings, centers, labels, first, num_classes):
+    """(cos to the own class, highest cos to another real class) over the rows `first` ..
+    `first + rows - 1` held here; (0, -2) where the own class / no negative is here."""
+    cosines = classifier.cosine_logits(embeddings, centers)
+    class_ids = first + jnp.arange(centers.shape[0])
+    is_own = class_ids[None, :] == labels[:, None]
+    own = jnp.sum(jnp.where(is_own, cosines, 0.0), axis=1)
+    negative = (class_ids < num_classes)[None, :] & ~is_own
+    hardest = jnp.max(jnp.where(negative, cosines, _NO_NEGATIVE), axis=1)
+    return own, hardest
+
+
+def prototype_cosines(embeddings, centers, labels, *, num_classes: int,
+                      class_axes: tuple[str, ...]):  # fmt: skip
+    """(cos(e, w_y), max_{j != y} cos(e, w_j)), each (B,) float32, without gradient.
+
+    Under an active mesh whose ``class_axes`` split the centre rows, each device compares the
+    (replicated) embeddings with its own rows; the own-class cosine is a ``psum`` (one device
+    holds the class, the others add 0) and the hardest negative a ``pmax`` over ``class_axes``.
+    """
+    embeddings = jax.lax.stop_gradient(embeddings)
+    centers = jax.lax.stop_gradient(centers)
+    labels = jnp.asarray(labels, jnp.int32)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not class_axes or math.prod(mesh.shape[a] for a in class_axes) == 1:
+        return _own_and_hardest(embeddings, centers[:num_classes], labels, 0, num_classes)
+    rows = centers.shape[0] // math.prod(mesh.shape[a] for a in class_axes)
+
+    def local(emb, local_centers, labels):
+        first = classifier._shard_index(class_axes) * rows
+        own, hardest = _own_and_hardest(emb, local_centers, labels, first, num_classes)
+        return jax.lax.psum(own, class_axes), jax.lax.pmax(hardest, class_axes)
+
+    return jax.shard_map(
+        local,
+        in_specs=(P(), P(class_axes), P()),
+        out_specs=(P(), P()),
+        axis_names=set(class_axes),
+    )(embeddings, centers, labels)
+
+
+def _angle(cosine):
+    return jnp.arccos(jnp.clip(cosine, -1.0, 1.0))
+
+
+def recognizability_index(cos_ui, cos_own, cos_hardest, *, ui_weight: float,
+                          ui_angle_scale: float, margin_angle_scale: float) -> jax.Array:  # fmt: skip
+    """RI in [0, 1] per image (module docstring, item 2), without gradient."""
+    cos_ui, cos_own, cos_hardest = (
+        jax.lax.stop_gradient(jnp.asarray(x, jnp.float32)) for x in (cos_ui, cos_own, cos_hardest)
+    )
+    s_ui = jnp.clip(_angle(cos_ui) / ui_angle_scale, 0.0, 1.0)
+    s_cls = jnp.clip(0.5 + (_angle(cos_hardest) - _angle(cos_own)) / (2 * margin_angle_scale),
+                     0.0, 1.0)  # fmt: skip
+    return ui_weight * s_ui + (1.0 - ui_weight) * s_cls
+
+
+def diversion_loss(cos_ui, ri, *, threshold: float, margin: float,
+                   weighting: str = "threshold") -> jax.Array:  # fmt: skip
+    """mean_i w_i max(0, cos(e_i, c) - margin), w_i = [RI_i < threshold] or 1 - RI_i."""
+    ri = jax.lax.stop_gradient(ri)
+    if weighting == "threshold":
+        weights = (ri < threshold).astype(jnp.float32)
+    elif weighting == "soft":
+        weights = 1.0 - ri
+    else:
+        raise ValueError(f"diversion weighting {weighting!r} is not one of {WEIGHTINGS}")
+    return jnp.mean(weights * jax.nn.relu(cos_ui - margin))
+
+
+def smooth_l1(prediction, target, beta: float = 0.75) -> jax.Array:
+    """Mean Huber-style smooth L1 (PyTorch's): 0.5 d^2 / beta for |d| < beta, else |d| - beta/2."""
+    d = jnp.abs(jnp.asarray(prediction, jnp.float32) - jnp.asarray(target, jnp.float32))
+    return jnp.mean(jnp.where(d < beta, 0.5 * d * d / beta, d - 0.5 * beta))
+
+
+def sown_quality(intermediates) -> jax.Array | None:
+    """The quality head's (B,) prediction from a forward pass's "intermediates" collection."""
+    if not intermediates or QUALITY_KEY not in intermediates:
+        return None
+    return intermediates[QUALITY_KEY][0]
+
+
+def quality_copies(images: jax.Array, pixels: tuple[int, ...], count: int) -> jax.Array:
+    """The first `count` (0 = all) images, image i resized to pixels[i mod G] and back (G =
+    len(pixels) + 1; i mod G = len(pixels): kept at full size): item 4's copies, same order."""
+    if count:
+        images = images[:count]
+    groups = len(pixels) + 1
+    copies = images.astype(jnp.float32)
+    for g, px in enumerate(pixels[: images.shape[0]]):
+        copies = copies.at[g::groups].set(resize_through(images[g::groups], int(px)))
+    return copies
+
+
+def parse_pixels(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in str(text).split(",") if p.strip())
+
+
+def with_copies(model, config, state, batch: dict, images: jax.Array):
+    """(state with the next c_UI, batch plus the quality copies' embeddings and labels).
+
+    images: the batch normalised to [-1, 1]. One evaluation-mode forward pass without gradient
+    embeds both kinds of copies: the first ``ui_images`` (0 = all) degraded beyond recognition
+    with noise drawn from fold_in(rng, step) (a resumed run draws the same) for c_UI (item 1),
+    and, for a model with a quality head to train, the ``quality_copies`` (item 4), whose
+    embeddings and labels go into the batch for the loss (``COPY_EMBEDDINGS``, ``COPY_LABELS``)."""
+    cfg = config.recognizability
+    trains_head = bool(config.model.get("quality_head", False)) and cfg.quality_weight > 0
+    ui = images[: cfg.ui_images] if cfg.ui_images else images
+    rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 0x5249)  # "RI"
+    parts = [degrade_beyond_recognition(ui, rng, int(cfg.ui_pixels), cfg.ui_noise_std)]
+    if trains_head:
+        pixels = tuple(p for p in parse_pixels(cfg.quality_pixels) if p < images.shape[1])
+        parts.append(quality_copies(images, pixels, int(cfg.quality_images)))
+    variables = {"params": state.params["encoder"], "batch_stats": state.batch_stats}
+    embedded, _ = model.apply(jax.lax.stop_gradient(variables), jnp.concatenate(parts),
+                              train=False)  # fmt: skip
+    embedded = jax.lax.stop_gradient(embedded)
+    centre = update_centre(state.ri_centre, embedded[: ui.shape[0]], cfg.centre_momentum)
+    batch = dict(batch)
+    if trains_head:
+        labels = batch["label"][: cfg.quality_images] if cfg.quality_images else batch["label"]
+        batch[COPY_EMBEDDINGS], batch[COPY_LABELS] = embedded[ui.shape[0]:], labels
+    return state.replace(ri_centre=centre), batch
+
+
+def predict_quality(model, encoder_params, embeddings, dropout_rng) -> jax.Array:
+    """The model's quality head (training mode) on given embeddings, without gradient into them."""
+    head = QualityHead(model.heads.quality_hidden, model.heads.quality_dropout)
+    return head.apply({"params": encoder_params[QUALITY_NAME]}, jax.lax.stop_gradient(embeddings),
+                      True, rngs={"dropout": dropout_rng})  # fmt: skip
+
+
+def _index(cfg, embeddings, centers, labels, centre, num_classes, class_axes):
+    """(cos(e, c_UI), RI) of raw embeddings (item 2)."""
+    cos_ui = l2_normalize(embeddings) @ jax.lax.stop_gradient(centre)
+    cos_own, cos_hardest = prototype_cosines(
+        embeddings, centers, labels, num_classes=num_classes, class_axes=class_axes
+    )
+    ri = recognizability_index(
+        cos_ui, cos_own, cos_hardest, ui_weight=cfg.ui_weight,
+        ui_angle_scale=cfg.ui_angle_scale, margin_angle_scale=cfg.margin_angle_scale,
+    )  # fmt: skip
+    return cos_ui, ri
+
+
+def loss_terms(cfg, embeddings, centers, labels, centre, batch, quality_fn, *, num_classes: int,
+               class_axes: tuple[str, ...]) -> tuple[jax.Array, dict]:  # fmt: skip
+    """diversion_weight * L_ID + quality_weight * L_Q and the metrics, for one batch.
+
+    cfg: config.recognizability; embeddings (B, D) raw; centers: the classifier's centre matrix;
+    centre: c_UI (D,); batch: with the copies of ``with_copies`` when the head trains;
+    quality_fn: stop-gradient embeddings -> the head's predictions (``predict_quality``), or
+    None for a model without a quality head.
+    """
+    cos_ui, ri = _index(cfg, embeddings, centers, labels, centre, num_classes, class_axes)
+    diversion = diversion_loss(cos_ui, ri, threshold=cfg.diversion_threshold,
+                               margin=cfg.diversion_margin, weighting=cfg.diversion_weighting)  # fmt: skip
+    total = cfg.diversion_weight * diversion
+    metrics = {
+        "ri/mean": jnp.mean(ri),
+        "ri/std": jnp.std(ri),
+        "ri/low_share": jnp.mean((ri < cfg.diversion_threshold).astype(jnp.float32)),
+        "ri/cos_to_ui_centre": jnp.mean(jax.lax.stop_gradient(cos_ui)),
+        "ri/diversion_loss": diversion,
+    }
+    if quality_fn is not None and COPY_EMBEDDINGS in batch:
+        copies = batch[COPY_EMBEDDINGS]
+        _, copy_ri = _index(cfg, copies, centers, batch[COPY_LABELS], centre, num_classes,
+                            class_axes)  # fmt: skip
+        quality = quality_fn(copies)
+        quality_loss = smooth_l1(quality, copy_ri, cfg.quality_beta)
+        total = total + cfg.quality_weight * quality_loss
+        metrics["ri/quality_loss"] = quality_loss
+        metrics["ri/copies_ri_std"] = jnp.std(copy_ri)
+        error = jnp.abs(jax.lax.stop_gradient(quality) - copy_ri)
+        metrics["ri/quality_abs_error"] = jnp.mean(error)
+    return total, metrics

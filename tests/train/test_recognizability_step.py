@@ -1,0 +1,93 @@
+"""The train step with the recognizability index: the loss parts add up, c_UI moves as the
+documented EMA of the batch's degraded copies, the quality head learns from the copies'
+stop-gradient embeddings only, and a state restored from a checkpoint continues bitwise (the
+loop's resume itself is tested by tests/test_main.py; what RI adds is the c_UI leaf)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from facemoe_jax import recipes
+from facemoe_jax.data.pipeline import normalize_images
+from facemoe_jax.losses import recognizability
+from facemoe_jax.train.checkpoint import Checkpointer, config_changes
+from tests.train.test_step import fixed_batch, setup, tiny_config
+
+
+def unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+@pytest.mark.slow
+def test_step_moves_the_centre_adds_the_losses_and_resumes_bitwise(tmp_path):
+    config = tiny_config()
+    recipes.recognizability(config)
+    config.recognizability.update(ui_images=8, quality_images=12)
+    config.model.update(moe_layers="none", depth=1)  # RI never looks inside the blocks: compile less
+    model, state, step = setup(config)
+    assert state.ri_centre.shape == (32,) and not np.any(np.asarray(state.ri_centre))
+    batch = fixed_batch()
+    # c starts at 0, so after one step it is the mean direction of the embeddings of the first 8
+    # images degraded to 4 px with the step's noise, embedded on their own in evaluation mode.
+    rng = jax.random.fold_in(jax.random.fold_in(state.rng, 0), 0x5249)
+    degraded = recognizability.degrade_beyond_recognition(
+        normalize_images(batch["image"][:8]), rng, 4, config.recognizability.ui_noise_std)
+
+    @jax.jit  # one compilation for the references
+    def references(state, batch, degraded):
+        variables = {"params": state.params["encoder"], "batch_stats": state.batch_stats}
+        copies = recognizability.with_copies(model, config, state, batch,
+                                             normalize_images(batch["image"]))[1]  # fmt: skip
+
+        def quality_loss(encoder_params):
+            fn = lambda f: recognizability.predict_quality(  # noqa: E731
+                model, encoder_params, f, jax.random.PRNGKey(0))
+            return recognizability.loss_terms(
+                config.recognizability, jnp.ones((16, 32)), state.params["classifier"]["centers"],
+                batch["label"], state.ri_centre, copies, fn, num_classes=8, class_axes=())[1][
+                "ri/quality_loss"]  # fmt: skip
+
+        grads = jax.grad(quality_loss)(state.params["encoder"])
+        return model.apply(variables, degraded)[0], copies, grads
+
+    ui, copies, grads = references(state, batch, degraded)
+    expected = unit(unit(np.asarray(ui)).mean(axis=0))
+    # The quality loss is computed over the 12 copies and reaches the head, nothing else.
+    assert copies[recognizability.COPY_EMBEDDINGS].shape == (12, 32)
+    touched = {name for name, g in grads.items()
+               if any(np.any(np.asarray(x)) for x in jax.tree.leaves(g))}  # fmt: skip
+    assert touched == {"quality_head"}
+
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            state)  # fmt: skip
+    state, metrics = step(state, batch)
+    np.testing.assert_allclose(np.asarray(state.ri_centre), expected, atol=1e-5)
+    parts = (metrics["train/margin_ce"] + metrics["ri/diversion_loss"]
+             + metrics["ri/quality_loss"])  # weights 1 and 1; router losses off (recipe)
+    np.testing.assert_allclose(metrics["train/loss"], parts, rtol=1e-6)
+    assert 0.0 <= float(metrics["ri/mean"]) <= 1.0
+
+    # Saved after step 1 and restored, the state takes step 2 exactly as the live one does.
+    checkpointer = Checkpointer(str(tmp_path), every_steps=1, max_to_keep=1)
+    checkpointer.save(1, state, None, config)
+    checkpointer.manager.wait_until_finished()
+    restored = checkpointer.restore(1, abstract)
+    np.testing.assert_array_equal(np.asarray(restored.ri_centre), np.asarray(state.ri_centre))
+    second = fixed_batch(seed=1)
+    live, live_metrics = step(state, second)
+    again, again_metrics = step(restored, second)
+    np.testing.assert_array_equal(np.asarray(again.ri_centre), np.asarray(live.ri_centre))
+    for key in ("train/loss", "ri/quality_loss", "ri/cos_to_ui_centre"):
+        assert float(again_metrics[key]) == float(live_metrics[key]), key
+
+
+def test_turning_ri_on_over_a_checkpoint_without_it_is_refused():
+    saved = {"model": {"name": "vit_moe"}, "recognizability": {"enabled": False}}
+    old = {"model": {"name": "vit_moe"}}  # written before the switches existed
+    for before in (saved, old):
+        fixed, _ = config_changes(before, {"model": {"name": "vit_moe", "quality_head": True},
+                                           "recognizability": {"enabled": True}})  # fmt: skip
+        assert fixed == ["model.quality_head (checkpoint False, now True)",
+                         "recognizability.enabled (checkpoint False, now True)"]  # fmt: skip
+    assert config_changes(old, {"model": {"name": "vit_moe", "quality_head": False}}) == ([], [])
