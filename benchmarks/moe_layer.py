@@ -76,9 +76,11 @@ def main():
             args.experts, args.k, args.hidden, activation=gelu, capacity_factor=1.25
         ),
     }
-    print(f"backend {jax.default_backend()}, width {args.width}, expert hidden {args.hidden}, "
-          f"E={args.experts}, K={args.k}, groups of {args.group} tokens; fwd+bwd ms "
-          f"(median of {args.repeats}), ratio to dense")
+    print(
+        f"backend {jax.default_backend()}, width {args.width}, expert hidden {args.hidden}, "
+        f"E={args.experts}, K={args.k}, groups of {args.group} tokens; fwd+bwd ms "
+        f"(median of {args.repeats}), ratio to dense"
+    )
     results = {}
     for tokens in [int(t) for t in args.tokens.split(",")]:
         x = jax.random.normal(jax.random.key(1), (tokens // args.group, args.group, args.width))
@@ -106,8 +108,10 @@ def main():
         }
         line = "  ".join(f"{k} {v:8.1f} ms ({v / dense:4.2f}x)" for k, v in ms.items())
         print(f"{tokens:>6} tokens: {line}")
-        print(f"{'':>14}capacity path drops "
-              + ", ".join(f"{d * 100:.2f} % at factor {f}" for f, d in drops.items()))
+        print(
+            f"{'':>14}capacity path drops "
+            + ", ".join(f"{d * 100:.2f} % at factor {f}" for f, d in drops.items())
+        )
     ref = 16384 if 16384 in results else max(results)
     out = {"tokens": results, "ratio_at": ref, "ratio": results[ref]["best_moe_over_dense"]}
     print(json.dumps(out))

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import os
 
-os.environ["XLA_FLAGS"] = (
-    "--xla_force_host_platform_device_count=8 " + os.environ.get("XLA_FLAGS", "")
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8 " + os.environ.get(
+    "XLA_FLAGS", ""
 )
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -118,8 +118,10 @@ def main():
     parser.add_argument("--depth", type=int, default=2, help="blocks of the compiled model")
     parser.add_argument("--batch", type=int, default=64, help="global batch")
     args = parser.parse_args()
-    print(f"{jax.device_count()} {jax.devices()[0].platform} devices; ViT-B-MoE "
-          "(configs/vit_b_moe.py); GiB per device")
+    print(
+        f"{jax.device_count()} {jax.devices()[0].platform} devices; ViT-B-MoE "
+        "(configs/vit_b_moe.py); GiB per device"
+    )
     results = {}
     for classes in [int(c) for c in args.classes.split(",")]:
         for shape in MESHES:
@@ -135,11 +137,14 @@ def main():
                 f"compiled_gib_depth_{args.depth}": {k: round(v, 4) for k, v in memory.items()},
                 "compile_s": round(seconds, 1),
             }
-            print(f"{classes:>8} classes, mesh {shape[0]}x{shape[1]}: state (depth 24) centres "
-                  f"{params['centres']:6.3f} experts {params['experts']:6.3f} rest "
-                  f"{params['rest']:6.3f} | compiled step (depth {args.depth}) args "
-                  f"{memory['arguments']:6.3f} temp {memory['temporaries']:6.3f} out "
-                  f"{memory['outputs']:6.3f} ({seconds:.0f} s compile)", flush=True)
+            print(
+                f"{classes:>8} classes, mesh {shape[0]}x{shape[1]}: state (depth 24) centres "
+                f"{params['centres']:6.3f} experts {params['experts']:6.3f} rest "
+                f"{params['rest']:6.3f} | compiled step (depth {args.depth}) args "
+                f"{memory['arguments']:6.3f} temp {memory['temporaries']:6.3f} out "
+                f"{memory['outputs']:6.3f} ({seconds:.0f} s compile)",
+                flush=True,
+            )
     largest = max(int(c) for c in args.classes.split(","))
     ratio = (results[f"{largest}/1x8"]["state_gib_full_depth"]["centres"]
              / results[f"{largest}/8x1"]["state_gib_full_depth"]["centres"])  # fmt: skip

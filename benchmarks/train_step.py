@@ -188,21 +188,23 @@ def vs_torch(args):
             runs[path], compile_s[path], gflops[path] = make_ours(config, args.batch)
         runs["pytorch"] = make_torch(small_config(model_name, args.full), args.batch, threads)
         step_s = interleaved(runs, args.rounds, args.steps)
-        entry = {
-            f"{name}_img_s": round(args.batch / s, 2) for name, s in step_s.items()
-        }
+        entry = {f"{name}_img_s": round(args.batch / s, 2) for name, s in step_s.items()}
         for path in ("dropless", "capacity_1.5"):
             entry[f"ratio_{path}"] = round(step_s["pytorch"] / step_s[path], 3)
             entry[f"compile_s_{path}"] = round(compile_s[path], 1)
             entry[f"gflop_per_step_{path}"] = round(gflops[path], 2)
         results[model_name] = entry
-        print(f"{model_name}-MoE ({'full' if args.full else 'small'} size), batch {args.batch}, "
-              f"{threads} threads, median of {args.rounds} rounds x {args.steps} steps:")
+        print(
+            f"{model_name}-MoE ({'full' if args.full else 'small'} size), batch {args.batch}, "
+            f"{threads} threads, median of {args.rounds} rounds x {args.steps} steps:"
+        )
         print(f"  {'PyTorch (official routing)':>28}: {entry['pytorch_img_s']:7.2f} img/s")
         for path in ("dropless", "capacity_1.5"):
-            print(f"  {'ours, ' + path:>28}: {entry[f'{path}_img_s']:7.2f} img/s  "
-                  f"ratio {entry[f'ratio_{path}']:.2f}  compile {entry[f'compile_s_{path}']:.1f} s"
-                  f"  {entry[f'gflop_per_step_{path}']:.2f} GFLOP/step")
+            print(
+                f"  {'ours, ' + path:>28}: {entry[f'{path}_img_s']:7.2f} img/s  "
+                f"ratio {entry[f'ratio_{path}']:.2f}  compile {entry[f'compile_s_{path}']:.1f} s"
+                f"  {entry[f'gflop_per_step_{path}']:.2f} GFLOP/step"
+            )
     first = args.models.split(",")[0]
     results["ratio"] = results[first]["ratio_dropless"]
     print(json.dumps(results))
@@ -230,9 +232,11 @@ def vs_dense(args):
         compile_s, gflops, step_s = measure(config, args.batch, args.steps)
         dense_s = dense_s or step_s
         results[name] = {"img_s": args.batch / step_s, "ratio_to_dense": step_s / dense_s}
-        print(f"{name:>18}: compile {compile_s:5.1f} s, {gflops:7.2f} GFLOP/step, "
-              f"{step_s * 1e3:8.1f} ms/step, {args.batch / step_s:7.1f} img/s, "
-              f"{step_s / dense_s:4.2f}x dense")
+        print(
+            f"{name:>18}: compile {compile_s:5.1f} s, {gflops:7.2f} GFLOP/step, "
+            f"{step_s * 1e3:8.1f} ms/step, {args.batch / step_s:7.1f} img/s, "
+            f"{step_s / dense_s:4.2f}x dense"
+        )
     results["ratio"] = results["MoE dropless"]["ratio_to_dense"]
     print(json.dumps(results))
 

@@ -111,7 +111,7 @@ def get_base_config() -> ml_collections.ConfigDict:
             class_rows_multiple=1024,
             router_z_loss="st_moe",  # "st_moe": mean(logsumexp^2); "official": mean(logits^2)
             load_balance_loss="switch",  # "switch": E*sum f*P; "official": E*sum(imp*load)/T^2
-            aux_reduce="mean",        # router losses over MoE blocks: "mean" or "sum" (official)
+            aux_reduce="mean",  # router losses over MoE blocks: "mean" or "sum" (official)
             # Whose tokens the load balance counts: "global" (the whole batch) or "per_device"
             # (each device's share, losses averaged: the official DDP recipe's semantics).
             aux_statistics="global",

@@ -17,6 +17,7 @@ with 1,000 distractors: rank-1 about 10 %, against about 62 % for the same probe
 resolution), and two lines summarising the expert routing map (eval/routing_map.png and its
 siblings). `python -m facemoe_jax.study` adapts this model to low resolution (README).
 """
+
 from configs import common
 
 

@@ -44,9 +44,7 @@ MS1MV3_IMAGES, MS1MV3_CLASSES, GLOBAL_BATCH = 5_179_510, 93_431, 1024
 def get_config(arg=None):
     arch = arg or "r50"
     if arch not in IRESNETS and arch not in MOBILEFACENETS:
-        raise ValueError(
-            f"configs/iresnet.py:{arch} is not one of {(*IRESNETS, *MOBILEFACENETS)}"
-        )
+        raise ValueError(f"configs/iresnet.py:{arch} is not one of {(*IRESNETS, *MOBILEFACENETS)}")
     config = common.get_base_config()
     config.model.update(image_size=112, embed_dim=512, dtype="bfloat16", dropout=0.0)
     if arch in IRESNETS:

@@ -20,6 +20,7 @@ the predicted quality and the resolution of held-out faces degraded from 48 to 8
 error-versus-reject summary of the quality head, the embedding norm and random rejection
 (eval/error_vs_reject.png, eval/quality_vs_resolution.png, eval/perceptibility_map.png).
 """
+
 from configs import demo
 
 from facemoe_jax import recipes

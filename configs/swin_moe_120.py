@@ -107,8 +107,13 @@ def get_config(arg=None):
     config.data.update(train="synthetic_lr", num_classes=classes)
     # The study's columns at full size: HR pairs, LR identification (probes captured at 8-16 px
     # against an HR gallery with distractors), LR verification with the probe at 8 and 16 px.
-    config.eval.update(synthetic_pairs=1000, low_resolutions="8,16", low_resolution_sides="probe",
-                       synthetic_tinyface_identities=100, synthetic_tinyface_distractors=500)
+    config.eval.update(
+        synthetic_pairs=1000,
+        low_resolutions="8,16",
+        low_resolution_sides="probe",
+        synthetic_tinyface_identities=100,
+        synthetic_tinyface_distractors=500,
+    )
     if recipe.endswith("_fc"):
         # Only the new classifier trains; the backbone runs in train mode, so its BatchNorm
         # statistics still move (the official train_fc.py); the router losses do not matter.
@@ -120,7 +125,9 @@ def get_config(arg=None):
         lambda_aux = 10.0
         # Each GPU of the official DDP run balances its own 16 images' tokens.
         config.loss.update(
-            sample_rate=1.0, z_coef=lambda_aux * 1e-3, balance_coef=lambda_aux * 1e-2,
+            sample_rate=1.0,
+            z_coef=lambda_aux * 1e-3,
+            balance_coef=lambda_aux * 1e-2,
             aux_statistics="per_device",
         )
         # Continues the classifier of the fc stage (train_full.py loads state_dict_softmax_fc).

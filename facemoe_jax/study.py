@@ -379,13 +379,17 @@ class Progress:
 def run_row(base, recipe: Recipe, settings, seed: int, out: str, starts: dict) -> dict:
     """Trains (or evaluates) one row; returns its record (also in row_dir/row.json)."""
     row_dir = os.path.join(out, f"seed{seed}", recipe.name)
-    start_dir = starts[recipe.start] if recipe.start in (PRETRAINED, DENSE_PRETRAINED) else (
-        os.path.join(out, f"seed{seed}", recipe.start)
+    start_dir = (
+        starts[recipe.start]
+        if recipe.start in (PRETRAINED, DENSE_PRETRAINED)
+        else (os.path.join(out, f"seed{seed}", recipe.start))
     )
     config = adaptation_config(base, recipe, settings, seed, start_dir)
-    start_key = _read_json(os.path.join(start_dir, "row.json")) or _read_json(
-        os.path.join(start_dir, "done.json")
-    ) or {"path": str(workdir_path(start_dir))}
+    start_key = (
+        _read_json(os.path.join(start_dir, "row.json"))
+        or _read_json(os.path.join(start_dir, "done.json"))
+        or {"path": str(workdir_path(start_dir))}
+    )
     key = fingerprint(config.to_dict(), recipe.train, start_key.get("fingerprint", start_key))
     record = _read_json(os.path.join(row_dir, "row.json"))
     if record and record.get("fingerprint") == key:

@@ -29,8 +29,11 @@ def test_quality_is_the_mean_of_the_head_on_the_image_and_its_mirror():
     enc, model, variables = encoder(quality_head=True)
     images = np.random.default_rng(0).integers(0, 256, (5, 24, 24, 3), dtype=np.uint8)
     got = enc.quality(images, batch_size=4)  # a padded last batch
-    head = jax.jit(lambda v, x: sown_quality(
-        model.apply(v, x, train=False, mutable=["intermediates"])[1]["intermediates"]))
+    head = jax.jit(
+        lambda v, x: sown_quality(
+            model.apply(v, x, train=False, mutable=["intermediates"])[1]["intermediates"]
+        )
+    )
     x = normalize_images(images)
     want = 0.5 * (np.asarray(head(variables, x)) + np.asarray(head(variables, x[:, :, ::-1])))
     assert got.shape == (5,) and got.dtype == np.float32

@@ -33,8 +33,11 @@ def env_for(devices=1, **extra):
     env["XLA_FLAGS"] = (
         f"--xla_force_host_platform_device_count={devices} {env.get('XLA_FLAGS', '')}"
     ).strip()
-    env.update(JAX_COMPILATION_CACHE_DIR=CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+    env.update(
+        JAX_COMPILATION_CACHE_DIR=CACHE,
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+    )
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
@@ -268,8 +271,10 @@ def test_another_architecture_is_refused_and_knobs_may_change(reference, tmp_pat
 
     proc = run(workdir, STEPS + 1, "--config.optimizer.learning_rate=0.0005")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "config changes since the checkpoint at step 8: optimizer.learning_rate 0.002 -> " \
+    assert (
+        "config changes since the checkpoint at step 8: optimizer.learning_rate 0.002 -> "
         "0.0005; train.num_steps 8 -> 9" in proc.stdout
+    )
     assert sorted(losses(workdir)) == list(range(1, STEPS + 2))
 
 
@@ -281,8 +286,10 @@ def test_resume_on_other_meshes_matches_to_float32_tolerance(tmp_path):
     proc = run(full, STEPS, *mesh_args, devices=8)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ref = losses(full)
-    others = [("one_device", 1, ("--config.mesh.data=1",)),
-              ("mesh_4x2", 8, ("--config.mesh.data=4", "--config.mesh.expert=2"))]
+    others = [
+        ("one_device", 1, ("--config.mesh.data=1",)),
+        ("mesh_4x2", 8, ("--config.mesh.data=4", "--config.mesh.expert=2")),
+    ]
     for name, devices, more in others:
         workdir = tmp_path / name
         shutil.copytree(full, workdir)
@@ -338,10 +345,18 @@ def test_sigterm_to_one_host_of_two_saves_the_same_step_on_both(tmp_path):
     workdir = tmp_path / "two_hosts"
     procs = [
         subprocess.Popen(
-            args_for(workdir, 16, "--config.checkpoint.every_steps=4"), cwd=ROOT,
-            env=env_for(4, FACEMOE_COORDINATOR=f"127.0.0.1:{port}", FACEMOE_NUM_PROCESSES=2,
-                        FACEMOE_PROCESS_ID=i, FACEMOE_TEST_STEP_SECONDS=0.3),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            args_for(workdir, 16, "--config.checkpoint.every_steps=4"),
+            cwd=ROOT,
+            env=env_for(
+                4,
+                FACEMOE_COORDINATOR=f"127.0.0.1:{port}",
+                FACEMOE_NUM_PROCESSES=2,
+                FACEMOE_PROCESS_ID=i,
+                FACEMOE_TEST_STEP_SECONDS=0.3,
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )  # fmt: skip
         for i in range(2)
     ]

@@ -17,7 +17,11 @@ def run_main(*args, devices=1, timeout=600):
     ).strip()
     return subprocess.run(
         [sys.executable, "-m", "facemoe_jax.main", *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -31,20 +35,28 @@ def assert_one_line_error(proc, *fragments):
 
 
 def test_unknown_config_key(tmp_path):
-    proc = run_main("--config", "configs/demo.py", "--workdir", str(tmp_path),
-                    "--config.model.num_expertz=4")
+    proc = run_main(
+        "--config", "configs/demo.py", "--workdir", str(tmp_path), "--config.model.num_expertz=4"
+    )
     assert_one_line_error(proc, "num_expertz")
 
 
 def test_impossible_top_k(tmp_path):
-    proc = run_main("--config", "configs/demo.py", "--workdir", str(tmp_path),
-                    "--config.model.top_k=5")
+    proc = run_main(
+        "--config", "configs/demo.py", "--workdir", str(tmp_path), "--config.model.top_k=5"
+    )
     assert_one_line_error(proc, "config.model.top_k=5", "num_experts=4")
 
 
 def test_batch_size_the_devices_cannot_split(tmp_path):
-    proc = run_main("--config", "configs/demo.py", "--workdir", str(tmp_path),
-                    "--config.train.batch_size=12", devices=8)
+    proc = run_main(
+        "--config",
+        "configs/demo.py",
+        "--workdir",
+        str(tmp_path),
+        "--config.train.batch_size=12",
+        devices=8,
+    )
     assert_one_line_error(proc, "config.train.batch_size=12", "8 devices")
 
 
@@ -57,13 +69,23 @@ def test_unwritable_workdir(tmp_path):
 
 def tiny_run_args(workdir, steps):
     # A relative --workdir, as users type it (Orbax itself only accepts absolute paths).
-    return ["--config", "configs/demo.py", "--workdir", os.path.relpath(workdir, ROOT),
-            f"--config.train.num_steps={steps}", "--config.train.batch_size=16",
-            "--config.train.log_every_steps=2", "--config.checkpoint.every_steps=2",
-            "--config.data.num_classes=20", "--config.data.worker_count=0",
-            "--config.optimizer.warmup_steps=1", "--config.eval.synthetic_pairs=40",
-            "--config.eval.low_resolutions=8", "--config.eval.batch_size=20",
-            "--config.eval.synthetic_tinyface_identities=0"]
+    return [
+        "--config",
+        "configs/demo.py",
+        "--workdir",
+        os.path.relpath(workdir, ROOT),
+        f"--config.train.num_steps={steps}",
+        "--config.train.batch_size=16",
+        "--config.train.log_every_steps=2",
+        "--config.checkpoint.every_steps=2",
+        "--config.data.num_classes=20",
+        "--config.data.worker_count=0",
+        "--config.optimizer.warmup_steps=1",
+        "--config.eval.synthetic_pairs=40",
+        "--config.eval.low_resolutions=8",
+        "--config.eval.batch_size=20",
+        "--config.eval.synthetic_tinyface_identities=0",
+    ]
 
 
 @pytest.mark.slow
@@ -133,12 +155,21 @@ def test_too_many_unreadable_images_end_in_one_line(tmp_path):
             else:
                 cv2.imwrite(str(folder / f"{i}.jpg"), np.full((48, 48, 3), 40 * identity, np.uint8))
     workdir = tmp_path / "w"
-    proc = run_main("--config", "configs/demo.py", "--workdir", str(workdir),
-                    f"--config.data.train=folder:{faces}", "--config.data.num_classes=4",
-                    "--config.train.batch_size=8", "--config.train.num_steps=4",
-                    "--config.data.max_bad_share=0.01", "--config.eval.synthetic_pairs=0",
-                    "--config.eval.low_resolutions=", "--config.eval.routing_map_faces=0",
-                    "--config.eval.synthetic_tinyface_identities=0")
+    proc = run_main(
+        "--config",
+        "configs/demo.py",
+        "--workdir",
+        str(workdir),
+        f"--config.data.train=folder:{faces}",
+        "--config.data.num_classes=4",
+        "--config.train.batch_size=8",
+        "--config.train.num_steps=4",
+        "--config.data.max_bad_share=0.01",
+        "--config.eval.synthetic_pairs=0",
+        "--config.eval.low_resolutions=",
+        "--config.eval.routing_map_faces=0",
+        "--config.eval.synthetic_tinyface_identities=0",
+    )
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
@@ -148,8 +179,13 @@ def test_too_many_unreadable_images_end_in_one_line(tmp_path):
 
 def test_missing_data_path_creates_no_workdir(tmp_path):
     workdir = tmp_path / "w"
-    proc = run_main("--config", "configs/demo.py", "--workdir", str(workdir),
-                    "--config.data.train=folder:/nonexistent/faces")
+    proc = run_main(
+        "--config",
+        "configs/demo.py",
+        "--workdir",
+        str(workdir),
+        "--config.data.train=folder:/nonexistent/faces",
+    )
     assert_one_line_error(proc, "/nonexistent/faces")
     assert not workdir.exists()
 
@@ -158,7 +194,10 @@ def test_missing_data_path_creates_no_workdir(tmp_path):
     "override, fragment",
     [
         ("--config.train.trainable=lroa", "['lroa'] match no parameter"),
-        ("--config.init_from=/nonexistent/run", "config.init_from='/nonexistent/run' does not exist"),
+        (
+            "--config.init_from=/nonexistent/run",
+            "config.init_from='/nonexistent/run' does not exist",
+        ),
     ],
 )
 def test_what_trains_and_where_it_starts_fail_before_the_workdir(tmp_path, override, fragment):

@@ -17,6 +17,7 @@ from facemoe_jax.data.face_traits import (
     draw_nuisance,
 )
 
+
 @functools.lru_cache(maxsize=8)
 def _pixel_centres(image_size: int) -> np.ndarray:
     """Pixel-centre coordinates along one axis, in [-1, 1], (image_size,) float32."""
@@ -226,12 +227,14 @@ def render_face(traits: dict, rng: np.random.Generator, image_size: int) -> np.n
         angle1, angle2 = t["texture_angle"], t["texture_angle"] + 1.2
         yaw_offset = -yaw * 0.06  # skin moves with the features' midline
         stripes1 = pose.linear_field(
-            k1 * math.cos(angle1), k1 * math.sin(angle1), float(t["texture_phase"][0])
-            + k1 * math.cos(angle1) * yaw_offset,
+            k1 * math.cos(angle1),
+            k1 * math.sin(angle1),
+            float(t["texture_phase"][0]) + k1 * math.cos(angle1) * yaw_offset,
         )
         stripes2 = pose.linear_field(
-            k2 * math.cos(angle2), k2 * math.sin(angle2), float(t["texture_phase"][1])
-            + k2 * math.cos(angle2) * yaw_offset,
+            k2 * math.cos(angle2),
+            k2 * math.sin(angle2),
+            float(t["texture_phase"][1]) + k2 * math.cos(angle2) * yaw_offset,
         )
         texture = np.sin(stripes1)
         texture *= np.sin(stripes2)
@@ -242,7 +245,9 @@ def render_face(traits: dict, rng: np.random.Generator, image_size: int) -> np.n
     centres = _pixel_centres(S)
     mole_x, mole_y = pose.to_image(t["mole_xy"][:, 0] + yaw * 0.06, t["mole_xy"][:, 1])
     sigma2 = (t["mole_radius"] ** 2 * 0.5 + (0.5 * pixel) ** 2) * pose.scale**2
-    weight = t["mole_darkness"] * np.minimum(1.0, t["mole_radius"] ** 2 * 0.5 * pose.scale**2 / sigma2)
+    weight = t["mole_darkness"] * np.minimum(
+        1.0, t["mole_radius"] ** 2 * 0.5 * pose.scale**2 / sigma2
+    )
     inv_two_sigma2 = (0.5 / sigma2)[:, None]
     along_x = np.exp(-((centres[None, :] - mole_x[:, None]) ** 2) * inv_two_sigma2)  # (N, S)
     along_y = np.exp(-((centres[None, :] - mole_y[:, None]) ** 2) * inv_two_sigma2)

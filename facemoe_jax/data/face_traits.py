@@ -53,8 +53,18 @@ _IRIS_PALETTE = np.array(
 # Canonical mole sites (x, y) in face units, mirrored pairs: forehead, cheekbone, cheek, chin,
 # upper lip, beside the nose.
 _MOLE_SITES = np.array(
-    [[sx * x, y] for x, y in ((0.25, -0.45), (0.45, 0.05), (0.35, 0.3), (0.15, 0.8), (0.2, 0.38),
-                              (0.12, 0.1)) for sx in (-1.0, 1.0)],
+    [
+        [sx * x, y]
+        for x, y in (
+            (0.25, -0.45),
+            (0.45, 0.05),
+            (0.35, 0.3),
+            (0.15, 0.8),
+            (0.2, 0.38),
+            (0.12, 0.1),
+        )
+        for sx in (-1.0, 1.0)
+    ],
     np.float32,
 )
 _LIP_PALETTE = np.array(

@@ -95,9 +95,7 @@ def pack_image_folder(
               + (" ..." if len(lost) > 10 else ""), flush=True)  # fmt: skip
         renumber = {old: new for new, old in enumerate(remaining)}
         kept_labels = [renumber[k] for k in kept_labels]
-    num_images = recordio.write_image_pack(
-        os.path.join(out_dir, "train.rec"), images, kept_labels
-    )
+    num_images = recordio.write_image_pack(os.path.join(out_dir, "train.rec"), images, kept_labels)
     return num_images, len(remaining)
 
 
@@ -136,7 +134,12 @@ def main(argv=None) -> None:
         action="store_true",
         help="with --images: stop at the first undecodable image (default: skip and list them)",
     )
-    parser.add_argument("--workers", type=int, default=None, help="decoding threads (default: the CPU count, at most 8)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="decoding threads (default: the CPU count, at most 8)",
+    )
     args = parser.parse_args(argv)
     if args.recordio and not args.to_array_record:
         parser.error("--recordio needs --to-array-record (the only conversion from RecordIO)")

@@ -106,9 +106,12 @@ class BatchNormAdaptation:
         def embed(variables, images, weights, flip):
             emb = forward_with_batch_statistics(model, variables, images, weights)[0]
             if flip:
-                emb = emb + forward_with_batch_statistics(
-                    model, variables, images[:, :, ::-1], weights
-                )[0]
+                emb = (
+                    emb
+                    + forward_with_batch_statistics(model, variables, images[:, :, ::-1], weights)[
+                        0
+                    ]
+                )
             return emb
 
         self._statistics = jax.jit(statistics)

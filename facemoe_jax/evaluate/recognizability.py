@@ -61,8 +61,14 @@ def _erc_set(scores, issame, norm_quality, head_quality, fmr: float, seed: int, 
         "random": quality.random_rejection(scores, issame, fmr, seed=seed),
     }
     metrics = {f"{prefix}fnmr_reject0": quality.fnmr_at_reject(curves["random"], 0.0)}
-    for kind, key in (("quality head", "quality"), ("embedding norm", "norm"), ("random", "random")):
-        metrics[f"{prefix}fnmr_reject20_{key}"] = quality.fnmr_at_reject(curves[kind], REJECT_FRACTION)
+    for kind, key in (
+        ("quality head", "quality"),
+        ("embedding norm", "norm"),
+        ("random", "random"),
+    ):
+        metrics[f"{prefix}fnmr_reject20_{key}"] = quality.fnmr_at_reject(
+            curves[kind], REJECT_FRACTION
+        )
         metrics[f"{prefix}erc_auc_{key}"] = curves[kind]["auc"]
     return metrics, curves
 
@@ -112,8 +118,10 @@ def quality_vs_resolution(quality_fn, variables, images: np.ndarray, sizes, imag
     pixels = sorted({int(p) for p in sizes if int(p) < image_size}) + [image_size]
     qualities = []
     for px in pixels:
-        faces = images if px >= image_size else np.stack(
-            [degrade.to_resolution(face, px) for face in images]
+        faces = (
+            images
+            if px >= image_size
+            else np.stack([degrade.to_resolution(face, px) for face in images])
         )
         qualities.append(embed.embed_images(quality_fn, variables, faces, batch_size))
     rho = quality.spearman_rho(np.concatenate(qualities), np.repeat(pixels, len(images)))

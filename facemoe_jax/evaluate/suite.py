@@ -143,7 +143,9 @@ def run_evaluations(model, variables, config, workdir: str, step: int, writer) -
 
     results, roc_curves, erc_curves, resolution_curves = {}, {}, {}, {}
     routing_faces = None
-    quality_fn = ri_eval.make_quality_fn(model, ev.flip_test) if ri_eval.has_quality_head(model) else None
+    quality_fn = (
+        ri_eval.make_quality_fn(model, ev.flip_test) if ri_eval.has_quality_head(model) else None
+    )
     quality_faces, ri_pictures = None, {}
     sweep_sets = {s.strip() for s in ev.low_resolution_sets.split(",") if s.strip()}
     sizes = sweep.parse_sizes(ev.low_resolutions)
@@ -167,8 +169,13 @@ def run_evaluations(model, variables, config, workdir: str, step: int, writer) -
                 ev.quality_fmr, ev.batch_size, config.seed,
             )  # fmt: skip
             metrics.update(extra)
-            erc_curves.update({f"{name}: {kind}": erc for kind, erc in curves.items()
-                               if kind != "as given: embedding norm"})  # = erc_curves[name]
+            erc_curves.update(
+                {
+                    f"{name}: {kind}": erc
+                    for kind, erc in curves.items()
+                    if kind != "as given: embedding norm"
+                }
+            )  # = erc_curves[name]
             if quality_faces is None:
                 quality_faces = images_a[: ev.get("quality_resolution_faces", 200)]
         results[name] = metrics
@@ -271,7 +278,8 @@ def _write_outputs(
         )
     if "attention" in ri_pictures:
         images["perceptibility_map"] = plots.plot_attention_map(
-            routing_faces.mean(axis=0), ri_pictures["attention"],
+            routing_faces.mean(axis=0),
+            ri_pictures["attention"],
             os.path.join(out, "perceptibility_map.png"),
         )
     if erc_curves:

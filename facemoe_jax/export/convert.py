@@ -404,5 +404,7 @@ def merge_lora(state: dict[str, np.ndarray], alpha: float, scale: float = 1.0) -
             delta2 = (state[f"{prefix}.trainable_lora_up2.weight"]
                       @ state[f"{prefix}.trainable_lora_down2.weight"])  # fmt: skip
             delta = (1.0 - alpha) * delta + alpha * delta2
-        merged[f"{prefix}.weight"] = (weight + scale * delta).astype(state[f"{prefix}.weight"].dtype)
+        merged[f"{prefix}.weight"] = (weight + scale * delta).astype(
+            state[f"{prefix}.weight"].dtype
+        )
     return merged

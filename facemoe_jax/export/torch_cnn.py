@@ -177,4 +177,3 @@ def torch_cnn_from_config(cfg) -> nn.Module:
     else:
         raise ValueError(f"config.model.name={cfg.name!r} is not an insightface CNN")
     return model.eval()
-

@@ -248,8 +248,15 @@ class SwinStage(nn.Module):
         moe_blocks = range(depth) if moe_blocks is None else moe_blocks
         self.blocks = nn.ModuleList(
             SwinBlock(
-                dim, resolution, num_heads, window, shift if i % 2 else 0,
-                moe if i in moe_blocks else None, mlp_ratio, lora, apply_shift_mask,
+                dim,
+                resolution,
+                num_heads,
+                window,
+                shift if i % 2 else 0,
+                moe if i in moe_blocks else None,
+                mlp_ratio,
+                lora,
+                apply_shift_mask,
             )  # fmt: skip
             for i in range(depth)
         )
@@ -310,8 +317,11 @@ class SwinMoETorch(nn.Module):
                 moe,
                 mlp_ratio,
                 downsample=i < len(depths) - 1,
-                moe_blocks=[b - sum(depths[:i]) for b in moe_layers
-                            if sum(depths[:i]) <= b < sum(depths[: i + 1])],
+                moe_blocks=[
+                    b - sum(depths[:i])
+                    for b in moe_layers
+                    if sum(depths[:i]) <= b < sum(depths[: i + 1])
+                ],
                 lora=lora,
                 apply_shift_mask=apply_shift_mask,
             )  # fmt: skip
@@ -324,7 +334,8 @@ class SwinMoETorch(nn.Module):
             nn.BatchNorm1d(flat),
             nn.Dropout(head_dropout),
             LoRALinear(flat, embed_dim, lora.rank, lora.scale, quality_mix=False)
-            if lora is not None and lora.head else nn.Linear(flat, embed_dim),
+            if lora is not None and lora.head
+            else nn.Linear(flat, embed_dim),
             nn.BatchNorm1d(embed_dim),
         )
 

@@ -20,6 +20,7 @@ and target combined over devices), as Partial FC v2's distributed softmax. The o
 recipes run DDP without SyncBatchNorm, so their head BatchNorm statistics are per GPU (the GPU's
 128 images) while the classifier is global; see ``losses/routing.py`` for the balance loss.
 """
+
 from __future__ import annotations
 
 import functools
@@ -143,9 +144,7 @@ def partial_fc_select(
             "so that every positive class fits"
         )
     if num_sampled > num_classes:
-        raise ValueError(
-            f"num_sampled ({num_sampled}) cannot exceed num_classes ({num_classes})"
-        )
+        raise ValueError(f"num_sampled ({num_sampled}) cannot exceed num_classes ({num_classes})")
     valid = labels >= 0
     scores = jax.random.uniform(rng, (num_classes,), jnp.float32)
     if num_real is not None:
@@ -272,8 +271,16 @@ def margin_classifier_loss(
         raise ValueError(f"sample_rate {sample_rate} < 1 needs an rng for sampling")
     num_sampled = num_sampled_classes(num_classes, sample_rate, batch_size)
     loss, accuracy, effective_rate = _class_block_loss(
-        embeddings, centers, labels, rng, margin_fn=margin_fn, axes=(),
-        real_rows=(num_classes,), targets=(target,), sampling=sampling, num_sampled=num_sampled,
+        embeddings,
+        centers,
+        labels,
+        rng,
+        margin_fn=margin_fn,
+        axes=(),
+        real_rows=(num_classes,),
+        targets=(target,),
+        sampling=sampling,
+        num_sampled=num_sampled,
     )
     _report_rates(effective_rate, sample_rate, batch_size, sampling and num_sampled > target)
     return loss, {
@@ -292,7 +299,16 @@ def _shard_index(axes: tuple[str, ...]) -> jax.Array:
 
 
 def _class_block_loss(
-    embeddings, centers, labels, rng, *, margin_fn, axes, real_rows, targets, sampling,
+    embeddings,
+    centers,
+    labels,
+    rng,
+    *,
+    margin_fn,
+    axes,
+    real_rows,
+    targets,
+    sampling,
     num_sampled,
 ):
     """Loss, accuracy and (shards,) effective rates of the batch against this device's block of
@@ -316,7 +332,11 @@ def _class_block_loss(
         # One block draws with the run's key itself, blocks of a mesh with a key per block.
         block_rng = jax.random.fold_in(rng, shard) if axes else rng
         index, local_labels, active = partial_fc_select(
-            block_rng, local_labels, rows, num_sampled, jnp.asarray(targets, jnp.int32)[shard],
+            block_rng,
+            local_labels,
+            rows,
+            num_sampled,
+            jnp.asarray(targets, jnp.int32)[shard],
             num_real,
         )
         if num_sampled < rows:  # else index is every row, in order
@@ -383,7 +403,12 @@ def sharded_margin_classifier_loss(
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or not class_axes or math.prod(mesh.shape[a] for a in class_axes) == 1:
         return margin_classifier_loss(
-            embeddings, centers, labels, rng, sample_rate=sample_rate, margin_fn=margin_fn,
+            embeddings,
+            centers,
+            labels,
+            rng,
+            sample_rate=sample_rate,
+            margin_fn=margin_fn,
             num_classes=num_classes,
         )
     if sample_rate < 1.0 and rng is None:
@@ -401,8 +426,13 @@ def sharded_margin_classifier_loss(
     can_exceed = any(t < min(batch_size, r) for t, r in zip(targets, real_rows))
 
     local = functools.partial(
-        _class_block_loss, margin_fn=margin_fn, axes=class_axes, real_rows=tuple(real_rows),
-        targets=tuple(targets), sampling=sampling, num_sampled=num_sampled,
+        _class_block_loss,
+        margin_fn=margin_fn,
+        axes=class_axes,
+        real_rows=tuple(real_rows),
+        targets=tuple(targets),
+        sampling=sampling,
+        num_sampled=num_sampled,
     )
     loss, accuracy, effective_rate = jax.shard_map(
         local,

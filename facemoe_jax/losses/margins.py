@@ -26,6 +26,7 @@ Choices, stated once here:
 * ``adaface_logits`` follows the AdaFace reference code (Kim et al., CVPR 2022), including its
   clamping of *all* cosines to ``[-1 + eps, 1 - eps]`` and its full gradient through ``acos``.
 """
+
 from __future__ import annotations
 
 import math
@@ -185,8 +186,15 @@ def adaface_logits(
         feature_norms, running_mean, running_std, t_alpha=t_alpha
     )
     logits = adaface_logits_given_stats(
-        cosines, labels, feature_norms, new_mean, new_std,
-        margin=margin, h=h, scale=scale, eps=eps,
+        cosines,
+        labels,
+        feature_norms,
+        new_mean,
+        new_std,
+        margin=margin,
+        h=h,
+        scale=scale,
+        eps=eps,
     )
     return logits, new_mean, new_std
 

@@ -296,7 +296,7 @@ def with_copies(model, config, state, batch: dict, images: jax.Array):
     batch = dict(batch)
     if trains_head:
         labels = batch["label"][: cfg.quality_images] if cfg.quality_images else batch["label"]
-        batch[COPY_EMBEDDINGS], batch[COPY_LABELS] = embedded[ui.shape[0]:], labels
+        batch[COPY_EMBEDDINGS], batch[COPY_LABELS] = embedded[ui.shape[0] :], labels
     return state.replace(ri_centre=centre), batch
 
 

@@ -36,6 +36,7 @@ Dropout, Linear, BatchNorm1d) always use the global batch's statistics here, eac
 official training (the running averages used at evaluation are what a checkpoint stores either
 way).
 """
+
 from __future__ import annotations
 
 import jax
@@ -81,9 +82,7 @@ def load_balance_loss(router_probs: jax.Array, expert_choice_mask: jax.Array) ->
     return num_experts * jnp.sum(assignment_share * mean_prob)
 
 
-def official_load_balance_loss(
-    router_probs: jax.Array, expert_choice_mask: jax.Array
-) -> jax.Array:
+def official_load_balance_loss(router_probs: jax.Array, expert_choice_mask: jax.Array) -> jax.Array:
     """FaceMoE's load balance as coded: ``E * sum_e importance_e * load_e / T**2``.
 
     ``importance_e = sum_t p_te``, ``load_e = sum_t mask_te`` (tokens that chose e among their

@@ -219,9 +219,7 @@ def build_cnn(cfg: ml_collections.ConfigDict) -> IResNet | MobileFaceNet:
     blocks = tuple(cfg.get("mobilefacenet_blocks", (1, 4, 6, 2)))
     scale = cfg.get("mobilefacenet_scale", 2)
     if len(blocks) != 4 or min(blocks) < 1:
-        raise ValueError(
-            f"config.model.mobilefacenet_blocks={blocks} must be 4 block counts >= 1"
-        )
+        raise ValueError(f"config.model.mobilefacenet_blocks={blocks} must be 4 block counts >= 1")
     if scale < 1:
         raise ValueError(f"config.model.mobilefacenet_scale={scale} must be >= 1")
     return MobileFaceNet(

@@ -16,14 +16,22 @@ BATCH_NORM_MOMENTUM = 0.9
 
 
 def batch_norm(
-    train: bool, name: str, *, epsilon: float = BATCH_NORM_EPS, dtype: Any = None,
+    train: bool,
+    name: str,
+    *,
+    epsilon: float = BATCH_NORM_EPS,
+    dtype: Any = None,
     use_scale: bool = True,
 ) -> nn.BatchNorm:
     """A BatchNorm with PyTorch's defaults (the official models' layers), batch statistics in
     training and running averages in evaluation; statistics are reduced in float32."""
     return nn.BatchNorm(
-        use_running_average=not train, momentum=BATCH_NORM_MOMENTUM, epsilon=epsilon,
-        use_scale=use_scale, dtype=dtype, name=name,
+        use_running_average=not train,
+        momentum=BATCH_NORM_MOMENTUM,
+        epsilon=epsilon,
+        use_scale=use_scale,
+        dtype=dtype,
+        name=name,
     )
 
 

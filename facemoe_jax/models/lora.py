@@ -116,7 +116,9 @@ def settings_from_config(cfg) -> LoRASettings | None:
     targets = tuple(t.strip() for t in str(lora.get("where", "qkv")).split(",") if t.strip())
     bad = [t for t in targets if t not in TARGETS]
     if bad or not targets:
-        raise ValueError(f"config.model.lora.where={lora.get('where')!r}: {bad} not among {TARGETS}")
+        raise ValueError(
+            f"config.model.lora.where={lora.get('where')!r}: {bad} not among {TARGETS}"
+        )
     if int(lora.rank) < 0:
         raise ValueError(f"config.model.lora.rank={lora.rank} must be >= 0 (0 = no adapters)")
     adapter_initializers(str(lora.get("init", "official")), int(lora.rank))  # validates init

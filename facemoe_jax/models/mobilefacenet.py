@@ -165,7 +165,7 @@ class GDC(nn.Module):
             x.shape[-1], side, groups=x.shape[-1], linear=True, dtype=jnp.float32, name="layers_0"
         )(x, train)
         x = x.reshape(x.shape[0], -1)  # (B, 1, 1, C) -> (B, C)
-        x = nn.Dense(
-            self.embed_dim, use_bias=False, kernel_init=KAIMING_FAN_OUT, name="layers_2"
-        )(x)
+        x = nn.Dense(self.embed_dim, use_bias=False, kernel_init=KAIMING_FAN_OUT, name="layers_2")(
+            x
+        )
         return batch_norm(train, "layers_3", dtype=jnp.float32)(x)

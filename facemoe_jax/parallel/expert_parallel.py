@@ -100,9 +100,9 @@ def capacity_experts(mlp: Callable, buffers: Array, weights: tuple[Array, ...]) 
         return jax.lax.all_to_all(y, EXPERT_AXIS, split_axis=0, concat_axis=1, tiled=True)
 
     weight_specs = tuple(P(EXPERT_AXIS) for _ in weights)
-    return jax.shard_map(
-        local, in_specs=(P(BATCH_AXES), weight_specs), out_specs=P(BATCH_AXES)
-    )(buffers, weights)
+    return jax.shard_map(local, in_specs=(P(BATCH_AXES), weight_specs), out_specs=P(BATCH_AXES))(
+        buffers, weights
+    )
 
 
 def _block_layout(group_sizes: Array, block_size: int) -> tuple[Array, Array]:

@@ -31,7 +31,7 @@ ENV_PROCESS_ID = "FACEMOE_PROCESS_ID"
 
 
 def cluster_kind(env: Mapping[str, str]) -> str:
-    """"explicit", "slurm", "tpu_pod" or "single" for this environment."""
+    """ "explicit", "slurm", "tpu_pod" or "single" for this environment."""
     if env.get(ENV_COORDINATOR):
         return "explicit"
     if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_PROCID" in env:

@@ -30,15 +30,27 @@ from facemoe_jax.train.writers import workdir_path
 # Everything else (learning rate, num_steps, logging, evaluation ...) is a training knob: it may
 # change, and the change is printed.
 FIXED_PREFIXES = ("model.", "data.")
-FIXED_FIELDS = ("seed", "loss.class_rows_multiple", "optimizer.name", "optimizer.clip_scope",
-                "train.trainable")
+FIXED_FIELDS = (
+    "seed",
+    "loss.class_rows_multiple",
+    "optimizer.name",
+    "optimizer.clip_scope",
+    "train.trainable",
+)
 # Switches that add leaves to the state, with the value a checkpoint written before the switch
 # existed had: turning one on over such a checkpoint is refused like an architecture change
 # (instead of failing to read the checkpoint).
-STATE_SWITCHES = {"recognizability.enabled": False, "model.perceptibility_attention": False,
-                  "model.quality_head": False}
-DATA_KNOBS = ("data.worker_count", "data.max_bad_share", "data.synthetic_cache",
-              "data.tfds_data_dir")
+STATE_SWITCHES = {
+    "recognizability.enabled": False,
+    "model.perceptibility_attention": False,
+    "model.quality_head": False,
+}
+DATA_KNOBS = (
+    "data.worker_count",
+    "data.max_bad_share",
+    "data.synthetic_cache",
+    "data.tfds_data_dir",
+)
 
 
 class CheckpointError(ValueError):

@@ -37,9 +37,7 @@ import ml_collections
 from facemoe_jax.data.pipeline import normalize_images
 from facemoe_jax.losses import distill as distill_losses
 
-PRODUCE_TEACHER = (
-    "python -m facemoe_jax.main --config configs/demo.py --workdir runs/demo"
-)
+PRODUCE_TEACHER = "python -m facemoe_jax.main --config configs/demo.py --workdir runs/demo"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,9 +72,7 @@ def check_config(config) -> None:
         raise ValueError(f"config.distill.temperature={cfg.temperature} must be > 0")
     teacher = str(cfg.teacher)
     if not teacher:
-        if (cfg.instance_weight > 0 or cfg.relation_weight > 0) and not cfg.get(
-            "pretrain_teacher"
-        ):
+        if (cfg.instance_weight > 0 or cfg.relation_weight > 0) and not cfg.get("pretrain_teacher"):
             raise ValueError(
                 "distillation weights are set but config.distill.teacher is empty: give an HR "
                 "teacher, --config.distill.teacher=WORKDIR (one of our runs) or a PyTorch file "

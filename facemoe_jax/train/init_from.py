@@ -30,7 +30,9 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-_EXPERT_LEAF = re.compile(r"^(?P<block>.*)/(moe|mlp)/experts/(?P<layer>fc\d)_(?P<kind>kernel|bias)$")
+_EXPERT_LEAF = re.compile(
+    r"^(?P<block>.*)/(moe|mlp)/experts/(?P<layer>fc\d)_(?P<kind>kernel|bias)$"
+)
 
 
 def is_run_directory(path: str) -> bool:
@@ -53,8 +55,9 @@ def split_run_path(path: str) -> tuple[str, int | None]:
         try:
             return os.path.dirname(parent), int(os.path.basename(path))
         except ValueError:
-            raise ValueError(f"config.init_from={path!r}: {os.path.basename(path)!r} is not a "
-                             "checkpoint step") from None
+            raise ValueError(
+                f"config.init_from={path!r}: {os.path.basename(path)!r} is not a checkpoint step"
+            ) from None
     return path, None
 
 
@@ -116,9 +119,13 @@ def _source_from_run(path: str):
     workdir, step = split_run_path(path)
     source_config, params, batch_stats, step = restore_params(workdir, step)
     shape = (source_config.data.num_classes, source_config.model.embed_dim)
-    return f"{path} (step {step})", params["encoder"], batch_stats, (
-        np.asarray(params["classifier"]["centers"])[: shape[0]]
-    ), shape
+    return (
+        f"{path} (step {step})",
+        params["encoder"],
+        batch_stats,
+        (np.asarray(params["classifier"]["centers"])[: shape[0]]),
+        shape,
+    )
 
 
 def _source_from_file(path: str, config):

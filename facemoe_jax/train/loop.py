@@ -344,8 +344,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         loop_state["skipped_steps"] += int(bad)
         loop_state["bad_streak"] = loop_state["bad_streak"] + 1 if bad else 0
         if bad:
-            print(f"step {flag_step}: non-finite loss or gradient, update skipped "
-                  f"({loop_state['bad_streak']} in a row)", file=sys.stderr, flush=True)
+            print(
+                f"step {flag_step}: non-finite loss or gradient, update skipped "
+                f"({loop_state['bad_streak']} in a row)",
+                file=sys.stderr,
+                flush=True,
+            )
         return loop_state["bad_streak"] >= max_bad_steps
 
     sums, count, interval_start = None, 0, time.perf_counter()
@@ -439,11 +443,18 @@ def _print_save_times(checkpointer) -> None:
         return
     blocking = sum(t[1] for t in times) / len(times)
     total = sum(t[2] for t in times) / len(times)
-    logging.info("checkpoint saves: %d, blocking %.3f s, committed after %.3f s (mean)",
-                 len(times), blocking, total)
+    logging.info(
+        "checkpoint saves: %d, blocking %.3f s, committed after %.3f s (mean)",
+        len(times),
+        blocking,
+        total,
+    )
     if os.environ.get("FACEMOE_PRINT_SAVE_TIMES"):
-        print(f"checkpoint saves: {len(times)}; the loop blocked {blocking:.3f} s per save, "
-              f"committed after {total:.3f} s (mean)", flush=True)
+        print(
+            f"checkpoint saves: {len(times)}; the loop blocked {blocking:.3f} s per save, "
+            f"committed after {total:.3f} s (mean)",
+            flush=True,
+        )
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -73,9 +73,7 @@ def build_optimizer(
             mask = trainable_lib.trainable_mask(params, patterns)
             return jax.tree.map(lambda m: "trained" if m else "frozen", mask)
 
-        update = optax.multi_transform(
-            {"trained": update, "frozen": optax.set_to_zero()}, labels
-        )
+        update = optax.multi_transform({"trained": update, "frozen": optax.set_to_zero()}, labels)
     return update, schedule
 
 

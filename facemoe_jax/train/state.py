@@ -75,9 +75,7 @@ def init_train_state(
 def create_train_state(model, optimizer, config, shardings=None) -> TrainState:
     """Initialises the state from config.seed directly into `shardings` (a tree or one sharding)."""
     rng = jax.random.PRNGKey(config.seed)
-    init = jax.jit(
-        lambda r: init_train_state(model, optimizer, config, r), out_shardings=shardings
-    )
+    init = jax.jit(lambda r: init_train_state(model, optimizer, config, r), out_shardings=shardings)
     return init(rng)
 
 

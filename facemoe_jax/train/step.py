@@ -64,12 +64,15 @@ def margin_fn_and_state(cfg, embeddings, margin_state):
         return fn, margin_state
     norms = jnp.linalg.norm(embeddings, axis=-1)
     # The running statistics are updated once; the logits use the updated values (AdaFace).
-    mean, std = margins.adaface_update_stats(
-        norms, margin_state["mean"], margin_state["std"]
-    )
+    mean, std = margins.adaface_update_stats(norms, margin_state["mean"], margin_state["std"])
     fn = functools.partial(
-        margins.adaface_logits_given_stats, feature_norms=norms, mean=mean, std=std,
-        margin=cfg.adaface_margin, h=cfg.adaface_h, scale=cfg.scale,
+        margins.adaface_logits_given_stats,
+        feature_norms=norms,
+        mean=mean,
+        std=std,
+        margin=cfg.adaface_margin,
+        h=cfg.adaface_h,
+        scale=cfg.scale,
     )
     return fn, {"mean": mean, "std": std}
 

@@ -236,9 +236,9 @@ def make_writer(workdir: str, resume_step: int | None = None):
     writers = [JsonlWriter(path / "metrics.jsonl", resume_step)]
     if _tensorboard_supported(os.fspath(path)):
         with _stderr_silenced():
-            writers.insert(0, metric_writers.create_default_writer(
-                os.fspath(path), asynchronous=False
-            ))
+            writers.insert(
+                0, metric_writers.create_default_writer(os.fspath(path), asynchronous=False)
+            )
     else:
         writers.insert(0, metric_writers.create_default_writer(just_logging=True))
     return metric_writers.MultiWriter(writers)

@@ -26,17 +26,30 @@ def test_demo_trains_from_a_packed_recordio_file(tmp_path):
     workdir = tmp_path / "run"
     env = dict(os.environ, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
     args = [
-        "--config", "configs/demo.py", "--workdir", str(workdir),
-        f"--config.data.train=recordio:{tmp_path / 'rec'}", "--config.data.num_classes=20",
-        "--config.data.num_images=200", "--config.data.low_res_prob=0.2",
-        "--config.train.num_steps=4", "--config.train.batch_size=16",
-        "--config.train.log_every_steps=2", "--config.checkpoint.every_steps=4",
-        "--config.optimizer.warmup_steps=1", "--config.eval.synthetic_pairs=40",
-        "--config.eval.low_resolutions=8", "--config.eval.batch_size=20",
+        "--config",
+        "configs/demo.py",
+        "--workdir",
+        str(workdir),
+        f"--config.data.train=recordio:{tmp_path / 'rec'}",
+        "--config.data.num_classes=20",
+        "--config.data.num_images=200",
+        "--config.data.low_res_prob=0.2",
+        "--config.train.num_steps=4",
+        "--config.train.batch_size=16",
+        "--config.train.log_every_steps=2",
+        "--config.checkpoint.every_steps=4",
+        "--config.optimizer.warmup_steps=1",
+        "--config.eval.synthetic_pairs=40",
+        "--config.eval.low_resolutions=8",
+        "--config.eval.batch_size=20",
     ]
     proc = subprocess.run(
         [sys.executable, "-m", "facemoe_jax.main", *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "RecordIODataSource" in proc.stdout
@@ -47,8 +60,20 @@ def test_demo_trains_from_a_packed_recordio_file(tmp_path):
 
     # A data/config mismatch stops before training, naming both numbers.
     wrong = subprocess.run(
-        [sys.executable, "-m", "facemoe_jax.main", *args[:2], "--workdir", str(tmp_path / "w2"),
-         args[4], "--config.data.num_classes=30"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "facemoe_jax.main",
+            *args[:2],
+            "--workdir",
+            str(tmp_path / "w2"),
+            args[4],
+            "--config.data.num_classes=30",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert wrong.returncode != 0 and "num_classes=30 but" in wrong.stderr

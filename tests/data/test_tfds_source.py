@@ -61,9 +61,15 @@ def _config(data_dir, **data):
             seed=0,
             model=dict(image_size=16),
             data=dict(
-                train="tfds:tiny_tfds_faces", num_classes=3, num_images=0, tfds_split="train",
-                tfds_data_dir=data_dir, image_key="image", label_key="label",
-                synthetic_images_per_identity=1, synthetic_cache=False,
+                train="tfds:tiny_tfds_faces",
+                num_classes=3,
+                num_images=0,
+                tfds_split="train",
+                tfds_data_dir=data_dir,
+                image_key="image",
+                label_key="label",
+                synthetic_images_per_identity=1,
+                synthetic_cache=False,
             ),
         )
     )

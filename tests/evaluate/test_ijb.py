@@ -107,9 +107,7 @@ def test_official_two_step_alignment_matches_the_official_script(tmp_path):
     # high-contrast texture), so the option really is an option.
     assert min(direct_gap) > 1.0
     # At 112 px the official rule is the warp alone.
-    np.testing.assert_array_equal(
-        meta.load_aligned(0, 112), direct.load_aligned(0, 112)
-    )
+    np.testing.assert_array_equal(meta.load_aligned(0, 112), direct.load_aligned(0, 112))
     with pytest.raises(ValueError, match="ijb_alignment='nearest' must be one of official, direct"):
         ijb.IJBMeta(str(tmp_path), "ijbc", alignment="nearest")
 

@@ -82,6 +82,8 @@ def test_quality_vs_resolution_pooled_and_per_face_rho():
     assert curve["pixels"] == pixels
     np.testing.assert_allclose(curve["mean"], q.mean(axis=0), rtol=1e-5)
     assert metrics["spearman_rho"] == pytest.approx(
-        spearmanr(q.ravel(), np.tile(pixels, len(faces))).correlation, abs=1e-9)
+        spearmanr(q.ravel(), np.tile(pixels, len(faces))).correlation, abs=1e-9
+    )
     assert metrics["spearman_rho_per_face"] == pytest.approx(
-        np.mean([spearmanr(row, pixels).correlation for row in q]), abs=1e-9)
+        np.mean([spearmanr(row, pixels).correlation for row in q]), abs=1e-9
+    )

@@ -87,8 +87,14 @@ def test_run_evaluations_every_format(tiny_model, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "lfw.bin is not in" in out  # missing set: a note, no error
     # One progress line per set (stdout is not a terminal here: the final line only).
-    for label in ("synthetic", "synthetic resolution sweep", "heldout", "ijbc", "tinyface",
-                  "synthetic_tinyface"):
+    for label in (
+        "synthetic",
+        "synthetic resolution sweep",
+        "heldout",
+        "ijbc",
+        "tinyface",
+        "synthetic_tinyface",
+    ):
         assert re.search(rf"^embed {label}: (\d+)/\1 images in \d+m\d\ds", out, re.M), label
     assert set(results) == {
         "synthetic", "synthetic@8px", "synthetic@48px", "synthetic@probe8px",

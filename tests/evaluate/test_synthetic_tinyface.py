@@ -21,10 +21,16 @@ def test_probes_are_lr_captures_and_the_gallery_is_hr_matches_plus_distractors()
     p = synthetic_tinyface.build_protocol(config)
     assert p["probes"].shape == (8, 32, 32, 3) and p["gallery"].shape == (7, 32, 32, 3)
     np.testing.assert_array_equal(p["probe_labels"], [0, 0, 1, 1, 2, 2, 3, 3])
-    np.testing.assert_array_equal(p["gallery_labels"], [0, 1, 2, 3] + [tinyface.DISTRACTOR_LABEL] * 3)
+    np.testing.assert_array_equal(
+        p["gallery_labels"], [0, 1, 2, 3] + [tinyface.DISTRACTOR_LABEL] * 3
+    )
     first = synthetic.TINYFACE_FIRST_IDENTITY
-    np.testing.assert_array_equal(p["gallery"][2], synthetic.render_identity_image(first + 2, 0, 32, 0))
-    np.testing.assert_array_equal(p["hr_probes"][3], synthetic.render_identity_image(first + 1, 2, 32, 0))
+    np.testing.assert_array_equal(
+        p["gallery"][2], synthetic.render_identity_image(first + 2, 0, 32, 0)
+    )
+    np.testing.assert_array_equal(
+        p["hr_probes"][3], synthetic.render_identity_image(first + 1, 2, 32, 0)
+    )
     assert np.abs(p["probes"].astype(int) - p["hr_probes"]).mean() > 3
     again = synthetic_tinyface.build_protocol(config)
     np.testing.assert_array_equal(again["probes"], p["probes"])

@@ -8,8 +8,8 @@ import json
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = (
-    "--xla_force_host_platform_device_count=8 " + os.environ.get("XLA_FLAGS", "")
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8 " + os.environ.get(
+    "XLA_FLAGS", ""
 )
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -62,7 +62,8 @@ def train_step_report(mesh):
     teacher_config.model.update(moe_layers="none", width=16, num_heads=2, depth=1)
     teacher_model = build_model(teacher_config.model)
     teacher_variables = jax.jit(lambda k, x: teacher_model.init(k, x, train=False))(
-        jax.random.key(3), np.zeros((2, 24, 24, 3), np.float32))
+        jax.random.key(3), np.zeros((2, 24, 24, 3), np.float32)
+    )
     teacher = distill_lib.Teacher(teacher_model, 24, 32, config.distill)
     import optax
 

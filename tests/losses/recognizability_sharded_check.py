@@ -5,8 +5,8 @@ Prints "ok" as its last line; tests/losses/test_recognizability.py runs it."""
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = (
-    "--xla_force_host_platform_device_count=8 " + os.environ.get("XLA_FLAGS", "")
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8 " + os.environ.get(
+    "XLA_FLAGS", ""
 )
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -35,8 +35,11 @@ def main():
                                      ((2, 4), ("data", "expert"), ("expert",)),
                                      ((2, 4), ("data", "expert"), ("data", "expert"))]:  # fmt: skip
         mesh = Mesh(np.asarray(jax.devices()).reshape(shape), names)
-        fn = jax.jit(lambda e, c, y, axes=class_axes: ri.prototype_cosines(
-            e, c, y, num_classes=NUM_CLASSES, class_axes=axes))
+        fn = jax.jit(
+            lambda e, c, y, axes=class_axes: ri.prototype_cosines(
+                e, c, y, num_classes=NUM_CLASSES, class_axes=axes
+            )
+        )
         with jax.set_mesh(mesh):
             sharded_centers = jax.device_put(args[1], NamedSharding(mesh, P(class_axes)))
             own, hardest = fn(args[0], sharded_centers, args[2])

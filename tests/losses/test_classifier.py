@@ -1,4 +1,5 @@
 """Normalised classifier and Partial FC sampling."""
+
 import functools
 import json
 import os
@@ -158,11 +159,23 @@ def test_jitted_sampled_loss_gradient_only_on_sampled_rows():
 
 def test_sampling_requires_rng():
     with pytest.raises(ValueError, match="0.5"):
-        margin_classifier_loss(jnp.ones((2, 3)), jnp.ones((10, 3)), jnp.array([0, 1]), None,
-                               sample_rate=0.5, margin_fn=COSFACE)
+        margin_classifier_loss(
+            jnp.ones((2, 3)),
+            jnp.ones((10, 3)),
+            jnp.array([0, 1]),
+            None,
+            sample_rate=0.5,
+            margin_fn=COSFACE,
+        )
     with pytest.raises(ValueError, match="0.0"):
-        margin_classifier_loss(jnp.ones((2, 3)), jnp.ones((10, 3)), jnp.array([0, 1]), None,
-                               sample_rate=0.0, margin_fn=COSFACE)
+        margin_classifier_loss(
+            jnp.ones((2, 3)),
+            jnp.ones((10, 3)),
+            jnp.array([0, 1]),
+            None,
+            sample_rate=0.0,
+            margin_fn=COSFACE,
+        )
 
 
 # Partial FC v2 (insightface partial_fc_v2.py), per GPU, as facts: num_sample = int(rate *

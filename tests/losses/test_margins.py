@@ -1,4 +1,5 @@
 """Margin logits and cross-entropy against hand-computed numbers and NumPy re-implementations."""
+
 import math
 
 import jax
@@ -16,9 +17,7 @@ from facemoe_jax.losses.margins import (
 )
 
 # Row 0 targets column 1 (cos 0.5), row 1 targets column 0 (cos 0.8), row 2 has no target.
-COSINES = np.array(
-    [[0.1, 0.5, -0.3], [0.8, 0.2, 0.0], [0.6, -0.9, 0.4]], dtype=np.float32
-)
+COSINES = np.array([[0.1, 0.5, -0.3], [0.8, 0.2, 0.0], [0.6, -0.9, 0.4]], dtype=np.float32)
 LABELS = np.array([1, 0, -1], dtype=np.int32)
 
 
@@ -45,9 +44,7 @@ def test_sphereface_target_logits():
 
 
 def test_combined_margin_target_logits():
-    logits = np.asarray(
-        combined_margin_logits(COSINES, LABELS, scale=64.0, m1=1.1, m2=0.3, m3=0.2)
-    )
+    logits = np.asarray(combined_margin_logits(COSINES, LABELS, scale=64.0, m1=1.1, m2=0.3, m3=0.2))
     expected = (
         64 * (math.cos(1.1 * math.acos(0.5) + 0.3) - 0.2),
         64 * (math.cos(1.1 * math.acos(0.8) + 0.3) - 0.2),
@@ -67,15 +64,17 @@ def test_non_targets_and_ignored_rows_are_only_scaled(margins):
 def test_cosines_at_plus_minus_one_stay_finite():
     cos = np.array([[1.0, -1.0], [-1.0, 1.0]], np.float32)
     logits = combined_margin_logits(cos, np.array([0, 0]), m2=0.5)
-    grads = jax.grad(lambda c: combined_margin_logits(c, jnp.array([0, 0]), m2=0.5,
-                                                      straight_through=False).sum())(cos)
+    grads = jax.grad(
+        lambda c: combined_margin_logits(c, jnp.array([0, 0]), m2=0.5, straight_through=False).sum()
+    )(cos)
     assert np.all(np.isfinite(logits)) and np.all(np.isfinite(grads))
     # No theta + m > pi correction: cos(theta + 0.5) is used as is (arcface_torch behaviour),
     # with theta = acos of the cosine clipped to -1 + 1e-7 (rounded to float32).
     theta = math.acos(float(np.float32(-1 + 1e-7)))
     np.testing.assert_allclose(logits[1, 0], 64 * math.cos(theta + 0.5), rtol=1e-5)
-    np.testing.assert_allclose(logits[0, 0], 64 * math.cos(math.acos(float(np.float32(1 - 1e-7)))
-                                                           + 0.5), rtol=1e-5)
+    np.testing.assert_allclose(
+        logits[0, 0], 64 * math.cos(math.acos(float(np.float32(1 - 1e-7))) + 0.5), rtol=1e-5
+    )
 
 
 def test_arcface_straight_through_gradient_is_scale():
@@ -130,8 +129,9 @@ def test_adaface_matches_numpy_reference(mean, std):
     )
     np.testing.assert_allclose(np.asarray(logits), ref, rtol=1e-5, atol=1e-3)
     np.testing.assert_allclose([float(new_mean), float(new_std)], [ref_mean, ref_std], rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(logits)[2], 64 * np.clip(cos[2], -0.999, 0.999),
-                               rtol=1e-6)  # label -1 row: no margin
+    np.testing.assert_allclose(
+        np.asarray(logits)[2], 64 * np.clip(cos[2], -0.999, 0.999), rtol=1e-6
+    )  # label -1 row: no margin
 
 
 def test_adaface_stats_helper_and_column_norms():
@@ -146,8 +146,9 @@ def test_adaface_stats_helper_and_column_norms():
 def test_adaface_extremes_hand_computed():
     # Two rows, norms far apart with tiny running std: scalers clip to -1 and +1.
     cos = np.array([[0.5, 0.0], [0.0, 0.5]], np.float32)
-    logits, _, _ = adaface_logits(cos, np.array([0, 1]), np.array([1.0, 99.0]), 50.0, 0.01,
-                                  margin=0.4, scale=1.0, t_alpha=0.0)
+    logits, _, _ = adaface_logits(
+        cos, np.array([0, 1]), np.array([1.0, 99.0]), 50.0, 0.01, margin=0.4, scale=1.0, t_alpha=0.0
+    )
     theta = math.acos(0.5)
     np.testing.assert_allclose(float(logits[0, 0]), math.cos(theta + 0.4), rtol=1e-5)  # ArcFace
     np.testing.assert_allclose(float(logits[1, 1]), math.cos(theta - 0.4) - 0.8, atol=1e-6)

@@ -64,8 +64,13 @@ def test_diversion_loss_and_its_gradient_match_numpy(weighting):
     np.testing.assert_allclose(loss, np.mean(weights * np.maximum(cos_ui - 0.2, 0)), rtol=1e-6)
     np.testing.assert_allclose(grad, weights * (cos_ui > 0.2) / 32, rtol=1e-6)
     # RI is a selector, never a path: no gradient reaches it.
-    assert not np.any(jax.grad(lambda r: ri.diversion_loss(
-        jnp.asarray(cos_ui), r, threshold=0.4, margin=0.2, weighting="soft"))(jnp.asarray(index)))
+    assert not np.any(
+        jax.grad(
+            lambda r: ri.diversion_loss(
+                jnp.asarray(cos_ui), r, threshold=0.4, margin=0.2, weighting="soft"
+            )
+        )(jnp.asarray(index))
+    )
 
 
 def test_ema_centre_matches_numpy_from_zero():

@@ -1,4 +1,5 @@
 """Router auxiliary losses against NumPy formulas on a hand-made T=4, E=3, k=2 example."""
+
 import math
 
 import jax.numpy as jnp
@@ -51,9 +52,7 @@ def test_official_load_balance_loss():
     importance = PROBS.sum(axis=0)
     load = MASK.sum(axis=0)
     expected = E * np.sum(importance * load) / T**2
-    np.testing.assert_allclose(
-        float(official_load_balance_loss(PROBS, MASK)), expected, rtol=1e-6
-    )
+    np.testing.assert_allclose(float(official_load_balance_loss(PROBS, MASK)), expected, rtol=1e-6)
     # The official form is k times the Switch form.
     np.testing.assert_allclose(
         float(official_load_balance_loss(PROBS, MASK)),

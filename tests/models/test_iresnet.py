@@ -96,7 +96,12 @@ def test_dropout_acts_only_in_training():
             return m.apply(variables, x, train=True, mutable=["batch_stats"],
                            rngs={"dropout": key})[0][0]  # fmt: skip
 
-        return model.apply(variables, x)[0], plain.apply(variables, x)[0], train(model), train(plain)
+        return (
+            model.apply(variables, x)[0],
+            plain.apply(variables, x)[0],
+            train(model),
+            train(plain),
+        )
 
     eval_drop, eval_plain, train_drop, train_plain = outputs(jax.random.key(1))
     np.testing.assert_array_equal(eval_drop, eval_plain)
@@ -170,7 +175,9 @@ def test_config_file_builds_every_architecture():
         if arg.startswith("r"):
             assert model.depth == int(arg[1:])
         else:
-            assert tuple(model.blocks) == ((1, 4, 6, 2) if arg == "mobilefacenet" else (2, 8, 12, 4))
+            assert tuple(model.blocks) == (
+                (1, 4, 6, 2) if arg == "mobilefacenet" else (2, 8, 12, 4)
+            )
     config = iresnet_configs.get_config("r50")
     assert (config.loss.m2, config.loss.scale, config.optimizer.name) == (0.5, 64.0, "sgd")
     assert config.train.num_steps == 5_179_510 // 1024 * 20

@@ -13,16 +13,32 @@ from facemoe_jax.models.vit import parse_moe_layers
 
 def tiny_model_config(**overrides):
     cfg = common.get_base_config().model
-    cfg.update(image_size=24, patch_size=6, width=32, depth=4, num_heads=4, mlp_ratio=2.0,
-               embed_dim=16, num_experts=4, top_k=2, drop_path_rate=0.0)
+    cfg.update(
+        image_size=24,
+        patch_size=6,
+        width=32,
+        depth=4,
+        num_heads=4,
+        mlp_ratio=2.0,
+        embed_dim=16,
+        num_experts=4,
+        top_k=2,
+        drop_path_rate=0.0,
+    )
     cfg.update(**overrides)
     return cfg
 
 
 @pytest.mark.parametrize(
     "spec, expected",
-    [("every:2", (1, 3, 5)), ("last:2", (4, 5)), ("all", (0, 1, 2, 3, 4, 5)), ("none", ()),
-     ("0,2", (0, 2)), ("every:3", (2, 5))],
+    [
+        ("every:2", (1, 3, 5)),
+        ("last:2", (4, 5)),
+        ("all", (0, 1, 2, 3, 4, 5)),
+        ("none", ()),
+        ("0,2", (0, 2)),
+        ("every:3", (2, 5)),
+    ],
 )
 def test_parse_moe_layers(spec, expected):
     assert parse_moe_layers(spec, 6) == expected

@@ -10,8 +10,8 @@ import json
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = (
-    "--xla_force_host_platform_device_count=8 " + os.environ.get("XLA_FLAGS", "")
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8 " + os.environ.get(
+    "XLA_FLAGS", ""
 )
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -37,9 +37,18 @@ BATCH = mesh_lib.BATCH_AXES
 def tiny_config(capacity_factor: float, margin: str):
     config = common.get_base_config()
     config.model.update(
-        image_size=16, patch_size=4, width=32, depth=1, num_heads=2, mlp_ratio=2.0,
-        embed_dim=32, moe_layers="all", num_experts=8, top_k=2,
-        capacity_factor=capacity_factor, drop_path_rate=0.0,
+        image_size=16,
+        patch_size=4,
+        width=32,
+        depth=1,
+        num_heads=2,
+        mlp_ratio=2.0,
+        embed_dim=32,
+        moe_layers="all",
+        num_experts=8,
+        top_k=2,
+        capacity_factor=capacity_factor,
+        drop_path_rate=0.0,
     )
     # 37 classes in rows padded to 40: five rows per device on 8 devices, the last three zero.
     config.data.num_classes = 37
@@ -108,9 +117,9 @@ def run(capacity_factor: float) -> dict:
             "collectives": collectives(compiled.as_text()),
             "device0_param_bytes": sharding.bytes_per_device(sharded_state.params)[0],
             "device0_expert_bytes": sharding.bytes_per_device(experts)[0],
-            "device0_center_bytes": sharding.bytes_per_device(
-                sharded_state.params["classifier"]
-            )[0],
+            "device0_center_bytes": sharding.bytes_per_device(sharded_state.params["classifier"])[
+                0
+            ],
         }
     return results
 
@@ -129,8 +138,14 @@ def classifier_only(margin: str, sample_rate: float, num_classes: int = 37) -> d
     def loss(emb, cen, axes):
         margin_fn, _ = step_lib.margin_fn_and_state(config.loss, emb, margin_state)
         value, metrics = classifier.sharded_margin_classifier_loss(
-            emb, cen, labels, jax.random.PRNGKey(5), sample_rate=sample_rate,
-            margin_fn=margin_fn, num_classes=num_classes, class_axes=axes,
+            emb,
+            cen,
+            labels,
+            jax.random.PRNGKey(5),
+            sample_rate=sample_rate,
+            margin_fn=margin_fn,
+            num_classes=num_classes,
+            class_axes=axes,
         )
         return value, metrics["accuracy"]
 

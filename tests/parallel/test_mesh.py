@@ -13,8 +13,12 @@ def mesh_cfg(**axes):
 
 @pytest.mark.parametrize(
     "axes, devices, expected",
-    [(dict(data=-1, expert=1), 8, (8, 1)), (dict(data=-1, expert=4), 8, (2, 4)),
-     (dict(data=2, expert=-1), 8, (2, 4)), (dict(data=1, expert=1), 1, (1, 1))],
+    [
+        (dict(data=-1, expert=1), 8, (8, 1)),
+        (dict(data=-1, expert=4), 8, (2, 4)),
+        (dict(data=2, expert=-1), 8, (2, 4)),
+        (dict(data=1, expert=1), 1, (1, 1)),
+    ],
 )
 def test_mesh_shape(axes, devices, expected):
     assert mesh_lib.mesh_shape(mesh_cfg(**axes), devices) == expected
@@ -22,10 +26,12 @@ def test_mesh_shape(axes, devices, expected):
 
 @pytest.mark.parametrize(
     "axes, devices, message",
-    [(dict(data=-1, expert=3), 8, "does not fit 8 devices"),
-     (dict(data=2, expert=2), 8, "needs 4 devices but 8 are available"),
-     (dict(data=-1, expert=-1), 8, "more than one axis"),
-     (dict(data=-1, model=2), 8, "unknown axes")],
+    [
+        (dict(data=-1, expert=3), 8, "does not fit 8 devices"),
+        (dict(data=2, expert=2), 8, "needs 4 devices but 8 are available"),
+        (dict(data=-1, expert=-1), 8, "more than one axis"),
+        (dict(data=-1, model=2), 8, "unknown axes"),
+    ],
 )
 def test_mesh_errors(axes, devices, message):
     with pytest.raises(ValueError, match=message):

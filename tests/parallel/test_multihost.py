@@ -20,21 +20,28 @@ LAUNCH = os.path.join(ROOT, "launch", "local_multiprocess.sh")
 
 @pytest.mark.parametrize(
     "env, kind",
-    [({}, "single"),
-     ({"FACEMOE_COORDINATOR": "h:1", "FACEMOE_NUM_PROCESSES": "2", "FACEMOE_PROCESS_ID": "1"},
-      "explicit"),
-     ({"SLURM_NTASKS": "16", "SLURM_PROCID": "3"}, "slurm"),
-     ({"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}, "single"),
-     ({"TPU_WORKER_HOSTNAMES": "10.0.0.2,10.0.0.3"}, "tpu_pod"),
-     ({"TPU_WORKER_HOSTNAMES": "localhost"}, "single")],
+    [
+        ({}, "single"),
+        (
+            {"FACEMOE_COORDINATOR": "h:1", "FACEMOE_NUM_PROCESSES": "2", "FACEMOE_PROCESS_ID": "1"},
+            "explicit",
+        ),
+        ({"SLURM_NTASKS": "16", "SLURM_PROCID": "3"}, "slurm"),
+        ({"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}, "single"),
+        ({"TPU_WORKER_HOSTNAMES": "10.0.0.2,10.0.0.3"}, "tpu_pod"),
+        ({"TPU_WORKER_HOSTNAMES": "localhost"}, "single"),
+    ],
 )
 def test_cluster_kind_from_environment(env, kind):
     assert multihost.cluster_kind(env) == kind
 
 
 def test_explicit_arguments_and_their_errors():
-    env = {"FACEMOE_COORDINATOR": "10.1.2.3:1234", "FACEMOE_NUM_PROCESSES": "4",
-           "FACEMOE_PROCESS_ID": "3"}
+    env = {
+        "FACEMOE_COORDINATOR": "10.1.2.3:1234",
+        "FACEMOE_NUM_PROCESSES": "4",
+        "FACEMOE_PROCESS_ID": "3",
+    }
     assert multihost.explicit_arguments(env) == dict(
         coordinator_address="10.1.2.3:1234", num_processes=4, process_id=3
     )
@@ -81,16 +88,28 @@ def test_prefixed_stream_hands_over_whole_lines_in_one_write():
 
 def _run(command, env_extra=None, timeout=600):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env_extra or {})}
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    done = subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
     assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
     return done.stdout
 
 
 @pytest.mark.slow
 def test_preflight_on_two_processes_sees_all_eight_devices():
-    out = _run(["bash", LAUNCH, "2", "4", "--", sys.executable, "-m",
-                "facemoe_jax.parallel.multihost", "8"])
+    out = _run(
+        [
+            "bash",
+            LAUNCH,
+            "2",
+            "4",
+            "--",
+            sys.executable,
+            "-m",
+            "facemoe_jax.parallel.multihost",
+            "8",
+        ]
+    )
     lines = [line for line in out.splitlines() if "preflight ok" in line]
     assert len(lines) == 2
     assert {line.split("]")[0] for line in lines} == {"[host 0/2", "[host 1/2"}
@@ -98,7 +117,8 @@ def test_preflight_on_two_processes_sees_all_eight_devices():
 
 
 TINY_RUN = [
-    "--config", "configs/demo.py",
+    "--config",
+    "configs/demo.py",
     "--config.mesh.expert=4",
     "--config.model.depth=2",
     "--config.model.image_size=32",
@@ -126,9 +146,13 @@ def test_demo_losses_match_across_one_device_eight_devices_and_two_hosts(tmp_pat
     one = str(tmp_path / "one_device")
     _run(main + TINY_RUN + ["--workdir", one, "--config.mesh.expert=1"])
     eight = str(tmp_path / "eight_devices")
-    out = _run(main + TINY_RUN + ["--workdir", eight],
-               {"XLA_FLAGS": "--xla_force_host_platform_device_count=8 "
-                + os.environ.get("XLA_FLAGS", "")})
+    out = _run(
+        main + TINY_RUN + ["--workdir", eight],
+        {
+            "XLA_FLAGS": "--xla_force_host_platform_device_count=8 "
+            + os.environ.get("XLA_FLAGS", "")
+        },
+    )
     assert "mesh {'data': 2, 'expert': 4}" in out
     hosts = str(tmp_path / "two_hosts")
     out = _run(["bash", LAUNCH, "2", "4", "--"] + main + TINY_RUN + ["--workdir", hosts])

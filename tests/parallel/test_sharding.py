@@ -39,9 +39,11 @@ def test_path_names_of_a_state_tree():
 
 @pytest.mark.parametrize(
     "shape, spec, message",
-    [((6, 4, 8), P("expert"), "dimension 0 of size 6 cannot be split over 4 devices"),
-     ((8,), P(None, "expert"), "more entries than"),
-     ((8, 4), P("model"), "names mesh axes \\['model'\\]")],
+    [
+        ((6, 4, 8), P("expert"), "dimension 0 of size 6 cannot be split over 4 devices"),
+        ((8,), P(None, "expert"), "more entries than"),
+        ((8, 4), P("model"), "names mesh axes \\['model'\\]"),
+    ],
 )
 def test_misfits_name_the_array_and_the_sizes(shape, spec, message):
     mesh = AbstractMesh((2, 4), ("data", "expert"))

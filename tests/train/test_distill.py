@@ -91,8 +91,9 @@ def test_step_adds_the_weighted_terms_and_leaves_the_teacher_alone(teacher_run):
         model = build_model(config.model)
         tx, schedule = optimizer_lib.build_optimizer(config.optimizer, 10)
         state = state_lib.create_train_state(model, tx, config)
-        teacher, variables = distill_lib.load_teacher(config, mesh) if with_teacher else (None,
-                                                                                          None)
+        teacher, variables = (
+            distill_lib.load_teacher(config, mesh) if with_teacher else (None, None)
+        )
         step = jax.jit(step_lib.make_train_step(model, config, tx, schedule, teacher))
         new_state, metrics = step(state, batch, variables)
         return new_state, metrics, variables
@@ -108,8 +109,11 @@ def test_step_adds_the_weighted_terms_and_leaves_the_teacher_alone(teacher_run):
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(variables["params"]),
                  saved.params["encoder"])  # fmt: skip
     _, metrics, _ = one_step(2.0, 30.0)
-    expected = (metrics["train/margin_ce"] + 2.0 * metrics["train/distill_instance"]
-                + 30.0 * metrics["train/distill_relation"])  # dense student: no router losses
+    expected = (
+        metrics["train/margin_ce"]
+        + 2.0 * metrics["train/distill_instance"]
+        + 30.0 * metrics["train/distill_relation"]
+    )  # dense student: no router losses
     np.testing.assert_allclose(metrics["train/loss"], expected, rtol=1e-6)
     assert float(metrics["train/distill_instance"]) > 0.05
 

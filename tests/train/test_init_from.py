@@ -52,21 +52,27 @@ def test_upcycled_moe_from_a_dense_workdir_lists_new_and_unused(dense_run, capsy
     assert "unused from the source: blocks_2/attn/proj/bias" in line  # depth 3 -> 2
     assert "fresh classifier" in line
     enc, src = state.params["encoder"], source.params["encoder"]
-    np.testing.assert_array_equal(enc["blocks_0"]["attn"]["qkv"]["kernel"],
-                                  src["blocks_0"]["attn"]["qkv"]["kernel"])
+    np.testing.assert_array_equal(
+        enc["blocks_0"]["attn"]["qkv"]["kernel"], src["blocks_0"]["attn"]["qkv"]["kernel"]
+    )
     for e in range(config.model.num_experts):  # every expert starts as the dense MLP
-        np.testing.assert_array_equal(enc["blocks_1"]["moe"]["experts"]["fc1_kernel"][e],
-                                      src["blocks_1"]["mlp"]["fc1"]["kernel"])
-        np.testing.assert_array_equal(enc["blocks_1"]["moe"]["experts"]["fc2_bias"][e],
-                                      src["blocks_1"]["mlp"]["fc2"]["bias"])
+        np.testing.assert_array_equal(
+            enc["blocks_1"]["moe"]["experts"]["fc1_kernel"][e],
+            src["blocks_1"]["mlp"]["fc1"]["kernel"],
+        )
+        np.testing.assert_array_equal(
+            enc["blocks_1"]["moe"]["experts"]["fc2_bias"][e], src["blocks_1"]["mlp"]["fc2"]["bias"]
+        )
     np.testing.assert_array_equal(enc["blocks_1"]["moe"]["router"]["gate"]["kernel"],
                                   fresh.params["encoder"]["blocks_1"]["moe"]["router"]["gate"]
                                   ["kernel"])  # fmt: skip
-    np.testing.assert_array_equal(state.batch_stats["feature_bn1"]["mean"],
-                                  source.batch_stats["feature_bn1"]["mean"])
+    np.testing.assert_array_equal(
+        state.batch_stats["feature_bn1"]["mean"], source.batch_stats["feature_bn1"]["mean"]
+    )
     # Without init_classifier the centres stay fresh even though the class count matches.
-    np.testing.assert_array_equal(state.params["classifier"]["centers"],
-                                  fresh.params["classifier"]["centers"])
+    np.testing.assert_array_equal(
+        state.params["classifier"]["centers"], fresh.params["classifier"]["centers"]
+    )
 
 
 def test_class_centres_come_along_when_asked_and_the_count_matches(dense_run, capsys):
@@ -75,8 +81,9 @@ def test_class_centres_come_along_when_asked_and_the_count_matches(dense_run, ca
     config.init_classifier = True
     state = init_from.initialize_from(fresh_state(config), config)
     assert "class centres loaded (8 classes)" in capsys.readouterr().out
-    np.testing.assert_array_equal(state.params["classifier"]["centers"],
-                                  source.params["classifier"]["centers"])
+    np.testing.assert_array_equal(
+        state.params["classifier"]["centers"], source.params["classifier"]["centers"]
+    )
     config = target_config(workdir)
     config.init_classifier = True
     config.data.num_classes = 5

@@ -32,8 +32,16 @@ def test_run_shorter_than_warmup_stays_on_the_ramp():
 
 
 def test_sgd_uses_coupled_weight_decay():
-    cfg = opt_config(name="sgd", learning_rate=0.5, momentum=0.0, weight_decay=0.1,
-                     warmup_steps=0, grad_clip_norm=0.0, decay_power=1.0, end_learning_rate=0.5)
+    cfg = opt_config(
+        name="sgd",
+        learning_rate=0.5,
+        momentum=0.0,
+        weight_decay=0.1,
+        warmup_steps=0,
+        grad_clip_norm=0.0,
+        decay_power=1.0,
+        end_learning_rate=0.5,
+    )
     tx, _ = build_optimizer(cfg, num_steps=10)
     params = {"w": jnp.array([2.0])}
     updates, _ = tx.update({"w": jnp.array([1.0])}, tx.init(params), params)
@@ -42,8 +50,16 @@ def test_sgd_uses_coupled_weight_decay():
 
 
 def test_gradient_clipping_bounds_the_update():
-    cfg = opt_config(name="sgd", learning_rate=1.0, momentum=0.0, weight_decay=0.0,
-                     warmup_steps=0, grad_clip_norm=1.0, decay_power=1.0, end_learning_rate=1.0)
+    cfg = opt_config(
+        name="sgd",
+        learning_rate=1.0,
+        momentum=0.0,
+        weight_decay=0.0,
+        warmup_steps=0,
+        grad_clip_norm=1.0,
+        decay_power=1.0,
+        end_learning_rate=1.0,
+    )
     tx, _ = build_optimizer(cfg, num_steps=10)
     params = {"w": jnp.zeros(2)}
     updates, _ = tx.update({"w": jnp.array([30.0, 40.0])}, tx.init(params), params)
@@ -52,9 +68,11 @@ def test_gradient_clipping_bounds_the_update():
 
 @pytest.mark.parametrize(
     "overrides, message",
-    [(dict(name="lamb"), "config.optimizer.name='lamb'"),
-     (dict(warmup_steps=-1), "warmup_steps=-1"),
-     (dict(grad_clip_norm=-1.0), "grad_clip_norm=-1.0")],
+    [
+        (dict(name="lamb"), "config.optimizer.name='lamb'"),
+        (dict(warmup_steps=-1), "warmup_steps=-1"),
+        (dict(grad_clip_norm=-1.0), "grad_clip_norm=-1.0"),
+    ],
 )
 def test_errors_name_the_field(overrides, message):
     with pytest.raises(ValueError, match=message):

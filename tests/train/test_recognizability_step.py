@@ -24,7 +24,9 @@ def test_step_moves_the_centre_adds_the_losses_and_resumes_bitwise(tmp_path):
     config = tiny_config()
     recipes.recognizability(config)
     config.recognizability.update(ui_images=8, quality_images=12)
-    config.model.update(moe_layers="none", depth=1)  # RI never looks inside the blocks: compile less
+    config.model.update(
+        moe_layers="none", depth=1
+    )  # RI never looks inside the blocks: compile less
     model, state, step = setup(config)
     assert state.ri_centre.shape == (32,) and not np.any(np.asarray(state.ri_centre))
     batch = fixed_batch()
@@ -32,7 +34,8 @@ def test_step_moves_the_centre_adds_the_losses_and_resumes_bitwise(tmp_path):
     # images degraded to 4 px with the step's noise, embedded on their own in evaluation mode.
     rng = jax.random.fold_in(jax.random.fold_in(state.rng, 0), 0x5249)
     degraded = recognizability.degrade_beyond_recognition(
-        normalize_images(batch["image"][:8]), rng, 4, config.recognizability.ui_noise_std)
+        normalize_images(batch["image"][:8]), rng, 4, config.recognizability.ui_noise_std
+    )
 
     @jax.jit  # one compilation for the references
     def references(state, batch, degraded):
@@ -42,7 +45,8 @@ def test_step_moves_the_centre_adds_the_losses_and_resumes_bitwise(tmp_path):
 
         def quality_loss(encoder_params):
             fn = lambda f: recognizability.predict_quality(  # noqa: E731
-                model, encoder_params, f, jax.random.PRNGKey(0))
+                model, encoder_params, f, jax.random.PRNGKey(0)
+            )
             return recognizability.loss_terms(
                 config.recognizability, jnp.ones((16, 32)), state.params["classifier"]["centers"],
                 batch["label"], state.ri_centre, copies, fn, num_classes=8, class_axes=())[1][
@@ -63,8 +67,9 @@ def test_step_moves_the_centre_adds_the_losses_and_resumes_bitwise(tmp_path):
                             state)  # fmt: skip
     state, metrics = step(state, batch)
     np.testing.assert_allclose(np.asarray(state.ri_centre), expected, atol=1e-5)
-    parts = (metrics["train/margin_ce"] + metrics["ri/diversion_loss"]
-             + metrics["ri/quality_loss"])  # weights 1 and 1; router losses off (recipe)
+    parts = (
+        metrics["train/margin_ce"] + metrics["ri/diversion_loss"] + metrics["ri/quality_loss"]
+    )  # weights 1 and 1; router losses off (recipe)
     np.testing.assert_allclose(metrics["train/loss"], parts, rtol=1e-6)
     assert 0.0 <= float(metrics["ri/mean"]) <= 1.0
 

@@ -97,8 +97,15 @@ def test_a_pattern_matching_nothing_is_an_error():
 def test_clip_scope(scope):
     """Official recipes clip only the backbone's gradients, never the class centres."""
     config = tiny_config()
-    config.optimizer.update(name="sgd", momentum=0.0, weight_decay=0.0, learning_rate=1.0,
-                            end_learning_rate=1.0, grad_clip_norm=1.0, clip_scope=scope)
+    config.optimizer.update(
+        name="sgd",
+        momentum=0.0,
+        weight_decay=0.0,
+        learning_rate=1.0,
+        end_learning_rate=1.0,
+        grad_clip_norm=1.0,
+        clip_scope=scope,
+    )
     tx, _ = optimizer_lib.build_optimizer(config.optimizer, 10)
     params = {"encoder": {"w": jnp.zeros(4)}, "classifier": {"centers": jnp.zeros(3)}}
     grads = {"encoder": {"w": jnp.full(4, 5.0)}, "classifier": {"centers": jnp.full(3, 20.0)}}
