@@ -42,6 +42,7 @@ def test_demo_trains_from_a_packed_recordio_file(tmp_path):
         "--config.eval.synthetic_pairs=40",
         "--config.eval.low_resolutions=8",
         "--config.eval.batch_size=20",
+        "--config.eval.synthetic_tinyface_identities=0",
     ]
     proc = subprocess.run(
         [sys.executable, "-m", "facemoe_jax.main", *args],

@@ -129,6 +129,7 @@ TINY_RUN = [
     "--config.data.num_classes=32",
     "--config.data.synthetic_images_per_identity=2",
     "--config.eval.synthetic_pairs=0",
+    "--config.eval.synthetic_tinyface_identities=0",
     "--config.eval.routing_map_faces=0",
     "--config.checkpoint.every_steps=100",
 ]
