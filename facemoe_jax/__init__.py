@@ -1,6 +1,6 @@
 """facemoe_jax: Mixture-of-Experts face recognition for low-resolution faces, in JAX/Flax."""
 
-__version__ = "0.2.0"  # pyproject.toml reads it; CHANGELOG.md says what changed
+__version__ = "0.3.0"  # pyproject.toml reads it; CHANGELOG.md says what changed
 
 
 def __getattr__(name):
