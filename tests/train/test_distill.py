@@ -11,11 +11,11 @@ import pytest
 
 from facemoe_jax.models import build_model
 from facemoe_jax.parallel import mesh as mesh_lib
-from facemoe_jax.train import checkpoint as checkpoint_lib
 from facemoe_jax.train import distill as distill_lib
 from facemoe_jax.train import optimizer as optimizer_lib
 from facemoe_jax.train import state as state_lib
 from facemoe_jax.train import step as step_lib
+from tests.train.test_init_from import saved_run
 from tests.train.test_step import fixed_batch, tiny_config
 
 
@@ -28,16 +28,7 @@ def teacher_config():
 
 @pytest.fixture(scope="module")
 def teacher_run(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("teacher"))
-    config = teacher_config()
-    model = build_model(config.model)
-    tx, _ = optimizer_lib.build_optimizer(config.optimizer, 10)
-    state = state_lib.create_train_state(model, tx, config)
-    checkpointer = checkpoint_lib.Checkpointer(workdir, every_steps=1, max_to_keep=1)
-    checkpointer.save(3, state, None, config)
-    checkpointer.wait()
-    checkpointer.close()
-    return workdir, jax.device_get(state)
+    return saved_run(str(tmp_path_factory.mktemp("teacher")), teacher_config(), 3)
 
 
 def student_config(teacher_dir, **distill):

@@ -18,6 +18,16 @@ def fresh_state(config):
     return state_lib.create_train_state(model, tx, config)
 
 
+def saved_run(workdir: str, config, step: int):
+    """A workdir holding a fresh state of `config` checkpointed at `step`: (workdir, host state)."""
+    state = fresh_state(config)
+    checkpointer = checkpoint_lib.Checkpointer(workdir, every_steps=1, max_to_keep=1)
+    checkpointer.save(step, state, None, config)
+    checkpointer.wait()
+    checkpointer.close()
+    return workdir, jax.device_get(state)
+
+
 @pytest.fixture(scope="module")
 def dense_run(tmp_path_factory):
     """A saved run of a dense 3-block ViT (the HR pre-training of the upcycling row)."""
@@ -25,12 +35,7 @@ def dense_run(tmp_path_factory):
     config = tiny_config()
     config.model.update(moe_layers="none", depth=3)
     config.seed = 7
-    state = fresh_state(config)
-    checkpointer = checkpoint_lib.Checkpointer(workdir, every_steps=1, max_to_keep=2)
-    checkpointer.save(5, state, None, config)
-    checkpointer.wait()
-    checkpointer.close()
-    return workdir, jax.device_get(state)
+    return saved_run(workdir, config, 5)
 
 
 def target_config(source_dir, **model):
