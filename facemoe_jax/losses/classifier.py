@@ -61,7 +61,7 @@ def init_class_centers(
     return centers.astype(dtype)
 
 
-def _l2_normalize(x: jax.Array) -> jax.Array:
+def l2_normalize(x: jax.Array) -> jax.Array:
     """Rows of x divided by their L2 norm (float32), eps-safe for zero rows."""
     x = jnp.asarray(x, jnp.float32)
     squared_norm = jnp.sum(x * x, axis=-1, keepdims=True)
@@ -75,8 +75,8 @@ def cosine_logits(embeddings: jax.Array, centers: jax.Array) -> jax.Array:
     default for float32) would add errors of order 1e-3.
     """
     return jnp.matmul(
-        _l2_normalize(embeddings),
-        _l2_normalize(centers).T,
+        l2_normalize(embeddings),
+        l2_normalize(centers).T,
         precision=jax.lax.Precision.HIGHEST,
     )
 

@@ -26,14 +26,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from facemoe_jax.losses.classifier import l2_normalize
+
 INSTANCE_FORMS = ("cosine", "mse")
 RELATION_FORMS = ("mse", "kl")
-_NORM_EPS_SQUARED = 1e-24  # as losses/classifier.py: finite 1/||x|| and gradient at x = 0
-
-
-def l2_normalize(x: jax.Array) -> jax.Array:
-    x = x.astype(jnp.float32)
-    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), _NORM_EPS_SQUARED))
 
 
 def cosine_matrix(x: jax.Array) -> jax.Array:

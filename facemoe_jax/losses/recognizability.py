@@ -70,6 +70,7 @@ import ml_collections
 from jax.sharding import PartitionSpec as P
 
 from facemoe_jax.losses import classifier
+from facemoe_jax.losses.classifier import l2_normalize
 from facemoe_jax.models.recognizability import QUALITY_KEY, QUALITY_NAME, QualityHead
 
 WEIGHTINGS = ("threshold", "soft")
@@ -142,11 +143,6 @@ def initial_centre(config: ml_collections.ConfigDict):
     if not enabled(config):
         return None
     return jnp.zeros((config.model.embed_dim,), jnp.float32)
-
-
-def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
-    x = jnp.asarray(x, jnp.float32)
-    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), 1e-24))
 
 
 def resize_through(images: jax.Array, pixels: int) -> jax.Array:
