@@ -165,11 +165,22 @@ def make_torch(config, batch_size, threads):
     return run
 
 
+SETTLE_S = 0.5
+
+
 def interleaved(runs: dict, rounds: int, steps: int) -> dict:
-    """Median seconds per step of each runner, its steps interleaved round by round."""
+    """Median seconds per step of each runner, its steps interleaved round by round.
+
+    Each runner's timed steps follow a pause and one untimed step of its own: the runtime that
+    ran before (PyTorch's OpenMP workers, XLA's thread pool) keeps its threads spinning for a
+    while after its last step, and they would otherwise steal cycles from whichever runner comes
+    next.
+    """
     times = {name: [] for name in runs}
     for _ in range(rounds):
         for name, run in runs.items():
+            time.sleep(SETTLE_S)
+            run()
             start = time.perf_counter()
             for _ in range(steps):
                 run()

@@ -57,3 +57,32 @@ class DropPath(nn.Module):
             self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1)
         )
         return jnp.where(mask, x / keep, 0.0).astype(x.dtype)
+
+
+class PatchEmbed(nn.Module):
+    """A stride-p, p x p, VALID convolution (`nn.Conv`'s parameters: kernel (p, p, C, D), bias D)
+    computed as non-overlapping patches times one matrix.
+
+    Why not `nn.Conv`: XLA:CPU lowers the strided convolution with two layout transposes around
+    it (channel-major image in, channel-major grid out); the patches are one reshape of the image
+    and the product one matmul. Returns (B, H/p, W/p, D), as the convolution does.
+    """
+
+    features: int
+    patch_size: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: Array) -> Array:
+        b, h, w, c = images.shape
+        p = self.patch_size
+        kernel = self.param(
+            "kernel", nn.initializers.lecun_normal(), (p, p, c, self.features), jnp.float32
+        )
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        rows, cols = h // p, w // p  # VALID: a remainder of under p pixels is not covered
+        patches = images[:, : rows * p, : cols * p].astype(self.dtype)
+        patches = patches.reshape(b, rows, p, cols, p, c)
+        patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(b, rows, cols, p * p * c)
+        x = patches @ kernel.reshape(p * p * c, self.features).astype(self.dtype)
+        return x + bias.astype(self.dtype)

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from facemoe_jax.models.layers import DropPath, batch_norm, check_image_size
+from facemoe_jax.models.layers import PatchEmbed, DropPath, batch_norm, check_image_size
 from facemoe_jax.models.lora import LoRADense, LoRASettings, projection
 from facemoe_jax.models.moe import MoEFeedForward
 from facemoe_jax.models.quality import QualitySettings
@@ -294,14 +294,7 @@ class SwinMoE(nn.Module):
         """quality: PETALface's per-image `a` (B,) for quality-mixed adapters; None = the
         configured estimator computes it from the images."""
         check_image_size(images, self.image_size)
-        x = nn.Conv(
-            self.width,
-            (self.patch_size, self.patch_size),
-            strides=self.patch_size,
-            padding="VALID",
-            dtype=self.dtype,
-            name="patch_embed",
-        )(images.astype(self.dtype))
+        x = PatchEmbed(self.width, self.patch_size, self.dtype, name="patch_embed")(images)
         b, grid, _, d = x.shape
         x = x.reshape(b, grid * grid, d)
         x = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name="patch_norm")(x)

@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from facemoe_jax.models.layers import DropPath, batch_norm, check_image_size
+from facemoe_jax.models.layers import PatchEmbed, DropPath, batch_norm, check_image_size
 from facemoe_jax.models.lora import LoRASettings, projection
 from facemoe_jax.models.moe import MoEFeedForward
 from facemoe_jax.models.quality import QualitySettings
@@ -157,14 +157,7 @@ class ViTMoE(nn.Module):
         """quality: PETALface's per-image `a` (B,) for quality-mixed adapters; None = the
         configured estimator computes it from the images."""
         check_image_size(images, self.image_size)
-        x = nn.Conv(
-            self.width,
-            (self.patch_size, self.patch_size),
-            strides=self.patch_size,
-            padding="VALID",
-            dtype=self.dtype,
-            name="patch_embed",
-        )(images.astype(self.dtype))
+        x = PatchEmbed(self.width, self.patch_size, self.dtype, name="patch_embed")(images)
         b, h, w, d = x.shape
         x = x.reshape(b, h * w, d)
         pos = self.param("pos_embed", nn.initializers.truncated_normal(0.02), (1, h * w, d))
