@@ -85,6 +85,9 @@ class QualityHead(nn.Module):
         if self.input == "embedding":  # the first version's head, parameters unchanged
             x = embeddings.astype(jnp.float32)
         else:
+            if patch is None:
+                raise ValueError(f"a quality head with input {self.input!r} needs the patch "
+                                 "statistics (`patch_statistics`)")  # fmt: skip
             # The two inputs differ in scale by orders of magnitude: each is normalised alone.
             parts = [nn.LayerNorm(name="patch_norm")(patch.astype(jnp.float32))]
             if self.input == "patch+embedding":
