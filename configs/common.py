@@ -49,6 +49,9 @@ def get_base_config() -> ml_collections.ConfigDict:
             perceptibility_attention=False,
             quality_head=False,
             quality_head_dropout=0.1,
+            # What the quality head reads: "patch+embedding", "patch" (per-channel mean and std
+            # over positions of the patch-embedding tokens / the CNN stem) or "embedding".
+            quality_head_input="patch+embedding",
         )
     )
 
@@ -93,6 +96,17 @@ def get_base_config() -> ml_collections.ConfigDict:
             # the full size (stop-gradient embeddings: the head learns, the encoder does not).
             quality_images=64,
             quality_pixels="4,6,8,12,16,24,32",
+            # The copies are made from the geometry-only images ("clean": the pipeline's paired
+            # mode supplies them as batch["image_hr"]) or from the batch as augmented ("batch").
+            quality_source="clean",
+            # The head's target: RI with the copy's own full-size embedding as its positive
+            # ("own_full") or with its class centre ("prototype", item 2's RI), its angles taken
+            # to the power quality_angle_power (1 = as they are; 0.5 spreads small angles), and
+            # quality_ui_weight in place of ui_weight. The first version: "batch", "prototype",
+            # 1.0, 0.5 and config.model.quality_head_input="embedding".
+            quality_target="own_full",
+            quality_angle_power=0.5,
+            quality_ui_weight=0.0,
         )
     )
 

@@ -8,8 +8,10 @@ with everything of the method on (facemoe_jax/recipes.recognizability):
     class prototype and the hardest negative (losses/recognizability.py gives the formula);
   - the index diversion hinge on images with RI < 0.5 (cos to c_UI pushed below 0.2);
   - perceptibility attention over the ViT tokens before the embedding head;
-  - a quality head regressing RI (smooth-L1, beta 0.75) over stop-gradient embeddings of 64
-    batch images copied at 4, 6, 8, 12, 16, 24, 32 px and full size: `FaceEncoder.quality(images)`.
+  - a quality head (`FaceEncoder.quality(images)`) regressing, with smooth-L1 (beta 0.75), the
+    RI of 64 geometry-only batch images copied at 4, 6, 8, 12, 16, 24, 32 px and full size,
+    measured against each image's own full-size embedding (losses/recognizability.py, item 4),
+    from the stop-gradient embedding and the statistics of the patch tokens.
 Training images are degraded to 8-32 px half of the time (target_res_prob=0.5), so the batch
 holds faces from unrecognisable to sharp and RI has something to rank.
 

@@ -43,19 +43,50 @@ class centre of the classifier), w_j the other real classes, c = c_UI.
 
    with c and w_i constants (no gradient); the gradient flows through e_i only.
 
-4. **Quality regression** (``smooth_l1``, ``quality_copies``): the quality head learns from copies
-   of the batch that span the resolutions, so that its target varies with resolution instead of
-   with what the batch happens to hold. Each step the first ``quality_images`` batch images are
-   split into G = len(quality_pixels) + 1 groups (image i in group i mod G; sizes not below the
-   input size are dropped); group g is resized to quality_pixels[g] pixels and back (as the c_UI
-   copies, no noise), the last group stays at full size. The copies are embedded by the current
-   encoder in evaluation mode, without gradient (the same forward pass as the c_UI copies), and
-   their RI_k is item 2 with the new c and the images' own labels. The head (training mode: its
-   dropout on) predicts q_k in (0, 1) from the stop-gradient embedding f_k:
+4. **Quality regression** (``smooth_l1``, ``quality_copies``, ``copy_index``): the quality head
+   learns from copies of the batch that span the resolutions, so that its target varies with
+   resolution instead of with what the batch happens to hold. Each step the first
+   ``quality_images`` images are split into G = len(quality_pixels) + 1 groups (image i in
+   group i mod G; sizes not below the input size are dropped); group g is resized to
+   quality_pixels[g] pixels and back (as the c_UI copies, no noise), the last group stays at full
+   size. The images copied are the geometry-only ones (``quality_source="clean"``:
+   ``batch["image_hr"]``, which the train loop asks the pipeline's paired mode for), so a
+   "full-size" copy is never a face the augmentation already degraded to 8 px;
+   ``quality_source="batch"`` copies the augmented batch (the first version). The copies (and,
+   for the "own_full" target, the full-size images they come from) are embedded by the current
+   encoder in evaluation mode, without gradient, in the same forward pass as the c_UI copies.
+   The target RI_k of copy k (of image i, label y) is item 2 with three changes, all ours:
+
+       theta_P = angle(f_k, f_i^full)     quality_target="own_full": the same image at full size,
+                                          embedded in the same pass ("prototype": w_y, item 2)
+       every angle theta -> pi (theta / pi) ** quality_angle_power        (0.5; 1 = as is)
+       ui_weight -> quality_ui_weight                                      (0: no c_UI term)
+
+   Why: the class centre w_y has been fitted to the training image itself, and the encoder is
+   trained to be resolution-invariant, so on the demo model cos(f_k, w_y) hardly changes above
+   16 px and RI_k saturated (mean RI of training faces 0.517 at 12 px ... 0.522 at 48 px, the
+   spread between faces 0.036). The own full-size embedding is a positive that is not fitted to
+   the copy: the angle to it is 0 at full size and grows with every step of degradation. The
+   power 0.5 spreads the small angles near full size (cos 0.994 at 32 px is 0.11 rad, 0.19 of
+   pi after the power). The distance to c_UI differs between faces at every size by more than
+   the sizes differ, and a head reading the embedding learns it easily, so its weight in the
+   quality target is 0 by default (it stays in item 2's RI, which selects the diverted faces).
+   Training-side checks on the demo model (training faces only, never the held-out ones): the
+   target's Spearman rho with the resolution over 8..48 px is 0.25 with the first version's
+   target, 0.93 with the own full-size positive, power 0.5 and c_UI weight 0.25, 0.955 with
+   weight 0 (512 faces, 1.00 per face); with weight 0.25 the trained head's own rho on
+   training faces was 0.63, its spread within one size driven by the cosine to c_UI
+   (correlation -0.55 at every size), hence weight 0.
+
+   The head (training mode: its dropout on) predicts q_k in (0, 1) from the copy's stop-gradient
+   features (its embedding and, by ``config.model.quality_head_input``, the statistics of its
+   patch tokens: models/recognizability.py):
 
        L_Q = mean_k smoothL1_beta(q_k - RI_k),   beta = quality_beta (0.75, the paper's)
 
-   so L_Q trains the head alone, never the encoder.
+   so L_Q trains the head alone, never the encoder. The first version is ``quality_source=
+   "batch"``, ``quality_target="prototype"``, ``quality_angle_power=1``, ``quality_ui_weight``
+   = ``ui_weight`` and ``config.model.quality_head_input="embedding"``.
 
 Total added to the train loss: diversion_weight * L_ID + quality_weight * L_Q.
 """
@@ -71,11 +102,16 @@ from jax.sharding import PartitionSpec as P
 
 from facemoe_jax.losses import classifier
 from facemoe_jax.losses.classifier import l2_normalize
-from facemoe_jax.models.recognizability import QUALITY_KEY, QUALITY_NAME, QualityHead
+from facemoe_jax.data.pipeline import normalize_images
+from facemoe_jax.models.recognizability import PATCH_KEY, QUALITY_KEY, QUALITY_NAME, QualityHead
 
 WEIGHTINGS = ("threshold", "soft")
+QUALITY_SOURCES = ("clean", "batch")
+QUALITY_TARGETS = ("own_full", "prototype")
 COPY_EMBEDDINGS = "ri_copy_embeddings"  # batch entries the train step adds (``with_copies``)
 COPY_LABELS = "ri_copy_labels"
+COPY_PATCH = "ri_copy_patch"  # the copies' patch statistics (quality heads that read them)
+COPY_REFERENCE = "ri_copy_reference"  # the copies' full-size embeddings ("own_full" target)
 _NO_NEGATIVE = -2.0  # below any cosine: "no other class here"
 
 
@@ -130,11 +166,33 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             f"config.recognizability.quality_images={cfg.quality_images} must be in 0.."
             f"{config.train.batch_size} (0 = the whole batch)"
         )
+    if not 0.0 <= cfg.quality_ui_weight <= 1.0:
+        raise ValueError(
+            f"config.recognizability.quality_ui_weight={cfg.quality_ui_weight} must be in [0, 1]"
+        )
+    if cfg.quality_angle_power <= 0:
+        raise ValueError(
+            f"config.recognizability.quality_angle_power={cfg.quality_angle_power} must be > 0"
+        )
+    for field, known in (("quality_source", QUALITY_SOURCES), ("quality_target", QUALITY_TARGETS)):
+        if cfg[field] not in known:
+            raise ValueError(f"config.recognizability.{field}={cfg[field]!r} is not one of {known}")
     if cfg.diversion_weighting not in WEIGHTINGS:
         raise ValueError(
             f"config.recognizability.diversion_weighting={cfg.diversion_weighting!r} is not "
             f"one of {WEIGHTINGS}"
         )
+
+
+def trains_quality_head(config: ml_collections.ConfigDict) -> bool:
+    return (enabled(config) and bool(config.model.get("quality_head", False))
+            and config.recognizability.quality_weight > 0)  # fmt: skip
+
+
+def wants_clean_images(config: ml_collections.ConfigDict) -> bool:
+    """Whether the train step needs batch["image_hr"], the geometry-only images (the pipeline's
+    paired mode): the quality copies are made from them (quality_source="clean")."""
+    return trains_quality_head(config) and config.recognizability.quality_source == "clean"
 
 
 def initial_centre(config: ml_collections.ConfigDict):
@@ -210,19 +268,23 @@ def prototype_cosines(embeddings, centers, labels, *, num_classes: int,
     )(embeddings, centers, labels)
 
 
-def _angle(cosine):
-    return jnp.arccos(jnp.clip(cosine, -1.0, 1.0))
+def _angle(cosine, power: float = 1.0):
+    """arccos, then pi * (theta / pi) ** power (power 1: the angle itself)."""
+    theta = jnp.arccos(jnp.clip(cosine, -1.0, 1.0))
+    return theta if power == 1.0 else math.pi * (theta / math.pi) ** power
 
 
 def recognizability_index(cos_ui, cos_own, cos_hardest, *, ui_weight: float,
-                          ui_angle_scale: float, margin_angle_scale: float) -> jax.Array:  # fmt: skip
-    """RI in [0, 1] per image (module docstring, item 2), without gradient."""
+                          ui_angle_scale: float, margin_angle_scale: float,
+                          angle_power: float = 1.0) -> jax.Array:  # fmt: skip
+    """RI in [0, 1] per image (module docstring, items 2 and 4), without gradient; cos_own is
+    the cosine to the positive (the class centre, or the own full-size embedding)."""
     cos_ui, cos_own, cos_hardest = (
         jax.lax.stop_gradient(jnp.asarray(x, jnp.float32)) for x in (cos_ui, cos_own, cos_hardest)
     )
-    s_ui = jnp.clip(_angle(cos_ui) / ui_angle_scale, 0.0, 1.0)
-    s_cls = jnp.clip(0.5 + (_angle(cos_hardest) - _angle(cos_own)) / (2 * margin_angle_scale),
-                     0.0, 1.0)  # fmt: skip
+    s_ui = jnp.clip(_angle(cos_ui, angle_power) / ui_angle_scale, 0.0, 1.0)
+    margin = _angle(cos_hardest, angle_power) - _angle(cos_own, angle_power)
+    s_cls = jnp.clip(0.5 + margin / (2 * margin_angle_scale), 0.0, 1.0)
     return ui_weight * s_ui + (1.0 - ui_weight) * s_cls
 
 
@@ -277,30 +339,51 @@ def with_copies(model, config, state, batch: dict, images: jax.Array):
     and, for a model with a quality head to train, the ``quality_copies`` (item 4), whose
     embeddings and labels go into the batch for the loss (``COPY_EMBEDDINGS``, ``COPY_LABELS``)."""
     cfg = config.recognizability
-    trains_head = bool(config.model.get("quality_head", False)) and cfg.quality_weight > 0
+    trains_head = trains_quality_head(config)
     ui = images[: cfg.ui_images] if cfg.ui_images else images
     rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 0x5249)  # "RI"
     parts = [degrade_beyond_recognition(ui, rng, int(cfg.ui_pixels), cfg.ui_noise_std)]
     if trains_head:
+        source = images
+        if cfg.quality_source == "clean":
+            if "image_hr" not in batch:
+                raise ValueError(
+                    'config.recognizability.quality_source="clean" needs batch["image_hr"] (the '
+                    "pipeline's paired mode, which the train loop asks for)"
+                )
+            source = normalize_images(batch["image_hr"])
+        count = int(cfg.quality_images) or source.shape[0]
         pixels = tuple(p for p in parse_pixels(cfg.quality_pixels) if p < images.shape[1])
-        parts.append(quality_copies(images, pixels, int(cfg.quality_images)))
+        parts.append(quality_copies(source, pixels, count))
+        if cfg.quality_target == "own_full":
+            parts.append(source[:count].astype(jnp.float32))  # each copy's full-size image
     variables = {"params": state.params["encoder"], "batch_stats": state.batch_stats}
-    embedded, _ = model.apply(jax.lax.stop_gradient(variables), jnp.concatenate(parts),
-                              train=False)  # fmt: skip
+    (embedded, _), sown = model.apply(jax.lax.stop_gradient(variables), jnp.concatenate(parts),
+                                      train=False, mutable=["intermediates"])  # fmt: skip
     embedded = jax.lax.stop_gradient(embedded)
     centre = update_centre(state.ri_centre, embedded[: ui.shape[0]], cfg.centre_momentum)
     batch = dict(batch)
     if trains_head:
-        labels = batch["label"][: cfg.quality_images] if cfg.quality_images else batch["label"]
-        batch[COPY_EMBEDDINGS], batch[COPY_LABELS] = embedded[ui.shape[0] :], labels
+        first = ui.shape[0]
+        batch[COPY_EMBEDDINGS] = embedded[first : first + count]
+        batch[COPY_LABELS] = batch["label"][:count]
+        patch = sown["intermediates"].get(PATCH_KEY)
+        if patch is not None:
+            batch[COPY_PATCH] = jax.lax.stop_gradient(patch[0][first : first + count])
+        if cfg.quality_target == "own_full":
+            batch[COPY_REFERENCE] = embedded[first + count : first + 2 * count]
     return state.replace(ri_centre=centre), batch
 
 
-def predict_quality(model, encoder_params, embeddings, dropout_rng) -> jax.Array:
-    """The model's quality head (training mode) on given embeddings, without gradient into them."""
-    head = QualityHead(model.heads.quality_hidden, model.heads.quality_dropout)
+def predict_quality(model, encoder_params, embeddings, dropout_rng, patch=None) -> jax.Array:
+    """The model's quality head (training mode) on given embeddings (and patch statistics, for a
+    head that reads them), without gradient into them."""
+    heads = model.heads
+    head = QualityHead(heads.quality_hidden, heads.quality_dropout, heads.quality_input)
+    if patch is not None:
+        patch = jax.lax.stop_gradient(patch)
     return head.apply({"params": encoder_params[QUALITY_NAME]}, jax.lax.stop_gradient(embeddings),
-                      True, rngs={"dropout": dropout_rng})  # fmt: skip
+                      True, patch, rngs={"dropout": dropout_rng})  # fmt: skip
 
 
 def _index(cfg, embeddings, centers, labels, centre, num_classes, class_axes):
@@ -316,14 +399,32 @@ def _index(cfg, embeddings, centers, labels, centre, num_classes, class_axes):
     return cos_ui, ri
 
 
+def copy_index(cfg, copies, centers, labels, centre, reference, num_classes, class_axes):
+    """The quality head's target RI_k for the copies (item 4): item 2 with quality_ui_weight,
+    quality_angle_power and, with `reference` (the copies' own full-size embeddings, target
+    "own_full"), the cosine to it as the positive; the hardest negative stays the nearest
+    other class centre."""
+    cos_ui = l2_normalize(copies) @ jax.lax.stop_gradient(centre)
+    cos_own, cos_hardest = prototype_cosines(
+        copies, centers, labels, num_classes=num_classes, class_axes=class_axes
+    )
+    if reference is not None:
+        cos_own = jnp.sum(l2_normalize(copies) * l2_normalize(reference), axis=-1)
+    return recognizability_index(
+        cos_ui, cos_own, cos_hardest, ui_weight=cfg.quality_ui_weight,
+        ui_angle_scale=cfg.ui_angle_scale, margin_angle_scale=cfg.margin_angle_scale,
+        angle_power=cfg.quality_angle_power,
+    )  # fmt: skip
+
+
 def loss_terms(cfg, embeddings, centers, labels, centre, batch, quality_fn, *, num_classes: int,
                class_axes: tuple[str, ...]) -> tuple[jax.Array, dict]:  # fmt: skip
     """diversion_weight * L_ID + quality_weight * L_Q and the metrics, for one batch.
 
     cfg: config.recognizability; embeddings (B, D) raw; centers: the classifier's centre matrix;
     centre: c_UI (D,); batch: with the copies of ``with_copies`` when the head trains;
-    quality_fn: stop-gradient embeddings -> the head's predictions (``predict_quality``), or
-    None for a model without a quality head.
+    quality_fn: (stop-gradient embeddings, patch statistics or None) -> the head's predictions
+    (``predict_quality``), or None for a model without a quality head.
     """
     cos_ui, ri = _index(cfg, embeddings, centers, labels, centre, num_classes, class_axes)
     diversion = diversion_loss(cos_ui, ri, threshold=cfg.diversion_threshold,
@@ -338,9 +439,9 @@ def loss_terms(cfg, embeddings, centers, labels, centre, batch, quality_fn, *, n
     }
     if quality_fn is not None and COPY_EMBEDDINGS in batch:
         copies = batch[COPY_EMBEDDINGS]
-        _, copy_ri = _index(cfg, copies, centers, batch[COPY_LABELS], centre, num_classes,
-                            class_axes)  # fmt: skip
-        quality = quality_fn(copies)
+        copy_ri = copy_index(cfg, copies, centers, batch[COPY_LABELS], centre,
+                             batch.get(COPY_REFERENCE), num_classes, class_axes)  # fmt: skip
+        quality = quality_fn(copies, batch.get(COPY_PATCH))
         quality_loss = smooth_l1(quality, copy_ri, cfg.quality_beta)
         total = total + cfg.quality_weight * quality_loss
         metrics["ri/quality_loss"] = quality_loss

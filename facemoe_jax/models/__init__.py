@@ -8,7 +8,7 @@ from facemoe_jax.models.mobilefacenet import MobileFaceNet
 from facemoe_jax.models import quality as quality_lib
 from facemoe_jax.models.lora import settings_from_config
 from facemoe_jax.models.moe import COMBINE_MODES
-from facemoe_jax.models.recognizability import HeadSettings
+from facemoe_jax.models.recognizability import QUALITY_INPUTS, HeadSettings
 from facemoe_jax.models.swin import SwinMoE, effective_window, stage_resolutions
 from facemoe_jax.models.vit import ViTMoE, parse_moe_layers
 
@@ -80,7 +80,13 @@ def _heads(cfg: ml_collections.ConfigDict) -> dict:
         perceptibility_attention=bool(cfg.get("perceptibility_attention", False)),
         quality_head=bool(cfg.get("quality_head", False)),
         quality_dropout=float(cfg.get("quality_head_dropout", 0.1)),
+        quality_input=str(cfg.get("quality_head_input", "embedding")),
     )
+    if heads.quality_input not in QUALITY_INPUTS:
+        raise ValueError(
+            f"config.model.quality_head_input={heads.quality_input!r} is not one of "
+            f"{QUALITY_INPUTS}"
+        )
     if not 0.0 <= heads.quality_dropout < 1.0:
         raise ValueError(
             f"config.model.quality_head_dropout={heads.quality_dropout} must be in [0, 1)"

@@ -40,7 +40,12 @@ import jax
 import jax.numpy as jnp
 
 from facemoe_jax.models.layers import batch_norm, check_image_size
-from facemoe_jax.models.recognizability import HeadSettings, attend_map
+from facemoe_jax.models.recognizability import (
+    HeadSettings,
+    attend_map,
+    estimate_quality,
+    patch_statistics,
+)
 
 Array = jax.Array
 
@@ -139,6 +144,7 @@ class IResNet(nn.Module):
         x = conv(STAGE_WIDTHS[0], 3, 1, 1, self.dtype, "conv1")(images.astype(self.dtype))
         x = batch_norm(train, "bn1", dtype=self.dtype)(x)
         x = PReLU(self.dtype, name="prelu")(x)
+        patch = patch_statistics(self.heads, self, x)  # the quality head's input (or None)
         inplanes = STAGE_WIDTHS[0]
         for stage, (planes, count) in enumerate(zip(STAGE_WIDTHS, blocks)):
             for i in range(count):
@@ -164,5 +170,5 @@ class IResNet(nn.Module):
             name="fc",
         )(x)
         x = batch_norm(train, "features", dtype=jnp.float32, use_scale=False)(x)
-        x = attend_map(self.heads, x)
+        estimate_quality(self.heads, self, x, train, patch)
         return x, {}

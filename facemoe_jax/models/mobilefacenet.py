@@ -39,7 +39,12 @@ import jax.numpy as jnp
 
 from facemoe_jax.models.iresnet import PReLU, conv
 from facemoe_jax.models.layers import batch_norm, check_image_size
-from facemoe_jax.models.recognizability import HeadSettings, attend_map, estimate_quality
+from facemoe_jax.models.recognizability import (
+    HeadSettings,
+    attend_map,
+    estimate_quality,
+    patch_statistics,
+)
 
 Array = jax.Array
 
@@ -134,6 +139,7 @@ class MobileFaceNet(nn.Module):
         b0, b1, b2, b3 = self.blocks
         x = images.astype(dt)
         x = ConvBlock(c1, 3, 2, 1, dtype=dt, name="layers_0")(x, train)
+        patch = patch_statistics(self.heads, self, x)  # the quality head's input (or None)
         if b0 == 1:
             x = ConvBlock(c1, 3, 1, 1, groups=64, dtype=dt, name="layers_1")(x, train)
         else:
@@ -149,7 +155,7 @@ class MobileFaceNet(nn.Module):
         x = ConvBlock(512, dtype=jnp.float32, name="conv_sep")(x, train)
         x = attend_map(self.heads, x)
         x = GDC(self.embed_dim, name="features")(x, train)
-        estimate_quality(self.heads, self, x, train)
+        estimate_quality(self.heads, self, x, train, patch)
         return x, {}
 
 

@@ -7,11 +7,22 @@
   weights start uniform (1/N, scale 1): a pre-trained encoder is unchanged until the attention
   learns. The weights are sown as intermediates "perceptibility/weights" (B, N), drawn over the
   average face by the evaluation (as the routing maps are).
-- **Quality head** (`QualityHead`): the raw embedding -> Dense(hidden) -> ReLU -> Dropout ->
-  Dense(1) -> sigmoid, one score in (0, 1) per image, trained to regress the recognizability
-  index of stop-gradient embeddings (losses/recognizability.py: the train step applies the
-  head's parameters to the embeddings of the batch's copies at many resolutions) and sown as
+- **Quality head** (`QualityHead`): its input -> Dense(hidden) -> ReLU -> Dropout -> Dense(1) ->
+  sigmoid, one score in (0, 1) per image, trained to regress the recognizability index of
+  stop-gradient features (losses/recognizability.py: the train step applies the head's
+  parameters to the features of the batch's copies at many resolutions) and sown as
   intermediates "quality" (B,), so quality needs no label at test time (`FaceEncoder.quality`).
+  Its input (`quality_input`, config.model.quality_head_input):
+    "embedding"        the raw embedding (the first version);
+    "patch"            the patch statistics: the tokens right after the patch embedding (ViT,
+                       Swin) or the stem's feature map (IResNet, MobileFaceNet), per channel
+                       their mean and standard deviation over positions (B, 2C), without
+                       gradient, sown as intermediates "quality_patch" (`patch_statistics`);
+    "patch+embedding"  both, each through its own LayerNorm, concatenated.
+  Why the patch statistics: a face encoder is trained to be resolution-invariant, so on the
+  demo model the embedding hardly changes above 16 px (cos 0.97 to the 48 px one at 16 px,
+  0.994 at 32 px) and a head reading only the embedding cannot tell 24 from 48 px; the spread
+  of the first linear filters over positions still falls as detail is lost.
 
 The architecture of both is our choice: the paper's exact attention and regression layers are
 not known (see losses/recognizability.py).
@@ -28,6 +39,8 @@ import jax.numpy as jnp
 ATTENTION_NAME = "perceptibility"
 QUALITY_NAME = "quality_head"  # the head's parameters, directly under the encoder's
 QUALITY_KEY = "quality"  # the encoders sow the quality head's (B,) prediction under this name
+PATCH_KEY = "quality_patch"  # ... and the patch statistics (B, 2C) its input reads
+QUALITY_INPUTS = ("embedding", "patch", "patch+embedding")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +52,11 @@ class HeadSettings:
     quality_head: bool = False
     quality_hidden: int = 128
     quality_dropout: float = 0.1
+    quality_input: str = "embedding"  # one of QUALITY_INPUTS
+
+    @property
+    def reads_patches(self) -> bool:
+        return self.quality_head and "patch" in self.quality_input.split("+")
 
 
 class PerceptibilityAttention(nn.Module):
@@ -59,10 +77,23 @@ class PerceptibilityAttention(nn.Module):
 class QualityHead(nn.Module):
     hidden: int = 128
     dropout: float = 0.1
+    input: str = "embedding"  # one of QUALITY_INPUTS
 
     @nn.compact
-    def __call__(self, embeddings: jax.Array, train: bool) -> jax.Array:
-        x = nn.Dense(self.hidden, name="fc1")(embeddings.astype(jnp.float32))
+    def __call__(self, embeddings: jax.Array, train: bool,
+                 patch: jax.Array | None = None) -> jax.Array:  # fmt: skip
+        if self.input == "embedding":  # the first version's head, parameters unchanged
+            x = embeddings.astype(jnp.float32)
+        else:
+            if patch is None:
+                raise ValueError(f"a quality head with input {self.input!r} needs the patch "
+                                 "statistics (`patch_statistics`)")  # fmt: skip
+            # The two inputs differ in scale by orders of magnitude: each is normalised alone.
+            parts = [nn.LayerNorm(name="patch_norm")(patch.astype(jnp.float32))]
+            if self.input == "patch+embedding":
+                parts.append(nn.LayerNorm(name="embedding_norm")(embeddings.astype(jnp.float32)))
+            x = jnp.concatenate(parts, axis=-1)
+        x = nn.Dense(self.hidden, name="fc1")(x)
         x = nn.Dropout(self.dropout, deterministic=not train)(jax.nn.relu(x))
         return jax.nn.sigmoid(nn.Dense(1, name="fc2")(x)[..., 0])
 
@@ -82,10 +113,34 @@ def attend_map(settings: HeadSettings, feature_map: jax.Array) -> jax.Array:
     return attend(settings, feature_map.reshape(b, h * w, c)).reshape(b, h, w, c)
 
 
+def pool_positions(tokens: jax.Array) -> jax.Array:
+    """(B, N, C) -> (B, 2C) float32: per channel, the mean and standard deviation over the N
+    positions."""
+    tokens = tokens.astype(jnp.float32)
+    return jnp.concatenate([jnp.mean(tokens, axis=1), jnp.std(tokens, axis=1)], axis=-1)
+
+
+def patch_statistics(settings: HeadSettings, module: nn.Module,
+                     tokens: jax.Array) -> jax.Array | None:  # fmt: skip
+    """Called inside an encoder's compact __call__ on the tokens right after the patch embedding
+    (B, N, C) or the stem's map (B, H, W, C): the quality head's patch input (B, 2C), without
+    gradient, sown as PATCH_KEY; None when the head does not read it."""
+    if not settings.reads_patches:
+        return None
+    tokens = tokens.reshape(tokens.shape[0], -1, tokens.shape[-1])
+    statistics = jax.lax.stop_gradient(pool_positions(tokens))
+    module.sow("intermediates", PATCH_KEY, statistics)
+    return statistics
+
+
+def make_quality_head(settings: HeadSettings) -> QualityHead:
+    return QualityHead(settings.quality_hidden, settings.quality_dropout, settings.quality_input,
+                       name=QUALITY_NAME)  # fmt: skip
+
+
 def estimate_quality(settings: HeadSettings, module: nn.Module, embeddings: jax.Array,
-                     train: bool) -> None:  # fmt: skip
+                     train: bool, patch: jax.Array | None = None) -> None:  # fmt: skip
     """Called inside an encoder's compact __call__: sows the quality prediction (B,)."""
     if settings.quality_head:
-        quality = QualityHead(settings.quality_hidden, settings.quality_dropout,
-                              name=QUALITY_NAME)(embeddings, train)  # fmt: skip
+        quality = make_quality_head(settings)(embeddings, train, patch)
         module.sow("intermediates", QUALITY_KEY, quality)

@@ -36,7 +36,12 @@ from facemoe_jax.models.layers import PatchEmbed, DropPath, batch_norm, check_im
 from facemoe_jax.models.lora import LoRADense, LoRASettings, projection
 from facemoe_jax.models.moe import MoEFeedForward
 from facemoe_jax.models.quality import QualitySettings
-from facemoe_jax.models.recognizability import HeadSettings, attend, estimate_quality
+from facemoe_jax.models.recognizability import (
+    HeadSettings,
+    attend,
+    estimate_quality,
+    patch_statistics,
+)
 from facemoe_jax.models.vit import Mlp
 
 Array = jax.Array
@@ -297,6 +302,7 @@ class SwinMoE(nn.Module):
         x = PatchEmbed(self.width, self.patch_size, self.dtype, name="patch_embed")(images)
         b, grid, _, d = x.shape
         x = x.reshape(b, grid * grid, d)
+        patch = patch_statistics(self.heads, self, x)  # the quality head's input (or None)
         x = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name="patch_norm")(x)
         if self.absolute_pos_embed:
             pos = self.param(
@@ -347,5 +353,5 @@ class SwinMoE(nn.Module):
         else:
             x = nn.Dense(self.embed_dim, name="feature_fc")(x)
         x = batch_norm(train, "feature_bn2")(x)
-        estimate_quality(self.heads, self, x, train)
+        estimate_quality(self.heads, self, x, train, patch)
         return x, jax.tree.map(lambda *m: jnp.stack(m), *metrics) if metrics else {}

@@ -24,7 +24,12 @@ from facemoe_jax.models.layers import PatchEmbed, DropPath, batch_norm, check_im
 from facemoe_jax.models.lora import LoRASettings, projection
 from facemoe_jax.models.moe import MoEFeedForward
 from facemoe_jax.models.quality import QualitySettings
-from facemoe_jax.models.recognizability import HeadSettings, attend, estimate_quality
+from facemoe_jax.models.recognizability import (
+    HeadSettings,
+    attend,
+    estimate_quality,
+    patch_statistics,
+)
 
 Array = jax.Array
 
@@ -160,6 +165,7 @@ class ViTMoE(nn.Module):
         x = PatchEmbed(self.width, self.patch_size, self.dtype, name="patch_embed")(images)
         b, h, w, d = x.shape
         x = x.reshape(b, h * w, d)
+        patch = patch_statistics(self.heads, self, x)  # the quality head's input (or None)
         pos = self.param("pos_embed", nn.initializers.truncated_normal(0.02), (1, h * w, d))
         x = x + pos.astype(self.dtype)
         quality = self.quality.resolve(images, quality, self.lora)
@@ -192,6 +198,6 @@ class ViTMoE(nn.Module):
         x = batch_norm(train, "feature_bn1", epsilon=HEAD_BATCH_NORM_EPS)(x)
         x = nn.Dense(self.embed_dim, use_bias=False, name="feature_fc2")(x)
         x = batch_norm(train, "feature_bn2", epsilon=HEAD_BATCH_NORM_EPS)(x)
-        estimate_quality(self.heads, self, x, train)
+        estimate_quality(self.heads, self, x, train, patch)
         stacked = jax.tree.map(lambda *m: jnp.stack(m), *layer_metrics) if layer_metrics else {}
         return x, stacked

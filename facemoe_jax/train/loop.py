@@ -250,12 +250,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     source = sources.train_source(config)
     # The frozen distillation teacher (None without one): reloaded at every start, never saved.
     teacher, teacher_variables = distill_lib.load_teacher(config, mesh)
+    # Paired batches ("image_hr": the geometry-only images) for a teacher or for RI's copies.
+    paired = teacher is not None or recognizability.wants_clean_images(config)
     check_workdir(workdir)
     data_iter = pipeline.train_iterator(
         source,
         global_batch_size=config.train.batch_size,
         seed=config.seed,
-        augment=augment_lib.Augmenter(config.data, paired=teacher is not None),
+        augment=augment_lib.Augmenter(config.data, paired=paired),
         image_size=config.model.image_size,
         worker_count=config.data.worker_count,
         max_bad_share=config.data.max_bad_share,
@@ -308,7 +310,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             (config.train.batch_size,), jnp.int32, sharding=mesh_lib.batch_sharding(mesh)
         ),
     }
-    if teacher is not None:
+    if paired:
         batch_spec["image_hr"] = batch_spec["image"]
     nan_steps, step_seconds = _test_nan_steps(), _test_step_seconds()
     if nan_steps:  # the test hook adds a replicated scalar to the images (NaN at those steps)

@@ -157,8 +157,9 @@ def make_loss_fn(model, config: ml_collections.ConfigDict, teacher=None):
         total = total + distill_loss
         ri_metrics = {}
         if ri_on:
-            quality_fn = None if not quality_head else lambda f: recognizability.predict_quality(
-                model, params["encoder"], f, jax.random.fold_in(dropout_rng, 1))  # fmt: skip
+            quality_fn = None if not quality_head else lambda f, patch: (
+                recognizability.predict_quality(model, params["encoder"], f,
+                                                jax.random.fold_in(dropout_rng, 1), patch))  # fmt: skip
             ri_loss, ri_metrics = recognizability.loss_terms(
                 config.recognizability, embeddings, params["classifier"]["centers"],
                 batch["label"], state.ri_centre, batch, quality_fn,

@@ -52,6 +52,46 @@ def test_recognizability_index_matches_numpy():
     assert 0.0 <= want.min() < 0.3 and want.max() > 0.7  # the test spans the range
 
 
+def numpy_copy_target(copies, positives, centers, labels, centre, ui_weight, power):
+    """Item 4's target with pi scales: angles spread as pi (theta / pi) ** power; `positives`
+    (one vector per copy) in place of the class centre; the hardest negative a class centre."""
+
+    def g(cosine):
+        return np.pi * (np.arccos(np.clip(cosine, -1, 1)) / np.pi) ** power
+
+    out = []
+    for i, y in enumerate(labels):
+        e = unit(copies[i])
+        hardest = max(unit(centers[j]) @ e for j in range(len(centers)) if j != y)
+        s_cls = np.clip(0.5 + (g(hardest) - g(e @ unit(positives[i]))) / (2 * np.pi), 0, 1)
+        out.append(ui_weight * g(e @ centre) / np.pi + (1 - ui_weight) * s_cls)
+    return np.array(out)
+
+
+def test_copy_target_against_the_own_full_size_embedding_matches_numpy():
+    rng = np.random.default_rng(5)
+    num_classes, dim = 7, 12
+    centers = rng.normal(size=(num_classes, dim))
+    labels = rng.integers(0, num_classes, 10)
+    reference = rng.normal(size=(10, dim)) * 3.0  # raw full-size embeddings: any norm
+    copies = reference + rng.uniform(0.2, 2, (10, 1)) * rng.normal(size=(10, dim))
+    copies[0] = 2.0 * reference[0]  # the full-size copy itself: angle 0, the top of the range
+    centre = unit(rng.normal(size=dim))
+    cfg = common.get_base_config().recognizability
+    cfg.update(quality_ui_weight=0.25, quality_angle_power=0.5)  # pi scales (the defaults)
+    args = (jnp.asarray(centers), jnp.asarray(labels), jnp.asarray(centre, jnp.float32))
+    got = ri.copy_index(cfg, jnp.asarray(copies, jnp.float32), *args,
+                        jnp.asarray(reference, jnp.float32), num_classes, ())  # fmt: skip
+    want = numpy_copy_target(copies, reference, centers, labels, centre, 0.25, 0.5)
+    np.testing.assert_allclose(np.asarray(got)[1:], want[1:], atol=1e-4)
+    # At angle 0 the square root magnifies float32's arccos(1 - 6e-8) = 3e-4 rad: 0.005 of RI.
+    np.testing.assert_allclose(np.asarray(got)[0], want[0], atol=1e-2)
+    # Without a reference, the positive is the class centre (target "prototype").
+    got = ri.copy_index(cfg, jnp.asarray(copies, jnp.float32), *args, None, num_classes, ())
+    want = numpy_copy_target(copies, centers[labels], centers, labels, centre, 0.25, 0.5)
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-4)
+
+
 @pytest.mark.parametrize("weighting", ["threshold", "soft"])
 def test_diversion_loss_and_its_gradient_match_numpy(weighting):
     rng = np.random.default_rng(1)
@@ -127,6 +167,10 @@ def test_quality_copies_span_the_sizes_in_groups():
         ("margin_angle_scale", 0.0, "margin_angle_scale=0.0"),
         ("quality_pixels", "4,x", "quality_pixels='4,x'"),
         ("quality_images", 1000, "quality_images=1000"),
+        ("quality_source", "raw", "quality_source='raw'"),
+        ("quality_target", "centre", "quality_target='centre'"),
+        ("quality_angle_power", 0.0, "quality_angle_power=0.0"),
+        ("quality_ui_weight", 1.5, "quality_ui_weight=1.5"),
     ],
 )
 def test_config_errors_name_the_field(field, value, message):

@@ -15,6 +15,11 @@ from facemoe_jax.train.checkpoint import Checkpointer, config_changes
 from tests.train.test_step import fixed_batch, setup, tiny_config
 
 
+def paired(batch):
+    """The batch as the loop's paired mode gives it: the quality copies come from "image_hr"."""
+    return {**batch, "image_hr": batch["image"][::-1]}
+
+
 def unit(x):
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
@@ -29,7 +34,7 @@ def test_step_moves_the_centre_adds_the_losses_and_resumes_bitwise(tmp_path):
     )  # RI never looks inside the blocks: compile less
     model, state, step = setup(config)
     assert state.ri_centre.shape == (32,) and not np.any(np.asarray(state.ri_centre))
-    batch = fixed_batch()
+    batch = paired(fixed_batch())
     # c starts at 0, so after one step it is the mean direction of the embeddings of the first 8
     # images degraded to 4 px with the step's noise, embedded on their own in evaluation mode.
     rng = jax.random.fold_in(jax.random.fold_in(state.rng, 0), 0x5249)
@@ -44,8 +49,8 @@ def test_step_moves_the_centre_adds_the_losses_and_resumes_bitwise(tmp_path):
                                              normalize_images(batch["image"]))[1]  # fmt: skip
 
         def quality_loss(encoder_params):
-            fn = lambda f: recognizability.predict_quality(  # noqa: E731
-                model, encoder_params, f, jax.random.PRNGKey(0)
+            fn = lambda f, patch: recognizability.predict_quality(  # noqa: E731
+                model, encoder_params, f, jax.random.PRNGKey(0), patch
             )
             return recognizability.loss_terms(
                 config.recognizability, jnp.ones((16, 32)), state.params["classifier"]["centers"],
@@ -53,12 +58,23 @@ def test_step_moves_the_centre_adds_the_losses_and_resumes_bitwise(tmp_path):
                 "ri/quality_loss"]  # fmt: skip
 
         grads = jax.grad(quality_loss)(state.params["encoder"])
-        return model.apply(variables, degraded)[0], copies, grads
+        # The copies come from the clean images; each one's full-size embedding is its target's
+        # positive (quality_target="own_full").
+        clean = model.apply(variables, normalize_images(batch["image_hr"][:12]))[0]
+        return model.apply(variables, degraded)[0], copies, grads, clean
 
-    ui, copies, grads = references(state, batch, degraded)
+    ui, copies, grads, clean = references(state, batch, degraded)
     expected = unit(unit(np.asarray(ui)).mean(axis=0))
     # The quality loss is computed over the 12 copies and reaches the head, nothing else.
     assert copies[recognizability.COPY_EMBEDDINGS].shape == (12, 32)
+    np.testing.assert_allclose(np.asarray(copies[recognizability.COPY_REFERENCE]),
+                               np.asarray(clean), rtol=1e-4, atol=1e-4)  # fmt: skip
+    # Image i is in group i mod 6 (the sizes below 24 px: 4, 6, 8, 12, 16, then full size):
+    # the full-size copies (5, 11) are their own reference.
+    full = [i for i in range(12) if i % 6 == 5]
+    np.testing.assert_allclose(np.asarray(copies[recognizability.COPY_EMBEDDINGS])[full],
+                               np.asarray(clean)[full], rtol=1e-4, atol=1e-4)  # fmt: skip
+    assert copies[recognizability.COPY_PATCH].shape == (12, 2 * 32)  # mean, std of 32 channels
     touched = {name for name, g in grads.items()
                if any(np.any(np.asarray(x)) for x in jax.tree.leaves(g))}  # fmt: skip
     assert touched == {"quality_head"}
@@ -79,7 +95,7 @@ def test_step_moves_the_centre_adds_the_losses_and_resumes_bitwise(tmp_path):
     checkpointer.manager.wait_until_finished()
     restored = checkpointer.restore(1, abstract)
     np.testing.assert_array_equal(np.asarray(restored.ri_centre), np.asarray(state.ri_centre))
-    second = fixed_batch(seed=1)
+    second = paired(fixed_batch(seed=1))
     live, live_metrics = step(state, second)
     again, again_metrics = step(restored, second)
     np.testing.assert_array_equal(np.asarray(again.ri_centre), np.asarray(live.ri_centre))
