@@ -44,7 +44,13 @@ STATE_SWITCHES = {
     "recognizability.enabled": False,
     "model.perceptibility_attention": False,
     "model.quality_head": False,
+    # The quality head's input decides its parameters; checkpoints before the option had the
+    # embedding-only head.
+    "model.quality_head_input": "embedding",
 }
+# Fields that shape the state only when another field is on: a difference is no difference
+# when both configs have that switch off (a model without a quality head has no head input).
+ONLY_WITH = {"model.quality_head_input": "model.quality_head"}
 DATA_KNOBS = (
     "data.worker_count",
     "data.max_bad_share",
@@ -91,6 +97,13 @@ def config_changes(saved, current) -> tuple[list[str], list[str]]:
         a = old.get(field, STATE_SWITCHES.get(field, "<absent>"))
         b = new.get(field, STATE_SWITCHES.get(field, "<absent>"))
         if a == b:
+            continue
+        switch = ONLY_WITH.get(field)
+        if (
+            switch
+            and not old.get(switch, STATE_SWITCHES.get(switch))
+            and not new.get(switch, STATE_SWITCHES.get(switch))
+        ):
             continue
         if (field not in old or field not in new) and field not in STATE_SWITCHES:
             # A field added to (or removed from) the code since the checkpoint was written:

@@ -112,3 +112,18 @@ def test_turning_ri_on_over_a_checkpoint_without_it_is_refused():
         assert fixed == ["model.quality_head (checkpoint False, now True)",
                          "recognizability.enabled (checkpoint False, now True)"]  # fmt: skip
     assert config_changes(old, {"model": {"name": "vit_moe", "quality_head": False}}) == ([], [])
+
+
+def test_a_quality_head_of_another_input_is_refused_and_irrelevant_without_a_head():
+    now = {"model": {"name": "vit_moe", "quality_head": True,
+                     "quality_head_input": "patch+embedding"}}  # fmt: skip
+    # Written before the option existed: its head read the embedding alone.
+    old_head = {"model": {"name": "vit_moe", "quality_head": True}}
+    fixed, _ = config_changes(old_head, now)
+    assert fixed == ["model.quality_head_input (checkpoint 'embedding', now 'patch+embedding')"]
+    # Without a head on either side the input is not part of the state: nothing to refuse.
+    no_head = {"model": {"name": "vit_moe", "quality_head": False}}
+    without = {"model": {"name": "vit_moe", "quality_head": False,
+                         "quality_head_input": "patch+embedding"}}  # fmt: skip
+    assert config_changes(no_head, without) == ([], [])
+    assert config_changes({"model": {"name": "vit_moe"}}, without) == ([], [])
