@@ -305,3 +305,18 @@ def get_base_config() -> ml_collections.ConfigDict:
         (r"(^|/)classifier/centers$", (("data", "expert"),)),
     )
     return config
+
+
+def low_resolution_eval(config: ml_collections.ConfigDict) -> None:
+    """The low-resolution fine-tuning recipes' evaluation: the study's columns at full size.
+
+    HR pairs, LR identification (probes captured at 8-16 px against an HR gallery with
+    distractors), LR verification with the probe at 8 and 16 px.
+    """
+    config.eval.update(
+        synthetic_pairs=1000,
+        low_resolutions="8,16",
+        low_resolution_sides="probe",
+        synthetic_tinyface_identities=100,
+        synthetic_tinyface_distractors=500,
+    )

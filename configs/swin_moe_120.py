@@ -105,15 +105,7 @@ def get_config(arg=None):
     )
     config.train.update(num_steps=steps_per_epoch * epochs, batch_size=batch, log_every_steps=50)
     config.data.update(train="synthetic_lr", num_classes=classes)
-    # The study's columns at full size: HR pairs, LR identification (probes captured at 8-16 px
-    # against an HR gallery with distractors), LR verification with the probe at 8 and 16 px.
-    config.eval.update(
-        synthetic_pairs=1000,
-        low_resolutions="8,16",
-        low_resolution_sides="probe",
-        synthetic_tinyface_identities=100,
-        synthetic_tinyface_distractors=500,
-    )
+    common.low_resolution_eval(config)
     if recipe.endswith("_fc"):
         # Only the new classifier trains; the backbone runs in train mode, so its BatchNorm
         # statistics still move (the official train_fc.py); the router losses do not matter.
