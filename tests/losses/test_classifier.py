@@ -1,10 +1,6 @@
 """Normalised classifier and Partial FC sampling."""
 
 import functools
-import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +18,7 @@ from facemoe_jax.losses.classifier import (
     partial_fc_select,
 )
 from facemoe_jax.losses.margins import combined_margin_logits
+from tests.check_scripts import json_report, run_check_script
 
 
 def test_init_class_centers_shape_and_scale():
@@ -278,12 +275,8 @@ def test_sharded_partial_fc_keeps_the_configured_rate():
     # Issue 17 item 3 on 4 fake devices (subprocess): 32 classes, 8 rows per device, batch 8,
     # rate 0.5. Before the fix every device kept all 8 rows (loss = full softmax, measured
     # 17.12599 = 17.12599); now 4 rows per device, or exactly its own positives (6 on device 0).
-    script = os.path.join(os.path.dirname(__file__), "partial_fc_check.py")
-    done = subprocess.run(
-        [sys.executable, script], capture_output=True, text=True, timeout=600, check=False
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    done = run_check_script(__file__, "partial_fc_check.py")
+    report = json_report(done)
     assert report["effective_rate"] == [0.75, 0.5, 0.5, 0.5]
     assert report["rows_with_grad_per_shard"] == [6, 4, 4, 4]
     assert report["rows_with_grad"] == report["kept_rows"]

@@ -1,16 +1,12 @@
 """Instance and relation distillation losses against NumPy formulas written here, and the
 relation loss over a batch sharded on 8 fake devices against one device."""
 
-import json
-import os
-import subprocess
-import sys
-
 import jax
 import numpy as np
 import pytest
 
 from facemoe_jax.losses.distill import instance_loss, relation_loss
+from tests.check_scripts import json_report, run_check_script
 
 RNG = np.random.default_rng(0)
 STUDENT = RNG.normal(size=(6, 5)).astype(np.float32)
@@ -71,11 +67,7 @@ def test_errors_name_the_field():
 
 @pytest.mark.slow
 def test_sharded_relation_loss_on_8_devices_equals_one_device():
-    script = os.path.join(os.path.dirname(__file__), "distill_multidevice_check.py")
-    done = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=600,
-                          check=False)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = json_report(run_check_script(__file__, "distill_multidevice_check.py"))
     assert report["devices"] == 8
     for name, r in report["losses"].items():
         assert r["sharded"] == pytest.approx(r["single"], rel=1e-5, abs=1e-7), name

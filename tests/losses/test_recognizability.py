@@ -1,9 +1,5 @@
 """The recognizability index, the diversion loss, the EMA centre: against numpy formulas."""
 
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +7,7 @@ import pytest
 
 from configs import common
 from facemoe_jax.losses import recognizability as ri
+from tests.check_scripts import last_line, run_check_script
 
 
 def unit(x):
@@ -189,8 +186,5 @@ def test_a_quality_head_without_ri_is_refused():
 
 @pytest.mark.slow
 def test_sharded_hardest_negative_equals_single_device_on_8_devices():
-    script = os.path.join(os.path.dirname(__file__), "recognizability_sharded_check.py")
-    done = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=600,
-                          check=False)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().splitlines()[-1] == "ok"
+    done = run_check_script(__file__, "recognizability_sharded_check.py")
+    assert last_line(done) == "ok"

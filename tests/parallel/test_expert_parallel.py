@@ -4,25 +4,17 @@ The computations run in a subprocess (multidevice_check.py) so that the 8-device
 not leak into the rest of the suite; this module asserts on the JSON it prints.
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
+
+from tests.check_scripts import json_report, run_check_script
 
 MESHES = ("8x1", "4x2", "2x4", "1x8")
 
 
 @pytest.fixture(scope="module")
 def report():
-    script = os.path.join(os.path.dirname(__file__), "multidevice_check.py")
-    done = subprocess.run(
-        [sys.executable, script], capture_output=True, text=True, timeout=900, check=False
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return json_report(run_check_script(__file__, "multidevice_check.py", timeout=900))
 
 
 @pytest.mark.slow
