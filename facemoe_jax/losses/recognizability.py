@@ -103,7 +103,12 @@ from jax.sharding import PartitionSpec as P
 from facemoe_jax.losses import classifier
 from facemoe_jax.losses.classifier import l2_normalize
 from facemoe_jax.data.pipeline import normalize_images
-from facemoe_jax.models.recognizability import PATCH_KEY, QUALITY_KEY, QUALITY_NAME, QualityHead
+from facemoe_jax.models.recognizability import (
+    PATCH_KEY,
+    QUALITY_KEY,
+    QUALITY_NAME,
+    make_quality_head,
+)
 
 WEIGHTINGS = ("threshold", "soft")
 QUALITY_SOURCES = ("clean", "batch")
@@ -378,23 +383,27 @@ def with_copies(model, config, state, batch: dict, images: jax.Array):
 def predict_quality(model, encoder_params, embeddings, dropout_rng, patch=None) -> jax.Array:
     """The model's quality head (training mode) on given embeddings (and patch statistics, for a
     head that reads them), without gradient into them."""
-    heads = model.heads
-    head = QualityHead(heads.quality_hidden, heads.quality_dropout, heads.quality_input)
+    head = make_quality_head(model.heads)
     if patch is not None:
         patch = jax.lax.stop_gradient(patch)
     return head.apply({"params": encoder_params[QUALITY_NAME]}, jax.lax.stop_gradient(embeddings),
                       True, patch, rngs={"dropout": dropout_rng})  # fmt: skip
 
 
-def _index(cfg, embeddings, centers, labels, centre, num_classes, class_axes):
-    """(cos(e, c_UI), RI) of raw embeddings (item 2)."""
-    cos_ui = l2_normalize(embeddings) @ jax.lax.stop_gradient(centre)
+def _index(embeddings, centers, labels, centre, num_classes, class_axes, *, ui_weight,
+           ui_angle_scale, margin_angle_scale, angle_power=1.0, reference=None):  # fmt: skip
+    """(cos(e, c_UI), RI) of raw embeddings: item 2, or with `reference` (embeddings of the same
+    images at full size) the cosine to it as the positive instead of the class centre."""
+    unit = l2_normalize(embeddings)
+    cos_ui = unit @ jax.lax.stop_gradient(centre)
     cos_own, cos_hardest = prototype_cosines(
         embeddings, centers, labels, num_classes=num_classes, class_axes=class_axes
     )
+    if reference is not None:
+        cos_own = jnp.sum(unit * l2_normalize(reference), axis=-1)
     ri = recognizability_index(
-        cos_ui, cos_own, cos_hardest, ui_weight=cfg.ui_weight,
-        ui_angle_scale=cfg.ui_angle_scale, margin_angle_scale=cfg.margin_angle_scale,
+        cos_ui, cos_own, cos_hardest, ui_weight=ui_weight, ui_angle_scale=ui_angle_scale,
+        margin_angle_scale=margin_angle_scale, angle_power=angle_power,
     )  # fmt: skip
     return cos_ui, ri
 
@@ -404,17 +413,12 @@ def copy_index(cfg, copies, centers, labels, centre, reference, num_classes, cla
     quality_angle_power and, with `reference` (the copies' own full-size embeddings, target
     "own_full"), the cosine to it as the positive; the hardest negative stays the nearest
     other class centre."""
-    cos_ui = l2_normalize(copies) @ jax.lax.stop_gradient(centre)
-    cos_own, cos_hardest = prototype_cosines(
-        copies, centers, labels, num_classes=num_classes, class_axes=class_axes
-    )
-    if reference is not None:
-        cos_own = jnp.sum(l2_normalize(copies) * l2_normalize(reference), axis=-1)
-    return recognizability_index(
-        cos_ui, cos_own, cos_hardest, ui_weight=cfg.quality_ui_weight,
-        ui_angle_scale=cfg.ui_angle_scale, margin_angle_scale=cfg.margin_angle_scale,
-        angle_power=cfg.quality_angle_power,
-    )  # fmt: skip
+    return _index(
+        copies, centers, labels, centre, num_classes, class_axes,
+        ui_weight=cfg.quality_ui_weight, ui_angle_scale=cfg.ui_angle_scale,
+        margin_angle_scale=cfg.margin_angle_scale, angle_power=cfg.quality_angle_power,
+        reference=reference,
+    )[1]  # fmt: skip
 
 
 def loss_terms(cfg, embeddings, centers, labels, centre, batch, quality_fn, *, num_classes: int,
@@ -426,7 +430,10 @@ def loss_terms(cfg, embeddings, centers, labels, centre, batch, quality_fn, *, n
     quality_fn: (stop-gradient embeddings, patch statistics or None) -> the head's predictions
     (``predict_quality``), or None for a model without a quality head.
     """
-    cos_ui, ri = _index(cfg, embeddings, centers, labels, centre, num_classes, class_axes)
+    cos_ui, ri = _index(
+        embeddings, centers, labels, centre, num_classes, class_axes, ui_weight=cfg.ui_weight,
+        ui_angle_scale=cfg.ui_angle_scale, margin_angle_scale=cfg.margin_angle_scale,
+    )  # fmt: skip
     diversion = diversion_loss(cos_ui, ri, threshold=cfg.diversion_threshold,
                                margin=cfg.diversion_margin, weighting=cfg.diversion_weighting)  # fmt: skip
     total = cfg.diversion_weight * diversion
