@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from facemoe_jax.models.layers import PatchEmbed, DropPath, batch_norm, check_image_size
+from facemoe_jax.models.layers import DropPath, PatchEmbed, batch_norm, check_image_size
 from facemoe_jax.models.lora import LoRADense, LoRASettings, projection
 from facemoe_jax.models.moe import MoEFeedForward
 from facemoe_jax.models.quality import QualitySettings

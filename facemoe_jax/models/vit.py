@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from facemoe_jax.models.layers import PatchEmbed, DropPath, batch_norm, check_image_size
+from facemoe_jax.models.layers import DropPath, PatchEmbed, batch_norm, check_image_size
 from facemoe_jax.models.lora import LoRASettings, projection
 from facemoe_jax.models.moe import MoEFeedForward
 from facemoe_jax.models.quality import QualitySettings
