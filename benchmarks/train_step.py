@@ -15,6 +15,11 @@ exports load into) with torch's AdamW, the same batch, the same threads. Drop-pa
 sides (the PyTorch twins have none). Steps of the three are interleaved in rounds so that the
 load of a shared machine hits them alike; the median step time of each is reported.
 --full uses the full-size official Swin-MoE (width 384, depths 2/18/2) at batch 4.
+--precision bf16: mixed precision on both sides, as the official configs train (`fp16=True`:
+the backbone's forward under autocast, the classifier and loss in float32): ours with
+`config.model.dtype="bfloat16"` (parameters, router and losses stay float32), PyTorch's forward
+under `torch.autocast("cpu", torch.bfloat16)` (CUDA's fp16 has no CPU kernel; bf16 is what both
+runtimes use on a CPU with AMX).
 
 Prints images/s of each, the ratio ours / PyTorch and our compile seconds, then one JSON line
 with every figure and "ratio" (the Swin-MoE, ours dropless / PyTorch).
@@ -49,7 +54,7 @@ def load_config(path, arg=None):
     return module.get_config(arg)
 
 
-def small_config(model: str, full: bool):
+def small_config(model: str, full: bool, precision: str = "f32"):
     """Our config at the benchmark size, with the official losses and optimiser."""
     config = load_config("configs/swin_moe_120.py", "tinyface_full")
     if model == "swin":
@@ -64,6 +69,7 @@ def small_config(model: str, full: bool):
             moe_layers="every:2", num_experts=8, top_k=2, router_combine="raw_logits",
         )  # fmt: skip
     config.model.drop_path_rate = 0.0
+    config.model.dtype = {"f32": "float32", "bf16": "bfloat16"}[precision]
     config.data.num_classes = NUM_CLASSES
     config.loss.update(sample_rate=1.0)
     config.optimizer.update(warmup_steps=0)
@@ -154,9 +160,13 @@ def make_torch(config, batch_size, threads):
             total = total + z + 1e-2 * e * torch.sum(p.sum(0) * mask.sum(0)) / (t * t)
         return total
 
+    autocast = torch.autocast("cpu", torch.bfloat16, enabled=config.model.dtype == "bfloat16")
+
     def run():
         gate_logits.clear()
-        emb = model(images)
+        with autocast:
+            emb = model(images)
+        emb = emb.float()
         cos = F.normalize(emb) @ F.normalize(centres).t()
         cos = cos - 0.4 * F.one_hot(labels, NUM_CLASSES)
         loss = F.cross_entropy(64.0 * cos, labels) + LAMBDA_AUX * aux_loss()
@@ -193,14 +203,19 @@ def interleaved(runs: dict, rounds: int, steps: int) -> dict:
 
 def vs_torch(args):
     threads = args.threads or os.cpu_count()
-    results = {"batch": args.batch, "threads": threads, "backend": jax.default_backend()}
+    results = {
+        "batch": args.batch, "threads": threads, "precision": args.precision,
+        "backend": jax.default_backend(),
+    }  # fmt: skip
     for model_name in args.models.split(","):
         runs, compile_s, gflops, state = {}, {}, {}, None
         for path, factor in (("dropless", 0.0), ("capacity_1.5", 1.5)):
-            config = small_config(model_name, args.full)
+            config = small_config(model_name, args.full, args.precision)
             config.model.capacity_factor = factor
             runs[path], compile_s[path], gflops[path], state = make_ours(config, args.batch, state)
-        runs["pytorch"] = make_torch(small_config(model_name, args.full), args.batch, threads)
+        runs["pytorch"] = make_torch(
+            small_config(model_name, args.full, args.precision), args.batch, threads
+        )
         step_s = interleaved(runs, args.rounds, args.steps)
         entry = {f"{name}_img_s": round(args.batch / s, 2) for name, s in step_s.items()}
         for path in ("dropless", "capacity_1.5"):
@@ -210,7 +225,7 @@ def vs_torch(args):
         results[model_name] = entry
         print(
             f"{model_name}-MoE ({'full' if args.full else 'small'} size), batch {args.batch}, "
-            f"{threads} threads, median of {args.rounds} rounds x {args.steps} steps:"
+            f"{threads} threads, {args.precision}, median of {args.rounds} rounds x {args.steps} steps:"
         )
         print(f"  {'PyTorch (official routing)':>28}: {entry['pytorch_img_s']:7.2f} img/s")
         for path in ("dropless", "capacity_1.5"):
@@ -265,6 +280,7 @@ def main():
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="default: all cores")
+    parser.add_argument("--precision", choices=("f32", "bf16"), default="f32")
     args = parser.parse_args()
     if args.threads == 1:
         # XLA reads its flags when the backend starts (first use), so this still applies: one
