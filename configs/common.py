@@ -67,7 +67,9 @@ def get_base_config() -> ml_collections.ConfigDict:
             head=False,  # one plain adapter on the Swin embedding projection (PETALface)
             # Where `a` comes from when the input pipeline gives none (models/quality.py):
             # a = 0.5 + quality_sign * (score - quality_threshold).
-            quality="sharpness",  # built-in estimator, or "package.module:function"
+            # built-in estimator, "recognizability:WORKDIR" (a trained quality head) or
+            # "package.module:function"
+            quality="sharpness",
             quality_threshold=0.5,
             quality_sign=1.0,  # +1: higher score = better (CNNIQA); -1: lower = better (BRISQUE)
         )

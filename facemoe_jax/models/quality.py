@@ -16,13 +16,18 @@ resolution*, which is what separates a distant capture from an enrolment photo:
 `a = 0.5 + sign * (score - threshold)`: sign +1 (a "higher is better" score, CNNIQA's
 convention: HR images weigh adapter 2) or -1 (BRISQUE's "lower is better": HR weighs adapter 1).
 Any JAX function `images in [-1, 1] (B, H, W, 3) -> (B,)` can replace the built-in
-(`config.model.lora.quality = "package.module:function"`).
+(`config.model.lora.quality = "package.module:function"`), and so can the quality head of a
+trained recognizability model (`config.model.lora.quality = "recognizability:WORKDIR"`, a
+workdir of `configs/recognizability.py` or any run with `config.model.quality_head`): its
+predicted recognizability in (0, 1), higher = more recognisable, so sign +1.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
+import os
 
 import jax
 import jax.numpy as jnp
@@ -49,17 +54,63 @@ def sharpness_score(images: jax.Array) -> jax.Array:
 
 
 ESTIMATORS = {"sharpness": sharpness_score}
+RECOGNIZABILITY = "recognizability:"  # + a workdir: a trained quality head as the estimator
+
+
+def recognizability_score(encoder):
+    """A FaceEncoder's quality head as an estimator: (B, H, W, 3) in [-1, 1], any size ->
+    (B,) float32 in (0, 1), what `FaceEncoder.quality` returns for the same faces (the mean of
+    the face and its mirror image); faces of another size are first resized to its input."""
+    from facemoe_jax.evaluate.recognizability import has_quality_head
+    from facemoe_jax.losses.recognizability import sown_quality
+
+    if not has_quality_head(encoder.model):
+        raise ValueError("the model has no quality head (config.model.quality_head=False)")
+    model, variables, size = encoder.model, encoder.variables, encoder.image_size
+
+    def head(x):
+        _, state = model.apply(variables, x, train=False, mutable=["intermediates"])
+        return sown_quality(state["intermediates"]).astype(jnp.float32)
+
+    def score(images):
+        x = images.astype(jnp.float32)
+        if x.shape[1:3] != (size, size):
+            x = jax.image.resize(x, (x.shape[0], size, size, 3), "linear", antialias=True)
+        return 0.5 * (head(x) + head(x[:, :, ::-1]))
+
+    return score
+
+
+@functools.cache
+def _recognizability_estimator(workdir: str):
+    from facemoe_jax.encoder import FaceEncoder
+
+    field = f"config.model.lora.quality={RECOGNIZABILITY + workdir!r}"
+    if not os.path.exists(workdir):
+        raise ValueError(f"{field}: {workdir} does not exist (a workdir of a run with "
+                         "config.model.quality_head, its checkpoints/ or an export)")  # fmt: skip
+    try:
+        encoder = FaceEncoder.from_checkpoint(workdir)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{field}: cannot load a model from {workdir}: {e}") from None
+    try:
+        return recognizability_score(encoder)
+    except ValueError as e:
+        raise ValueError(f"{field}: {e}") from None
 
 
 def estimator(name: str):
-    """A built-in name or "package.module:function"; errors name the config field."""
+    """A built-in name, "recognizability:WORKDIR" or "package.module:function"; errors name
+    the config field."""
     if name in ESTIMATORS:
         return ESTIMATORS[name]
+    if name.startswith(RECOGNIZABILITY):
+        return _recognizability_estimator(name[len(RECOGNIZABILITY) :])
     module, _, function = name.partition(":")
     if not module or not function:
         raise ValueError(
-            f"config.model.lora.quality={name!r} is neither one of {sorted(ESTIMATORS)} nor "
-            "'package.module:function'"
+            f"config.model.lora.quality={name!r} is neither one of {sorted(ESTIMATORS)}, "
+            f"'{RECOGNIZABILITY}WORKDIR' nor 'package.module:function'"
         )
     try:
         return getattr(importlib.import_module(module), function)

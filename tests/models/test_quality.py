@@ -45,3 +45,53 @@ def test_mix_value_follows_the_official_formula_and_sign():
     assert custom is quality.sharpness_score
     with pytest.raises(ValueError, match="config.model.lora.quality='brisque'"):
         quality.estimator("brisque")
+
+
+# ---- a trained recognizability model's quality head as the estimator
+
+
+@pytest.mark.slow
+def test_recognizability_estimator_scores_as_face_encoder_quality():
+    from facemoe_jax.data.pipeline import normalize_images
+    from tests.test_encoder_quality import encoder
+
+    enc, _, _ = encoder(quality_head=True)
+    images = np.random.default_rng(1).integers(0, 256, (3, 24, 24, 3), dtype=np.uint8)
+    score = quality.recognizability_score(enc)
+    np.testing.assert_allclose(np.asarray(score(jnp.asarray(normalize_images(images)))),
+                               enc.quality(images), rtol=1e-5, atol=1e-6)  # fmt: skip
+    # Faces of another size are resized to the model's input first.
+    larger = np.asarray(score(jnp.zeros((2, 48, 48, 3))))
+    assert larger.shape == (2,) and np.all((larger > 0) & (larger < 1))
+    with pytest.raises(ValueError, match="no quality head"):
+        quality.recognizability_score(encoder(quality_head=False)[0])
+
+
+def test_petalface_takes_a_from_a_recognizability_workdir(tmp_path, monkeypatch):
+    import jax
+
+    from facemoe_jax import encoder as encoder_lib
+    from facemoe_jax.models import build_model
+    from tests.test_encoder_quality import encoder
+
+    enc, _, variables = encoder(quality_head=True)
+    (tmp_path / "ri" / "checkpoints").mkdir(parents=True)
+    monkeypatch.setattr(
+        encoder_lib, "restore_workdir", lambda w, step=None: (enc.config, variables, 7)
+    )  # the checkpoint restore has its own tests
+    config = enc.config.model.copy_and_resolve_references()
+    config.quality_head = False
+    config.lora.update(rank=2, quality_mix=True, quality_threshold=0.6,
+                       quality=f"recognizability:{tmp_path / 'ri'}")  # fmt: skip
+    model = build_model(config)
+    x = jnp.asarray(np.random.default_rng(2).uniform(-1, 1, (2, 24, 24, 3)), jnp.float32)
+    a = 0.5 + (np.asarray(quality.recognizability_score(enc)(x)) - 0.6)
+    params = jax.jit(model.init)(jax.random.PRNGKey(1), x, quality=jnp.asarray(a))
+    given = model.apply(params, x, quality=jnp.asarray(a))[0]
+    estimated = model.apply(params, x)[0]  # no `a`: the model asks the estimator
+    np.testing.assert_allclose(np.asarray(estimated), np.asarray(given), rtol=1e-5, atol=1e-6)
+
+    with pytest.raises(
+        ValueError, match="config.model.lora.quality='recognizability:.*does not exist"
+    ):
+        quality.estimator(f"recognizability:{tmp_path / 'missing'}")
