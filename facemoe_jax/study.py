@@ -46,6 +46,7 @@ import numpy as np
 from etils import epath
 
 from facemoe_jax import recipes
+from facemoe_jax.models import quality as quality_lib
 from facemoe_jax.progress import format_duration
 from facemoe_jax.train.writers import workdir_path
 
@@ -71,15 +72,19 @@ class Recipe:
 
     name: the row's name; description: one line for the table.
     start: PRETRAINED, DENSE_PRETRAINED or another recipe's name (its run is the starting point).
-    configure: changes the adaptation config in place (trainable set, losses, lr, ...).
+    configure: changes the adaptation config in place (trainable set, losses, lr, ...); called
+      as configure(config), or configure(config, workdirs) when the row `uses` other rows.
     train: False = evaluate the starting point as it is (the "no adaptation" row).
+    uses: other rows whose runs this row reads besides its start (e.g. a quality model); they
+      run first, `workdirs` maps each name to its run, and a rerun of one reruns this row.
     """
 
     name: str
     description: str
     start: str = PRETRAINED
-    configure: Callable[[ml_collections.ConfigDict], None] = lambda config: None
+    configure: Callable[..., None] = lambda config: None
     train: bool = True
+    uses: tuple[str, ...] = ()
 
 
 RECIPES: dict[str, Recipe] = {}
@@ -186,6 +191,15 @@ register(Recipe("ri_no_attention", "ri without the perceptibility attention",
                 configure=_recognizability(attention=False)))  # fmt: skip
 
 
+def _petalface_ri_quality(config, workdirs):
+    recipes.petalface(config, rank=4, head=False)
+    config.model.lora.quality = quality_lib.RECOGNIZABILITY + workdirs["ri"]
+
+
+register(Recipe("petalface_ri", "PETALface with `a` from the ri row's quality head (not "
+                "sharpness)", uses=("ri",), configure=_petalface_ri_quality))  # fmt: skip
+
+
 # ---- Configs.
 
 
@@ -226,8 +240,10 @@ def pretraining_config(base, dense: bool) -> ml_collections.ConfigDict:
     return config
 
 
-def adaptation_config(base, recipe: Recipe, settings: StudySettings, seed: int, start_dir: str):
-    """The pre-training config turned into the LR adaptation run of `recipe`."""
+def adaptation_config(base, recipe: Recipe, settings: StudySettings, seed: int, start_dir: str,
+                      used: dict[str, str] | None = None):  # fmt: skip
+    """The pre-training config turned into the LR adaptation run of `recipe` (`used`: the
+    workdirs of the rows it `uses`)."""
     config = ml_collections.ConfigDict(base.to_dict())
     config.seed = seed
     config.init_from = start_dir
@@ -247,7 +263,13 @@ def adaptation_config(base, recipe: Recipe, settings: StudySettings, seed: int, 
     config.checkpoint.update(every_steps=settings.steps, max_to_keep=1)
     if recipe.start == DENSE_PRETRAINED:
         config.model.moe_layers = base.model.moe_layers
-    recipe.configure(config)
+    if recipe.uses:
+        missing = sorted(set(recipe.uses) - set(used or {}))
+        if missing:
+            raise ValueError(f"study row {recipe.name!r} needs the runs of {missing}")
+        recipe.configure(config, {name: used[name] for name in recipe.uses})
+    else:
+        recipe.configure(config)
     evaluation_fields(config, settings)
     return config
 
@@ -384,13 +406,19 @@ def run_row(base, recipe: Recipe, settings, seed: int, out: str, starts: dict) -
         if recipe.start in (PRETRAINED, DENSE_PRETRAINED)
         else (os.path.join(out, f"seed{seed}", recipe.start))
     )
-    config = adaptation_config(base, recipe, settings, seed, start_dir)
-    start_key = (
-        _read_json(os.path.join(start_dir, "row.json"))
-        or _read_json(os.path.join(start_dir, "done.json"))
-        or {"path": str(workdir_path(start_dir))}
-    )
-    key = fingerprint(config.to_dict(), recipe.train, start_key.get("fingerprint", start_key))
+    used = {name: os.path.join(out, f"seed{seed}", name) for name in recipe.uses}
+    config = adaptation_config(base, recipe, settings, seed, start_dir, used)
+
+    def run_key(run_dir):  # what identifies the run a row reads: its own fingerprint
+        key = (
+            _read_json(os.path.join(run_dir, "row.json"))
+            or _read_json(os.path.join(run_dir, "done.json"))
+            or {"path": str(workdir_path(run_dir))}
+        )
+        return key.get("fingerprint", key)
+
+    key = fingerprint(config.to_dict(), recipe.train, run_key(start_dir),
+                      *[run_key(used[name]) for name in recipe.uses])  # fmt: skip
     record = _read_json(os.path.join(row_dir, "row.json"))
     if record and record.get("fingerprint") == key:
         record["reused"] = True
@@ -434,8 +462,9 @@ def order_rows(names: list[str]) -> list[Recipe]:
         if name in chain:
             raise ValueError(f"study recipes start from each other in a loop: {chain + (name,)}")
         recipe = RECIPES[name]
-        if recipe.start not in (PRETRAINED, DENSE_PRETRAINED):
-            add(recipe.start, chain + (name,))
+        for needed in (recipe.start, *recipe.uses):
+            if needed not in (PRETRAINED, DENSE_PRETRAINED):
+                add(needed, chain + (name,))
         if recipe not in ordered:
             ordered.append(recipe)
 

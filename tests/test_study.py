@@ -68,6 +68,17 @@ def test_a_registered_recipe_is_a_row_after_its_start():
         study.order_rows(["nope"])
 
 
+def test_a_row_that_uses_another_runs_after_it_and_is_configured_with_its_run():
+    names = [r.name for r in study.order_rows(["petalface_ri", "pretrained"])]
+    assert names == ["ri", "petalface_ri", "pretrained"]
+    recipe = study.RECIPES["petalface_ri"]
+    config = study.adaptation_config(base_config(), recipe, SETTINGS, 0, "/x", {"ri": "/s/ri"})
+    assert config.model.lora.quality == "recognizability:/s/ri"
+    assert config.model.lora.quality_mix and config.train.trainable == "lora,^classifier/"
+    with pytest.raises(ValueError, match="'petalface_ri' needs the runs of \\['ri'\\]"):
+        study.adaptation_config(base_config(), recipe, SETTINGS, 0, "/x")
+
+
 def test_adaptation_config_is_the_lr_set_with_the_recipe_applied():
     config = study.adaptation_config(base_config(), study.RECIPES["classifier_only"], SETTINGS,
                                      seed=2, start_dir="/x")  # fmt: skip
