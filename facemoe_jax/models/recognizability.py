@@ -50,7 +50,7 @@ import jax.numpy as jnp
 ATTENTION_NAME = "perceptibility"
 QUALITY_NAME = "quality_head"  # the head's parameters, directly under the encoder's
 QUALITY_KEY = "quality"  # the encoders sow the quality head's (B,) prediction under this name
-PATCH_KEY = "quality_patch"  # ... and the patch statistics (B, 2C) its input reads
+PATCH_KEY = "quality_patch"  # ... and the patch / detail statistics (B, 2C / 3C) it reads
 QUALITY_INPUTS = ("embedding", "patch", "patch+embedding", "multiscale", "multiscale+embedding")
 DETAIL_FACTORS = (2, 4)  # the detail scales of the "multiscale" input: x - U_k(x)
 
@@ -168,13 +168,16 @@ def detail_ratios(tokens: jax.Array, details: list[jax.Array], eps: float = 1e-6
 def multiscale_statistics(embed, images: jax.Array) -> jax.Array:
     """The "multiscale" input of one image batch (B, H, W, 3), computed by the model from its
     own input: `embed` is its first linear layer (images -> (B, ..., C)), applied to x and to
-    U_k(x); its bias cancels in embed(x) - embed(U_k(x)) = W (x - U_k(x))."""
+    the detail x - U_k(x); its bias is taken off as embed(0) (the detail is not computed as
+    embed(x) - embed(U_k(x)): in bfloat16 that difference of two near-equal responses would be
+    mostly rounding for a blurred face)."""
 
     def flat(t):
-        return t.reshape(t.shape[0], -1, t.shape[-1])
+        return t.reshape(t.shape[0], -1, t.shape[-1]).astype(jnp.float32)
 
     tokens = flat(embed(images))
-    details = [tokens - flat(embed(down_up(images, k))) for k in DETAIL_FACTORS]
+    bias = flat(embed(jnp.zeros_like(images[:1])))
+    details = [flat(embed(images - down_up(images, k))) - bias for k in DETAIL_FACTORS]
     return detail_ratios(tokens, details)
 
 
@@ -191,7 +194,7 @@ def patch_statistics(settings: HeadSettings, module: nn.Module, tokens: jax.Arra
         if embed is None:
             raise ValueError(
                 f"config.model.quality_head_input={settings.quality_input!r} needs an encoder "
-                f"whose first layer is linear (vit_moe, swin, iresnet); {type(module).__name__} "
+                f"whose first layer is linear (vit_moe, swin_moe, iresnet); {type(module).__name__} "
                 "has none: use 'patch+embedding'"
             )
         statistics = jax.lax.stop_gradient(multiscale_statistics(embed, images))
