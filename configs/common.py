@@ -49,9 +49,12 @@ def get_base_config() -> ml_collections.ConfigDict:
             perceptibility_attention=False,
             quality_head=False,
             quality_head_dropout=0.1,
-            # What the quality head reads: "patch+embedding", "patch" (per-channel mean and std
-            # over positions of the patch-embedding tokens / the CNN stem) or "embedding".
-            quality_head_input="patch+embedding",
+            # What the quality head reads: "multiscale+embedding", "multiscale" (per channel of
+            # the patch embedding / IResNet stem, the log share of its response that comes from
+            # the input's finest detail, at 2 and 4 px; not for mobilefacenet), "patch+embedding",
+            # "patch" (per-channel mean and std over positions of the patch-embedding tokens /
+            # the CNN stem) or "embedding".
+            quality_head_input="multiscale+embedding",
         )
     )
 

@@ -11,7 +11,8 @@ with everything of the method on (facemoe_jax/recipes.recognizability):
   - a quality head (`FaceEncoder.quality(images)`) regressing, with smooth-L1 (beta 0.75), the
     RI of 64 geometry-only batch images copied at 4, 6, 8, 12, 16, 24, 32 px and full size,
     measured against each image's own full-size embedding (losses/recognizability.py, item 4),
-    from the stop-gradient embedding and the statistics of the patch tokens.
+    from the stop-gradient embedding and the detail statistics of the patch embedding (the
+    share of its response that comes from the input's 2 and 4 px detail, per channel).
 Training images are degraded to 8-32 px half of the time (target_res_prob=0.5), so the batch
 holds faces from unrecognisable to sharp and RI has something to rank.
 

@@ -79,8 +79,8 @@ class centre of the classifier), w_j the other real classes, c = c_UI.
    (correlation -0.55 at every size), hence weight 0.
 
    The head (training mode: its dropout on) predicts q_k in (0, 1) from the copy's stop-gradient
-   features (its embedding and, by ``config.model.quality_head_input``, the statistics of its
-   patch tokens: models/recognizability.py):
+   features (its embedding and, by ``config.model.quality_head_input``, statistics of its first
+   linear layer's response: by default the detail statistics, models/recognizability.py):
 
        L_Q = mean_k smoothL1_beta(q_k - RI_k),   beta = quality_beta (0.75, the paper's)
 

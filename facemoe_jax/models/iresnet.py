@@ -141,10 +141,11 @@ class IResNet(nn.Module):
     def __call__(self, images: Array, train: bool = False):
         check_image_size(images, self.image_size)
         blocks = STAGE_BLOCKS[self.depth]
-        x = conv(STAGE_WIDTHS[0], 3, 1, 1, self.dtype, "conv1")(images.astype(self.dtype))
-        x = batch_norm(train, "bn1", dtype=self.dtype)(x)
+        stem = conv(STAGE_WIDTHS[0], 3, 1, 1, self.dtype, "conv1")
+        images = images.astype(self.dtype)
+        x = batch_norm(train, "bn1", dtype=self.dtype)(stem(images))
         x = PReLU(self.dtype, name="prelu")(x)
-        patch = patch_statistics(self.heads, self, x)  # the quality head's input (or None)
+        patch = patch_statistics(self.heads, self, x, stem, images)  # quality head input / None
         inplanes = STAGE_WIDTHS[0]
         for stage, (planes, count) in enumerate(zip(STAGE_WIDTHS, blocks)):
             for i in range(count):

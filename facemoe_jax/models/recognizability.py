@@ -18,11 +18,22 @@
                        Swin) or the stem's feature map (IResNet, MobileFaceNet), per channel
                        their mean and standard deviation over positions (B, 2C), without
                        gradient, sown as intermediates "quality_patch" (`patch_statistics`);
-    "patch+embedding"  both, each through its own LayerNorm, concatenated.
+    "patch+embedding"  both, each through its own LayerNorm, concatenated;
+    "multiscale"       the detail statistics (`multiscale_statistics`): per channel of the
+                       patch embedding (the stem's convolution for IResNet), over positions,
+                       log(rms of its response to the detail x - U_k(x)) - log(std of its
+                       response to x) for k = 2, 4 (U_k: k x k average pooling and back), and
+                       that log std; (B, 3C), without gradient, sown as "quality_patch";
+    "multiscale+embedding"  both (the embedding through its own LayerNorm; the detail
+                       statistics as they are: a LayerNorm over them would subtract their mean
+                       over channels, which is the resolution signal).
   Why the patch statistics: a face encoder is trained to be resolution-invariant, so on the
   demo model the embedding hardly changes above 16 px (cos 0.97 to the 48 px one at 16 px,
   0.994 at 32 px) and a head reading only the embedding cannot tell 24 from 48 px; the spread
-  of the first linear filters over positions still falls as detail is lost.
+  of the first linear filters over positions still falls as detail is lost. Why the detail
+  statistics: that spread also varies from face to face (contrast, texture), which the head read
+  as resolution; the share of a filter's response that comes from the finest scales (a ratio
+  computed from the one input image, by the model) divides the face's own contrast out.
 
 The architecture of both is our choice: the paper's exact attention and regression layers are
 not known (see losses/recognizability.py).
@@ -39,8 +50,9 @@ import jax.numpy as jnp
 ATTENTION_NAME = "perceptibility"
 QUALITY_NAME = "quality_head"  # the head's parameters, directly under the encoder's
 QUALITY_KEY = "quality"  # the encoders sow the quality head's (B,) prediction under this name
-PATCH_KEY = "quality_patch"  # ... and the patch statistics (B, 2C) its input reads
-QUALITY_INPUTS = ("embedding", "patch", "patch+embedding")
+PATCH_KEY = "quality_patch"  # ... and the patch / detail statistics (B, 2C / 3C) it reads
+QUALITY_INPUTS = ("embedding", "patch", "patch+embedding", "multiscale", "multiscale+embedding")
+DETAIL_FACTORS = (2, 4)  # the detail scales of the "multiscale" input: x - U_k(x)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +68,12 @@ class HeadSettings:
 
     @property
     def reads_patches(self) -> bool:
-        return self.quality_head and "patch" in self.quality_input.split("+")
+        """The head reads statistics of the first linear layer (sown as PATCH_KEY)."""
+        return self.quality_head and self.quality_input != "embedding"
+
+    @property
+    def multiscale(self) -> bool:
+        return self.quality_input.split("+")[0] == "multiscale"
 
 
 class PerceptibilityAttention(nn.Module):
@@ -88,9 +105,13 @@ class QualityHead(nn.Module):
             if patch is None:
                 raise ValueError(f"a quality head with input {self.input!r} needs the patch "
                                  "statistics (`patch_statistics`)")  # fmt: skip
+            patch = patch.astype(jnp.float32)
             # The two inputs differ in scale by orders of magnitude: each is normalised alone.
-            parts = [nn.LayerNorm(name="patch_norm")(patch.astype(jnp.float32))]
-            if self.input == "patch+embedding":
+            # The detail statistics are log-ratios, of order one, and their mean over channels
+            # is what says the resolution: no LayerNorm.
+            multiscale = self.input.split("+")[0] == "multiscale"
+            parts = [patch if multiscale else nn.LayerNorm(name="patch_norm")(patch)]
+            if self.input.endswith("+embedding"):
                 parts.append(nn.LayerNorm(name="embedding_norm")(embeddings.astype(jnp.float32)))
             x = jnp.concatenate(parts, axis=-1)
         x = nn.Dense(self.hidden, name="fc1")(x)
@@ -120,13 +141,65 @@ def pool_positions(tokens: jax.Array) -> jax.Array:
     return jnp.concatenate([jnp.mean(tokens, axis=1), jnp.std(tokens, axis=1)], axis=-1)
 
 
-def patch_statistics(settings: HeadSettings, module: nn.Module,
-                     tokens: jax.Array) -> jax.Array | None:  # fmt: skip
+def down_up(images: jax.Array, factor: int) -> jax.Array:
+    """(B, H, W, C) -> each factor x factor block replaced by its mean (average pooling and
+    nearest up-sampling back); rows / columns beyond the last whole block are kept as given."""
+    b, h, w, c = images.shape
+    rows, cols = h // factor, w // factor
+    block = images[:, : rows * factor, : cols * factor]
+    mean = block.reshape(b, rows, factor, cols, factor, c).mean(axis=(2, 4), keepdims=True)
+    mean = jnp.broadcast_to(mean, (b, rows, factor, cols, factor, c))
+    return images.at[:, : rows * factor, : cols * factor].set(
+        mean.reshape(b, rows * factor, cols * factor, c).astype(images.dtype)
+    )
+
+
+def detail_ratios(tokens: jax.Array, details: list[jax.Array], eps: float = 1e-6) -> jax.Array:
+    """tokens (B, N, C): a linear layer's response to the image; details [(B, N, C)]: its
+    response to x - U_k(x), one per scale k (bias-free). -> (B, (K + 1) C) float32: per channel,
+    log(rms_N(detail_k) + eps) - log(std_N(tokens) + eps) for each k, then log(std_N(tokens) +
+    eps)."""
+    log_spread = jnp.log(jnp.std(tokens.astype(jnp.float32), axis=1) + eps)
+    ratios = [jnp.log(jnp.sqrt(jnp.mean(jnp.square(d.astype(jnp.float32)), axis=1)) + eps)
+              - log_spread for d in details]  # fmt: skip
+    return jnp.concatenate([*ratios, log_spread], axis=-1)
+
+
+def multiscale_statistics(embed, images: jax.Array) -> jax.Array:
+    """The "multiscale" input of one image batch (B, H, W, 3), computed by the model from its
+    own input: `embed` is its first linear layer (images -> (B, ..., C)), applied to x and to
+    the detail x - U_k(x); its bias is taken off as embed(0) (the detail is not computed as
+    embed(x) - embed(U_k(x)): in bfloat16 that difference of two near-equal responses would be
+    mostly rounding for a blurred face)."""
+
+    def flat(t):
+        return t.reshape(t.shape[0], -1, t.shape[-1]).astype(jnp.float32)
+
+    tokens = flat(embed(images))
+    bias = flat(embed(jnp.zeros_like(images[:1])))
+    details = [flat(embed(images - down_up(images, k))) - bias for k in DETAIL_FACTORS]
+    return detail_ratios(tokens, details)
+
+
+def patch_statistics(settings: HeadSettings, module: nn.Module, tokens: jax.Array,
+                     embed=None, images: jax.Array | None = None) -> jax.Array | None:  # fmt: skip
     """Called inside an encoder's compact __call__ on the tokens right after the patch embedding
-    (B, N, C) or the stem's map (B, H, W, C): the quality head's patch input (B, 2C), without
-    gradient, sown as PATCH_KEY; None when the head does not read it."""
+    (B, N, C) or the stem's map (B, H, W, C): the quality head's patch input, without gradient,
+    sown as PATCH_KEY; None when the head does not read it. (B, 2C) `pool_positions`, or for a
+    "multiscale" head (B, 3C) `multiscale_statistics` of `embed` (the first linear layer, the
+    one that made `tokens` or the one before their normalisation) on `images`."""
     if not settings.reads_patches:
         return None
+    if settings.multiscale:
+        if embed is None:
+            raise ValueError(
+                f"config.model.quality_head_input={settings.quality_input!r} needs an encoder "
+                f"whose first layer is linear (vit_moe, swin_moe, iresnet); {type(module).__name__} "
+                "has none: use 'patch+embedding'"
+            )
+        statistics = jax.lax.stop_gradient(multiscale_statistics(embed, images))
+        module.sow("intermediates", PATCH_KEY, statistics)
+        return statistics
     tokens = tokens.reshape(tokens.shape[0], -1, tokens.shape[-1])
     statistics = jax.lax.stop_gradient(pool_positions(tokens))
     module.sow("intermediates", PATCH_KEY, statistics)

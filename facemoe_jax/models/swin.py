@@ -299,10 +299,11 @@ class SwinMoE(nn.Module):
         """quality: PETALface's per-image `a` (B,) for quality-mixed adapters; None = the
         configured estimator computes it from the images."""
         check_image_size(images, self.image_size)
-        x = PatchEmbed(self.width, self.patch_size, self.dtype, name="patch_embed")(images)
+        embed = PatchEmbed(self.width, self.patch_size, self.dtype, name="patch_embed")
+        x = embed(images)
         b, grid, _, d = x.shape
         x = x.reshape(b, grid * grid, d)
-        patch = patch_statistics(self.heads, self, x)  # the quality head's input (or None)
+        patch = patch_statistics(self.heads, self, x, embed, images)  # quality head input / None
         x = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name="patch_norm")(x)
         if self.absolute_pos_embed:
             pos = self.param(

@@ -162,10 +162,11 @@ class ViTMoE(nn.Module):
         """quality: PETALface's per-image `a` (B,) for quality-mixed adapters; None = the
         configured estimator computes it from the images."""
         check_image_size(images, self.image_size)
-        x = PatchEmbed(self.width, self.patch_size, self.dtype, name="patch_embed")(images)
+        embed = PatchEmbed(self.width, self.patch_size, self.dtype, name="patch_embed")
+        x = embed(images)
         b, h, w, d = x.shape
         x = x.reshape(b, h * w, d)
-        patch = patch_statistics(self.heads, self, x)  # the quality head's input (or None)
+        patch = patch_statistics(self.heads, self, x, embed, images)  # quality head input / None
         pos = self.param("pos_embed", nn.initializers.truncated_normal(0.02), (1, h * w, d))
         x = x + pos.astype(self.dtype)
         quality = self.quality.resolve(images, quality, self.lora)

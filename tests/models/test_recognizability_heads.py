@@ -8,7 +8,12 @@ import pytest
 
 from facemoe_jax.losses.recognizability import sown_quality
 from facemoe_jax.models import build_model
-from facemoe_jax.models.recognizability import ATTENTION_NAME, PATCH_KEY, QUALITY_KEY
+from facemoe_jax.models.recognizability import (
+    ATTENTION_NAME,
+    PATCH_KEY,
+    QUALITY_KEY,
+    down_up,
+)
 from tests.models.test_iresnet import iresnet_config
 from tests.models.test_mobilefacenet import mbf_config
 from tests.train.test_step import tiny_config
@@ -21,6 +26,8 @@ def vit_config(**overrides):
 
 
 def mbf_tiny(**overrides):
+    # MobileFaceNet's first layer is not linear: its quality head reads the stem's statistics.
+    overrides.setdefault("quality_head_input", "patch+embedding")
     return mbf_config(image_size=16, embed_dim=16, mobilefacenet_blocks=(1, 1, 1, 1),
                       mobilefacenet_scale=1, **overrides)  # fmt: skip
 
@@ -88,14 +95,78 @@ def test_patch_statistics_are_the_mean_and_std_of_the_patch_tokens():
     assert variables["params"]["quality_head"]["fc1"]["kernel"].shape[0] == 2 * cfg.width
 
 
+def _down_up(images, k):
+    """numpy reference: every k x k block (whole blocks only) replaced by its mean."""
+    out = images.copy()
+    for i in range(0, images.shape[1] - k + 1, k):
+        for j in range(0, images.shape[2] - k + 1, k):
+            out[:, i : i + k, j : j + k] = images[:, i : i + k, j : j + k].mean(axis=(1, 2),
+                                                                              keepdims=True)  # fmt: skip
+    return out
+
+
+def test_down_up_averages_whole_blocks_and_keeps_the_remainder():
+    images = np.random.default_rng(0).normal(size=(2, 5, 7, 3)).astype(np.float32)
+    for k in (2, 4):
+        np.testing.assert_allclose(np.asarray(down_up(jnp.asarray(images), k)),
+                                   _down_up(images, k), rtol=1e-6, atol=1e-6)  # fmt: skip
+
+
+def test_multiscale_statistics_are_log_detail_ratios_of_the_patch_embedding():
+    cfg = vit_config(quality_head=True, quality_head_input="multiscale")
+    model = build_model(cfg)
+    size, p = cfg.image_size, cfg.patch_size
+    images = np.asarray(jax.random.uniform(jax.random.PRNGKey(3), (2, size, size, 3), minval=-1))
+    images = images * np.array([1.0, 0.5, 2.0], np.float32)  # channels of different contrast
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), images)
+    _, state = jax.jit(lambda v, x: model.apply(v, x, mutable=["intermediates"]))(variables,
+                                                                                 images)  # fmt: skip
+    got = np.asarray(state["intermediates"][PATCH_KEY][0])
+    kernel = np.asarray(variables["params"]["patch_embed"]["kernel"]).reshape(-1, cfg.width)
+    g = size // p
+
+    def tokens(x):  # bias-free: the bias cancels in the detail and not in a std
+        return (
+            x.reshape(2, g, p, g, p, 3).transpose(0, 1, 3, 2, 4, 5).reshape(2, g * g, -1) @ kernel
+        )
+
+    spread = tokens(images).std(axis=1)
+    want = [np.log(np.sqrt((tokens(images - _down_up(images, k)) ** 2).mean(axis=1)) + 1e-6)
+            - np.log(spread + 1e-6) for k in (2, 4)]  # fmt: skip
+    want = np.concatenate([*want, np.log(spread + 1e-6)], axis=1)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    # A detail ratio does not change when the image's contrast does (the log spread does).
+    _, scaled = jax.jit(lambda v, x: model.apply(v, x, mutable=["intermediates"]))(variables,
+                                                                                  3.0 * images)  # fmt: skip
+    scaled = np.asarray(scaled["intermediates"][PATCH_KEY][0])
+    np.testing.assert_allclose(scaled[:, : 2 * cfg.width], got[:, : 2 * cfg.width], atol=1e-4)
+    np.testing.assert_allclose(scaled[:, 2 * cfg.width :], got[:, 2 * cfg.width :] + np.log(3.0),
+                               atol=1e-4)  # fmt: skip
+    # The log-ratios go to the head as they are: no LayerNorm, which would remove their mean.
+    assert set(variables["params"]["quality_head"]) == {"fc1", "fc2"}
+
+
+def test_a_multiscale_head_on_an_encoder_without_a_linear_first_layer_is_refused():
+    cfg = mbf_tiny(quality_head=True, quality_head_input="multiscale+embedding")
+    images = jnp.zeros((1, cfg.image_size, cfg.image_size, 3))
+    with pytest.raises(ValueError, match="quality_head_input='multiscale\\+embedding'"):
+        jax.eval_shape(build_model(cfg).init, jax.random.PRNGKey(0), images)
+
+
 @pytest.mark.parametrize(
-    "head_input, parts, inputs",
+    "head_input, parts, inputs, stem_inputs",
     [
-        ("embedding", {"fc1", "fc2"}, 32),
-        ("patch+embedding", {"patch_norm", "embedding_norm", "fc1", "fc2"}, 2 * 32 + 32),
+        ("embedding", {"fc1", "fc2"}, 32, 32),
+        (
+            "patch+embedding",
+            {"patch_norm", "embedding_norm", "fc1", "fc2"},
+            2 * 32 + 32,
+            2 * 64 + 32,
+        ),
+        ("multiscale+embedding", {"embedding_norm", "fc1", "fc2"}, 3 * 32 + 32, 3 * 64 + 32),
     ],
 )
-def test_quality_head_inputs_and_the_iresnet_head(head_input, parts, inputs):
+def test_quality_head_inputs_and_the_iresnet_head(head_input, parts, inputs, stem_inputs):
     # "embedding" is the first version's head: the same parameters as before the option existed.
     cfg = vit_config(quality_head=True, quality_head_input=head_input)
     images = jnp.zeros((2, cfg.image_size, cfg.image_size, 3))
@@ -111,8 +182,7 @@ def test_quality_head_inputs_and_the_iresnet_head(head_input, parts, inputs):
     _, state = jax.eval_shape(lambda v: model.apply(v, images, mutable=["intermediates"]),
                               variables)  # fmt: skip
     assert state["intermediates"][QUALITY_KEY][0].shape == (2,)
-    want = 2 * 64 + 32 if head_input == "patch+embedding" else 32
-    assert variables["params"]["quality_head"]["fc1"]["kernel"].shape[0] == want
+    assert variables["params"]["quality_head"]["fc1"]["kernel"].shape[0] == stem_inputs
 
 
 def test_an_unknown_quality_head_input_is_refused():

@@ -74,7 +74,8 @@ def test_step_moves_the_centre_adds_the_losses_and_resumes_bitwise(tmp_path):
     full = [i for i in range(12) if i % 6 == 5]
     np.testing.assert_allclose(np.asarray(copies[recognizability.COPY_EMBEDDINGS])[full],
                                np.asarray(clean)[full], rtol=1e-4, atol=1e-4)  # fmt: skip
-    assert copies[recognizability.COPY_PATCH].shape == (12, 2 * 32)  # mean, std of 32 channels
+    # the default head input: two detail ratios and the log spread of 32 channels
+    assert copies[recognizability.COPY_PATCH].shape == (12, 3 * 32)
     touched = {name for name, g in grads.items()
                if any(np.any(np.asarray(x)) for x in jax.tree.leaves(g))}  # fmt: skip
     assert touched == {"quality_head"}
@@ -121,6 +122,12 @@ def test_a_quality_head_of_another_input_is_refused_and_irrelevant_without_a_hea
     old_head = {"model": {"name": "vit_moe", "quality_head": True}}
     fixed, _ = config_changes(old_head, now)
     assert fixed == ["model.quality_head_input (checkpoint 'embedding', now 'patch+embedding')"]
+    # The detail statistics' head (the default now) over a patch-statistics one's checkpoint.
+    detail = {"model": {"name": "vit_moe", "quality_head": True,
+                        "quality_head_input": "multiscale+embedding"}}  # fmt: skip
+    fixed, _ = config_changes(now, detail)
+    assert fixed == ["model.quality_head_input (checkpoint 'patch+embedding', "
+                     "now 'multiscale+embedding')"]  # fmt: skip
     # Without a head on either side the input is not part of the state: nothing to refuse.
     no_head = {"model": {"name": "vit_moe", "quality_head": False}}
     without = {"model": {"name": "vit_moe", "quality_head": False,
