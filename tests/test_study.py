@@ -79,6 +79,28 @@ def test_a_row_that_uses_another_runs_after_it_and_is_configured_with_its_run():
         study.adaptation_config(base_config(), recipe, SETTINGS, 0, "/x")
 
 
+def test_a_row_is_rerun_when_a_run_it_uses_changes(tmp_path, monkeypatch):
+    seen = []
+
+    def configure(config, workdirs):
+        seen.append(workdirs)
+
+    recipe = study.Recipe("test_user", "test only", uses=("full_ft",), configure=configure,
+                          train=False)  # fmt: skip
+    monkeypatch.setattr(study, "evaluate_start", lambda start, config, row_dir: {})
+    out = str(tmp_path)
+    used = tmp_path / "seed0" / "full_ft"
+    used.mkdir(parents=True)
+    (used / "row.json").write_text(json.dumps({"fingerprint": "first"}))
+    starts = {study.PRETRAINED: str(tmp_path / "pre")}
+    first = study.run_row(base_config(), recipe, SETTINGS, 0, out, starts)
+    assert seen[-1] == {"full_ft": str(used)} and not first["reused"]
+    assert study.run_row(base_config(), recipe, SETTINGS, 0, out, starts)["reused"]
+    (used / "row.json").write_text(json.dumps({"fingerprint": "second"}))
+    again = study.run_row(base_config(), recipe, SETTINGS, 0, out, starts)
+    assert not again["reused"] and again["fingerprint"] != first["fingerprint"]
+
+
 def test_adaptation_config_is_the_lr_set_with_the_recipe_applied():
     config = study.adaptation_config(base_config(), study.RECIPES["classifier_only"], SETTINGS,
                                      seed=2, start_dir="/x")  # fmt: skip
