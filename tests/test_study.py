@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from facemoe_jax import study
+from facemoe_jax import study, study_rows
 from tests.train.test_step import tiny_config
 
 SETTINGS = study.StudySettings(steps=4, warmup_steps=1, lr_classes=12, lr_images_per_identity=3,
@@ -55,15 +55,15 @@ def test_rows_are_deterministic_reused_and_tabled(tmp_path, capsys):
 
 
 def test_a_registered_recipe_is_a_row_after_its_start():
-    recipe = study.Recipe("test_head", "test only", start="classifier_only")
-    study.register(recipe)
+    recipe = study_rows.Recipe("test_head", "test only", start="classifier_only")
+    study_rows.register(recipe)
     try:
         names = [r.name for r in study.order_rows(["test_head", "pretrained"])]
         assert names == ["classifier_only", "test_head", "pretrained"]
         with pytest.raises(ValueError, match="already registered"):
-            study.register(recipe)
+            study_rows.register(recipe)
     finally:
-        del study.RECIPES["test_head"]
+        del study_rows.RECIPES["test_head"]
     with pytest.raises(ValueError, match="'nope' is not a registered recipe"):
         study.order_rows(["nope"])
 
@@ -71,7 +71,7 @@ def test_a_registered_recipe_is_a_row_after_its_start():
 def test_a_row_that_uses_another_runs_after_it_and_is_configured_with_its_run():
     names = [r.name for r in study.order_rows(["petalface_ri", "pretrained"])]
     assert names == ["ri", "petalface_ri", "pretrained"]
-    recipe = study.RECIPES["petalface_ri"]
+    recipe = study_rows.RECIPES["petalface_ri"]
     config = study.adaptation_config(base_config(), recipe, SETTINGS, 0, "/x", {"ri": "/s/ri"})
     assert config.model.lora.quality == "recognizability:/s/ri"
     assert config.model.lora.quality_mix and config.train.trainable == "lora,^classifier/"
@@ -85,7 +85,7 @@ def test_a_row_is_rerun_when_a_run_it_uses_changes(tmp_path, monkeypatch):
     def configure(config, workdirs):
         seen.append(workdirs)
 
-    recipe = study.Recipe("test_user", "test only", uses=("full_ft",), configure=configure,
+    recipe = study_rows.Recipe("test_user", "test only", uses=("full_ft",), configure=configure,
                           train=False)  # fmt: skip
     monkeypatch.setattr(study, "evaluate_start", lambda start, config, row_dir: {})
     out = str(tmp_path)
@@ -102,13 +102,15 @@ def test_a_row_is_rerun_when_a_run_it_uses_changes(tmp_path, monkeypatch):
 
 
 def test_adaptation_config_is_the_lr_set_with_the_recipe_applied():
-    config = study.adaptation_config(base_config(), study.RECIPES["classifier_only"], SETTINGS,
+    config = study.adaptation_config(base_config(), study_rows.RECIPES["classifier_only"], SETTINGS,
                                      seed=2, start_dir="/x")  # fmt: skip
     assert config.data.train == "synthetic_lr" and config.data.num_classes == 12
     assert config.seed == 2 and config.init_from == "/x" and not config.init_classifier
     assert config.train.trainable == "^classifier/" and config.train.update_batch_stats
     assert config.eval.synthetic_tinyface_identities == 6
-    facemoe = study.adaptation_config(base_config(), study.RECIPES["facemoe"], SETTINGS, 0, "/y")
+    facemoe = study.adaptation_config(
+        base_config(), study_rows.RECIPES["facemoe"], SETTINGS, 0, "/y"
+    )
     assert facemoe.init_classifier and facemoe.loss.z_coef == pytest.approx(10 * 1e-3)
 
 
