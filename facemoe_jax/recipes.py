@@ -39,10 +39,17 @@ def distillation(config, instance_weight: float, relation_weight: float, teacher
     config.distill.update(teacher=teacher, instance_weight=instance_weight,
                           relation_weight=relation_weight, instance_form="cosine",
                           relation_form="mse")  # fmt: skip
+    paired_lr_data(config)
+    config.loss.update(z_coef=0.0, balance_coef=0.0)
+
+
+def paired_lr_data(config) -> None:
+    """LR training images paired with their clean version (`batch["image_hr"]`): the synthetic
+    LR identities read at full resolution and captured small in the augmenter, fresh each epoch;
+    the clean image is the render. (Other sources keep their data; the capture applies.)"""
     if config.data.train == "synthetic_lr":
         config.data.train = "synthetic_lr_hr"
     config.data.acquisition_prob = 1.0
-    config.loss.update(z_coef=0.0, balance_coef=0.0)
 
 
 def recognizability(config, attention: bool = True, diversion: bool = True,

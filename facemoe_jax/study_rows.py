@@ -128,15 +128,18 @@ register(Recipe("lr_student_adapt_bn", "lr_student evaluated with test-time Batc
 
 
 def _recognizability(attention: bool = True, diversion: bool = True):
+    # On the paired LR set of lr_student (its baseline): the quality head learns from clean
+    # copies, and on the fixed-capture set the clean image would itself be an 8-16 px capture.
     def configure(config):
         _full_fine_tuning(config)
         recipes.recognizability(config, attention=attention, diversion=diversion)
+        recipes.paired_lr_data(config)
 
     return configure
 
 
 # Recognizability index (issue 13): full fine-tuning plus RI's parts, and without each part.
-register(Recipe("ri", "full fine-tuning + recognizability index: c_UI, diversion loss, "
+register(Recipe("ri", "lr_student + recognizability index: c_UI, diversion loss, "
                 "perceptibility attention, quality head", configure=_recognizability()))  # fmt: skip
 register(Recipe("ri_no_diversion", "ri without the index diversion loss",
                 configure=_recognizability(diversion=False)))  # fmt: skip

@@ -112,6 +112,11 @@ def test_adaptation_config_is_the_lr_set_with_the_recipe_applied():
         base_config(), study_rows.RECIPES["facemoe"], SETTINGS, 0, "/y"
     )
     assert facemoe.init_classifier and facemoe.loss.z_coef == pytest.approx(10 * 1e-3)
+    # The RI rows train on lr_student's paired captures: the quality head's clean copies are
+    # then the full-size renders, not the 8-16 px captures.
+    for name in ("ri", "lr_student"):
+        paired = study.adaptation_config(base_config(), study_rows.RECIPES[name], SETTINGS, 0, "/y")
+        assert paired.data.train == "synthetic_lr_hr" and paired.data.acquisition_prob == 1.0
 
 
 def test_command_line_errors_are_one_line(tmp_path):
