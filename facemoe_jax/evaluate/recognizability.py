@@ -37,18 +37,24 @@ def has_perceptibility_attention(model) -> bool:
     return bool(heads is not None and heads.perceptibility_attention)
 
 
-def make_quality_fn(model, flip_test: bool = True) -> embed.EmbedFn:
-    """jit(variables, uint8 images (B, H, W, 3)) -> (B,) float32 predicted quality."""
+def head_quality(model, variables, x, flip_test: bool = True) -> jax.Array:
+    """The quality head's score of float images in [-1, 1] (B, H, W, 3) -> (B,) float32; with
+    the flip test, the mean of the image and its mirror image."""
 
-    def predict(variables, x):
+    def predict(x):
         _, state = model.apply(variables, x, train=False, mutable=["intermediates"])
         return sown_quality(state["intermediates"]).astype(jnp.float32)
 
+    q = predict(x)
+    return 0.5 * (q + predict(x[:, :, ::-1])) if flip_test else q
+
+
+def make_quality_fn(model, flip_test: bool = True) -> embed.EmbedFn:
+    """jit(variables, uint8 images (B, H, W, 3)) -> (B,) float32 predicted quality."""
+
     @jax.jit
     def quality_fn(variables, images):
-        x = normalize_images(images)
-        q = predict(variables, x)
-        return 0.5 * (q + predict(variables, x[:, :, ::-1])) if flip_test else q
+        return head_quality(model, variables, normalize_images(images), flip_test)
 
     return embed.EmbedFn(quality_fn)
 

@@ -100,9 +100,9 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import PartitionSpec as P
 
+from facemoe_jax.data.pipeline import normalize_images
 from facemoe_jax.losses import classifier
 from facemoe_jax.losses.classifier import l2_normalize
-from facemoe_jax.data.pipeline import normalize_images
 from facemoe_jax.models.recognizability import (
     PATCH_KEY,
     QUALITY_KEY,

@@ -61,22 +61,17 @@ def recognizability_score(encoder):
     """A FaceEncoder's quality head as an estimator: (B, H, W, 3) in [-1, 1], any size ->
     (B,) float32 in (0, 1), what `FaceEncoder.quality` returns for the same faces (the mean of
     the face and its mirror image); faces of another size are first resized to its input."""
-    from facemoe_jax.evaluate.recognizability import has_quality_head
-    from facemoe_jax.losses.recognizability import sown_quality
+    from facemoe_jax.evaluate.recognizability import has_quality_head, head_quality
 
     if not has_quality_head(encoder.model):
         raise ValueError("the model has no quality head (config.model.quality_head=False)")
     model, variables, size = encoder.model, encoder.variables, encoder.image_size
 
-    def head(x):
-        _, state = model.apply(variables, x, train=False, mutable=["intermediates"])
-        return sown_quality(state["intermediates"]).astype(jnp.float32)
-
     def score(images):
         x = images.astype(jnp.float32)
         if x.shape[1:3] != (size, size):
             x = jax.image.resize(x, (x.shape[0], size, size, 3), "linear", antialias=True)
-        return 0.5 * (head(x) + head(x[:, :, ::-1]))
+        return head_quality(model, variables, x)
 
     return score
 

@@ -73,7 +73,12 @@ class HeadSettings:
 
     @property
     def multiscale(self) -> bool:
-        return self.quality_input.split("+")[0] == "multiscale"
+        return reads_detail_statistics(self.quality_input)
+
+
+def reads_detail_statistics(quality_input: str) -> bool:
+    """Whether a head of this input reads the "multiscale" detail statistics."""
+    return quality_input.split("+")[0] == "multiscale"
 
 
 class PerceptibilityAttention(nn.Module):
@@ -109,7 +114,7 @@ class QualityHead(nn.Module):
             # The two inputs differ in scale by orders of magnitude: each is normalised alone.
             # The detail statistics are log-ratios, of order one, and their mean over channels
             # is what says the resolution: no LayerNorm.
-            multiscale = self.input.split("+")[0] == "multiscale"
+            multiscale = reads_detail_statistics(self.input)
             parts = [patch if multiscale else nn.LayerNorm(name="patch_norm")(patch)]
             if self.input.endswith("+embedding"):
                 parts.append(nn.LayerNorm(name="embedding_norm")(embeddings.astype(jnp.float32)))
@@ -197,11 +202,10 @@ def patch_statistics(settings: HeadSettings, module: nn.Module, tokens: jax.Arra
                 f"whose first layer is linear (vit_moe, swin_moe, iresnet); {type(module).__name__} "
                 "has none: use 'patch+embedding'"
             )
-        statistics = jax.lax.stop_gradient(multiscale_statistics(embed, images))
-        module.sow("intermediates", PATCH_KEY, statistics)
-        return statistics
-    tokens = tokens.reshape(tokens.shape[0], -1, tokens.shape[-1])
-    statistics = jax.lax.stop_gradient(pool_positions(tokens))
+        statistics = multiscale_statistics(embed, images)
+    else:
+        statistics = pool_positions(tokens.reshape(tokens.shape[0], -1, tokens.shape[-1]))
+    statistics = jax.lax.stop_gradient(statistics)
     module.sow("intermediates", PATCH_KEY, statistics)
     return statistics
 
