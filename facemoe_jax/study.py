@@ -258,22 +258,27 @@ class Progress:
                 self.step_seconds = max(seconds - self.eval_seconds, 1.0) / steps
 
 
+def run_dir(out: str, seed: int, name: str) -> str:
+    """Where the study keeps row `name`'s run of `seed`."""
+    return os.path.join(out, f"seed{seed}", name)
+
+
 def run_row(base, recipe: Recipe, settings, seed: int, out: str, starts: dict) -> dict:
     """Trains (or evaluates) one row; returns its record (also in row_dir/row.json)."""
-    row_dir = os.path.join(out, f"seed{seed}", recipe.name)
+    row_dir = run_dir(out, seed, recipe.name)
     start_dir = (
         starts[recipe.start]
         if recipe.start in (PRETRAINED, DENSE_PRETRAINED)
-        else (os.path.join(out, f"seed{seed}", recipe.start))
+        else run_dir(out, seed, recipe.start)
     )
-    used = {name: os.path.join(out, f"seed{seed}", name) for name in recipe.uses}
+    used = {name: run_dir(out, seed, name) for name in recipe.uses}
     config = adaptation_config(base, recipe, settings, seed, start_dir, used)
 
-    def run_key(run_dir):  # what identifies the run a row reads: its own fingerprint
+    def run_key(directory):  # what identifies the run a row reads: its own fingerprint
         key = (
-            _read_json(os.path.join(run_dir, "row.json"))
-            or _read_json(os.path.join(run_dir, "done.json"))
-            or {"path": str(workdir_path(run_dir))}
+            _read_json(os.path.join(directory, "row.json"))
+            or _read_json(os.path.join(directory, "done.json"))
+            or {"path": str(workdir_path(directory))}
         )
         return key.get("fingerprint", key)
 
@@ -351,7 +356,7 @@ def run_study(base, out: str, *, seeds: int = 1, recipes=None, pretrained: str |
     progress = Progress([(s, r) for s, r in plan], settings.steps)
     records = []
     for index, (seed, recipe) in enumerate(plan, 1):
-        row_dir = os.path.join(out, f"seed{seed}", recipe.name)
+        row_dir = run_dir(out, seed, recipe.name)
         progress.start(index, seed, recipe, epath.Path(row_dir, "row.json").is_file())
         record = run_row(base, recipe, settings, seed, out, starts)
         progress.finish(recipe, settings.steps, record["seconds"], record["reused"])

@@ -138,7 +138,7 @@ def _recognizability(attention: bool = True, diversion: bool = True):
     return configure
 
 
-# Recognizability index (issue 13): full fine-tuning plus RI's parts, and without each part.
+# Recognizability index (issue 13): lr_student plus RI's parts, and without each part.
 register(Recipe("ri", "lr_student + recognizability index: c_UI, diversion loss, "
                 "perceptibility attention, quality head", configure=_recognizability()))  # fmt: skip
 register(Recipe("ri_no_diversion", "ri without the index diversion loss",
