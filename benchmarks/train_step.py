@@ -19,7 +19,7 @@ load of a shared machine hits them alike; the median step time of each is report
 the backbone's forward under autocast, the classifier and loss in float32): ours with
 `config.model.dtype="bfloat16"` (parameters, router and losses stay float32), PyTorch's forward
 under `torch.autocast("cpu", torch.bfloat16)` (CUDA's fp16 has no CPU kernel; bf16 is what both
-runtimes use on a CPU with AMX).
+runtimes use on a CPU with AVX512-BF16 or AMX).
 
 Prints images/s of each, the ratio ours / PyTorch and our compile seconds, then one JSON line
 with every figure and "ratio" (the Swin-MoE, ours dropless / PyTorch).
@@ -282,14 +282,16 @@ def main():
     parser.add_argument("--threads", type=int, default=None, help="default: all cores")
     parser.add_argument("--precision", choices=("f32", "bf16"), default="f32")
     args = parser.parse_args()
-    if args.threads == 1:
-        # XLA reads its flags when the backend starts (first use), so this still applies: one
-        # thread on both sides, which a shared machine's load distorts least (PyTorch's
-        # OpenMP threads slow down many times over when the cores are oversubscribed).
-        os.environ["XLA_FLAGS"] = (
-            os.environ.get("XLA_FLAGS", "")
-            + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-        )
+    if args.threads:
+        # Our side's threads: the size of PjRt's CPU thread pool, read from NPROC when the
+        # backend starts (first use, so setting it here still applies). XLA's own
+        # --xla_cpu_multi_thread_eigen=false does not limit this jaxlib's dots (YNNPACK), which
+        # is how an earlier "--threads 1" let our matmuls use every core (benchmarks/RESULTS.md).
+        os.environ["NPROC"] = str(args.threads)
+        if args.threads == 1:
+            os.environ["XLA_FLAGS"] = (
+                os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
+            )
     if args.vs_torch:
         args.batch = args.batch or (4 if args.full else 16)
         args.steps = args.steps or (1 if args.full else 2)
