@@ -31,6 +31,7 @@ import argparse
 import importlib.util
 import json
 import os
+import sys
 import time
 
 import jax
@@ -282,6 +283,9 @@ def main():
     parser.add_argument("--threads", type=int, default=None, help="default: all cores")
     parser.add_argument("--precision", choices=("f32", "bf16"), default="f32")
     args = parser.parse_args()
+    if args.threads is not None and args.threads < 1:
+        print(f"--threads {args.threads}: need a positive number of threads", file=sys.stderr)
+        sys.exit(2)
     if args.threads:
         # Our side's threads: the size of PjRt's CPU thread pool, read from NPROC when the
         # backend starts (first use, so setting it here still applies). XLA's own
