@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from facemoe_jax import huge_pages
 from facemoe_jax.models.moe import MoEFeedForward
 
 
@@ -56,6 +57,7 @@ def dropped_share(layer, variables, x) -> float:
 
 
 def main():
+    huge_pages.restart_with_huge_pages()  # as our entry points do (facemoe_jax/huge_pages.py)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", default="1024,4096,16384,65536")
     parser.add_argument("--width", type=int, default=128)

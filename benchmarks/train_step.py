@@ -12,8 +12,14 @@ k=2), ours (dropless, the official semantics, and capacity factor 1.5) against P
 the same architecture that route as the official FaceMoE code does (top-k on the gate logits,
 then a loop over the experts with boolean indexing; `export/torch_models.py`, the twins our
 exports load into) with torch's AdamW, the same batch, the same threads. Drop-path is 0 on both
-sides (the PyTorch twins have none). Steps of the three are interleaved in rounds so that the
-load of a shared machine hits them alike; the median step time of each is reported.
+sides (the PyTorch twins have none). Ours and PyTorch each run alone in a process of their own,
+one after the other (`--repeats` times, alternating; ours measures the dropless path first, then
+the capacity path from the same initial state), as each framework runs when used: ours with
+our entry points' default of huge pages for XLA:CPU's buffers (`facemoe_jax/huge_pages.py`;
+`FACEMOE_HUGE_PAGES=0` turns it off), PyTorch with the environment as given. The median step
+time of each is reported. `--in-process` runs the three in this one process instead, their steps
+interleaved in `--rounds` rounds (the earlier method: on the development host whichever runtime
+follows PyTorch's steps runs 8-54 % slower, see benchmarks/RESULTS.md).
 --full uses the full-size official Swin-MoE (width 384, depths 2/18/2) at batch 4.
 --precision bf16: mixed precision on both sides, as the official configs train (`fp16=True`:
 the backbone's forward under autocast, the classifier and loss in float32): ours with
@@ -31,6 +37,7 @@ import argparse
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -38,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from facemoe_jax import huge_pages
 from facemoe_jax.models import build_model
 from facemoe_jax.models.vit import parse_moe_layers
 from facemoe_jax.train import optimizer as optimizer_lib
@@ -202,31 +210,117 @@ def interleaved(runs: dict, rounds: int, steps: int) -> dict:
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
+RUNNERS = {"dropless": 0.0, "capacity_1.5": 1.5, "pytorch": None}  # name: capacity factor
+WORKERS = {"ours": ("dropless", "capacity_1.5"), "pytorch": ("pytorch",)}
+
+
+def _time_steps(run, steps: int) -> float:
+    run()  # a second warm-up step (the first ran in make_*)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def worker(args):
+    """Runners alone in this process, one after the other (ours: dropless first, then the
+    capacity path from the same initial state); prints one JSON line {runner: figures}."""
+    out = {}
+    if args.worker == "pytorch":
+        config = small_config(args.models, args.full, args.precision)
+        run = make_torch(config, args.batch, args.threads or os.cpu_count())
+        out["pytorch"] = {"step_s": _time_steps(run, args.steps)}
+    else:
+        state = None
+        for name in WORKERS["ours"]:
+            config = small_config(args.models, args.full, args.precision)
+            config.model.capacity_factor = RUNNERS[name]
+            run, compile_s, gflops, state = make_ours(config, args.batch, state)
+            out[name] = {
+                "step_s": _time_steps(run, args.steps), "compile_s": compile_s, "gflop": gflops,
+                "huge_pages": huge_pages.huge_pages_on(),
+            }  # fmt: skip
+            del run  # its buffers
+    print(json.dumps(out))
+
+
+def isolated(args, model_name: str):
+    """{runner: (median step seconds, compile seconds, GFLOP, huge pages)}: ours and PyTorch each
+    in a process of their own, one at a time, `args.repeats` rounds."""
+    results = {name: [] for name in RUNNERS}
+    for _ in range(args.repeats):
+        for kind in WORKERS:
+            command = [
+                sys.executable, "-m", "benchmarks.train_step", "--worker", kind,
+                "--models", model_name, "--batch", str(args.batch), "--steps", str(args.steps),
+                "--precision", args.precision,
+            ] + (["--full"] if args.full else []) + (
+                ["--threads", str(args.threads)] if args.threads else []
+            )  # fmt: skip
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                sys.stderr.write(done.stderr[-4000:])
+                raise SystemExit(
+                    f"benchmark worker {kind} ({model_name}) failed: {done.returncode}"
+                )
+            for name, figures in json.loads(done.stdout.strip().splitlines()[-1]).items():
+                results[name].append(figures)
+    return {
+        name: (
+            float(np.median([r["step_s"] for r in runs])), runs[0].get("compile_s"),
+            runs[0].get("gflop"), runs[0].get("huge_pages"),
+        )
+        for name, runs in results.items()
+    }  # fmt: skip
+
+
+def in_process(args, model_name: str):
+    runs, compile_s, gflops, state = {}, {}, {}, None
+    for path, factor in RUNNERS.items():
+        if factor is None:
+            continue
+        config = small_config(model_name, args.full, args.precision)
+        config.model.capacity_factor = factor
+        runs[path], compile_s[path], gflops[path], state = make_ours(config, args.batch, state)
+    runs["pytorch"] = make_torch(
+        small_config(model_name, args.full, args.precision), args.batch,
+        args.threads or os.cpu_count(),
+    )  # fmt: skip
+    step_s = interleaved(runs, args.rounds, args.steps)
+    on = huge_pages.huge_pages_on()
+    return {
+        name: (s, compile_s.get(name), gflops.get(name), on) for name, s in step_s.items()
+    }  # fmt: skip
+
+
 def vs_torch(args):
     threads = args.threads or os.cpu_count()
     results = {
         "batch": args.batch, "threads": threads, "precision": args.precision,
         "backend": jax.default_backend(),
     }  # fmt: skip
+    results["method"] = "in-process" if args.in_process else "isolated"
     for model_name in args.models.split(","):
-        runs, compile_s, gflops, state = {}, {}, {}, None
-        for path, factor in (("dropless", 0.0), ("capacity_1.5", 1.5)):
-            config = small_config(model_name, args.full, args.precision)
-            config.model.capacity_factor = factor
-            runs[path], compile_s[path], gflops[path], state = make_ours(config, args.batch, state)
-        runs["pytorch"] = make_torch(
-            small_config(model_name, args.full, args.precision), args.batch, threads
-        )
-        step_s = interleaved(runs, args.rounds, args.steps)
+        measured = (in_process if args.in_process else isolated)(args, model_name)
+        step_s = {name: m[0] for name, m in measured.items()}
         entry = {f"{name}_img_s": round(args.batch / s, 2) for name, s in step_s.items()}
         for path in ("dropless", "capacity_1.5"):
             entry[f"ratio_{path}"] = round(step_s["pytorch"] / step_s[path], 3)
-            entry[f"compile_s_{path}"] = round(compile_s[path], 1)
-            entry[f"gflop_per_step_{path}"] = round(gflops[path], 2)
+            entry[f"compile_s_{path}"] = round(measured[path][1], 1)
+            entry[f"gflop_per_step_{path}"] = round(measured[path][2], 2)
+        entry["huge_pages_ours"] = measured["dropless"][3]
         results[model_name] = entry
+        how = (
+            f"steps interleaved in one process, median of {args.rounds} rounds x {args.steps}"
+            if args.in_process
+            else f"each alone in its own process, median of {args.repeats} x {args.steps} steps"
+        )
         print(
             f"{model_name}-MoE ({'full' if args.full else 'small'} size), batch {args.batch}, "
-            f"{threads} threads, {args.precision}, median of {args.rounds} rounds x {args.steps} steps:"
+            f"{threads} threads, {args.precision}, {how}; ours with "
+            f"{'huge' if entry['huge_pages_ours'] else '4 KiB'} pages:"
         )
         print(f"  {'PyTorch (official routing)':>28}: {entry['pytorch_img_s']:7.2f} img/s")
         for path in ("dropless", "capacity_1.5"):
@@ -279,13 +373,18 @@ def main():
     parser.add_argument("--config", default="configs/demo.py")
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="with --in-process")
+    parser.add_argument("--repeats", type=int, default=1, help="processes per runner")
+    parser.add_argument("--in-process", action="store_true", help="the three in this process")
+    parser.add_argument("--worker", choices=tuple(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=None, help="default: all cores")
     parser.add_argument("--precision", choices=("f32", "bf16"), default="f32")
     args = parser.parse_args()
-    if args.threads is not None and args.threads < 1:
-        print(f"--threads {args.threads}: need a positive number of threads", file=sys.stderr)
-        sys.exit(2)
+    for flag in ("threads", "steps", "rounds", "repeats", "batch"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            print(f"--{flag} {value}: need a positive number", file=sys.stderr)
+            sys.exit(2)
     if args.threads:
         # Our side's threads: the size of PjRt's CPU thread pool, read from NPROC when the
         # backend starts (first use, so setting it here still applies). XLA's own
@@ -296,9 +395,16 @@ def main():
             os.environ["XLA_FLAGS"] = (
                 os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
             )
-    if args.vs_torch:
+    if args.worker == "ours" or not (args.worker or args.vs_torch):
+        # As our entry points do. Not in the --vs-torch parent: its PyTorch worker keeps the
+        # environment as given.
+        huge_pages.restart_with_huge_pages()
+    if args.worker:
+        worker(args)
+    elif args.vs_torch:
         args.batch = args.batch or (4 if args.full else 16)
-        args.steps = args.steps or (1 if args.full else 2)
+        default_steps = (1 if args.full else 2) if args.in_process else (3 if args.full else 8)
+        args.steps = args.steps or default_steps
         vs_torch(args)
     else:
         args.batch = args.batch or 128

@@ -24,6 +24,8 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from facemoe_jax import huge_pages  # noqa: E402
+
 # Config files import their shared builder as `configs.common`: make the project root importable
 # whatever the current directory is.
 _PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -140,6 +142,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def _run_cli():
+    # Before JAX starts: XLA:CPU's step buffers in 2 MiB pages (15-20 % off a CPU train step).
+    huge_pages.restart_with_huge_pages()
     argv = _parse_flags(sys.argv)
     logging.use_absl_handler()
     main(argv)

@@ -517,5 +517,8 @@ def load_config(path: str) -> ml_collections.ConfigDict:
 
 
 if __name__ == "__main__":
+    from facemoe_jax import huge_pages
+
+    huge_pages.restart_with_huge_pages()  # see facemoe_jax/huge_pages.py
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     sys.exit(main())

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from facemoe_jax import huge_pages
 from facemoe_jax.data import augment as augment_lib
 from facemoe_jax.data import pipeline, sources
 from facemoe_jax.evaluate import suite as eval_suite
@@ -332,7 +333,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         f"compiled train step in {compile_seconds:.1f} s; "
         f"{(flops or 0) / 1e9:.2f} GFLOP per step per device (XLA cost analysis, "
         f"{jax.device_count()} device(s); loop bodies counted once); peak "
-        f"{peak / 1e12:.2f} TFLOP/s per device ({peak_source})",
+        f"{peak / 1e12:.2f} TFLOP/s per device ({peak_source})"
+        + (f"; {huge_pages.summary()}" if jax.default_backend() == "cpu" else ""),
         flush=True,
     )
 
