@@ -103,7 +103,8 @@ def _fail(message: str, status: int = 2):
     message = " ".join(str(message).split())
     if len(message) > 1000:  # e.g. TFDS lists every dataset it knows
         message = f"{message[:1000]} ... ({len(message) - 1000} more characters)"
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.stderr.write(f"error: {message}\n")  # one write: no other thread's output inside it
+    sys.stderr.flush()
     sys.exit(status)
 
 

@@ -123,7 +123,10 @@ def _first_line(error: BaseException, limit: int = 200) -> str:
 
 
 def _warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr, flush=True)
+    # One write with its newline: a failed TensorStore read can leave threads printing
+    # tracebacks, and print()'s separate newline let them land inside our line.
+    sys.stderr.write(f"warning: {message}\n")
+    sys.stderr.flush()
 
 
 class Checkpointer:
