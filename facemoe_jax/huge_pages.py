@@ -8,7 +8,7 @@ TLB. With the tunable, glibc asks the kernel for 2 MiB pages (`madvise(MADV_HUGE
 memory it maps: the small Swin-MoE step alone on the development CPU went from 530-560 ms to
 440-470 ms (benchmarks/RESULTS.md, fifth session). glibc reads tunables only when a process
 starts, hence the restart: `os.execve` of the same command line with the variable added, before
-JAX is imported (same process id, so signals and launchers are unaffected).
+JAX starts its backend (same process id, so signals and launchers are unaffected).
 
 Nothing happens where it cannot help: not Linux or not glibc >= 2.35 (the first with the
 tunable), transparent huge pages `never`, the tunable already set (by the user, or by the restart
