@@ -47,9 +47,14 @@ def thp_mode(path: str = THP_SETTING) -> str | None:
     return match.group(1) if match else None
 
 
+def declined(environ) -> bool:
+    """Whether the user turned the restart off (`FACEMOE_HUGE_PAGES=0`, `off`, `no`, `false`)."""
+    return environ.get(OPT_OUT, "1").strip().lower() in _OFF
+
+
 def environment_with_huge_pages(environ, glibc, thp) -> dict | None:
     """The environment to restart with, or None to carry on as is."""
-    if environ.get(OPT_OUT, "1").strip().lower() in _OFF:
+    if declined(environ):
         return None
     if glibc is None or glibc < (2, 35) or thp not in ("always", "madvise"):
         return None
@@ -69,7 +74,7 @@ def summary(environ=os.environ) -> str:
     """One phrase for the compile line: whether this process got the huge pages, and why not."""
     if huge_pages_on(environ):
         return "host buffers in huge pages"
-    if environ.get(OPT_OUT, "1").strip().lower() in _OFF:
+    if declined(environ):
         return f"host buffers in 4 KiB pages ({OPT_OUT}=0)"
     return "host buffers in 4 KiB pages"
 
