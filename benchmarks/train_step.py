@@ -224,6 +224,17 @@ def _time_steps(run, steps: int) -> float:
     return float(np.median(times))
 
 
+def our_paths(args, model_name: str):
+    """Yields (name, step function, compile seconds, GFLOP) of our two MoE paths in turn, the
+    second built from the first's initial state (building a state compiles the initialiser)."""
+    state = None
+    for name in WORKERS["ours"]:
+        config = small_config(model_name, args.full, args.precision)
+        config.model.capacity_factor = RUNNERS[name]
+        run, compile_s, gflops, state = make_ours(config, args.batch, state)
+        yield name, run, compile_s, gflops
+
+
 def worker(args):
     """Runners alone in this process, one after the other (ours: dropless first, then the
     capacity path from the same initial state); prints one JSON line {runner: figures}."""
@@ -233,16 +244,12 @@ def worker(args):
         run = make_torch(config, args.batch, args.threads or os.cpu_count())
         out["pytorch"] = {"step_s": _time_steps(run, args.steps)}
     else:
-        state = None
-        for name in WORKERS["ours"]:
-            config = small_config(args.models, args.full, args.precision)
-            config.model.capacity_factor = RUNNERS[name]
-            run, compile_s, gflops, state = make_ours(config, args.batch, state)
+        for name, run, compile_s, gflops in our_paths(args, args.models):
             out[name] = {
                 "step_s": _time_steps(run, args.steps), "compile_s": compile_s, "gflop": gflops,
                 "huge_pages": huge_pages.huge_pages_on(),
             }  # fmt: skip
-            del run  # its buffers
+            del run  # its buffers, before the next path compiles
     print(json.dumps(out))
 
 
@@ -277,13 +284,9 @@ def isolated(args, model_name: str):
 
 
 def in_process(args, model_name: str):
-    runs, compile_s, gflops, state = {}, {}, {}, None
-    for path, factor in RUNNERS.items():
-        if factor is None:
-            continue
-        config = small_config(model_name, args.full, args.precision)
-        config.model.capacity_factor = factor
-        runs[path], compile_s[path], gflops[path], state = make_ours(config, args.batch, state)
+    runs, compile_s, gflops = {}, {}, {}
+    for name, run, seconds, gflop in our_paths(args, model_name):
+        runs[name], compile_s[name], gflops[name] = run, seconds, gflop
     runs["pytorch"] = make_torch(
         small_config(model_name, args.full, args.precision), args.batch,
         args.threads or os.cpu_count(),
