@@ -100,17 +100,31 @@ def test_dropless_dispatch_pads_each_expert_to_whole_blocks():
     assert not bool(jnp.any(rows[8:]))
 
 
-@pytest.mark.parametrize("keep_hidden", [True, False])
-def test_block_expert_mlp_matches_numpy_in_value_and_gradient(keep_hidden, monkeypatch):
-    """Blocks of expert-sorted rows, an empty expert and a partial last block, against numpy
-    (backward from stored or recomputed pre-activations)."""
+@pytest.mark.parametrize(
+    "keep_hidden, sizes, block, max_chunk_rows, layout",
+    [
+        # An empty expert and partial last blocks; chunks of up to 4 blocks: one chunk each.
+        (True, [5, 0, 7], 4, None, ([0, 2, 2], [2, 0, 2])),
+        (False, [5, 0, 7], 4, None, ([0, 2, 2], [2, 0, 2])),
+        # 7 blocks in chunks of 2 blocks (3 x 2 + 1), of 4 (4 + 2 + 1) and one block at a time.
+        (True, [13, 0, 4, 1], 2, 4, ([0, 7, 7, 9], [7, 0, 2, 1])),
+        (True, [13, 0, 4, 1], 2, 8, ([0, 7, 7, 9], [7, 0, 2, 1])),
+        (False, [13, 0, 4, 1], 2, 2, ([0, 7, 7, 9], [7, 0, 2, 1])),
+    ],
+)
+def test_block_expert_mlp_matches_numpy_in_value_and_gradient(
+    keep_hidden, sizes, block, max_chunk_rows, layout, monkeypatch
+):
+    """Blocks of expert-sorted rows run in chunks of several blocks, an empty expert and a
+    partial last block, against numpy block by block (backward from stored or recomputed
+    pre-activations)."""
     monkeypatch.setattr(grouped_matmul, "KEEP_HIDDEN", keep_hidden)
     rng = np.random.default_rng(0)
-    e, d, h, block = 3, 4, 6, 4
-    sizes = np.array([5, 0, 7])
+    sizes = np.array(sizes)
+    e, d, h = len(sizes), 4, 6
     start, count = grouped_matmul.block_layout(jnp.asarray(sizes), block)
-    np.testing.assert_array_equal(start, [0, 2, 2])
-    np.testing.assert_array_equal(count, [2, 0, 2])
+    np.testing.assert_array_equal(start, layout[0])
+    np.testing.assert_array_equal(count, layout[1])
     num_rows = grouped_matmul.padded_rows(int(sizes.sum()), e, block)
     x = rng.normal(size=(num_rows, d)).astype(np.float32)
     w = [rng.normal(size=s).astype(np.float32) for s in [(e, d, h), (e, h), (e, h, d), (e, d)]]
@@ -130,7 +144,7 @@ def test_block_expert_mlp_matches_numpy_in_value_and_gradient(keep_hidden, monke
     segments = (jnp.arange(e, dtype=jnp.int32), start, count)
 
     def loss(x, weights):
-        y = grouped_matmul.block_expert_mlp(x, weights, *segments, block, jnp.tanh)
+        y = grouped_matmul.block_expert_mlp(x, weights, *segments, block, jnp.tanh, max_chunk_rows)
         return jnp.sum(y * dy), y
 
     (_, y), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x, tuple(w))
@@ -281,3 +295,18 @@ def test_expert_outputs_are_summed_in_float32_under_bfloat16(capacity_factor):
     exact = np.einsum("gsk,gskd->gsd", np.asarray(weights, np.float64), y64)
     expected = np.asarray(jnp.asarray(exact.astype(np.float32)).astype(jnp.bfloat16), np.float64)
     np.testing.assert_array_equal(np.asarray(out, np.float64), expected)
+
+
+def test_chunk_sizes_and_choices():
+    assert grouped_matmul.chunk_sizes(8) == (8, 4, 2, 1)
+    assert grouped_matmul.chunk_sizes(1) == (1,)
+    for bad in (0, 3, 6):
+        with pytest.raises(ValueError, match=f"max_chunk_blocks={bad} is not a power of two"):
+            grouped_matmul.chunk_sizes(bad)
+    # Chunks shrink as the hidden width grows (a chunk's hidden block stays cache-sized), within
+    # 256..1024 rows; blocks are small where there are many rows, smaller where there are few.
+    assert [grouped_matmul.choose_chunk_rows(h) for h in (96, 384, 768, 1536, 6144)] == [
+        1024, 1024, 512, 256, 256,
+    ]  # fmt: skip
+    assert grouped_matmul.choose_block_size(12800, 3) == 32
+    assert grouped_matmul.choose_block_size(64, 8) == 8
