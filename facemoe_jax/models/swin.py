@@ -131,7 +131,9 @@ class WindowAttention(nn.Module):
         bias = bias.reshape(n, n, self.num_heads).transpose(2, 0, 1)  # (heads, N, N)
 
         qkv = projection(x, 3 * c, "qkv", self.lora, "qkv", quality, train, dtype=self.dtype)
-        q, k, v = jnp.moveaxis(qkv.reshape(bw, n, 3, self.num_heads, head_dim), 2, 0)
+        # Split before the head reshape: moving the (q, k, v) axis to the front costs a
+        # transposed copy of the (rows, 3C) gradient in the backward pass (~20 % of stage 0).
+        q, k, v = (a.reshape(bw, n, self.num_heads, head_dim) for a in jnp.split(qkv, 3, -1))
         logits = jnp.einsum("bqhc,bkhc->bhqk", q * head_dim**-0.5, k).astype(jnp.float32)
         logits = logits + bias[None]
         if mask is not None:

@@ -85,7 +85,8 @@ class Attention(nn.Module):
         head_dim = d // self.num_heads
         qkv = projection(x, 3 * d, "qkv", self.lora, "qkv", quality, train, use_bias=False,
                          dtype=self.dtype)  # fmt: skip
-        q, k, v = jnp.moveaxis(qkv.reshape(b, n, 3, self.num_heads, head_dim), 2, 0)
+        # Split before the head reshape (a transposed copy of the qkv gradient otherwise).
+        q, k, v = (a.reshape(b, n, self.num_heads, head_dim) for a in jnp.split(qkv, 3, -1))
         logits = jnp.einsum("bqhc,bkhc->bhqk", q, k) * head_dim**-0.5
         weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
         out = jnp.einsum("bhqk,bkhc->bqhc", weights, v).reshape(b, n, d)
