@@ -43,6 +43,27 @@ def check_image_size(images: Array, image_size: int) -> None:
         )
 
 
+@jax.custom_vjp
+def add_position_embedding(x: Array, pos: Array) -> Array:
+    """x (B, N, D) + pos (1, N, D). The same sum; its backward sums the gradient over the batch
+    as a product with a vector of ones: XLA:CPU's (YNNPACK) reduction over a leading axis of
+    this shape took ~5 ms a step for a (16, 400, 96) gradient, the product ~0.1 ms."""
+    return x + pos.astype(x.dtype)
+
+
+def _add_position_embedding_fwd(x, pos):
+    return add_position_embedding(x, pos), pos  # pos only for its dtype
+
+
+def _add_position_embedding_bwd(pos, g):
+    ones = jnp.ones((g.shape[0],), g.dtype)
+    pos_grad = jnp.einsum("b,bnd->nd", ones, g, preferred_element_type=jnp.float32)
+    return g, pos_grad[None].astype(pos.dtype)
+
+
+add_position_embedding.defvjp(_add_position_embedding_fwd, _add_position_embedding_bwd)
+
+
 class DropPath(nn.Module):
     """Stochastic depth: drops the whole residual branch per sample during training."""
 

@@ -32,7 +32,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from facemoe_jax.models.layers import DropPath, PatchEmbed, batch_norm, check_image_size
+from facemoe_jax.models.layers import (
+    DropPath,
+    PatchEmbed,
+    add_position_embedding,
+    batch_norm,
+    check_image_size,
+)
 from facemoe_jax.models.lora import LoRADense, LoRASettings, projection
 from facemoe_jax.models.moe import MoEFeedForward
 from facemoe_jax.models.quality import QualitySettings
@@ -311,7 +317,7 @@ class SwinMoE(nn.Module):
             pos = self.param(
                 "absolute_pos_embed", nn.initializers.truncated_normal(0.02), (1, grid * grid, d)
             )
-            x = x + pos.astype(self.dtype)
+            x = add_position_embedding(x, pos)
         quality = self.quality.resolve(images, quality, self.lora)
 
         moe = {

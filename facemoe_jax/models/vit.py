@@ -20,7 +20,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from facemoe_jax.models.layers import DropPath, PatchEmbed, batch_norm, check_image_size
+from facemoe_jax.models.layers import (
+    DropPath,
+    PatchEmbed,
+    add_position_embedding,
+    batch_norm,
+    check_image_size,
+)
 from facemoe_jax.models.lora import LoRASettings, projection
 from facemoe_jax.models.moe import MoEFeedForward
 from facemoe_jax.models.quality import QualitySettings
@@ -169,7 +175,7 @@ class ViTMoE(nn.Module):
         x = x.reshape(b, h * w, d)
         patch = patch_statistics(self.heads, self, x, embed, images)  # quality head input / None
         pos = self.param("pos_embed", nn.initializers.truncated_normal(0.02), (1, h * w, d))
-        x = x + pos.astype(self.dtype)
+        x = add_position_embedding(x, pos)
         quality = self.quality.resolve(images, quality, self.lora)
 
         moe = dict(

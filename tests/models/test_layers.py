@@ -24,3 +24,30 @@ def test_patch_embed_equals_torch_conv_including_an_uncovered_border():
         reference = conv(torch.from_numpy(images).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
     assert ours.shape == (2, 12, 12, 16)
     np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_add_position_embedding_value_and_gradients_match_numpy():
+    from facemoe_jax.models.layers import add_position_embedding
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3, 5, 4)).astype(np.float32)
+    pos = rng.standard_normal((1, 5, 4)).astype(np.float32)
+    weight = rng.standard_normal((3, 5, 4)).astype(np.float32)
+
+    def loss(x, pos):
+        return jax.numpy.sum(weight * add_position_embedding(x, pos) ** 2)
+
+    value, (gx, gpos) = jax.value_and_grad(loss, argnums=(0, 1))(x, pos)
+    total = x.astype(np.float64) + pos
+    np.testing.assert_allclose(value, np.sum(weight * total**2), rtol=1e-5)
+    np.testing.assert_allclose(gx, 2 * weight * total, rtol=1e-5, atol=1e-6)
+    # d/dpos sums the per-image gradients over the batch
+    np.testing.assert_allclose(gpos, np.sum(2 * weight * total, 0, keepdims=True), rtol=1e-5)
+    assert gpos.shape == pos.shape and gpos.dtype == np.float32
+
+    # bfloat16 activations, float32 parameter: the sum is bfloat16, the gradient float32
+    xb = jax.numpy.asarray(x, jax.numpy.bfloat16)
+    assert add_position_embedding(xb, pos).dtype == jax.numpy.bfloat16
+    g = jax.grad(lambda p: jax.numpy.sum(add_position_embedding(xb, p).astype(np.float32)))(pos)
+    assert g.dtype == np.float32
+    np.testing.assert_allclose(g, np.full(pos.shape, 3.0))
