@@ -25,6 +25,7 @@ import numpy as np
 
 from facemoe_jax import huge_pages
 from facemoe_jax.models.moe import MoEFeedForward
+from facemoe_jax.models.swin import exact_gelu
 
 
 class DenseFFN(nn.Module):
@@ -32,7 +33,7 @@ class DenseFFN(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        h = jax.nn.gelu(nn.Dense(self.hidden_dim, name="fc1")(x), approximate=False)
+        h = exact_gelu(nn.Dense(self.hidden_dim, name="fc1")(x))
         return nn.Dense(x.shape[-1], name="fc2")(h), {}
 
 
@@ -68,7 +69,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    gelu = lambda h: jax.nn.gelu(h, approximate=False)  # noqa: E731
+    gelu = exact_gelu  # the Swin-MoE's activation
     modes = {
         f"dense FFN (hidden {args.k}x{args.hidden})": DenseFFN(args.k * args.hidden),
         "MoE dropless": MoEFeedForward(

@@ -152,8 +152,10 @@ class WindowAttention(nn.Module):
 
 
 def exact_gelu(x: Array) -> Array:
-    """The Swin's activation: GELU with the erf (PyTorch's nn.GELU default)."""
-    return jax.nn.gelu(x, approximate=False)
+    """The Swin's activation: GELU with the erf (PyTorch's nn.GELU default), in PyTorch's form
+    x * (1 + erf(x / sqrt 2)) / 2. `jax.nn.gelu(approximate=False)` computes it through erfc,
+    which XLA:CPU evaluates 2.3x slower (forward; 1.3x with the backward)."""
+    return 0.5 * x * (1.0 + jax.lax.erf(x * np.sqrt(0.5).astype(x.dtype)))
 
 
 class SwinBlock(nn.Module):
