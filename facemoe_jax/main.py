@@ -24,7 +24,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from facemoe_jax import huge_pages  # noqa: E402
+from facemoe_jax import huge_pages, messages  # noqa: E402
 
 # Config files import their shared builder as `configs.common`: make the project root importable
 # whatever the current directory is.
@@ -91,7 +91,7 @@ def main(argv):
     try:
         run(_CONFIG.value, _WORKDIR.value, _MODE.value)
     except Preempted as e:
-        print(" ".join(str(e).split()), file=sys.stderr, flush=True)
+        messages.say(messages.one_line(e))
         sys.exit(PREEMPTED_EXIT_CODE)
     except (BadDataError, NumericalFault) as e:
         _fail(str(e.args[0]) if e.args else repr(e), status=1)
@@ -100,11 +100,10 @@ def main(argv):
 
 
 def _fail(message: str, status: int = 2):
-    message = " ".join(str(message).split())
+    message = messages.one_line(message)
     if len(message) > 1000:  # e.g. TFDS lists every dataset it knows
         message = f"{message[:1000]} ... ({len(message) - 1000} more characters)"
-    sys.stderr.write(f"error: {message}\n")  # one write: no other thread's output inside it
-    sys.stderr.flush()
+    messages.error(message)
     sys.exit(status)
 
 

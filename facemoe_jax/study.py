@@ -43,6 +43,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
+from facemoe_jax import messages
 from facemoe_jax.progress import format_duration
 from facemoe_jax.study_rows import DENSE_PRETRAINED, PRETRAINED, RECIPES, Recipe
 from facemoe_jax.train.writers import workdir_path
@@ -494,10 +495,10 @@ def main(argv=None) -> int:
         run_study(base, args.out, seeds=args.seeds, recipes=recipes, pretrained=args.pretrained,
                   settings=StudySettings(steps=args.steps))  # fmt: skip
     except (ValueError, OSError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        messages.error(e)
         return 2
     except Preempted as e:  # SIGTERM/SIGINT: the running row saved its step; rerun to continue
-        print(f"{e} (study: run the same study command to continue)", file=sys.stderr)
+        messages.say(f"{messages.one_line(e)} (study: run the same study command to continue)")
         return 75
     return 0
 

@@ -28,6 +28,7 @@ import os
 import sys
 from multiprocessing.pool import ThreadPool
 
+from facemoe_jax import messages
 from facemoe_jax.data import folder, recordio, tfds_sources
 from facemoe_jax.data.recordio import BadRecordError
 from facemoe_jax.progress import Progress
@@ -153,7 +154,7 @@ def main(argv=None) -> None:
             num_images, num_classes = recordio_to_array_record(args.recordio, args.out)
             written = os.path.join(args.out, "train.array_record")
     except (ValueError, OSError) as e:  # BadRecordError is a ValueError
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        messages.error(e)
         sys.exit(2)
     print(f"wrote {written}: num_images={num_images} num_classes={num_classes}")
 

@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import functools
 import math
-import sys
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
+
+from facemoe_jax import messages
 
 
 # Squared-norm floor for L2 normalisation: keeps 1/||x|| and its gradient finite at x = 0
@@ -202,14 +203,12 @@ def _warn_if_rate_exceeded(effective_rates, sample_rate: float, batch_size: int)
         return
     _warned_rate = True
     shard = rates.index(worst)
-    print(
-        f"warning: Partial FC kept {worst:.3f} of the classes of class shard {shard}, above "
+    messages.warning(
+        f"Partial FC kept {worst:.3f} of the classes of class shard {shard}, above "
         f"config.loss.sample_rate={sample_rate}: the batch ({batch_size} images) holds more of "
         "that shard's classes than the rate allows, and every positive class stays in the "
         "softmax (fewer class shards, i.e. more classes per shard, make it rarer). The rate "
-        "of each shard is the metric partial_fc/effective_rate; warned once.",
-        file=sys.stderr,
-        flush=True,
+        "of each shard is the metric partial_fc/effective_rate; warned once."
     )
 
 

@@ -16,7 +16,6 @@ config differs in an architecture or data field is refused in one line naming th
 
 import json
 import logging
-import sys
 import time
 
 import grain
@@ -24,6 +23,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from facemoe_jax import messages
 from facemoe_jax.train.writers import workdir_path
 
 # Fields a resumed run may not change: the architecture, the data stream, the state's structure.
@@ -123,10 +123,7 @@ def _first_line(error: BaseException, limit: int = 200) -> str:
 
 
 def _warn(message: str) -> None:
-    # One write with its newline: a failed TensorStore read can leave threads printing
-    # tracebacks, and print()'s separate newline let them land inside our line.
-    sys.stderr.write(f"warning: {message}\n")
-    sys.stderr.flush()
+    messages.warning(message)  # one write: a failed read's threads may print tracebacks
 
 
 class Checkpointer:

@@ -10,7 +10,6 @@ import logging
 import math
 import os
 import signal
-import sys
 import tempfile
 import time
 
@@ -20,6 +19,7 @@ import ml_collections
 import numpy as np
 
 from facemoe_jax import huge_pages
+from facemoe_jax import messages
 from facemoe_jax.data import augment as augment_lib
 from facemoe_jax.data import pipeline, sources
 from facemoe_jax.evaluate import suite as eval_suite
@@ -79,11 +79,9 @@ class PreemptionWatch:
         self.signal_name = signal.Signals(signum).name
         for other in self._previous:
             signal.signal(other, signal.SIG_DFL)  # a second signal ends the process at once
-        print(
+        messages.say(
             f"{self.signal_name}: finishing this step, saving a checkpoint and stopping "
-            "(send it again to stop at once, without a checkpoint)",
-            file=sys.stderr,
-            flush=True,
+            "(send it again to stop at once, without a checkpoint)"
         )
 
     def reached(self, step: int) -> bool:
@@ -214,11 +212,9 @@ def print_trainable_share(params, config) -> None:
         flush=True,
     )
     if enc_trained < enc_total and not config.get("init_from"):
-        print(
-            "warning: part of the encoder is frozen but config.init_from is empty: the frozen "
-            "weights are random (start from a pre-trained run: --config.init_from=WORKDIR)",
-            file=sys.stderr,
-            flush=True,
+        messages.warning(
+            "part of the encoder is frozen but config.init_from is empty: the frozen "
+            "weights are random (start from a pre-trained run: --config.init_from=WORKDIR)"
         )
 
 
@@ -348,11 +344,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         loop_state["skipped_steps"] += int(bad)
         loop_state["bad_streak"] = loop_state["bad_streak"] + 1 if bad else 0
         if bad:
-            print(
+            messages.say(
                 f"step {flag_step}: non-finite loss or gradient, update skipped "
-                f"({loop_state['bad_streak']} in a row)",
-                file=sys.stderr,
-                flush=True,
+                f"({loop_state['bad_streak']} in a row)"
             )
         return loop_state["bad_streak"] >= max_bad_steps
 
