@@ -69,14 +69,13 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    gelu = exact_gelu  # the Swin-MoE's activation
     modes = {
         f"dense FFN (hidden {args.k}x{args.hidden})": DenseFFN(args.k * args.hidden),
         "MoE dropless": MoEFeedForward(
-            args.experts, args.k, args.hidden, activation=gelu, capacity_factor=None
+            args.experts, args.k, args.hidden, activation=exact_gelu, capacity_factor=None
         ),
         "MoE capacity 1.25": MoEFeedForward(
-            args.experts, args.k, args.hidden, activation=gelu, capacity_factor=1.25
+            args.experts, args.k, args.hidden, activation=exact_gelu, capacity_factor=1.25
         ),
     }
     print(
@@ -99,7 +98,7 @@ def main():
         drops = {}
         for factor in (1.0, 1.25, 1.5):
             layer = MoEFeedForward(
-                args.experts, args.k, args.hidden, activation=gelu, capacity_factor=factor
+                args.experts, args.k, args.hidden, activation=exact_gelu, capacity_factor=factor
             )
             variables = layer.init(jax.random.key(0), x[:1])
             drops[factor] = dropped_share(layer, variables, x)

@@ -122,10 +122,6 @@ def _first_line(error: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _warn(message: str) -> None:
-    messages.warning(message)  # one write: a failed read's threads may print tracebacks
-
-
 class Checkpointer:
     def __init__(self, workdir: str, every_steps: int, max_to_keep: int, create: bool = True):
         if every_steps < 1:
@@ -217,7 +213,9 @@ class Checkpointer:
                 saved = self.saved_config(step)
             except Exception as e:  # noqa: BLE001 - any failure to read means unusable
                 skipped.append(step)
-                _warn(f"checkpoint {where} is unreadable, skipping it ({_first_line(e)})")
+                messages.warning(
+                    f"checkpoint {where} is unreadable, skipping it ({_first_line(e)})"
+                )
                 continue
             fixed, knobs = config_changes(saved, config)
             if fixed:
@@ -230,7 +228,9 @@ class Checkpointer:
                 state, loop_state = self._restore(step, abstract_state, data_iterator)
             except Exception as e:  # noqa: BLE001
                 skipped.append(step)
-                _warn(f"checkpoint {where} is unreadable, skipping it ({_first_line(e)})")
+                messages.warning(
+                    f"checkpoint {where} is unreadable, skipping it ({_first_line(e)})"
+                )
                 continue
             if knobs:
                 print(
@@ -265,7 +265,9 @@ class Checkpointer:
                     aside.mkdir(parents=True, exist_ok=True)
                     source.rename(target)
                 except OSError as e:
-                    _warn(f"could not move {source} aside ({_first_line(e)}); deleting it")
+                    messages.warning(
+                        f"could not move {source} aside ({_first_line(e)}); deleting it"
+                    )
                     self.manager.delete(step)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils

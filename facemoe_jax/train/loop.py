@@ -18,8 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from facemoe_jax import huge_pages
-from facemoe_jax import messages
+from facemoe_jax import huge_pages, messages
 from facemoe_jax.data import augment as augment_lib
 from facemoe_jax.data import pipeline, sources
 from facemoe_jax.evaluate import suite as eval_suite
