@@ -53,8 +53,10 @@ def get_base_config() -> ml_collections.ConfigDict:
             # the patch embedding / IResNet stem, the log share of its response that comes from
             # the input's finest detail, at 2 and 4 px; not for mobilefacenet), "patch+embedding",
             # "patch" (per-channel mean and std over positions of the patch-embedding tokens /
-            # the CNN stem) or "embedding".
-            quality_head_input="multiscale+embedding",
+            # the CNN stem) or "embedding"; "multiscale+embedding+norm" adds the log of the
+            # embedding's norm, times quality_head_norm_scale.
+            quality_head_input="multiscale+embedding+norm",
+            quality_head_norm_scale=8.0,
         )
     )
 
@@ -99,19 +101,24 @@ def get_base_config() -> ml_collections.ConfigDict:
             quality_beta=0.75,
             # ... over copies of this many batch images (0 = all), spread over these sizes and
             # the full size (stop-gradient embeddings: the head learns, the encoder does not).
-            quality_images=64,
+            quality_images=0,
             quality_pixels="4,6,8,12,16,24,32",
             # The copies are made from the geometry-only images ("clean": the pipeline's paired
             # mode supplies them as batch["image_hr"]) or from the batch as augmented ("batch").
             quality_source="clean",
-            # The head's target: RI with the copy's own full-size embedding as its positive
-            # ("own_full") or with its class centre ("prototype", item 2's RI), its angles taken
-            # to the power quality_angle_power (1 = as they are; 0.5 spreads small angles), and
-            # quality_ui_weight in place of ui_weight. The first version: "batch", "prototype",
-            # 1.0, 0.5 and config.model.quality_head_input="embedding".
-            quality_target="own_full",
+            # The head's target (losses/recognizability.py items 4 and 5): "agreement" = (1 - w)
+            # * (1 - (angle to the copy's own full-size embedding / pi) ** quality_angle_power)
+            # + w * the copy's mean cosine to its class's other full-size images (w =
+            # quality_agreement_weight; the class means average the last agreement_window
+            # images). Before: RI with the own full-size embedding as its positive ("own_full")
+            # or with the class centre ("prototype", item 2's RI), angles to the power
+            # quality_angle_power and quality_ui_weight in place of ui_weight. The first
+            # version: "batch", "prototype", 1.0, 0.5 and quality_head_input="embedding".
+            quality_target="agreement",
             quality_angle_power=0.5,
             quality_ui_weight=0.0,
+            quality_agreement_weight=0.5,
+            agreement_window=8,
         )
     )
 

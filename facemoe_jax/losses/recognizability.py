@@ -88,6 +88,31 @@ class centre of the classifier), w_j the other real classes, c = c_UI.
    "batch"``, ``quality_target="prototype"``, ``quality_angle_power=1``, ``quality_ui_weight``
    = ``ui_weight`` and ``config.model.quality_head_input="embedding"``.
 
+5. **Agreement target** (``quality_target="agreement"``, ``class_agreement``,
+   ``update_class_means``): items 4's targets say how far a copy is from its own full-size image
+   and from the nearest other class, so at full size they say almost nothing about whether the
+   face will match *another* image of its identity, which is what rejecting pairs needs (on the
+   demo model the head rejected HR pairs nearly at random, the embedding norm did better). The
+   train state keeps, per class y, the running mean m_y of the normalised full-size embeddings
+   of its geometry-only images as the train step sees them (``ri_classes``: "mean" (rows, D),
+   "count" (rows,); rows split like the class centres), an exact average over the first
+   ``agreement_window`` images of the class and an EMA of rate 1 / agreement_window after; its
+   norm is how tightly the class's images agree. The target of copy k of image i (label y):
+
+       s_res   = 1 - (theta(f_k, f_i^full) / pi) ** quality_angle_power      (1 at full size)
+       s_agree = clip(normalise(f_k) . m_y, 0, 1)      (m_y before this step's images enter it)
+       RI_k    = (1 - quality_agreement_weight) * s_res + quality_agreement_weight * s_agree
+
+   s_agree is the mean cosine to the class's other images (times nothing else: m_y is not
+   normalised, so a class whose images scatter scores lower), measured before the image itself
+   enters the mean. Copies of a class no image has entered yet are left out of L_Q (weight 0).
+   Why a mean of embeddings and not the class centre w_y: the centre is a unit vector fitted to
+   every training image of the class, so the cosine to it is high for nearly every training
+   face; on the demo model (validation identities, never trained on nor evaluated), a ridge
+   probe regressing the mean cosine to the identity's other images ranked pairs better than the
+   embedding norm, one regressing the cosine to the class centre worse. Neither the c_UI term
+   nor the hardest negative enters this target.
+
 Total added to the train loss: diversion_weight * L_ID + quality_weight * L_Q.
 """
 
@@ -112,11 +137,13 @@ from facemoe_jax.models.recognizability import (
 
 WEIGHTINGS = ("threshold", "soft")
 QUALITY_SOURCES = ("clean", "batch")
-QUALITY_TARGETS = ("own_full", "prototype")
+QUALITY_TARGETS = ("own_full", "prototype", "agreement")
 COPY_EMBEDDINGS = "ri_copy_embeddings"  # batch entries the train step adds (``with_copies``)
 COPY_LABELS = "ri_copy_labels"
 COPY_PATCH = "ri_copy_patch"  # the copies' patch statistics (quality heads that read them)
 COPY_REFERENCE = "ri_copy_reference"  # the copies' full-size embeddings ("own_full" target)
+COPY_AGREEMENT = "ri_copy_agreement"  # normalise(f_k) . m_y ("agreement" target, item 5)
+COPY_AGREEMENT_COUNT = "ri_copy_agreement_count"  # images in m_y so far (0: no target)
 _NO_NEGATIVE = -2.0  # below any cosine: "no other class here"
 
 
@@ -182,6 +209,15 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     for field, known in (("quality_source", QUALITY_SOURCES), ("quality_target", QUALITY_TARGETS)):
         if cfg[field] not in known:
             raise ValueError(f"config.recognizability.{field}={cfg[field]!r} is not one of {known}")
+    if not 0.0 <= cfg.quality_agreement_weight <= 1.0:
+        raise ValueError(
+            "config.recognizability.quality_agreement_weight="
+            f"{cfg.quality_agreement_weight} must be in [0, 1]"
+        )
+    if cfg.agreement_window < 1:
+        raise ValueError(
+            f"config.recognizability.agreement_window={cfg.agreement_window} must be >= 1"
+        )
     if cfg.diversion_weighting not in WEIGHTINGS:
         raise ValueError(
             f"config.recognizability.diversion_weighting={cfg.diversion_weighting!r} is not "
@@ -206,6 +242,92 @@ def initial_centre(config: ml_collections.ConfigDict):
     if not enabled(config):
         return None
     return jnp.zeros((config.model.embed_dim,), jnp.float32)
+
+
+def uses_class_means(config: ml_collections.ConfigDict) -> bool:
+    """Whether the state keeps the per-class means of item 5 (the "agreement" target)."""
+    return trains_quality_head(config) and config.recognizability.quality_target == "agreement"
+
+
+def initial_class_means(config: ml_collections.ConfigDict, num_rows: int):
+    """The state's `ri_classes` (item 5): {"mean": zeros (num_rows, embed_dim), "count": zeros
+    (num_rows,)} for the "agreement" target, else None (no leaf)."""
+    if not uses_class_means(config):
+        return None
+    return {"mean": jnp.zeros((num_rows, config.model.embed_dim), jnp.float32),
+            "count": jnp.zeros((num_rows,), jnp.float32)}  # fmt: skip
+
+
+def _local_rows(labels, first, rows):
+    """Labels as row indices of the rows first .. first + rows - 1 held here; `rows` (out of
+    range: dropped by scatters, masked by gathers) for the others."""
+    local = labels - first
+    return jnp.where((local >= 0) & (local < rows), local, rows)
+
+
+def _agreement_here(unit, labels, mean, count, first):
+    rows = mean.shape[0]
+    local = _local_rows(labels, first, rows)
+    here = local < rows
+    index = jnp.minimum(local, rows - 1)
+    agreement = jnp.where(here, jnp.sum(unit * mean[index], axis=-1), 0.0)
+    return agreement, jnp.where(here, count[index], 0.0)
+
+
+def _update_here(mean, count, unit, labels, first, window):
+    rows = mean.shape[0]
+    local = _local_rows(labels, first, rows)
+    added = jnp.zeros((rows,), jnp.float32).at[local].add(1.0, mode="drop")
+    summed = jnp.zeros(mean.shape, jnp.float32).at[local].add(unit, mode="drop")
+    new_count = count + added
+    # An exact running mean over the first `window` images, then an EMA of rate 1 / window
+    # (or the step's own mean when more than `window` images of the class arrive at once).
+    rate_denominator = jnp.maximum(jnp.minimum(new_count, window), jnp.maximum(added, 1.0))
+    mean = mean + (summed - added[:, None] * mean) / rate_denominator[:, None]
+    return mean, new_count
+
+
+def _over_class_shards(fn, class_axes, per_image: bool):
+    """Runs fn(unit, labels, mean, count, first) on each device's rows of the class means under
+    an active mesh whose `class_axes` split them (per_image: fn's two outputs are per image and
+    summed over the devices; else they are the new rows); on the whole arrays otherwise."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not class_axes or math.prod(mesh.shape[a] for a in class_axes) == 1:
+        return lambda unit, labels, mean, count: fn(unit, labels, mean, count, 0)
+
+    def local(unit, labels, mean, count):
+        first = classifier._shard_index(class_axes) * mean.shape[0]  # rows held here
+        out = fn(unit, labels, mean, count, first)
+        return tuple(jax.lax.psum(x, class_axes) for x in out) if per_image else out
+
+    rows_spec = P(class_axes)
+    out_specs = (P(), P()) if per_image else (rows_spec, rows_spec)
+    return jax.shard_map(local, in_specs=(P(), P(), rows_spec, rows_spec), out_specs=out_specs,
+                         axis_names=set(class_axes))  # fmt: skip
+
+
+def class_agreement(embeddings, labels, class_means: dict, *, class_axes: tuple[str, ...]):
+    """(normalise(e) . m_y, count_y), each (B,) float32 without gradient (item 5); under the
+    class-sharded mesh each device looks up the rows it holds and the results are summed."""
+    unit = l2_normalize(jax.lax.stop_gradient(embeddings).astype(jnp.float32))
+    labels = jnp.asarray(labels, jnp.int32)
+    fn = _over_class_shards(_agreement_here, class_axes, per_image=True)
+    return fn(unit, labels, class_means["mean"], class_means["count"])
+
+
+def update_class_means(class_means: dict, embeddings, labels, window: int, *,
+                       class_axes: tuple[str, ...]) -> dict:  # fmt: skip
+    """`class_means` with the normalised `embeddings` (B, D) of classes `labels` entered (item
+    5); each device updates the rows it holds."""
+    unit = l2_normalize(jax.lax.stop_gradient(embeddings).astype(jnp.float32))
+    labels = jnp.asarray(labels, jnp.int32)
+    fn = _over_class_shards(
+        lambda u, y, m, c, first: _update_here(m, c, u, y, first, float(window)),
+        class_axes,
+        per_image=False,
+    )
+    mean, count = fn(unit, labels, class_means["mean"], class_means["count"])
+    return {"mean": mean, "count": count}
 
 
 def resize_through(images: jax.Array, pixels: int) -> jax.Array:
@@ -306,10 +428,15 @@ def diversion_loss(cos_ui, ri, *, threshold: float, margin: float,
     return jnp.mean(weights * jax.nn.relu(cos_ui - margin))
 
 
-def smooth_l1(prediction, target, beta: float = 0.75) -> jax.Array:
-    """Mean Huber-style smooth L1 (PyTorch's): 0.5 d^2 / beta for |d| < beta, else |d| - beta/2."""
+def smooth_l1(prediction, target, beta: float = 0.75, weights=None) -> jax.Array:
+    """Mean Huber-style smooth L1 (PyTorch's): 0.5 d^2 / beta for |d| < beta, else |d| - beta/2;
+    with `weights`, their weighted mean (0 when every weight is 0)."""
     d = jnp.abs(jnp.asarray(prediction, jnp.float32) - jnp.asarray(target, jnp.float32))
-    return jnp.mean(jnp.where(d < beta, 0.5 * d * d / beta, d - 0.5 * beta))
+    loss = jnp.where(d < beta, 0.5 * d * d / beta, d - 0.5 * beta)
+    if weights is None:
+        return jnp.mean(loss)
+    weights = jnp.asarray(weights, jnp.float32)
+    return jnp.sum(weights * loss) / jnp.maximum(jnp.sum(weights), 1e-12)
 
 
 def sown_quality(intermediates) -> jax.Array | None:
@@ -335,14 +462,17 @@ def parse_pixels(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in str(text).split(",") if p.strip())
 
 
-def with_copies(model, config, state, batch: dict, images: jax.Array):
+def with_copies(model, config, state, batch: dict, images: jax.Array,
+                class_axes: tuple[str, ...] = ()):  # fmt: skip
     """(state with the next c_UI, batch plus the quality copies' embeddings and labels).
 
     images: the batch normalised to [-1, 1]. One evaluation-mode forward pass without gradient
     embeds both kinds of copies: the first ``ui_images`` (0 = all) degraded beyond recognition
     with noise drawn from fold_in(rng, step) (a resumed run draws the same) for c_UI (item 1),
     and, for a model with a quality head to train, the ``quality_copies`` (item 4), whose
-    embeddings and labels go into the batch for the loss (``COPY_EMBEDDINGS``, ``COPY_LABELS``)."""
+    embeddings and labels go into the batch for the loss (``COPY_EMBEDDINGS``, ``COPY_LABELS``);
+    for the "agreement" target also each copy's agreement with its class mean, looked up before
+    the copies' full-size images enter the class means (item 5)."""
     cfg = config.recognizability
     trains_head = trains_quality_head(config)
     ui = images[: cfg.ui_images] if cfg.ui_images else images
@@ -360,7 +490,7 @@ def with_copies(model, config, state, batch: dict, images: jax.Array):
         count = int(cfg.quality_images) or source.shape[0]
         pixels = tuple(p for p in parse_pixels(cfg.quality_pixels) if p < images.shape[1])
         parts.append(quality_copies(source, pixels, count))
-        if cfg.quality_target == "own_full":
+        if cfg.quality_target != "prototype":
             parts.append(source[:count].astype(jnp.float32))  # each copy's full-size image
     variables = {"params": state.params["encoder"], "batch_stats": state.batch_stats}
     (embedded, _), sown = model.apply(jax.lax.stop_gradient(variables), jnp.concatenate(parts),
@@ -375,8 +505,16 @@ def with_copies(model, config, state, batch: dict, images: jax.Array):
         patch = sown["intermediates"].get(PATCH_KEY)
         if patch is not None:
             batch[COPY_PATCH] = jax.lax.stop_gradient(patch[0][first : first + count])
-        if cfg.quality_target == "own_full":
+        if cfg.quality_target != "prototype":
             batch[COPY_REFERENCE] = embedded[first + count : first + 2 * count]
+        if cfg.quality_target == "agreement":
+            batch[COPY_AGREEMENT], batch[COPY_AGREEMENT_COUNT] = class_agreement(
+                batch[COPY_EMBEDDINGS], batch[COPY_LABELS], state.ri_classes,
+                class_axes=class_axes)  # fmt: skip
+            classes = update_class_means(state.ri_classes, batch[COPY_REFERENCE],
+                                         batch[COPY_LABELS], int(cfg.agreement_window),
+                                         class_axes=class_axes)  # fmt: skip
+            state = state.replace(ri_classes=classes)
     return state.replace(ri_centre=centre), batch
 
 
@@ -406,6 +544,16 @@ def _index(embeddings, centers, labels, centre, num_classes, class_axes, *, ui_w
         margin_angle_scale=margin_angle_scale, angle_power=angle_power,
     )  # fmt: skip
     return cos_ui, ri
+
+
+def agreement_index(copies, reference, agreement, *, agreement_weight: float,
+                    angle_power: float) -> jax.Array:  # fmt: skip
+    """Item 5's target: (1 - w) (1 - (theta(f_k, f_i^full) / pi) ** power) + w clip(agreement,
+    0, 1), without gradient."""
+    cos_full = jnp.sum(l2_normalize(copies) * l2_normalize(reference), axis=-1)
+    resolution = 1.0 - _angle(jax.lax.stop_gradient(cos_full), angle_power) / math.pi
+    agreement = jnp.clip(jax.lax.stop_gradient(agreement), 0.0, 1.0)
+    return (1.0 - agreement_weight) * resolution + agreement_weight * agreement
 
 
 def copy_index(cfg, copies, centers, labels, centre, reference, num_classes, class_axes):
@@ -446,10 +594,21 @@ def loss_terms(cfg, embeddings, centers, labels, centre, batch, quality_fn, *, n
     }
     if quality_fn is not None and COPY_EMBEDDINGS in batch:
         copies = batch[COPY_EMBEDDINGS]
-        copy_ri = copy_index(cfg, copies, centers, batch[COPY_LABELS], centre,
-                             batch.get(COPY_REFERENCE), num_classes, class_axes)  # fmt: skip
+        weights = None
+        if COPY_AGREEMENT in batch:
+            copy_ri = agreement_index(
+                copies, batch[COPY_REFERENCE], batch[COPY_AGREEMENT],
+                agreement_weight=cfg.quality_agreement_weight,
+                angle_power=cfg.quality_angle_power,
+            )  # fmt: skip
+            weights = (batch[COPY_AGREEMENT_COUNT] > 0).astype(jnp.float32)
+            metrics["ri/agreement_mean"] = jnp.mean(batch[COPY_AGREEMENT])
+            metrics["ri/agreement_known_share"] = jnp.mean(weights)
+        else:
+            copy_ri = copy_index(cfg, copies, centers, batch[COPY_LABELS], centre,
+                                 batch.get(COPY_REFERENCE), num_classes, class_axes)  # fmt: skip
         quality = quality_fn(copies, batch.get(COPY_PATCH))
-        quality_loss = smooth_l1(quality, copy_ri, cfg.quality_beta)
+        quality_loss = smooth_l1(quality, copy_ri, cfg.quality_beta, weights)
         total = total + cfg.quality_weight * quality_loss
         metrics["ri/quality_loss"] = quality_loss
         metrics["ri/copies_ri_std"] = jnp.std(copy_ri)

@@ -81,11 +81,16 @@ def _heads(cfg: ml_collections.ConfigDict) -> dict:
         quality_head=bool(cfg.get("quality_head", False)),
         quality_dropout=float(cfg.get("quality_head_dropout", 0.1)),
         quality_input=str(cfg.get("quality_head_input", "embedding")),
+        quality_norm_scale=float(cfg.get("quality_head_norm_scale", 8.0)),
     )
     if heads.quality_input not in QUALITY_INPUTS:
         raise ValueError(
             f"config.model.quality_head_input={heads.quality_input!r} is not one of "
             f"{QUALITY_INPUTS}"
+        )
+    if heads.quality_norm_scale <= 0:
+        raise ValueError(
+            f"config.model.quality_head_norm_scale={heads.quality_norm_scale} must be > 0"
         )
     if not 0.0 <= heads.quality_dropout < 1.0:
         raise ValueError(

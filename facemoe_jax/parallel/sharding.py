@@ -29,6 +29,7 @@ DEFAULT_RULES = (
     (r"(^|/)classifier/centers$", (("data", "expert"),)),
 )
 CLASS_CENTERS_PATH = "params/classifier/centers"
+CLASS_MEANS_PATH = "ri_classes/"
 
 
 def path_name(path: Sequence[Any]) -> str:
@@ -98,7 +99,11 @@ def state_shardings(abstract_tree, mesh: Mesh, rules=DEFAULT_RULES):
 
     def leaf_sharding(path, leaf):
         name = path_name(path)
-        spec = _checked(name, tuple(leaf.shape), spec_for(name, rules), mesh)
+        # The recognizability class means (train/state.py) have one row per class centre row
+        # and are split as the centres are, whatever the rules call the centres' axes.
+        spec = P(class_axes(rules) or None) if name.startswith(CLASS_MEANS_PATH) else (
+            spec_for(name, rules))  # fmt: skip
+        spec = _checked(name, tuple(leaf.shape), spec, mesh)
         return NamedSharding(mesh, spec)
 
     return jax.tree_util.tree_map_with_path(leaf_sharding, abstract_tree)

@@ -47,10 +47,15 @@ STATE_SWITCHES = {
     # The quality head's input decides its parameters; checkpoints before the option had the
     # embedding-only head.
     "model.quality_head_input": "embedding",
+    # The "agreement" target keeps per-class means in the state (train/state.py `ri_classes`).
+    "recognizability.quality_target": "own_full",
 }
 # Fields that shape the state only when another field is on: a difference is no difference
 # when both configs have that switch off (a model without a quality head has no head input).
-ONLY_WITH = {"model.quality_head_input": "model.quality_head"}
+ONLY_WITH = {
+    "model.quality_head_input": "model.quality_head",
+    "recognizability.quality_target": "model.quality_head",
+}
 DATA_KNOBS = (
     "data.worker_count",
     "data.max_bad_share",

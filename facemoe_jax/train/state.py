@@ -8,7 +8,10 @@ the class axis splits evenly over the devices whatever their number.
 with fold_in(rng, step), so a resumed run draws the same numbers as an uninterrupted one.
 `margin_state` holds AdaFace's running feature-norm statistics (carried, unused, by other margins).
 `ri_centre` is the recognizability index's unrecognizable-identity centre (embed_dim,) when
-config.recognizability.enabled, else None (no leaf: such states and checkpoints are unchanged).
+config.recognizability.enabled, else None (no leaf: such states and checkpoints are unchanged);
+`ri_classes` its per-class means of full-size embeddings ({"mean": (rows, embed_dim), "count":
+(rows,)}, rows as the class centres and split like them) for the quality head's "agreement"
+target, else None.
 """
 
 from typing import Any
@@ -32,6 +35,7 @@ class TrainState(struct.PyTreeNode):
     rng: jax.Array
     margin_state: dict
     ri_centre: Any = None
+    ri_classes: Any = None
 
 
 def init_train_state(
@@ -45,16 +49,14 @@ def init_train_state(
     size = config.model.image_size
     images = jnp.zeros((2, size, size, 3), jnp.float32)
     variables = model.init({"params": init_rng, "dropout": dropout_rng}, images, train=False)
+    num_rows = classifier.padded_num_classes(
+        config.data.num_classes, config.loss.class_rows_multiple
+    )
     params = {
         "encoder": variables["params"],
         "classifier": {
             "centers": classifier.init_class_centers(
-                centers_rng,
-                config.data.num_classes,
-                config.model.embed_dim,
-                num_rows=classifier.padded_num_classes(
-                    config.data.num_classes, config.loss.class_rows_multiple
-                ),
+                centers_rng, config.data.num_classes, config.model.embed_dim, num_rows=num_rows
             )
         },
     }
@@ -69,6 +71,7 @@ def init_train_state(
             "std": jnp.asarray(margins.ADAFACE_INITIAL_STD, jnp.float32),
         },
         ri_centre=recognizability.initial_centre(config),
+        ri_classes=recognizability.initial_class_means(config, num_rows),
     )
 
 

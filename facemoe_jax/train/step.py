@@ -204,6 +204,7 @@ def make_train_step(model, config: ml_collections.ConfigDict, optimizer, schedul
     """
     loss_fn = make_loss_fn(model, config, teacher)
     ri_on = recognizability.enabled(config)
+    class_axes = sharding.class_axes(config.sharding_rules)
     patterns = config.train.get("trainable", trainable_lib.ALL)
     update_frozen_stats = bool(config.train.get("update_batch_stats", False))
 
@@ -214,7 +215,7 @@ def make_train_step(model, config: ml_collections.ConfigDict, optimizer, schedul
         advanced = state
         if ri_on:
             advanced, batch = recognizability.with_copies(
-                model, config, state, batch, normalize_images(batch["image"]))  # fmt: skip
+                model, config, state, batch, normalize_images(batch["image"]), class_axes)  # fmt: skip
         grads, (batch_stats, margin_state, metrics) = jax.grad(loss_fn, has_aux=True)(
             state.params, advanced, batch, teacher_variables
         )

@@ -1,6 +1,8 @@
 """Run in a subprocess with 8 fake CPU devices: `prototype_cosines` with the class centres split
-over the mesh (pmax of the hardest negative, psum of the own-class cosine) equals one device.
-Prints "ok" as its last line; tests/losses/test_recognizability.py runs it."""
+over the mesh (pmax of the hardest negative, psum of the own-class cosine) equals one device, and
+so do the class means of the "agreement" target (`class_agreement`, `update_class_means`) with
+their rows split the same way. Prints "ok" as its last line; tests/losses/test_recognizability.py
+runs it."""
 
 import os
 import sys
@@ -45,6 +47,7 @@ def main():
             own, hardest = fn(args[0], sharded_centers, args[2])
         np.testing.assert_allclose(np.asarray(own), np.asarray(single[0]), atol=1e-6)
         np.testing.assert_allclose(np.asarray(hardest), np.asarray(single[1]), atol=1e-6)
+    check_class_means(rng)
     # The single-device values against numpy.
     e = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
     w = centers[:NUM_CLASSES] / np.linalg.norm(centers[:NUM_CLASSES], axis=1, keepdims=True)
@@ -54,6 +57,34 @@ def main():
     np.testing.assert_allclose(np.asarray(single[0]), own, atol=1e-5)
     np.testing.assert_allclose(np.asarray(single[1]), cos.max(axis=1), atol=1e-5)
     print("ok")
+
+
+def check_class_means(rng):
+    """Lookup and update of the per-class means, split over the class axes, equal one device
+    (labels repeat, so some rows take several images in one update)."""
+    means = {"mean": jnp.asarray(np.concatenate([rng.normal(size=(NUM_CLASSES, DIM)) * 0.1,
+                                                  np.zeros((3, DIM))]), jnp.float32),
+             "count": jnp.asarray(np.concatenate([rng.integers(0, 5, NUM_CLASSES), np.zeros(3)]),
+                                  jnp.float32)}  # fmt: skip
+    labels = jnp.asarray(np.concatenate([rng.integers(0, NUM_CLASSES, BATCH - 3), [5, 5, 36]]),
+                         jnp.int32)  # fmt: skip
+    embeddings = jnp.asarray(rng.normal(size=(BATCH, DIM)), jnp.float32)
+
+    def both(m, e, y, axes):
+        looked_up = ri.class_agreement(e, y, m, class_axes=axes)
+        return looked_up, ri.update_class_means(m, e, y, 3, class_axes=axes)
+
+    single = both(means, embeddings, labels, ())
+    for shape, names, class_axes in [((8,), ("classes",), ("classes",)),
+                                     ((2, 4), ("data", "expert"), ("data", "expert"))]:  # fmt: skip
+        mesh = Mesh(np.asarray(jax.devices()).reshape(shape), names)
+        with jax.set_mesh(mesh):
+            split = jax.device_put(means, NamedSharding(mesh, P(class_axes)))
+            sharded = jax.jit(lambda m, e, y, axes=class_axes: both(m, e, y, axes))(
+                split, embeddings, labels
+            )
+        for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(single)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
 
 if __name__ == "__main__":

@@ -164,6 +164,12 @@ def test_a_multiscale_head_on_an_encoder_without_a_linear_first_layer_is_refused
             2 * 64 + 32,
         ),
         ("multiscale+embedding", {"embedding_norm", "fc1", "fc2"}, 3 * 32 + 32, 3 * 64 + 32),
+        (
+            "multiscale+embedding+norm",
+            {"embedding_norm", "fc1", "fc2"},
+            3 * 32 + 32 + 1,
+            3 * 64 + 32 + 1,
+        ),
     ],
 )
 def test_quality_head_inputs_and_the_iresnet_head(head_input, parts, inputs, stem_inputs):
@@ -183,6 +189,29 @@ def test_quality_head_inputs_and_the_iresnet_head(head_input, parts, inputs, ste
                               variables)  # fmt: skip
     assert state["intermediates"][QUALITY_KEY][0].shape == (2,)
     assert variables["params"]["quality_head"]["fc1"]["kernel"].shape[0] == stem_inputs
+
+
+def test_the_norm_input_is_the_scaled_log_norm_of_the_embedding():
+    """The "+norm" head reads log(|e|) * quality_head_norm_scale as its last input (which the
+    LayerNorm of the embedding would otherwise take away): the head's score equals the same
+    Dense layers applied by hand."""
+    from facemoe_jax.models.recognizability import QualityHead
+
+    rng = np.random.default_rng(0)
+    e = jnp.asarray(rng.normal(size=(3, 8)) * [[1.0], [2.0], [5.0]], jnp.float32)
+    patch = jnp.asarray(rng.normal(size=(3, 6)), jnp.float32)
+    head = QualityHead(4, 0.0, "multiscale+embedding+norm", 3.0)
+    params = head.init(jax.random.PRNGKey(1), e, False, patch)["params"]
+    unit_scale = (e - e.mean(1, keepdims=True)) / jnp.sqrt(e.var(1, keepdims=True) + 1e-6)
+    x = np.concatenate([np.asarray(patch), np.asarray(unit_scale) * np.asarray(
+        params["embedding_norm"]["scale"]) + np.asarray(params["embedding_norm"]["bias"]),
+        3.0 * np.log(np.linalg.norm(np.asarray(e), axis=1, keepdims=True))], axis=1)  # fmt: skip
+    h = np.maximum(x @ params["fc1"]["kernel"] + params["fc1"]["bias"], 0)
+    want = 1 / (1 + np.exp(-(h @ params["fc2"]["kernel"] + params["fc2"]["bias"])[:, 0]))
+    np.testing.assert_allclose(np.asarray(head.apply({"params": params}, e, False, patch)), want,
+                               rtol=1e-4, atol=1e-5)  # fmt: skip
+    with pytest.raises(ValueError, match="quality_head_norm_scale=0"):
+        build_model(vit_config(quality_head=True, quality_head_norm_scale=0.0))
 
 
 def test_an_unknown_quality_head_input_is_refused():

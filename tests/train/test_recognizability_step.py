@@ -1,7 +1,8 @@
 """The train step with the recognizability index: the loss parts add up, c_UI moves as the
 documented EMA of the batch's degraded copies, the quality head learns from the copies'
 stop-gradient embeddings only, and a state restored from a checkpoint continues bitwise (the
-loop's resume itself is tested by tests/test_main.py; what RI adds is the c_UI leaf)."""
+loop's resume itself is tested by tests/test_main.py; what RI adds is the c_UI leaf and the
+class means of the quality head's "agreement" target)."""
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +35,17 @@ def test_step_moves_the_centre_adds_the_losses_and_resumes_bitwise(tmp_path):
     )  # RI never looks inside the blocks: compile less
     model, state, step = setup(config)
     assert state.ri_centre.shape == (32,) and not np.any(np.asarray(state.ri_centre))
+    rows = state.params["classifier"]["centers"].shape[0]
+    assert state.ri_classes["mean"].shape == (rows, 32) and state.ri_classes["count"].shape == (
+        rows,)  # fmt: skip
+    # The "agreement" target (the default): classes 0..3 have images in their means already,
+    # the others none (their copies carry no target yet).
+    known = np.arange(rows) < 4
+    prior = {"mean": jnp.asarray(np.random.default_rng(0).normal(size=(rows, 32)) * 0.05 * known[:, None],
+                                 jnp.float32),
+             "count": jnp.asarray(known * 3.0, jnp.float32)}  # fmt: skip
+    state = state.replace(ri_classes=prior)
+    prior_kept = jax.tree.map(np.array, prior)  # the step donates the state's buffers
     batch = paired(fixed_batch())
     # c starts at 0, so after one step it is the mean direction of the embeddings of the first 8
     # images degraded to 4 px with the step's noise, embedded on their own in evaluation mode.
@@ -59,7 +71,7 @@ def test_step_moves_the_centre_adds_the_losses_and_resumes_bitwise(tmp_path):
 
         grads = jax.grad(quality_loss)(state.params["encoder"])
         # The copies come from the clean images; each one's full-size embedding is its target's
-        # positive (quality_target="own_full").
+        # resolution reference and enters its class's mean after the lookup.
         clean = model.apply(variables, normalize_images(batch["image_hr"][:12]))[0]
         return model.apply(variables, degraded)[0], copies, grads, clean
 
@@ -76,6 +88,14 @@ def test_step_moves_the_centre_adds_the_losses_and_resumes_bitwise(tmp_path):
                                np.asarray(clean)[full], rtol=1e-4, atol=1e-4)  # fmt: skip
     # the default head input: two detail ratios and the log spread of 32 channels
     assert copies[recognizability.COPY_PATCH].shape == (12, 3 * 32)
+    labels = np.asarray(batch["label"][:12])
+    agreement = np.sum(unit(np.asarray(copies[recognizability.COPY_EMBEDDINGS]))
+                       * prior_kept["mean"][labels], axis=1)  # fmt: skip
+    np.testing.assert_allclose(np.asarray(copies[recognizability.COPY_AGREEMENT]), agreement,
+                               atol=1e-5)  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(copies[recognizability.COPY_AGREEMENT_COUNT]),
+                                  3.0 * (labels < 4))  # fmt: skip
+    assert 0 < (labels < 4).sum() < 12  # both kinds of copies are in the batch
     touched = {name for name, g in grads.items()
                if any(np.any(np.asarray(x)) for x in jax.tree.leaves(g))}  # fmt: skip
     assert touched == {"quality_head"}
@@ -84,6 +104,11 @@ def test_step_moves_the_centre_adds_the_losses_and_resumes_bitwise(tmp_path):
                             state)  # fmt: skip
     state, metrics = step(state, batch)
     np.testing.assert_allclose(np.asarray(state.ri_centre), expected, atol=1e-5)
+    entered = recognizability.update_class_means(prior_kept, clean, labels, 8, class_axes=())
+    for key in ("mean", "count"):
+        np.testing.assert_allclose(np.asarray(state.ri_classes[key]), np.asarray(entered[key]),
+                                   atol=1e-4)  # fmt: skip
+    assert float(metrics["ri/agreement_known_share"]) == pytest.approx((labels < 4).mean())
     parts = (
         metrics["train/margin_ce"] + metrics["ri/diversion_loss"] + metrics["ri/quality_loss"]
     )  # weights 1 and 1; router losses off (recipe)
@@ -96,10 +121,14 @@ def test_step_moves_the_centre_adds_the_losses_and_resumes_bitwise(tmp_path):
     checkpointer.manager.wait_until_finished()
     restored = checkpointer.restore(1, abstract)
     np.testing.assert_array_equal(np.asarray(restored.ri_centre), np.asarray(state.ri_centre))
+    np.testing.assert_array_equal(np.asarray(restored.ri_classes["mean"]),
+                                  np.asarray(state.ri_classes["mean"]))  # fmt: skip
     second = paired(fixed_batch(seed=1))
     live, live_metrics = step(state, second)
     again, again_metrics = step(restored, second)
     np.testing.assert_array_equal(np.asarray(again.ri_centre), np.asarray(live.ri_centre))
+    np.testing.assert_array_equal(np.asarray(again.ri_classes["mean"]),
+                                  np.asarray(live.ri_classes["mean"]))  # fmt: skip
     for key in ("train/loss", "ri/quality_loss", "ri/cos_to_ui_centre"):
         assert float(again_metrics[key]) == float(live_metrics[key]), key
 
@@ -134,3 +163,19 @@ def test_a_quality_head_of_another_input_is_refused_and_irrelevant_without_a_hea
                          "quality_head_input": "patch+embedding"}}  # fmt: skip
     assert config_changes(no_head, without) == ([], [])
     assert config_changes({"model": {"name": "vit_moe"}}, without) == ([], [])
+
+
+def test_switching_to_the_agreement_target_over_a_checkpoint_is_refused():
+    """The "agreement" target keeps class means in the state: a checkpoint trained with another
+    target (or written before the option) has none."""
+    head = {"name": "vit_moe", "quality_head": True}
+    own_full = {"model": head, "recognizability": {"quality_target": "own_full"}}
+    before = {"model": head, "recognizability": {}}
+    agreement = {"model": head, "recognizability": {"quality_target": "agreement"}}
+    for saved in (own_full, before):
+        fixed, _ = config_changes(saved, agreement)
+        assert fixed == ["recognizability.quality_target (checkpoint 'own_full', now 'agreement')"]
+    no_head = {"name": "vit_moe", "quality_head": False}
+    assert config_changes({"model": no_head, "recognizability": {"quality_target": "own_full"}},
+                          {"model": no_head, "recognizability": {"quality_target": "agreement"}}
+                          ) == ([], [])  # fmt: skip
