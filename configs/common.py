@@ -257,6 +257,12 @@ def get_base_config() -> ml_collections.ConfigDict:
             # first pair set degraded to these sizes (and full size) for quality vs resolution.
             quality_resolutions="8,12,16,24,32",
             quality_resolution_faces=200,
+            # ... and error-versus-reject on every same-identity pair of this many held-out
+            # identities with quality_images_per_identity images each, plus as many impostor
+            # pairs (0 = only the verification sets, where at 1,000 pairs the FMR=1e-3
+            # threshold is the single highest impostor score).
+            quality_identities=0,
+            quality_images_per_identity=8,
             routing_map_faces=256,  # faces averaged for the expert routing map (0 = off)
             every_steps=0,  # also evaluate every N training steps (0 = only at the end)
             flip_test=True,

@@ -47,6 +47,9 @@ HELD_OUT_FIRST_IDENTITY = 1_000_000
 LR_TRAIN_FIRST_IDENTITY = 500_000
 # The synthetic TinyFace-like identification protocol (evaluate/synthetic_tinyface.py).
 TINYFACE_FIRST_IDENTITY = 2_000_000
+# The face-quality evaluation's identities (evaluate/recognizability.py `quality_identity_set`):
+# held out like the verification pairs' (1,000,000 + 0 .. 999), and not among them.
+QUALITY_FIRST_IDENTITY = HELD_OUT_FIRST_IDENTITY + 100_000
 _IMAGE_STREAM = 0x1A6E  # separates per-image draws from per-identity draws
 _PAIR_STREAM = 0x9A125  # separates verification-pair sampling from everything else
 _CAPTURE_STREAM = 0xCA97  # the per-image capture degradation of a low-resolution source

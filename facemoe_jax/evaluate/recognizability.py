@@ -6,6 +6,9 @@
   embedding norm and random rejection (quality.py), with the FNMR left after rejecting 20 %;
   once as the set is and once with its second faces degraded to mixed resolutions (the case a
   quality score is for: a stream of frames from unusable to sharp).
+- `quality_identity_set`: the same on many more pairs than a verification set holds: every
+  same-identity pair of held-out identities with several images each (`identity_pairs`) and as
+  many different-identity pairs, each image embedded once (config.eval.quality_identities).
 - `quality_vs_resolution`: held-out faces degraded to each of `sizes` pixels (and at full
   size, `data/degrade.to_resolution`), the mean predicted quality per size and the Spearman rho
   between quality and resolution over all of them (and per face, averaged).
@@ -113,6 +116,64 @@ def pair_set_quality(quality_fn, embed_fn, variables, images_a, images_b, issame
         metrics.update(m)
         label = "mixed resolution" if prefix else "as given"
         curves.update({f"{label}: {kind}": erc for kind, erc in c.items()})
+    return metrics, curves
+
+
+def identity_pairs(num_identities: int, images_per_identity: int, seed: int):
+    """(index_a, index_b, issame) over identity-major images (image j of identity i at
+    i * k + j): every same-identity pair once, then as many different-identity pairs, each
+    of two random images of two different random identities (seeded)."""
+    k = images_per_identity
+    if num_identities < 2 or k < 2:
+        raise ValueError(f"need >= 2 identities of >= 2 images each, got {num_identities} x {k}")
+    first, second = np.triu_indices(k, 1)
+    same_a = (np.arange(num_identities)[:, None] * k + first).ravel()
+    same_b = (np.arange(num_identities)[:, None] * k + second).ravel()
+    rng = np.random.default_rng([seed, 0x9A12])
+    n = len(same_a)
+    ids_a = rng.integers(num_identities, size=n)
+    ids_b = (ids_a + 1 + rng.integers(num_identities - 1, size=n)) % num_identities
+    diff_a = ids_a * k + rng.integers(k, size=n)
+    diff_b = ids_b * k + rng.integers(k, size=n)
+    issame = np.arange(2 * n) < n
+    return np.concatenate([same_a, diff_a]), np.concatenate([same_b, diff_b]), issame
+
+
+def quality_identity_set(quality_fn, embed_fn, variables, images: np.ndarray, issame_pairs,
+                         images_per_identity: int, sizes, image_size: int, fmr: float,
+                         batch_size: int, seed: int = 0):  # fmt: skip
+    """`pair_set_quality` for pairs drawn from one set of images (`identity_pairs`): each image
+    is embedded and scored once, at full size and at a mixed resolution, and a pair's second
+    face is taken at full size ("as given") or mixed ("mixed_"). Many more pairs than images:
+    at FMR 1e-3 the threshold of a 1,000-pair set is its single highest impostor score. Adds
+    the 95 % bootstrap interval of FNMR(head) - FNMR(norm) at 20 % rejected
+    (`quality.bootstrap_reject_difference`, genuine pairs drawn by identity)."""
+    from facemoe_jax.evaluate import verification
+
+    index_a, index_b, issame = issame_pairs
+    emb = embed_fn(images)
+    q = embed.embed_images(quality_fn, variables, images, batch_size)
+    mixed, _ = mixed_resolution(images, sizes, image_size, seed)
+    emb_mixed = embed_fn(mixed)
+    q_mixed = embed.embed_images(quality_fn, variables, mixed, batch_size)
+    norms = quality.embedding_norm_quality(emb)
+    metrics, curves = {}, {}
+    for prefix, emb_b, q_b in (("", emb, q), ("mixed_", emb_mixed, q_mixed)):
+        scores = 1.0 - verification.pair_distances(emb[index_a], emb_b[index_b]) / 2.0
+        norm = np.minimum(norms[index_a], quality.embedding_norm_quality(emb_b)[index_b])
+        head = np.minimum(q[index_a], q_b[index_b])
+        m, c = _erc_set(scores, issame, norm, head, fmr, seed, prefix)
+        metrics.update(m)
+        # Is the head's lead over the norm more than the draw of faces? A bootstrap interval.
+        low, high = quality.bootstrap_reject_difference(
+            scores, issame, head, norm, index_a // images_per_identity, REJECT_FRACTION, fmr,
+            seed=seed,
+        )  # fmt: skip
+        metrics[f"{prefix}fnmr_reject20_quality_minus_norm_low"] = low
+        metrics[f"{prefix}fnmr_reject20_quality_minus_norm_high"] = high
+        label = "mixed resolution" if prefix else "as given"
+        curves.update({f"{label}: {kind}": erc for kind, erc in c.items()})
+    metrics["pairs"] = float(len(issame))
     return metrics, curves
 
 

@@ -70,6 +70,13 @@ def check_eval_config(config) -> None:
     synthetic_tinyface.check_config(config)
     adapt_bn.check_config(ev)
     sweep.parse_sizes(ev.get("quality_resolutions", ""))
+    identities = ev.get("quality_identities", 0)
+    per_identity = ev.get("quality_images_per_identity", 8)
+    if identities < 0 or identities == 1 or (identities and per_identity < 2):
+        raise ValueError(
+            f"config.eval.quality_identities={identities} must be 0 (off) or >= 2, with "
+            f"config.eval.quality_images_per_identity={per_identity} >= 2"
+        )
     if ev.every_steps < 0:
         raise ValueError(f"config.eval.every_steps={ev.every_steps} must be >= 0 (0 = at the end)")
 
@@ -98,6 +105,41 @@ def _verification_sets(config):
             yield name, *bin_lib.load_bin(path, size)
 
 
+def _quality_lines(name: str, metrics: dict) -> list[str]:
+    lines = []
+    for prefix, label in (("", name), ("mixed_", f"{name} mixed-res")):
+        if f"{prefix}fnmr_reject20_quality" in metrics:
+            lines.append(
+                f"quality {label:>15}: FNMR {metrics[prefix + 'fnmr_reject0']:.3f}; "
+                "rejecting the 20 % lowest-quality pairs: quality head "
+                f"{metrics[prefix + 'fnmr_reject20_quality']:.3f}, embedding norm "
+                f"{metrics[prefix + 'fnmr_reject20_norm']:.3f}, random "
+                f"{metrics[prefix + 'fnmr_reject20_random']:.3f}"
+            )
+            interval = f"{prefix}fnmr_reject20_quality_minus_norm_low"
+            if interval in metrics:
+                lines[-1] += (f" (head - norm 95 % interval [{metrics[interval]:+.3f}, "
+                              f"{metrics[interval[:-3] + 'high']:+.3f}])")  # fmt: skip
+    return lines
+
+
+QUALITY_SET = "synthetic_quality"  # results.json entry of `_quality_identities`' pairs
+
+
+def _quality_identities(config):
+    """(faces, pairs): config.eval.quality_identities held-out identities (not those of the
+    verification pairs) x quality_images_per_identity images, identity-major, and their pairs
+    (evaluate/recognizability.identity_pairs)."""
+    ev, size = config.eval, config.model.image_size
+    n, k = int(ev.quality_identities), int(ev.quality_images_per_identity)
+    pairs = ri_eval.identity_pairs(n, k, config.seed)  # checks n, k first
+    faces = np.stack([
+        synthetic.render_identity_image(synthetic.QUALITY_FIRST_IDENTITY + i, j, size, config.seed)
+        for i in range(n) for j in range(k)
+    ])  # fmt: skip
+    return faces, pairs
+
+
 def _format(name: str, metrics: dict) -> str:
     if "accuracy" in metrics:
         line = (
@@ -105,16 +147,9 @@ def _format(name: str, metrics: dict) -> str:
             f"(± {metrics['accuracy_std'] * 100:.2f}), "
             f"TAR@FAR=1e-3 {metrics['tar@far=1e-3'] * 100:6.2f} %"
         )
-        for prefix, label in (("", name), ("mixed_", f"{name} mixed-res")):
-            if f"{prefix}fnmr_reject20_quality" in metrics:
-                line += (
-                    f"\nquality {label:>15}: FNMR {metrics[prefix + 'fnmr_reject0']:.3f}; "
-                    "rejecting the 20 % lowest-quality pairs: quality head "
-                    f"{metrics[prefix + 'fnmr_reject20_quality']:.3f}, embedding norm "
-                    f"{metrics[prefix + 'fnmr_reject20_norm']:.3f}, random "
-                    f"{metrics[prefix + 'fnmr_reject20_random']:.3f}"
-                )
-        return line
+        return "\n".join([line, *_quality_lines(name, metrics)])
+    if name == QUALITY_SET:
+        return "\n".join(_quality_lines(f"{int(metrics['pairs'])} pairs", metrics))
     if name == "quality_vs_resolution":
         means = ", ".join(f"{k.split('@')[1]} {v:.3f}" for k, v in metrics.items() if "@" in k)
         return (f"quality vs resolution: Spearman rho {metrics['spearman_rho']:.3f} (per face "
@@ -195,6 +230,15 @@ def run_evaluations(model, variables, config, workdir: str, step: int, writer) -
                           for px in sizes}  # fmt: skip
                 points[size] = metrics["accuracy"]
                 resolution_curves[f"{name} ({side})"] = (list(points), list(points.values()))
+
+    if quality_fn is not None and ev.get("quality_identities", 0) > 0:
+        faces, pairs = _quality_identities(config)
+        results[QUALITY_SET], curves = ri_eval.quality_identity_set(
+            quality_fn, embed_array, variables, faces, pairs, int(ev.quality_images_per_identity),
+            sweep.parse_sizes(ev.get("quality_resolutions", "8,12,16,24,32")), size,
+            ev.quality_fmr, ev.batch_size, config.seed,
+        )  # fmt: skip
+        erc_curves.update({f"{QUALITY_SET}: {kind}": erc for kind, erc in curves.items()})
 
     if ev.synthetic_tinyface_identities > 0:
         protocol = synthetic_tinyface.build_protocol(config)

@@ -87,3 +87,67 @@ def test_quality_vs_resolution_pooled_and_per_face_rho():
     assert metrics["spearman_rho_per_face"] == pytest.approx(
         np.mean([spearmanr(row, pixels).correlation for row in q]), abs=1e-9
     )
+
+
+def test_identity_pairs_hold_every_genuine_pair_once_and_as_many_impostors():
+    from facemoe_jax.evaluate.recognizability import identity_pairs
+
+    a, b, issame = identity_pairs(5, 4, seed=0)
+    k = 4
+    assert issame.sum() == 5 * 6 and (~issame).sum() == 5 * 6  # C(4, 2) per identity
+    genuine = {(int(x), int(y)) for x, y in zip(a[issame], b[issame])}
+    assert genuine == {(i * k + p, i * k + q) for i in range(5) for p in range(k)
+                       for q in range(p + 1, k)}  # fmt: skip
+    assert np.all(a[~issame] // k != b[~issame] // k)  # impostors: two identities
+    assert np.all((a < 20) & (b < 20))
+    np.testing.assert_array_equal(identity_pairs(5, 4, seed=0)[1], b)  # seeded
+    with pytest.raises(ValueError, match="1 x 4"):
+        identity_pairs(1, 4, seed=0)
+
+
+def test_quality_identity_set_with_the_norm_as_quality_equals_the_norm():
+    """A quality function that returns the embedding norm must reject exactly as the norm
+    does, on both the full-size and the mixed-resolution pairs."""
+    import jax
+    import jax.numpy as jnp
+
+    from facemoe_jax.evaluate import embed
+    from facemoe_jax.evaluate.recognizability import identity_pairs, quality_identity_set
+
+    def features(x):
+        x = x.astype(jnp.float32) / 255.0
+        return jnp.stack([x[..., 0].mean((1, 2)), x[..., 1].std((1, 2)) * 3,
+                          jnp.abs(jnp.diff(x, axis=1)).mean((1, 2, 3)) * 5], axis=1)  # fmt: skip
+
+    norm_fn = embed.EmbedFn(jax.jit(lambda v, x: jnp.linalg.norm(features(x), axis=1)))
+    rng = np.random.default_rng(1)
+    faces = rng.integers(0, 256, (12 * 3, 16, 16, 3), dtype=np.uint8)
+    pairs = identity_pairs(12, 3, seed=0)
+    metrics, curves = quality_identity_set(
+        norm_fn, lambda images: np.asarray(features(jnp.asarray(images))), {}, faces, pairs, 3,
+        (4, 8), 16, fmr=0.05, batch_size=8,
+    )  # fmt: skip
+    assert metrics["pairs"] == 2 * 12 * 3
+    for prefix in ("", "mixed_"):
+        assert metrics[f"{prefix}fnmr_reject20_quality"] == metrics[f"{prefix}fnmr_reject20_norm"]
+        assert metrics[f"{prefix}erc_auc_quality"] == pytest.approx(
+            metrics[f"{prefix}erc_auc_norm"]
+        )
+    assert set(curves) >= {"as given: quality head", "mixed resolution: embedding norm"}
+
+
+def test_bootstrap_interval_of_the_rejection_difference():
+    """An oracle quality (the genuine score itself) against a random one: the interval lies
+    below zero; a quality against itself: exactly zero."""
+    rng = np.random.default_rng(2)
+    groups = np.repeat(np.arange(100), 6)
+    issame = np.r_[np.ones(600, bool), np.zeros(600, bool)]
+    scores = np.r_[rng.normal(0.5, 0.2, 600), rng.normal(0.0, 0.1, 600)]
+    oracle = np.where(issame, scores, 1.0)  # rejects the weakest genuine pairs first
+    noise = rng.random(1200)
+    low, high = quality.bootstrap_reject_difference(scores, issame, oracle, noise,
+                                                    np.r_[groups, groups], 0.2, fmr=0.01,
+                                                    draws=50)  # fmt: skip
+    assert low < high < 0
+    assert quality.bootstrap_reject_difference(scores, issame, noise, noise, np.r_[groups, groups],
+                                               0.2, fmr=0.01, draws=5) == (0.0, 0.0)  # fmt: skip

@@ -133,6 +133,45 @@ def test_config_checks_and_periodic_steps(tiny_model, tmp_path):
     with pytest.raises(ValueError, match=r"config.eval.bin_dir=.*nobins.*not a directory"):
         suite.check_eval_config(config)
     config.eval.bin_dir = ""
+    for identities, per_identity in ((1, 8), (-2, 8), (5, 1)):
+        config.eval.quality_identities = identities
+        config.eval.quality_images_per_identity = per_identity
+        with pytest.raises(ValueError, match=f"config.eval.quality_identities={identities} "):
+            suite.check_eval_config(config)
+    config.eval.quality_identities, config.eval.quality_images_per_identity = 0, 8
     config.eval.every_steps = 3
     steps = [s for s in range(1, 11) if suite.is_periodic_eval_step(config, s, 9)]
     assert steps == [3, 6]  # step 9 is the final evaluation's
+
+
+def test_a_quality_head_gets_the_identity_pair_set(tmp_path, capsys):
+    """With a quality head and config.eval.quality_identities: `synthetic_quality` in
+    results.json (every genuine pair of 3 identities x 3 images and as many impostors), its
+    printed lines with the bootstrap interval, and its curves in the ERC picture's data."""
+    import jax
+    import jax.numpy as jnp
+
+    from facemoe_jax.models import build_model
+    from tests.evaluate.conftest import tiny_config
+
+    config = tiny_config()
+    config.model.update(quality_head=True)
+    config.eval.update(synthetic_pairs=20, low_resolution_sets="", quality_identities=3,
+                       quality_images_per_identity=3, quality_resolution_faces=4,
+                       routing_map_faces=0, quality_fmr=0.1)  # fmt: skip
+    model = build_model(config.model)
+    variables = jax.jit(lambda r, x: model.init(r, x, train=False))(
+        jax.random.PRNGKey(0), jnp.zeros((2, 48, 48, 3))
+    )
+    results = suite.run_evaluations(model, dict(variables), config, str(tmp_path), 3,
+                                    RecordingWriter())  # fmt: skip
+    quality_set = results[suite.QUALITY_SET]
+    assert quality_set["pairs"] == 2 * 3 * 3
+    for prefix in ("", "mixed_"):
+        low = quality_set[f"{prefix}fnmr_reject20_quality_minus_norm_low"]
+        assert low <= quality_set[f"{prefix}fnmr_reject20_quality_minus_norm_high"]
+    saved = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert saved[suite.QUALITY_SET]["pairs"] == 18
+    out = capsys.readouterr().out
+    assert re.search(r"quality +18 pairs: FNMR .*head - norm 95 % interval \[", out)
+    assert re.search(r"quality 18 pairs mixed-res: FNMR ", out)
