@@ -14,6 +14,7 @@ aside to checkpoints_corrupt/STEP, and the step before it is restored. A workdir
 config differs in an architecture or data field is refused in one line naming the fields.
 """
 
+import dataclasses
 import json
 import logging
 import time
@@ -195,7 +196,8 @@ class Checkpointer:
         return state
 
     def _restore(self, step: int, abstract_state, data_iterator=None):
-        items = dict(state=ocp.args.StandardRestore(abstract_state))
+        fields, fill = state_restore_target(abstract_state, self.directory / str(step) / "state")
+        items = dict(state=ocp.args.StandardRestore(fields))
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         step_dir = self.directory / str(step)
@@ -203,7 +205,7 @@ class Checkpointer:
         if has_loop:
             items["loop"] = ocp.args.JsonRestore()
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        return restored["state"], (dict(restored["loop"]) if has_loop else {})
+        return fill(restored["state"]), (dict(restored["loop"]) if has_loop else {})
 
     def restore_latest(self, abstract_state, data_iterator, config):
         """(state, step, loop_state) from the newest readable checkpoint, or None when there is
@@ -288,6 +290,29 @@ class Checkpointer:
         self.manager.close()
 
 
+def state_restore_target(abstract_state, state_dir):
+    """(target, fill): the restore target for a TrainState checkpoint in `state_dir`, and the
+    function that turns what was restored into the state.
+
+    A field of the state that is None in this run (RI off: `ri_centre`; no agreement target:
+    `ri_classes`) is not in the checkpoint, and neither is a field added to the state after the
+    checkpoint was written: the target asks only for the fields the checkpoint holds, and the
+    others keep the abstract state's None. A field this run needs that the checkpoint lacks is
+    an error naming it (the config check refuses such a resume first; this guards the rest)."""
+    metadata = ocp.StandardCheckpointer().metadata(state_dir)
+    tree = getattr(metadata, "item_metadata", metadata)
+    held = set(getattr(tree, "tree", tree).keys())
+    fields = {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)}
+    missing = sorted(
+        name for name, value in fields.items() if value is not None and name not in held
+    )
+    if missing:
+        raise CheckpointError(f"checkpoint {state_dir} has no {', '.join(missing)}: it was written "
+                              "by a run without them")  # fmt: skip
+    target = {name: value for name, value in fields.items() if name in held}
+    return target, lambda restored: abstract_state.replace(**restored)
+
+
 def with_shardings(abstract_tree, shardings):
     """ShapeDtypeStructs that also name where each restored array must live."""
     return jax.tree.map(
@@ -329,9 +354,12 @@ def restore_params(workdir: str, step: int | None = None):
         abstract = state_lib.abstract_train_state(model, optimizer, config)
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         target = with_shardings(abstract, jax.tree.map(lambda _: device, abstract))
-        restored = manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
-        )["state"]
+        fields, fill = state_restore_target(target, directory / str(step) / "state")
+        restored = fill(
+            manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(fields)))[
+                "state"
+            ]
+        )
     finally:
         manager.close()
     return config, restored.params, restored.batch_stats, step

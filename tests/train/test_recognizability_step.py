@@ -179,3 +179,39 @@ def test_switching_to_the_agreement_target_over_a_checkpoint_is_refused():
     assert config_changes({"model": no_head, "recognizability": {"quality_target": "own_full"}},
                           {"model": no_head, "recognizability": {"quality_target": "agreement"}}
                           ) == ([], [])  # fmt: skip
+
+
+def test_a_checkpoint_written_before_the_ri_fields_existed_restores(tmp_path):
+    """A state saved without `ri_centre` / `ri_classes` (code from before they existed wrote no
+    such keys) restores into this code's state for a run that does not use them, through the
+    Checkpointer (resume) and restore_params (init_from, FaceEncoder); a run that needs a field
+    the checkpoint lacks is told which."""
+    import dataclasses
+
+    import orbax.checkpoint as ocp
+
+    from facemoe_jax.train.checkpoint import CheckpointError, restore_params
+
+    config = tiny_config()
+    config.model.update(moe_layers="none", depth=1)
+    model, state, _ = setup(config)
+    assert state.ri_centre is None and state.ri_classes is None
+    older = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)
+             if not f.name.startswith("ri_")}  # fmt: skip
+    kept = jax.tree.map(np.array, older)
+    checkpointer = Checkpointer(str(tmp_path), every_steps=1, max_to_keep=1)
+    checkpointer.manager.save(3, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(older), config=ocp.args.JsonSave(config.to_dict())))  # fmt: skip
+    checkpointer.manager.wait_until_finished()
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            state)  # fmt: skip
+    restored = checkpointer.restore(3, abstract)
+    assert restored.ri_centre is None and restored.ri_classes is None
+    np.testing.assert_array_equal(np.asarray(restored.params["classifier"]["centers"]),
+                                  kept["params"]["classifier"]["centers"])  # fmt: skip
+    _, params, _, step = restore_params(str(tmp_path))
+    assert step == 3 and params["classifier"]["centers"].shape == kept["params"]["classifier"][
+        "centers"].shape  # fmt: skip
+    with_ri = abstract.replace(ri_centre=jax.ShapeDtypeStruct((32,), jnp.float32))
+    with pytest.raises(CheckpointError, match="has no ri_centre"):
+        checkpointer.restore(3, with_ri)
