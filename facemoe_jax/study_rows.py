@@ -134,6 +134,7 @@ def _recognizability(attention: bool = True, diversion: bool = True):
         _full_fine_tuning(config)
         recipes.recognizability(config, attention=attention, diversion=diversion)
         recipes.paired_lr_data(config)
+        config.eval.quality_identities = 1000  # error-versus-reject on 56,000 held-out pairs
 
     return configure
 
