@@ -62,8 +62,19 @@ def make_quality_fn(model, flip_test: bool = True) -> embed.EmbedFn:
     return embed.EmbedFn(quality_fn)
 
 
-def _erc_set(scores, issame, norm_quality, head_quality, fmr: float, seed: int, prefix: str):
-    """ERCs of one set of pairs by the quality head, the norm and at random; FNMR summary."""
+def _erc_set(emb_a, emb_b, quality_a, quality_b, issame, fmr: float, seed: int, prefix: str,
+             groups=None):  # fmt: skip
+    """ERCs of pairs, given the raw embeddings and head scores of their two faces, by the
+    quality head, the norm (each the lower of the pair's two) and at random, the curves named
+    "as given: ..." or, with prefix "mixed_", "mixed resolution: ..."; the FNMR summary; with
+    `groups` (each genuine pair's identity) the 95 % bootstrap interval of FNMR(head) -
+    FNMR(norm) at 20 % rejected (`quality.bootstrap_reject_difference`)."""
+    from facemoe_jax.evaluate import verification
+
+    scores = 1.0 - verification.pair_distances(emb_a, emb_b) / 2.0
+    norm_quality = np.minimum(quality.embedding_norm_quality(emb_a),
+                              quality.embedding_norm_quality(emb_b))  # fmt: skip
+    head_quality = np.minimum(quality_a, quality_b)
     curves = {
         "quality head": quality.error_versus_reject(scores, issame, head_quality, fmr),
         "embedding norm": quality.error_versus_reject(scores, issame, norm_quality, fmr),
@@ -79,7 +90,15 @@ def _erc_set(scores, issame, norm_quality, head_quality, fmr: float, seed: int, 
             curves[kind], REJECT_FRACTION
         )
         metrics[f"{prefix}erc_auc_{key}"] = curves[kind]["auc"]
-    return metrics, curves
+    if groups is not None:
+        # Is the head's lead over the norm more than the draw of faces?
+        low, high = quality.bootstrap_reject_difference(
+            scores, issame, head_quality, norm_quality, groups, REJECT_FRACTION, fmr, seed=seed
+        )
+        metrics[f"{prefix}fnmr_reject20_quality_minus_norm_low"] = low
+        metrics[f"{prefix}fnmr_reject20_quality_minus_norm_high"] = high
+    label = "mixed resolution" if prefix else "as given"
+    return metrics, {f"{label}: {kind}": erc for kind, erc in curves.items()}
 
 
 def mixed_resolution(images: np.ndarray, sizes, image_size: int, seed: int):
@@ -100,8 +119,6 @@ def pair_set_quality(quality_fn, embed_fn, variables, images_a, images_b, issame
     head, the embedding norm and at random, and each ERC's area.
 
     embed_fn: uint8 images -> raw embeddings (flip test as configured)."""
-    from facemoe_jax.evaluate import verification
-
     metrics, curves = {}, {}
     emb_a = embed_fn(images_a)
     qa = embed.embed_images(quality_fn, variables, images_a, batch_size)
@@ -109,13 +126,9 @@ def pair_set_quality(quality_fn, embed_fn, variables, images_a, images_b, issame
     for prefix, faces_b in (("", images_b), ("mixed_", mixed_b)):
         emb_b = embed_fn(faces_b)
         qb = embed.embed_images(quality_fn, variables, faces_b, batch_size)
-        scores = 1.0 - verification.pair_distances(emb_a, emb_b) / 2.0
-        norm = np.minimum(quality.embedding_norm_quality(emb_a),
-                          quality.embedding_norm_quality(emb_b))  # fmt: skip
-        m, c = _erc_set(scores, issame, norm, np.minimum(qa, qb), fmr, seed, prefix)
+        m, c = _erc_set(emb_a, emb_b, qa, qb, issame, fmr, seed, prefix)
         metrics.update(m)
-        label = "mixed resolution" if prefix else "as given"
-        curves.update({f"{label}: {kind}": erc for kind, erc in c.items()})
+        curves.update(c)
     return metrics, curves
 
 
@@ -146,33 +159,19 @@ def quality_identity_set(quality_fn, embed_fn, variables, images: np.ndarray, is
     is embedded and scored once, at full size and at a mixed resolution, and a pair's second
     face is taken at full size ("as given") or mixed ("mixed_"). Many more pairs than images:
     at FMR 1e-3 the threshold of a 1,000-pair set is its single highest impostor score. Adds
-    the 95 % bootstrap interval of FNMR(head) - FNMR(norm) at 20 % rejected
-    (`quality.bootstrap_reject_difference`, genuine pairs drawn by identity)."""
-    from facemoe_jax.evaluate import verification
-
+    the bootstrap interval of head minus norm (`_erc_set`, genuine pairs drawn by identity)."""
     index_a, index_b, issame = issame_pairs
     emb = embed_fn(images)
     q = embed.embed_images(quality_fn, variables, images, batch_size)
     mixed, _ = mixed_resolution(images, sizes, image_size, seed)
     emb_mixed = embed_fn(mixed)
     q_mixed = embed.embed_images(quality_fn, variables, mixed, batch_size)
-    norms = quality.embedding_norm_quality(emb)
     metrics, curves = {}, {}
     for prefix, emb_b, q_b in (("", emb, q), ("mixed_", emb_mixed, q_mixed)):
-        scores = 1.0 - verification.pair_distances(emb[index_a], emb_b[index_b]) / 2.0
-        norm = np.minimum(norms[index_a], quality.embedding_norm_quality(emb_b)[index_b])
-        head = np.minimum(q[index_a], q_b[index_b])
-        m, c = _erc_set(scores, issame, norm, head, fmr, seed, prefix)
+        m, c = _erc_set(emb[index_a], emb_b[index_b], q[index_a], q_b[index_b], issame, fmr,
+                        seed, prefix, groups=index_a // images_per_identity)  # fmt: skip
         metrics.update(m)
-        # Is the head's lead over the norm more than the draw of faces? A bootstrap interval.
-        low, high = quality.bootstrap_reject_difference(
-            scores, issame, head, norm, index_a // images_per_identity, REJECT_FRACTION, fmr,
-            seed=seed,
-        )  # fmt: skip
-        metrics[f"{prefix}fnmr_reject20_quality_minus_norm_low"] = low
-        metrics[f"{prefix}fnmr_reject20_quality_minus_norm_high"] = high
-        label = "mixed resolution" if prefix else "as given"
-        curves.update({f"{label}: {kind}": erc for kind, erc in c.items()})
+        curves.update(c)
     metrics["pairs"] = float(len(issame))
     return metrics, curves
 
