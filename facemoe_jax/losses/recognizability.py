@@ -88,8 +88,7 @@ class centre of the classifier), w_j the other real classes, c = c_UI.
    "batch"``, ``quality_target="prototype"``, ``quality_angle_power=1``, ``quality_ui_weight``
    = ``ui_weight`` and ``config.model.quality_head_input="embedding"``.
 
-5. **Agreement target** (``quality_target="agreement"``, ``class_agreement``,
-   ``update_class_means``): items 4's targets say how far a copy is from its own full-size image
+5. **Agreement target** (``quality_target="agreement"``; the class means: losses/class_means.py): items 4's targets say how far a copy is from its own full-size image
    and from the nearest other class, so at full size they say almost nothing about whether the
    face will match *another* image of its identity, which is what rejecting pairs needs (on the
    demo model the head rejected HR pairs nearly at random, the embedding norm did better). The
@@ -126,7 +125,7 @@ import ml_collections
 from jax.sharding import PartitionSpec as P
 
 from facemoe_jax.data.pipeline import normalize_images
-from facemoe_jax.losses import classifier
+from facemoe_jax.losses import class_means, classifier
 from facemoe_jax.losses.classifier import l2_normalize
 from facemoe_jax.models.recognizability import (
     PATCH_KEY,
@@ -250,84 +249,11 @@ def uses_class_means(config: ml_collections.ConfigDict) -> bool:
 
 
 def initial_class_means(config: ml_collections.ConfigDict, num_rows: int):
-    """The state's `ri_classes` (item 5): {"mean": zeros (num_rows, embed_dim), "count": zeros
-    (num_rows,)} for the "agreement" target, else None (no leaf)."""
+    """The state's `ri_classes` (item 5, losses/class_means.py) for the "agreement" target, else
+    None (no leaf)."""
     if not uses_class_means(config):
         return None
-    return {"mean": jnp.zeros((num_rows, config.model.embed_dim), jnp.float32),
-            "count": jnp.zeros((num_rows,), jnp.float32)}  # fmt: skip
-
-
-def _local_rows(labels, first, rows):
-    """Labels as row indices of the rows first .. first + rows - 1 held here; `rows` (out of
-    range: dropped by scatters, masked by gathers) for the others."""
-    local = labels - first
-    return jnp.where((local >= 0) & (local < rows), local, rows)
-
-
-def _agreement_here(unit, labels, mean, count, first):
-    rows = mean.shape[0]
-    local = _local_rows(labels, first, rows)
-    here = local < rows
-    index = jnp.minimum(local, rows - 1)
-    agreement = jnp.where(here, jnp.sum(unit * mean[index], axis=-1), 0.0)
-    return agreement, jnp.where(here, count[index], 0.0)
-
-
-def _update_here(mean, count, unit, labels, first, window):
-    rows = mean.shape[0]
-    local = _local_rows(labels, first, rows)
-    added = jnp.zeros((rows,), jnp.float32).at[local].add(1.0, mode="drop")
-    summed = jnp.zeros(mean.shape, jnp.float32).at[local].add(unit, mode="drop")
-    new_count = count + added
-    # An exact running mean over the first `window` images, then an EMA of rate 1 / window
-    # (or the step's own mean when more than `window` images of the class arrive at once).
-    rate_denominator = jnp.maximum(jnp.minimum(new_count, window), jnp.maximum(added, 1.0))
-    mean = mean + (summed - added[:, None] * mean) / rate_denominator[:, None]
-    return mean, new_count
-
-
-def _over_class_shards(fn, class_axes, per_image: bool):
-    """Runs fn(unit, labels, mean, count, first) on each device's rows of the class means under
-    an active mesh whose `class_axes` split them (per_image: fn's two outputs are per image and
-    summed over the devices; else they are the new rows); on the whole arrays otherwise."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not class_axes or math.prod(mesh.shape[a] for a in class_axes) == 1:
-        return lambda unit, labels, mean, count: fn(unit, labels, mean, count, 0)
-
-    def local(unit, labels, mean, count):
-        first = classifier._shard_index(class_axes) * mean.shape[0]  # rows held here
-        out = fn(unit, labels, mean, count, first)
-        return tuple(jax.lax.psum(x, class_axes) for x in out) if per_image else out
-
-    rows_spec = P(class_axes)
-    out_specs = (P(), P()) if per_image else (rows_spec, rows_spec)
-    return jax.shard_map(local, in_specs=(P(), P(), rows_spec, rows_spec), out_specs=out_specs,
-                         axis_names=set(class_axes))  # fmt: skip
-
-
-def class_agreement(embeddings, labels, class_means: dict, *, class_axes: tuple[str, ...]):
-    """(normalise(e) . m_y, count_y), each (B,) float32 without gradient (item 5); under the
-    class-sharded mesh each device looks up the rows it holds and the results are summed."""
-    unit = l2_normalize(jax.lax.stop_gradient(embeddings).astype(jnp.float32))
-    labels = jnp.asarray(labels, jnp.int32)
-    fn = _over_class_shards(_agreement_here, class_axes, per_image=True)
-    return fn(unit, labels, class_means["mean"], class_means["count"])
-
-
-def update_class_means(class_means: dict, embeddings, labels, window: int, *,
-                       class_axes: tuple[str, ...]) -> dict:  # fmt: skip
-    """`class_means` with the normalised `embeddings` (B, D) of classes `labels` entered (item
-    5); each device updates the rows it holds."""
-    unit = l2_normalize(jax.lax.stop_gradient(embeddings).astype(jnp.float32))
-    labels = jnp.asarray(labels, jnp.int32)
-    fn = _over_class_shards(
-        lambda u, y, m, c, first: _update_here(m, c, u, y, first, float(window)),
-        class_axes,
-        per_image=False,
-    )
-    mean, count = fn(unit, labels, class_means["mean"], class_means["count"])
-    return {"mean": mean, "count": count}
+    return class_means.zeros(num_rows, config.model.embed_dim)
 
 
 def resize_through(images: jax.Array, pixels: int) -> jax.Array:
@@ -508,10 +434,10 @@ def with_copies(model, config, state, batch: dict, images: jax.Array,
         if cfg.quality_target != "prototype":
             batch[COPY_REFERENCE] = embedded[first + count : first + 2 * count]
         if cfg.quality_target == "agreement":
-            batch[COPY_AGREEMENT], batch[COPY_AGREEMENT_COUNT] = class_agreement(
-                batch[COPY_EMBEDDINGS], batch[COPY_LABELS], state.ri_classes,
+            batch[COPY_AGREEMENT], batch[COPY_AGREEMENT_COUNT] = class_means.lookup(
+                state.ri_classes, batch[COPY_EMBEDDINGS], batch[COPY_LABELS],
                 class_axes=class_axes)  # fmt: skip
-            classes = update_class_means(state.ri_classes, batch[COPY_REFERENCE],
+            classes = class_means.update(state.ri_classes, batch[COPY_REFERENCE],
                                          batch[COPY_LABELS], int(cfg.agreement_window),
                                          class_axes=class_axes)  # fmt: skip
             state = state.replace(ri_classes=classes)

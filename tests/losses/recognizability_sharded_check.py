@@ -1,6 +1,6 @@
 """Run in a subprocess with 8 fake CPU devices: `prototype_cosines` with the class centres split
 over the mesh (pmax of the hardest negative, psum of the own-class cosine) equals one device, and
-so do the class means of the "agreement" target (`class_agreement`, `update_class_means`) with
+so do the class means of the "agreement" target (`class_means.lookup`, `class_means.update`) with
 their rows split the same way. Prints "ok" as its last line; tests/losses/test_recognizability.py
 runs it."""
 
@@ -19,6 +19,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
+from facemoe_jax.losses import class_means  # noqa: E402
 from facemoe_jax.losses import recognizability as ri  # noqa: E402
 
 NUM_CLASSES, ROWS, DIM, BATCH = 37, 40, 16, 24  # 3 zero padding rows on the last device
@@ -71,8 +72,8 @@ def check_class_means(rng):
     embeddings = jnp.asarray(rng.normal(size=(BATCH, DIM)), jnp.float32)
 
     def both(m, e, y, axes):
-        looked_up = ri.class_agreement(e, y, m, class_axes=axes)
-        return looked_up, ri.update_class_means(m, e, y, 3, class_axes=axes)
+        looked_up = class_means.lookup(m, e, y, class_axes=axes)
+        return looked_up, class_means.update(m, e, y, 3, class_axes=axes)
 
     single = both(means, embeddings, labels, ())
     for shape, names, class_axes in [((8,), ("classes",), ("classes",)),

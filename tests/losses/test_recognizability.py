@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from configs import common
+from facemoe_jax.losses import class_means
 from facemoe_jax.losses import recognizability as ri
 from tests.check_scripts import last_line, run_check_script
 
@@ -122,50 +123,13 @@ def test_ema_centre_matches_numpy_from_zero():
         np.testing.assert_allclose(np.asarray(centre), want, atol=1e-6)
 
 
-def numpy_class_means(mean, count, embeddings, labels, window):
-    """Item 5's update, one image at a time: exact mean of the first `window` images, then an
-    EMA of rate 1 / window (images of one class in one step: their mean enters at once)."""
-    mean, count = mean.copy(), count.copy()
-    u = unit(embeddings)
-    for y in np.unique(labels):
-        rows = u[labels == y]
-        n = len(rows)
-        denominator = max(min(count[y] + n, window), n)
-        mean[y] = mean[y] + (rows.sum(0) - n * mean[y]) / denominator
-        count[y] += n
-    return mean, count
-
-
-def test_class_means_average_then_forget_like_numpy():
-    rng = np.random.default_rng(3)
-    classes, dim, window = 6, 5, 3
-    state = {"mean": jnp.zeros((classes + 2, dim)), "count": jnp.zeros((classes + 2,))}
-    mean, count = np.zeros((classes + 2, dim)), np.zeros(classes + 2)
-    for step in range(6):
-        labels = np.array([0, 0, 1, 2, 2, 2, 2, step % classes])  # class 2: 4 > window at once
-        e = rng.normal(size=(len(labels), dim))
-        state = ri.update_class_means(state, jnp.asarray(e, jnp.float32), labels, window,
-                                      class_axes=())  # fmt: skip
-        mean, count = numpy_class_means(mean, count, e, labels, window)
-        np.testing.assert_allclose(np.asarray(state["mean"]), mean, atol=1e-5)
-        np.testing.assert_allclose(np.asarray(state["count"]), count)
-    # Class 1 got one image a step: after `window` steps its mean is their plain average.
-    first = {"mean": jnp.zeros((2, dim)), "count": jnp.zeros((2,))}
-    images = rng.normal(size=(window, dim))
-    for image in images:
-        first = ri.update_class_means(first, jnp.asarray(image[None], jnp.float32),
-                                      np.array([1]), window, class_axes=())  # fmt: skip
-    np.testing.assert_allclose(np.asarray(first["mean"][1]), unit(images).mean(0), atol=1e-6)
-    np.testing.assert_allclose(np.asarray(first["mean"][0]), 0.0)  # untouched row
-
-
 def test_agreement_target_matches_numpy():
     rng = np.random.default_rng(4)
     copies, reference = rng.normal(size=(7, 8)), rng.normal(size=(7, 8))
     means = {"mean": jnp.asarray(rng.normal(size=(5, 8)) * 0.2, jnp.float32),
              "count": jnp.asarray([0, 2, 1, 9, 0], jnp.float32)}  # fmt: skip
     labels = np.array([0, 1, 2, 3, 3, 1, 4])
-    agreement, count = ri.class_agreement(jnp.asarray(copies, jnp.float32), labels, means,
+    agreement, count = class_means.lookup(means, jnp.asarray(copies, jnp.float32), labels,
                                           class_axes=())  # fmt: skip
     expected = np.sum(unit(copies) * np.asarray(means["mean"])[labels], axis=1)
     np.testing.assert_allclose(np.asarray(agreement), expected, atol=1e-6)

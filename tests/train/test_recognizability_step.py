@@ -11,7 +11,7 @@ import pytest
 
 from facemoe_jax import recipes
 from facemoe_jax.data.pipeline import normalize_images
-from facemoe_jax.losses import recognizability
+from facemoe_jax.losses import class_means, recognizability
 from facemoe_jax.train.checkpoint import Checkpointer, config_changes
 from tests.train.test_step import fixed_batch, setup, tiny_config
 
@@ -104,7 +104,7 @@ def test_step_moves_the_centre_adds_the_losses_and_resumes_bitwise(tmp_path):
                             state)  # fmt: skip
     state, metrics = step(state, batch)
     np.testing.assert_allclose(np.asarray(state.ri_centre), expected, atol=1e-5)
-    entered = recognizability.update_class_means(prior_kept, clean, labels, 8, class_axes=())
+    entered = class_means.update(prior_kept, clean, labels, 8, class_axes=())
     for key in ("mean", "count"):
         np.testing.assert_allclose(np.asarray(state.ri_classes[key]), np.asarray(entered[key]),
                                    atol=1e-4)  # fmt: skip
