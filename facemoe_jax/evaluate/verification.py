@@ -7,7 +7,11 @@ Given ``N`` pairs of embeddings and whether each pair shows the same person:
   pairs are cut into 10 contiguous folds in order (sklearn ``KFold(10, shuffle=False)``: the
   first ``N % 10`` folds get one extra pair); for each fold the *first* threshold with the best
   accuracy on the other nine folds is applied to it. Reported: mean and std (ddof 0) of the ten
-  held-out accuracies, and the mean of the ten chosen thresholds.
+  held-out accuracies, and the mean of the ten chosen thresholds. ``folds=`` gives the folds
+  instead (LFW's pairs.txt states its own: `evaluate/lfw.py`). A fold holding one class only
+  (pairs grouped by class) draws one warning: the accuracy and its std then mean little.
+* ``best_threshold``: the same threshold rule on one set (LFW View 1: chosen on the training
+  pairs, applied to the test pairs).
 * ``tar_at_far``: true-accept rate at a false-accept rate, with the insightface IJB rule (on
   the sklearn-style ROC, the TPR of the point whose FPR is nearest the target; see its
   docstring).
@@ -18,6 +22,8 @@ Everything here is NumPy (float64): evaluation runs once per epoch on a few thou
 from __future__ import annotations
 
 import numpy as np
+
+from facemoe_jax import messages
 
 DEFAULT_THRESHOLDS = np.arange(0, 4, 0.01)
 
@@ -60,11 +66,66 @@ def contiguous_folds(num_pairs: int, num_folds: int) -> list[np.ndarray]:
     return np.array_split(np.arange(num_pairs), num_folds)
 
 
+def _given_folds(folds, num_pairs: int) -> list[np.ndarray]:
+    """Index arrays of the pairs of each distinct label of ``folds`` ((N,) ints), in label order."""
+    folds = np.asarray(folds)
+    if folds.shape != (num_pairs,) or folds.dtype.kind not in "iu":
+        raise ValueError(
+            f"folds must be ({num_pairs},) integers (one fold label per pair), got "
+            f"{folds.dtype} {folds.shape}"
+        )
+    labels = np.unique(folds)
+    if len(labels) < 2:
+        raise ValueError(f"folds must hold at least 2 distinct labels, got {labels.tolist()}")
+    return [np.flatnonzero(folds == label) for label in labels]
+
+
+def _warn_one_class_folds(folds: list[np.ndarray], issame: np.ndarray, contiguous: bool) -> None:
+    one_class = [
+        f"{f} ({'same' if issame[idx[0]] else 'different'})"
+        for f, idx in enumerate(folds)
+        if issame[idx].all() or not issame[idx].any()
+    ]
+    if not one_class:
+        return
+    how = (
+        f"the {len(folds)} folds are contiguous runs of the pairs in order, and insightface's "
+        "verification has the same flaw, so pairs grouped by class (all same, then all "
+        "different) make one-class folds"
+        if contiguous
+        else "the given folds group the pairs by class"
+    )
+    messages.warning(
+        f"k-fold verification: fold(s) {', '.join(one_class)} hold only one class of pair: "
+        f"{how}; their thresholds and accuracies mean little. Interleave the pairs as LFW's "
+        "pairs.txt does (every fold of 600 holds 300 same and 300 different pairs)."
+    )
+
+
+def _correct_counts(distances, issame, thresholds, idx) -> np.ndarray:
+    """(T,) pairs of `idx` classified correctly at each threshold ("same" = distance < t)."""
+    return np.sum((distances[None, idx] < thresholds[:, None]) == issame[None, idx], axis=1)
+
+
+def best_threshold(
+    distances: np.ndarray, issame: np.ndarray, thresholds: np.ndarray | None = None
+) -> float:
+    """The first threshold with the best accuracy on these pairs (the rule of each fold of
+    ``ten_fold_accuracy``: "same" when ``distance < threshold``; default 0..3.99 step 0.01)."""
+    distances = np.asarray(distances, np.float64)
+    issame = np.asarray(issame, bool)
+    _check_pairs(distances, issame, "distances")
+    thresholds = DEFAULT_THRESHOLDS if thresholds is None else np.asarray(thresholds, np.float64)
+    correct = _correct_counts(distances, issame, thresholds, np.arange(len(distances)))
+    return float(thresholds[int(np.argmax(correct))])  # argmax returns the first maximum
+
+
 def ten_fold_accuracy(
     distances: np.ndarray,
     issame: np.ndarray,
     thresholds: np.ndarray | None = None,
     num_folds: int = 10,
+    folds: np.ndarray | None = None,
 ) -> dict[str, float]:
     """insightface's k-fold verification accuracy (see the module docstring for the protocol).
 
@@ -72,6 +133,9 @@ def ten_fold_accuracy(
       distances: (N,) pair distances (smaller = more alike), N >= num_folds.
       issame: (N,) bools.
       thresholds: candidate thresholds in increasing order; default 0..3.99 step 0.01.
+      num_folds: the number of contiguous folds when `folds` is None.
+      folds: (N,) integer fold label of each pair (e.g. the sets of LFW's pairs.txt), instead
+        of contiguous folds; folds are taken in label order.
     Returns:
       {"accuracy": mean held-out accuracy, "accuracy_std": its std (ddof 0),
        "best_threshold": mean of the per-fold chosen thresholds}.
@@ -80,20 +144,21 @@ def ten_fold_accuracy(
     issame = np.asarray(issame, bool)
     _check_pairs(distances, issame, "distances")
     num_pairs = distances.shape[0]
-    if num_pairs < num_folds:
-        raise ValueError(f"need at least num_folds={num_folds} pairs, got {num_pairs}")
     thresholds = DEFAULT_THRESHOLDS if thresholds is None else np.asarray(thresholds, np.float64)
+    if folds is None:
+        if num_pairs < num_folds:
+            raise ValueError(f"need at least num_folds={num_folds} pairs, got {num_pairs}")
+        fold_indices = contiguous_folds(num_pairs, num_folds)
+    else:
+        fold_indices = _given_folds(folds, num_pairs)
+    _warn_one_class_folds(fold_indices, issame, contiguous=folds is None)
+    num_folds = len(fold_indices)
 
-    folds = contiguous_folds(num_pairs, num_folds)
     # correct_per_fold[j, f]: pairs of fold f classified correctly at thresholds[j].
     correct_per_fold = np.stack(
-        [
-            np.sum((distances[None, idx] < thresholds[:, None]) == issame[None, idx], axis=1)
-            for idx in folds
-        ],
-        axis=1,
+        [_correct_counts(distances, issame, thresholds, idx) for idx in fold_indices], axis=1
     )
-    fold_sizes = np.array([len(idx) for idx in folds])
+    fold_sizes = np.array([len(idx) for idx in fold_indices])
     total_correct = correct_per_fold.sum(axis=1)
 
     held_out_accuracies = np.empty(num_folds)

@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 
 from facemoe_jax.evaluate.verification import (
+    best_threshold,
+    contiguous_folds,
     pair_distances,
     roc_curve,
     tar_at_far,
@@ -149,3 +151,56 @@ def test_error_cases_name_the_sizes():
         tar_at_far(np.ones(3), np.ones(3, bool), 1e-3)
     with pytest.raises(ValueError, match=r"\(20,\).*\(19,\)"):
         verification_metrics(np.ones((20, 2)), np.ones((20, 2)), np.ones(19, bool))
+
+
+def test_given_folds_match_brute_force():
+    # Folds given per pair (LFW's pairs.txt sets), here scattered and of unequal sizes.
+    rng = np.random.default_rng(3)
+    issame = np.arange(90) % 2 == 0
+    distances = np.clip(np.where(issame, rng.normal(0.9, 0.3, 90), rng.normal(1.5, 0.3, 90)), 0, 4)
+    folds = rng.integers(0, 3, 90) + 5  # labels 5, 6, 7
+    grid = np.arange(0, 4, 0.01)
+    accuracies, chosen = [], []
+    for f in (5, 6, 7):
+        train, test = folds != f, folds == f
+        t = grid[int(np.argmax([np.mean((distances[train] < t) == issame[train]) for t in grid]))]
+        chosen.append(t)
+        accuracies.append(np.mean((distances[test] < t) == issame[test]))
+    result = ten_fold_accuracy(distances, issame, folds=folds)
+    assert result["accuracy"] == pytest.approx(np.mean(accuracies), abs=1e-12)
+    assert result["accuracy_std"] == pytest.approx(np.std(accuracies), abs=1e-12)
+    assert result["best_threshold"] == pytest.approx(np.mean(chosen), abs=1e-12)
+    # Contiguous labels give the contiguous protocol.
+    labels = np.concatenate(
+        [np.full(len(idx), f) for f, idx in enumerate(contiguous_folds(90, 10))]
+    )
+    assert ten_fold_accuracy(distances, issame, folds=labels) == ten_fold_accuracy(
+        distances, issame
+    )
+    with pytest.raises(ValueError, match=r"\(90,\) integers"):
+        ten_fold_accuracy(distances, issame, folds=folds[:89])
+    with pytest.raises(ValueError, match="2 distinct"):
+        ten_fold_accuracy(distances, issame, folds=np.zeros(90, int))
+
+
+def test_best_threshold_is_the_first_best_on_the_grid():
+    distances, issame = np.array([0.2, 0.3, 0.25, 1.0]), np.array([True, False, True, False])
+    assert best_threshold(distances, issame) == pytest.approx(0.26)  # first t in (0.25, 0.3]
+    assert best_threshold(distances, issame, thresholds=np.array([0.1, 0.5])) == 0.5
+
+
+def test_one_class_folds_draw_one_warning(capsys):
+    rng = np.random.default_rng(0)
+    distances = rng.uniform(0, 2, 100)
+    grouped = np.arange(100) < 50  # all same pairs, then all different: folds 0-4 vs 5-9
+    ten_fold_accuracy(distances, grouped)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: ")
+    for words in ("0 (same)", "9 (different)", "contiguous", "insightface", "Interleave"):
+        assert words in lines[0]
+    ten_fold_accuracy(distances, np.arange(100) % 2 == 0)  # interleaved: no warning
+    ten_fold_accuracy(distances, grouped, folds=np.arange(100) % 2)  # given folds, both classes
+    assert capsys.readouterr().err == ""
+    ten_fold_accuracy(distances, grouped, folds=(np.arange(100) >= 50).astype(int))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "given folds" in lines[0] and "contiguous" not in lines[0]
