@@ -10,7 +10,9 @@ only the few globals these files need (numpy array reconstruction and ``_codecs.
 Python 3 uses for bytes in protocol-2 pickles) and refuses everything else.
 
 Writing: `write_bin` encodes images losslessly as PNG by default, so a set written from arrays
-decodes to exactly those arrays (JPEG, the format of the public files, is lossy). The command
+decodes to exactly those arrays (JPEG, the format of the public files, is lossy); `write_bin_raw`
+writes encoded bytes as they are (`python -m facemoe_jax.data.pack --pairs` packs LFW's pairs
+files this way). The command
 
   python -m facemoe_jax.evaluate.bin --write-synthetic OUT.bin --pairs 1000 --image-size 48
 
@@ -158,10 +160,18 @@ def write_bin(
     bins = []
     for a, b in zip(images_a, images_b):
         bins += [encode_image(a, extension), encode_image(b, extension)]
+    write_bin_raw(path, bins, issame)
+
+
+def write_bin_raw(path: str, bins: list[bytes], issame) -> None:
+    """Writes already encoded images (2N bytes objects, pair i = bins[2i], bins[2i+1]) and
+    issame (N,) as an insightface `.bin`, the bytes as they are (the mirror of read_bin_raw)."""
+    if len(bins) != 2 * len(issame):
+        raise ValueError(f"{len(bins)} images for {len(issame)} pairs (expected {2 * len(issame)})")
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     with open(path, "wb") as f:
-        pickle.dump((bins, [bool(s) for s in issame]), f, protocol=2)
+        pickle.dump(([bytes(b) for b in bins], [bool(s) for s in issame]), f, protocol=2)
 
 
 def write_synthetic_bin(path: str, num_pairs: int, image_size: int, seed: int) -> None:

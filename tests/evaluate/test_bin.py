@@ -119,6 +119,16 @@ def test_write_bin_round_trip_is_exact(tmp_path):
     np.testing.assert_array_equal(got_same, issame)
 
 
+def test_write_bin_raw_keeps_the_bytes(tmp_path):
+    bins = [bin_lib.encode_image(np.full((8, 8, 3), v, np.uint8), ".jpg") for v in (10, 200)]
+    path = str(tmp_path / "sub" / "raw.bin")
+    bin_lib.write_bin_raw(path, bins, [True])
+    got, issame = bin_lib.read_bin_raw(path)
+    assert got == bins and issame.tolist() == [True]
+    with pytest.raises(ValueError, match="3 images for 2 pairs"):
+        bin_lib.write_bin_raw(path, bins + bins[:1], [True, False])
+
+
 class _Exploit:
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
