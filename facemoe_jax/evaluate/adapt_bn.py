@@ -88,7 +88,7 @@ def forward_with_batch_statistics(model, variables, images, weights=None):
         (embeddings, _), mutated = model.apply(
             variables, normalize_images(images), train=False, mutable=["batch_stats"]
         )
-    return embeddings.astype(jnp.float32), mutated["batch_stats"]
+    return embeddings.astype(jnp.float32), mutated.get("batch_stats", {})
 
 
 class BatchNormAdaptation:

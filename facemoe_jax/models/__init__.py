@@ -1,10 +1,13 @@
 """Model builders: turn `config.model` into a Flax module."""
 
+import os
+
 import jax.numpy as jnp
 import ml_collections
 
 from facemoe_jax.models.iresnet import STAGE_BLOCKS, IResNet
 from facemoe_jax.models.mobilefacenet import MobileFaceNet
+from facemoe_jax.models import onnx_graph
 from facemoe_jax.models import quality as quality_lib
 from facemoe_jax.models.lora import settings_from_config
 from facemoe_jax.models.moe import COMBINE_MODES
@@ -99,9 +102,9 @@ def _heads(cfg: ml_collections.ConfigDict) -> dict:
     return {"heads": heads}
 
 
-def build_model(cfg: ml_collections.ConfigDict) -> ViTMoE | SwinMoE | IResNet | MobileFaceNet:
+def build_model(cfg: ml_collections.ConfigDict):
     """Validates config.model and builds the encoder; errors name the offending field."""
-    known = ("vit_moe", "swin_moe", "iresnet", "mobilefacenet")
+    known = ("vit_moe", "swin_moe", "iresnet", "mobilefacenet", "onnx")
     if cfg.name not in known:
         raise ValueError(
             f"config.model.name={cfg.name!r} is not a known model (known: "
@@ -111,6 +114,8 @@ def build_model(cfg: ml_collections.ConfigDict) -> ViTMoE | SwinMoE | IResNet | 
         return build_cnn(cfg)
     if cfg.name == "swin_moe":
         return build_swin(cfg)
+    if cfg.name == "onnx":
+        return build_onnx(cfg)
     _check_dtype_and_patch(cfg)
     if cfg.width % cfg.num_heads:
         raise ValueError(
@@ -241,3 +246,50 @@ def build_cnn(cfg: ml_collections.ConfigDict) -> IResNet | MobileFaceNet:
         dtype=DTYPES[cfg.dtype],
         **_heads(cfg),
     )
+
+
+def build_onnx(cfg: ml_collections.ConfigDict) -> onnx_graph.OnnxModel:
+    """Any ONNX face model (config.model.onnx_path) as a Flax module whose parameters are the
+    graph's initializers (models/onnx_graph.py). config.model.image_size and embed_dim must be
+    the graph's; onnx_input_mean / onnx_input_std (pixel units, negative = the graph's default)
+    and onnx_channel_order say how it wants its input."""
+    path = str(cfg.get("onnx_path", ""))
+    if not path:
+        raise ValueError("config.model.name='onnx' needs config.model.onnx_path=/path/model.onnx")
+    if not os.path.isfile(path):
+        raise ValueError(f"config.model.onnx_path={path!r} does not exist")
+    graph = onnx_graph.load_graph(path)
+    for field, value in (("image_size", graph.image_size), ("embed_dim", graph.output_dim)):
+        if value and int(cfg[field]) != value:
+            raise ValueError(
+                f"config.model.{field}={cfg[field]} but {path} has {value} (set "
+                f"--config.model.{field}={value})"
+            )
+    order = str(cfg.get("onnx_channel_order", "RGB"))
+    if order not in ("RGB", "BGR"):
+        raise ValueError(f"config.model.onnx_channel_order={order!r} must be 'RGB' or 'BGR'")
+    mean, std = onnx_graph.input_normalization(
+        graph, float(cfg.get("onnx_input_mean", -1.0)), float(cfg.get("onnx_input_std", -1.0))
+    )
+    return onnx_graph.OnnxModel(graph, input_mean=mean, input_std=std, channel_order=order)
+
+
+def onnx_model_config(path: str, **fields) -> ml_collections.ConfigDict:
+    """The config.model of an ONNX file as it is (sizes read from the graph)."""
+    graph = onnx_graph.load_graph(path)
+    if not graph.output_dim:
+        raise ValueError(f"{path}: the output's embedding size is not static in the graph")
+    cfg = ml_collections.ConfigDict(
+        dict(
+            name="onnx",
+            onnx_path=os.path.abspath(path),
+            image_size=graph.image_size,
+            embed_dim=graph.output_dim,
+            onnx_input_mean=-1.0,
+            onnx_input_std=-1.0,
+            onnx_channel_order="RGB",
+            dtype="float32",
+        )
+    )
+    cfg.update(fields)
+    return cfg

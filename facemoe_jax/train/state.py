@@ -63,7 +63,7 @@ def init_train_state(
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
-        batch_stats=variables["batch_stats"],
+        batch_stats=variables.get("batch_stats", {}),  # none in a BN-folded ONNX graph
         opt_state=optimizer.init(params),
         rng=run_rng,
         margin_state={

@@ -183,7 +183,7 @@ def make_loss_fn(model, config: ml_collections.ConfigDict, teacher=None):
             metrics["quality/a_std"] = jnp.std(quality)
             metrics["quality/a_min"] = jnp.min(quality)
             metrics["quality/a_max"] = jnp.max(quality)
-        return total, (mutated["batch_stats"], margin_state, metrics)
+        return total, (mutated.get("batch_stats", {}), margin_state, metrics)
 
     return loss_fn
 

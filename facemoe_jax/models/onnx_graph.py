@@ -1,0 +1,309 @@
+"""Any ONNX face model as a Flax module: a small interpreter over `jax.lax`.
+
+`read_graph(path)` parses the file once into an `OnnxGraph` (pure Python and numpy: nodes, their
+attributes, and the initializers split into three kinds), and `OnnxModel(graph)` runs the nodes
+in order under `jit`:
+
+  parameters   float initializers in a weight slot (Conv/Gemm/MatMul weights and biases, PRelu
+               slopes, BatchNorm scale and shift) or non-scalar operands of Add/Sub/Mul/Div:
+               the module's `params`, initialised to the file's values, so they train, shard by
+               the usual regex rules and export back under their ONNX names
+  statistics   BatchNorm means and variances: `batch_stats`, updated in training with the
+               node's momentum (ONNX: running * momentum + batch * (1 - momentum))
+  constants    everything else (scalar preprocessing constants such as insightface's Sub 127.5
+               and Mul 1/127.5, Clip bounds, Reshape shapes): static numpy values
+
+Shape arithmetic (Shape, Gather, Concat, Unsqueeze ... feeding a Reshape) stays in numpy, so it
+is resolved while tracing. A graph exported with its batch fixed at 1 runs at any batch: a
+Reshape whose target starts with the graph's fixed batch size takes the actual batch there.
+
+The module takes our images, NHWC in [-1, 1] (`(x / 255 - 0.5) / 0.5`), maps them back to
+pixels and applies the graph's input normalisation `(pixel - input_mean) / input_std` in the
+graph's channel order, NCHW. Graphs that normalise inside (their input feeds a Sub, Mul or Div
+first: insightface's) take raw pixels: `input_normalization` resolves the default. Dropout is
+the identity (inference), also in training.
+
+Operators whose output shape depends on the data (NonZero, TopK with a data-dependent k, ...)
+cannot be traced at a static shape: they are refused with the other unsupported operators,
+before anything runs, naming the operator and the node.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from facemoe_jax.models.onnx_ops import OPS, OnnxImportError, Context
+
+Array = jax.Array
+
+# Inputs (by position) of these operators that hold learnt weights.
+WEIGHT_SLOTS = {
+    "Conv": (1, 2),
+    "Gemm": (0, 1, 2),
+    "MatMul": (0, 1),
+    "PRelu": (1,),
+    "BatchNormalization": (1, 2),
+}
+STATISTIC_SLOTS = {"BatchNormalization": (3, 4)}
+ELEMENTWISE = ("Add", "Sub", "Mul", "Div")
+# Insightface's ArcFaceONNX default for graphs that do not normalise inside.
+DEFAULT_MEAN, DEFAULT_STD = 127.5, 127.5
+
+
+@dataclasses.dataclass(frozen=True)
+class Node:
+    op: str
+    name: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    attrs: dict
+
+
+@dataclasses.dataclass(eq=False)
+class OnnxGraph:
+    """A parsed graph. Compared by identity (a Flax module field; one parse per file)."""
+
+    path: str
+    nodes: tuple[Node, ...]
+    params: dict[str, np.ndarray]  # ONNX initializer name -> value
+    statistics: dict[str, np.ndarray]
+    constants: dict[str, np.ndarray]
+    input_name: str
+    input_shape: tuple  # (batch or None, 3, H, W)
+    output_name: str
+    output_dim: int
+    normalizes_inside: bool  # the input feeds a Sub/Mul/Div first (insightface)
+    metadata: dict[str, str]
+
+    def __hash__(self):
+        return id(self)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.input_shape[2])
+
+    @property
+    def fixed_batch(self) -> int | None:
+        return self.input_shape[0]
+
+    def flax_name(self, onnx_name: str) -> str:
+        return _flax_names(tuple(self.params) + tuple(self.statistics))[onnx_name]
+
+
+def _flax_names(onnx_names: tuple[str, ...]) -> dict[str, str]:
+    """ONNX names ("layer1.0.conv1.weight", "onnx::Conv_519") -> unique identifier-like names:
+    "/" would split a parameter path and "." reads as attribute access in sharding regexes."""
+    out, taken = {}, set()
+    for name in onnx_names:
+        base = re.sub(r"[^0-9A-Za-z_]", "_", name) or "_"
+        candidate, k = base, 1
+        while candidate in taken:
+            candidate, k = f"{base}_{k}", k + 1
+        taken.add(candidate)
+        out[name] = candidate
+    return out
+
+
+# ---- reading a file
+
+
+def _attributes(node) -> dict:
+    from onnx import helper, numpy_helper
+
+    attrs = {}
+    for a in node.attribute:
+        value = helper.get_attribute_value(a)
+        if isinstance(value, bytes):
+            value = value.decode()
+        elif a.type == a.TENSOR:
+            value = numpy_helper.to_array(value)
+        elif isinstance(value, list):
+            value = tuple(v.decode() if isinstance(v, bytes) else v for v in value)
+        attrs[a.name] = value
+    return attrs
+
+
+def _static_dim(dim) -> int | None:
+    return int(dim.dim_value) if dim.HasField("dim_value") else None
+
+
+def read_graph(path: str) -> OnnxGraph:
+    """Parses `path`; raises OnnxImportError naming the file (and the node, for an operator)."""
+    import onnx
+    from onnx import numpy_helper
+
+    if not os.path.isfile(path):
+        raise OnnxImportError(f"{path}: no such ONNX file")
+    try:
+        model = onnx.load(path)
+    except Exception as e:  # protobuf's DecodeError and friends: a truncated or foreign file
+        raise OnnxImportError(f"{path}: not a readable ONNX model ({type(e).__name__}: {e})")
+    graph = model.graph
+    if not graph.node:
+        raise OnnxImportError(f"{path}: not a readable ONNX model (its graph has no nodes)")
+    nodes = tuple(
+        Node(n.op_type, n.name or f"#{i}", tuple(n.input), tuple(n.output), _attributes(n))
+        for i, n in enumerate(graph.node)
+    )
+    for i, node in enumerate(nodes):
+        if node.op not in OPS:
+            raise OnnxImportError(
+                f"{path}: operator {node.op!r} (node {node.name!r}, #{i}) is not supported by "
+                f"the ONNX import; supported: {', '.join(sorted(OPS))}"
+            )
+    initializers = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in initializers]
+    if len(inputs) != 1 or len(graph.output) < 1:
+        raise OnnxImportError(
+            f"{path}: a face model takes one image input and gives an embedding; this graph "
+            f"has inputs {[i.name for i in inputs]} and outputs {[o.name for o in graph.output]}"
+        )
+    shape = tuple(_static_dim(d) for d in inputs[0].type.tensor_type.shape.dim)
+    if len(shape) != 4 or shape[1] != 3 or shape[2] is None or shape[2] != shape[3]:
+        raise OnnxImportError(
+            f"{path}: input {inputs[0].name!r} has shape {shape}; expected (batch, 3, S, S) "
+            "images, NCHW"
+        )
+    out_shape = [_static_dim(d) for d in graph.output[0].type.tensor_type.shape.dim]
+    params, statistics, constants = _split_initializers(nodes, initializers)
+    first_use = next((n for n in nodes if inputs[0].name in n.inputs), None)
+    return OnnxGraph(
+        path=os.path.abspath(path),
+        nodes=nodes,
+        params=params,
+        statistics=statistics,
+        constants=constants,
+        input_name=inputs[0].name,
+        input_shape=shape,
+        output_name=graph.output[0].name,
+        output_dim=int(out_shape[1]) if len(out_shape) > 1 and out_shape[1] else 0,
+        normalizes_inside=first_use is not None and first_use.op in ("Sub", "Mul", "Div"),
+        metadata={p.key: p.value for p in model.metadata_props},
+    )
+
+
+_GRAPHS: dict[tuple, OnnxGraph] = {}
+
+
+def load_graph(path: str) -> OnnxGraph:
+    """`read_graph`, parsed once per file version (models are built several times a run)."""
+    path = os.path.abspath(path)
+    stat = os.stat(path) if os.path.isfile(path) else None
+    key = (path, stat and stat.st_mtime_ns, stat and stat.st_size)
+    if key not in _GRAPHS:
+        _GRAPHS[key] = read_graph(path)
+    return _GRAPHS[key]
+
+
+# Operators that only re-view a tensor: a weight reaches its slot through them in some exports
+# (PyTorch's PRelu slope through Unsqueeze, shared weights through Identity).
+VIEW_OPS = ("Identity", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Transpose", "Cast")
+
+
+def _split_initializers(nodes, initializers):
+    producer = {out: node for node in nodes for out in node.outputs}
+
+    def source(name):
+        while name not in initializers and name in producer and producer[name].op in VIEW_OPS:
+            name = producer[name].inputs[0]
+        return name if name in initializers else None
+
+    params, statistics = {}, {}
+    for node in nodes:
+        for slots, kind in ((WEIGHT_SLOTS, params), (STATISTIC_SLOTS, statistics)):
+            for slot in slots.get(node.op, ()):
+                name = source(node.inputs[slot]) if slot < len(node.inputs) else None
+                if name is not None and initializers[name].dtype.kind == "f":
+                    kind[name] = initializers[name]
+        if node.op in ELEMENTWISE:
+            for name in map(source, node.inputs):
+                value = initializers.get(name)
+                if value is not None and value.dtype.kind == "f" and value.size > 1:
+                    params[name] = value
+    constants = {k: v for k, v in initializers.items() if k not in params and k not in statistics}
+    return params, statistics, constants
+
+
+def input_normalization(graph: OnnxGraph, mean: float = -1.0, std: float = -1.0):
+    """(mean, std) in pixel units that the graph's input expects; negative = the default: our
+    own exports say (x / 255 - 0.5) / 0.5 in their metadata, graphs that normalise inside take
+    raw pixels (0, 1), others insightface's (127.5, 127.5)."""
+    if mean < 0 or std <= 0:
+        if graph.metadata.get("producer") == "facemoe_jax":
+            default = (DEFAULT_MEAN, DEFAULT_STD)
+        elif graph.normalizes_inside:
+            default = (0.0, 1.0)
+        else:
+            default = (DEFAULT_MEAN, DEFAULT_STD)
+        mean = default[0] if mean < 0 else mean
+        std = default[1] if std <= 0 else std
+    return float(mean), float(std)
+
+
+class OnnxModel(nn.Module):
+    """images (B, S, S, 3) in [-1, 1] -> ((B, D) float32 graph output, {})."""
+
+    graph: OnnxGraph
+    input_mean: float = DEFAULT_MEAN
+    input_std: float = DEFAULT_STD
+    channel_order: str = "RGB"
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False):
+        graph = self.graph
+        if x.shape[1:3] != (graph.image_size, graph.image_size):
+            raise ValueError(
+                f"{graph.path} takes {graph.image_size}x{graph.image_size} images; got "
+                f"{x.shape[1]}x{x.shape[2]}"
+            )
+        names = _flax_names(tuple(graph.params) + tuple(graph.statistics))
+        values: dict[str, Any] = dict(graph.constants)
+        for name, value in graph.params.items():
+            values[name] = self.param(names[name], lambda _, v=value: jnp.asarray(v))
+        statistics = {
+            name: self.variable("batch_stats", names[name], lambda v=value: jnp.asarray(v))
+            for name, value in graph.statistics.items()
+        }
+        for name, variable in statistics.items():
+            values[name] = variable.value
+        context = Context(train, graph.fixed_batch, statistics, self.is_initializing())
+        pixels = (x.astype(jnp.float32) * 0.5 + 0.5) * 255.0
+        if self.channel_order == "BGR":
+            pixels = pixels[..., ::-1]
+        values[graph.input_name] = jnp.transpose(
+            (pixels - self.input_mean) / self.input_std, (0, 3, 1, 2)
+        )
+        values[""] = None  # an omitted optional input
+        for node in graph.nodes:
+            outputs = OPS[node.op](context, node, [values[name] for name in node.inputs])
+            values.update(zip(node.outputs, outputs))
+        out = values[graph.output_name]
+        return out.reshape(out.shape[0], -1).astype(jnp.float32), {}
+
+
+def onnx_variables(graph: OnnxGraph) -> dict:
+    """{"params", "batch_stats"}: the file's own values under the module's names."""
+    names = _flax_names(tuple(graph.params) + tuple(graph.statistics))
+    return {
+        "params": {names[k]: np.asarray(v) for k, v in graph.params.items()},
+        "batch_stats": {names[k]: np.asarray(v) for k, v in graph.statistics.items()},
+    }
+
+
+def onnx_state_dict(graph: OnnxGraph, variables: dict) -> dict[str, np.ndarray]:
+    """{ONNX initializer name: value} of `variables` (the inverse of `onnx_variables`), in the
+    file's dtypes: what an export writes back into the graph."""
+    names = _flax_names(tuple(graph.params) + tuple(graph.statistics))
+    out = {}
+    for collection, source in (("params", graph.params), ("batch_stats", graph.statistics)):
+        for name, original in source.items():
+            out[name] = np.asarray(variables[collection][names[name]]).astype(original.dtype)
+    return out
