@@ -36,7 +36,10 @@ class FaceEncoder:
         """config: the run config (only config.model is used); variables: params + batch_stats."""
         self.config = config
         self.model = build_model(config.model)
-        self.variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+        self.variables = {
+            "params": variables["params"],
+            "batch_stats": variables.get("batch_stats", {}),
+        }
         self.step = step
         self.image_size = int(config.model.image_size)
         self.embed_dim = int(config.model.embed_dim)
@@ -74,10 +77,13 @@ class FaceEncoder:
 
     @classmethod
     def from_checkpoint(cls, path: str, config: ml_collections.ConfigDict | None = None):
-        """A workdir (or its checkpoints/ dir), an export dir, or a .pt/.pth/.safetensors file.
+        """A workdir (or its checkpoints/ dir), an export dir, a .pt/.pth/.safetensors file or
+        any ONNX face model (.onnx).
 
-        Files need the architecture: `config` (a run config), or the export's config.json beside
-        the file.
+        PyTorch files need the architecture: `config` (a run config), or the export's
+        config.json beside the file. An ONNX file needs nothing: its graph is the architecture
+        (`config.model.onnx_*` fields may say how it normalises its input); with a config of
+        another architecture, its initializers are read as that model's state_dict.
         """
         path = os.path.abspath(path)
         if os.path.isdir(os.path.join(path, "checkpoints")) or os.path.basename(path) == (
@@ -86,10 +92,16 @@ class FaceEncoder:
             workdir = path if os.path.basename(path) != "checkpoints" else os.path.dirname(path)
             return cls(*restore_workdir(workdir))
         if os.path.isdir(path):
-            for name in ("model.safetensors", "model.pt"):
+            exported = os.path.join(path, EXPORT_CONFIG)
+            if config is None and os.path.isfile(exported):
+                config = read_export_config(exported)
+            names = ("model.onnx",) if config and config.model.name == "onnx" else ()
+            for name in names + ("model.safetensors", "model.pt"):
                 if os.path.isfile(os.path.join(path, name)):
                     return cls.from_checkpoint(os.path.join(path, name), config)
             raise ValueError(f"{path} holds neither checkpoints/ nor model.safetensors/model.pt")
+        if path.endswith(".onnx"):
+            return cls(*load_onnx(path, config))
         if config is None:
             config = read_export_config(os.path.join(os.path.dirname(path), EXPORT_CONFIG))
         from facemoe_jax.export import convert
@@ -173,6 +185,26 @@ def read_export_config(path: str) -> ml_collections.ConfigDict:
     with open(path) as f:
         exported = json.load(f)
     return ml_collections.ConfigDict({"model": exported["model"]})
+
+
+def load_onnx(path: str, config: ml_collections.ConfigDict | None = None):
+    """(config, variables) of an ONNX file: the graph as a model of its own (config None or
+    config.model.name "onnx": its onnx_* fields are kept, onnx_path becomes `path`), or the
+    initializers as the state_dict of config.model's architecture."""
+    from facemoe_jax.models import onnx_graph, onnx_model_config
+
+    graph = onnx_graph.load_graph(path)
+    if config is not None and config.model.name != "onnx":
+        from facemoe_jax.export import convert
+
+        state = {**graph.params, **graph.statistics, **graph.constants}
+        return config, convert.torch_to_jax(config.model, state)
+    fields = {}
+    if config is not None:
+        keep = ("onnx_input_mean", "onnx_input_std", "onnx_channel_order")
+        fields = {k: config.model[k] for k in keep if k in config.model}
+    model_cfg = onnx_model_config(path, **fields)
+    return ml_collections.ConfigDict({"model": model_cfg}), onnx_graph.onnx_variables(graph)
 
 
 def restore_workdir(workdir: str, step: int | None = None):

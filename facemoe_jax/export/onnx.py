@@ -115,6 +115,41 @@ def export_onnx(model_cfg, state: dict[str, np.ndarray], path: str, module=None)
     }
 
 
+def export_onnx_weights(source: str, state: dict[str, np.ndarray], path: str) -> dict:
+    """An imported ONNX model (config.model.name="onnx") written back: the graph of `source`
+    as it is, its initializers replaced by `state` (ONNX name -> value, from
+    models/onnx_graph.onnx_state_dict; every name must be one of the graph's). Returns what
+    config.json records about it."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(source)
+    initializers = {t.name: t for t in model.graph.initializer}
+    unknown = sorted(set(state) - set(initializers))
+    if unknown:
+        raise ValueError(f"{source} has no initializers {unknown[:5]} to write")
+    for name, value in state.items():
+        initializers[name].CopyFrom(numpy_helper.from_array(np.asarray(value), name))
+    entry = model.metadata_props.add()
+    entry.key, entry.value = (
+        "facemoe_jax_weights",
+        f"fine-tuned by facemoe_jax {facemoe_jax.__version__}",
+    )
+    large = model.ByteSize() > 2**31 - 2**24
+    if large:
+        onnx.save(model, path, save_as_external_data=True, location=f"{path.split('/')[-1]}.data")
+    else:
+        onnx.save(model, path)
+    graph_input = next(i for i in model.graph.input if i.name not in initializers)
+    return {
+        "file": path.split("/")[-1],
+        "source": source,
+        "input": {"name": graph_input.name},
+        "output": {"name": model.graph.output[0].name},
+        "external_data": large,
+    }
+
+
 def run_onnx(path: str, images: np.ndarray) -> np.ndarray:
     """Embeds normalised NCHW float32 images with onnxruntime on the CPU."""
     import onnxruntime

@@ -105,6 +105,9 @@ def _export(workdir: str, out_dir: str, onnx: bool, merge_lora_alpha) -> dict:
 
     stage(0)
     config, variables, step = restore_workdir(workdir)
+    if config.model.name == "onnx":
+        progress.close()
+        return _export_onnx_model(config, variables, step, out_dir, paths, t0)
     stage(1)
     state = convert.jax_to_torch(config.model, variables, num_batches_tracked=step)
     lora = settings_from_config(config.model)
@@ -164,3 +167,68 @@ def _export(workdir: str, out_dir: str, onnx: bool, merge_lora_alpha) -> dict:
                    else "not checked: onnxruntime is not installed")  # fmt: skip
         print(f"model.onnx: dynamic batch, NCHW float32 normalised input ({checked})", flush=True)
     return {**paths, "seconds": seconds, "step": step, "onnx_max_abs_diff": onnx_diff}
+
+
+def _export_onnx_model(config, variables, step, out_dir: str, paths: dict, t0: float) -> dict:
+    """A run of an imported ONNX model: its graph with the trained weights (model.onnx), the
+    same tensors under their ONNX names (model.safetensors, model.pt) and config.json; the new
+    file is checked in onnxruntime against the JAX model."""
+    from facemoe_jax.encoder import FaceEncoder
+    from facemoe_jax.export import onnx as onnx_export
+    from facemoe_jax.models import build_model, onnx_graph
+
+    source = str(config.model.onnx_path)
+    if not os.path.isfile(source):
+        raise ValueError(
+            f"config.model.onnx_path={source!r} (the graph this run imported) does not exist: "
+            "the export writes the trained weights into that graph"
+        )
+    graph = onnx_graph.load_graph(source)
+    state = onnx_graph.onnx_state_dict(graph, variables)
+    os.makedirs(out_dir, exist_ok=True)
+    convert.save_torch(state, paths["pt"])
+    convert.save_safetensors(state, paths["safetensors"], metadata={"format": "onnx-names"})
+    paths["onnx"] = os.path.join(out_dir, "model.onnx")
+    info = export_config(config.model, step)
+    model = build_model(config.model)
+    info["torch_module"] = None  # the graph is the architecture: use model.onnx
+    info["input"].update(
+        channel_order=model.channel_order,
+        normalization=f"(pixel - {model.input_mean}) / {model.input_std}",
+        mean=[model.input_mean] * 3,
+        std=[model.input_std] * 3,
+        layout="NCHW float32, the graph's input",
+    )
+    info["onnx"] = onnx_export.export_onnx_weights(source, state, paths["onnx"])
+    # The written file, run by onnxruntime, against the JAX model on the same images.
+    images = np.random.default_rng(1).integers(0, 256, (3, model.graph.image_size,
+                                                        model.graph.image_size, 3), np.uint8)  # fmt: skip
+    expected = FaceEncoder(config, variables).embed(images, flip_test=False, normalize=False)
+    got = run_graph(paths["onnx"], images, model)
+    diff = float(np.abs(got - expected).max())
+    info["onnx"]["max_abs_diff_vs_jax"] = diff
+    with open(paths["config"], "w") as f:
+        json.dump(info, f, indent=2)
+    seconds = time.perf_counter() - t0
+    print(
+        f"exported step {step} ({len(state)} ONNX initializers) to {out_dir} in {seconds:.1f} s; "
+        f"model.onnx: the imported graph with these weights (onnxruntime vs JAX max abs diff "
+        f"{diff:.1e})",
+        flush=True,
+    )
+    return {**paths, "seconds": seconds, "step": step, "onnx_max_abs_diff": diff}
+
+
+def run_graph(path: str, images: np.ndarray, model) -> np.ndarray:
+    """uint8 RGB NHWC images through an ONNX file in onnxruntime, normalised as `model` (an
+    OnnxModel) says the graph wants them, one image at a time (graphs with a fixed batch)."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    pixels = images.astype(np.float32)
+    if model.channel_order == "BGR":
+        pixels = pixels[..., ::-1]
+    x = ((pixels - model.input_mean) / model.input_std).transpose(0, 3, 1, 2)
+    out = [session.run(None, {name: np.ascontiguousarray(x[i : i + 1])})[0] for i in range(len(x))]
+    return np.concatenate(out).reshape(len(x), -1)

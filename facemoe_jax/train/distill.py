@@ -159,6 +159,11 @@ def _teacher_variables(config):
     from facemoe_jax.export import convert
 
     spec = str(config.distill.get("teacher_config", ""))
+    if path.endswith(".onnx"):  # the graph is the architecture; a config only for its input
+        from facemoe_jax.encoder import load_onnx
+
+        teacher_config, variables = load_onnx(path, load_config_file(spec) if spec else None)
+        return path, teacher_config, variables
     if spec:
         teacher_config = load_config_file(spec)
     else:

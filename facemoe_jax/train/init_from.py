@@ -137,6 +137,12 @@ def _source_from_file(path: str, config):
     from facemoe_jax.export import convert
     from facemoe_jax.models.lora import settings_from_config
 
+    if path.endswith(".onnx"):
+        from facemoe_jax.encoder import load_onnx
+
+        # Initializers by module name for an "onnx" run, else as config.model's state_dict.
+        _, variables = load_onnx(path, config)
+        return path, variables["params"], variables.get("batch_stats", {}), None, None
     torch_state, extras = convert.load_state_dict_file(path)
     model_cfg = config.model
     if settings_from_config(model_cfg) is not None and not any(
