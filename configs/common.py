@@ -238,6 +238,13 @@ def get_base_config() -> ml_collections.ConfigDict:
             low_resolutions="8,12,16,24,32,112",  # resolution sweep, pixels (>= input = no change)
             low_resolution_sides="both",  # "both", "probe" (second face only) or "both,probe"
             low_resolution_sets="synthetic",  # pair sets to sweep, e.g. "synthetic,lfw" or "all"
+            # LFW from its aligned folder and pairs files (evaluate/lfw.py): the folder holding
+            # aligned112/ ("" = skip), the pairs file (pairsDevTest.txt: View 1, threshold from
+            # pairsDevTrain.txt; pairs.txt: View 2, 10-fold), sizes, "both" faces or "probe".
+            lfw_dir="",
+            lfw_pairs="pairsDevTest.txt",
+            lfw_resolutions="112,24,16,12,8",
+            lfw_degrade="both",
             ijbb_dir="",  # IJB-B root with meta/ and loose_crop/ ("" = skip)
             ijbc_dir="",  # IJB-C root
             # IJB face alignment: "official" (warp to the 112x112 ArcFace template, then bilinear

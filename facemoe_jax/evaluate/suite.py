@@ -10,12 +10,14 @@ a checkpoint. From ``config.eval`` it runs, in order:
    curve of the embedding-norm quality (``erc_auc``);
 2. resolution sweeps of the sets in ``low_resolution_sets`` at ``low_resolutions`` pixels,
    degrading the sides in ``low_resolution_sides`` (entries 'lfw@8px', 'lfw@probe8px');
-3. IJB-B / IJB-C 1:1 verification from ``ijbb_dir`` / ``ijbc_dir``: TAR at FAR 1e-6 .. 1e-1;
-4. the synthetic TinyFace-like identification (``synthetic_tinyface_identities`` > 0): LR
+3. LFW from its aligned folder and pairs files (``lfw_dir``, ``lfw_pairs``, `lfw.py`) at
+   ``lfw_resolutions`` pixels, ``lfw_degrade`` "both" faces or the "probe": rows 'lfw_view1@12px';
+4. IJB-B / IJB-C 1:1 verification from ``ijbb_dir`` / ``ijbc_dir``: TAR at FAR 1e-6 .. 1e-1;
+5. the synthetic TinyFace-like identification (``synthetic_tinyface_identities`` > 0): LR
    probes against an HR gallery with distractors, rank-1/5/10 (`synthetic_tinyface.py`);
    TinyFace rank-1/5/20 from ``tinyface_dir`` (and ``tinyface_mat_dir``);
-5. the expert routing map of ``routing_map_faces`` faces of the first pair set;
-6. with the recognizability heads (evaluate/recognizability.py): error-versus-reject of every
+6. the expert routing map of ``routing_map_faces`` faces of the first pair set;
+7. with the recognizability heads (evaluate/recognizability.py): error-versus-reject of every
    pair set by the quality head beside the norm and random rejection, the quality against the
    resolution of ``quality_resolution_faces`` faces degraded to ``quality_resolutions`` pixels
    (quality_vs_resolution.png), and the perceptibility attention map (perceptibility_map.png).
@@ -45,6 +47,7 @@ from facemoe_jax.evaluate import (
     adapt_bn,
     embed,
     ijb,
+    lfw,
     plots,
     quality,
     recognizability as ri_eval,
@@ -69,6 +72,7 @@ def check_eval_config(config) -> None:
             raise ValueError(f"config.eval.{field}={path!r} is not a directory")
     synthetic_tinyface.check_config(config)
     adapt_bn.check_config(ev)
+    lfw.check_config(ev)
     sweep.parse_sizes(ev.get("quality_resolutions", ""))
     identities = ev.get("quality_identities", 0)
     per_identity = ev.get("quality_images_per_identity", 8)
@@ -142,9 +146,9 @@ def _quality_identities(config):
 
 def _format(name: str, metrics: dict) -> str:
     if "accuracy" in metrics:
+        std = f" (± {metrics['accuracy_std'] * 100:.2f})" if "accuracy_std" in metrics else ""
         line = (
-            f"eval {name:>18}: accuracy {metrics['accuracy'] * 100:6.2f} % "
-            f"(± {metrics['accuracy_std'] * 100:.2f}), "
+            f"eval {name:>18}: accuracy {metrics['accuracy'] * 100:6.2f} %{std}, "
             f"TAR@FAR=1e-3 {metrics['tar@far=1e-3'] * 100:6.2f} %"
         )
         return "\n".join([line, *_quality_lines(name, metrics)])
@@ -230,6 +234,20 @@ def run_evaluations(model, variables, config, workdir: str, step: int, writer) -
                           for px in sizes}  # fmt: skip
                 points[size] = metrics["accuracy"]
                 resolution_curves[f"{name} ({side})"] = (list(points), list(points.values()))
+
+    if ev.get("lfw_dir", ""):
+        quiet = Progress("embed lfw", 0, enabled=False)  # evaluate_lfw shows its own progress
+        degrade_mode = ev.get("lfw_degrade", "both")
+        lfw_sizes = sweep.parse_sizes(ev.lfw_resolutions, field="config.eval.lfw_resolutions")
+        lfw_result = lfw.evaluate_lfw(
+            lambda images, _flip_test: embed_array(images, quiet), ev.lfw_dir,
+            ev.get("lfw_pairs", "pairsDevTest.txt"), lfw_sizes, degrade_mode, ev.flip_test, size,
+        )  # fmt: skip
+        results.update(lfw_result["rows"])
+        points = {min(m["resolution"], size): m["accuracy"] for m in lfw_result["rows"].values()}
+        resolution_curves[f"lfw_{lfw_result['protocol']} ({degrade_mode})"] = (
+            list(points), list(points.values())
+        )  # fmt: skip
 
     if quality_fn is not None and ev.get("quality_identities", 0) > 0:
         faces, pairs = _quality_identities(config)

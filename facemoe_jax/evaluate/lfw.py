@@ -1,0 +1,472 @@
+r"""LFW (Labeled Faces in the Wild) verification from the aligned image folder and its pairs files.
+
+The two protocols of the LFW pairs files (Huang et al. 2007), chosen by the file's header:
+
+* View 2, ``pairs.txt`` (header ``10 300``): 10 sets, each 300 same-person lines ``name i j``
+  then 300 different-person lines ``name1 i name2 j``. 10-fold accuracy: each set is a fold, its
+  threshold chosen on the other nine (`verification.ten_fold_accuracy` with the file's folds);
+  TAR@FAR over all pairs.
+* View 1, ``pairsDevTest.txt`` (header ``500``) or any one-set file: the threshold is chosen on
+  ``pairsDevTrain.txt`` beside it (same resolution and degradation) and applied to the file's
+  pairs; accuracy and TAR@FAR on those pairs.
+
+Scores are cosines of the L2-normalised embeddings; thresholds follow `verification.py` (squared
+distance ``2 - 2 cos``, grid 0..3.99, strict ``<``, first best). Low resolution (`degrade`): the
+112 px crop is area-resized to N x N and cubic-resized back to the model input; ``both`` degrades
+both faces of every pair, ``probe`` the second only. Each image is read once and embedded once
+per resolution (once in all for the undegraded first faces of ``probe``).
+
+  python -m facemoe_jax.evaluate.lfw --model runs/demo --lfw ../shared/realfaces/lfw \
+      --pairs pairs.txt --resolutions 112,24,16,12,8 --json lfw.json
+
+``--model`` is anything `FaceEncoder.from_checkpoint` opens; ``--lfw`` the LFW folder holding
+``aligned112/`` and the pairs files, or the aligned folder itself. A bad pairs file, a missing
+image or model ends in one ``error:`` line (exit status 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Callable, NamedTuple
+
+import cv2
+import numpy as np
+
+from facemoe_jax import messages
+from facemoe_jax.evaluate import sweep, verification
+from facemoe_jax.evaluate.bin import write_bin_raw
+from facemoe_jax.progress import Progress
+
+ALIGNED_FOLDER = "aligned112"
+VIEW1_TRAIN_FILE = "pairsDevTrain.txt"
+DEGRADE_MODES = ("both", "probe")
+FARS = {"tar@far=1e-2": 1e-2, "tar@far=1e-3": 1e-3}  # row key -> false-accept rate
+_CHUNK = 1024  # images degraded and handed to `embed` at a time (bounds the pixels in memory)
+
+
+class PairsList(NamedTuple):
+    """The pairs of one pairs file, in file order."""
+
+    pairs: list[tuple[str, str]]  # image paths relative to the aligned folder
+    issame: np.ndarray  # (N,) bool
+    folds: np.ndarray  # (N,) int: the file's set of each pair (View 1: all 0)
+
+
+def image_path(name: str, number: int) -> str:
+    """LFW's file name of a person's image number (1-based): 'Name/Name_0001.jpg'."""
+    return f"{name}/{name}_{number:04d}.jpg"
+
+
+def _image_number(token: str, where: str) -> int:
+    if not token.isdigit() or int(token) < 1:
+        raise ValueError(f"{where}: image number {token!r} is not a positive integer")
+    return int(token)
+
+
+def read_pairs(path: str) -> PairsList:
+    """Reads pairs.txt (View 2) or pairsDevTrain/pairsDevTest.txt (View 1).
+
+    Header: ``SETS PAIRS`` (pairs.txt: ``10 300``) or ``PAIRS`` (one set); then each set's PAIRS
+    same-person lines ``name i j`` followed by its PAIRS different-person lines
+    ``name1 i name2 j`` (tab- or space-separated; blank lines ignored).
+
+    Raises:
+      ValueError: naming the file and line of the first malformed line.
+    """
+    try:
+        with open(path) as f:
+            lines = [(n, line.split()) for n, line in enumerate(f, 1) if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read the pairs file {path}: {e}") from None
+    if not lines:
+        raise ValueError(f"{path}: empty pairs file (expected a header such as '10 300')")
+    header_line, header = lines[0]
+    if not (1 <= len(header) <= 2 and all(t.isdigit() and int(t) > 0 for t in header)):
+        raise ValueError(
+            f"{path}, line {header_line}: expected the header 'SETS PAIRS' (pairs.txt: '10 300') "
+            f"or 'PAIRS' (pairsDevTest.txt: '500'), got {' '.join(header)!r}"
+        )
+    num_sets, per_class = (1, int(header[0])) if len(header) == 1 else map(int, header)
+    expected = num_sets * 2 * per_class
+    layout = f"{num_sets} set(s) of {per_class} same + {per_class} different pairs"
+    pairs, issame = [], []
+    for k, (n, tokens) in enumerate(lines[1:]):
+        where = f"{path}, line {n}"
+        if k == expected:
+            raise ValueError(f"{where}: more pairs than the header announces ({layout})")
+        set_index, position = divmod(k, 2 * per_class)
+        same = position < per_class
+        kind = "same-person 'name i j'" if same else "different-person 'name1 i name2 j'"
+        if len(tokens) != (3 if same else 4):
+            raise ValueError(
+                f"{where}: expected a {kind} line (set {set_index + 1}: {per_class} same-person "
+                f"then {per_class} different-person lines), got {' '.join(tokens)!r}"
+            )
+        # A same-person line 'name i j' is 'name i name j'.
+        name1, i, name2, j = (tokens[0], tokens[1], tokens[0], tokens[2]) if same else tokens
+        pairs.append(
+            (image_path(name1, _image_number(i, where)), image_path(name2, _image_number(j, where)))
+        )
+        issame.append(same)
+    if len(pairs) < expected:
+        raise ValueError(
+            f"{path}: {len(pairs)} pair lines, the header announces {expected} ({layout})"
+        )
+    folds = np.arange(len(pairs)) // (2 * per_class)
+    return PairsList(pairs, np.array(issame, bool), folds)
+
+
+def _resize(image: np.ndarray, size: int) -> np.ndarray:
+    """Square image -> size x size: area when shrinking, cubic when enlarging, as is if equal."""
+    if image.shape[0] == size:
+        return image
+    interpolation = cv2.INTER_AREA if size < image.shape[0] else cv2.INTER_CUBIC
+    return cv2.resize(image, (size, size), interpolation=interpolation)
+
+
+def degrade(images: np.ndarray, size: int, model_size: int) -> np.ndarray:
+    """uint8 (N, S, S, 3) crops -> (N, model_size, model_size, 3) with `size` px of information.
+
+    Area-resized down to size x size, then resized to the model input (cubic up); a size >= S
+    only resizes the crop to the model input (area down, cubic up, as is when equal). This is
+    how ../shared/realfaces/README.md measured its low-resolution figures.
+    """
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] != images.shape[2]:
+        raise ValueError(f"degrade takes uint8 (N, S, S, 3) images, got {images.dtype} "
+                         f"{images.shape}")  # fmt: skip
+    if size < 1 or model_size < 1:
+        raise ValueError(f"size={size} and model_size={model_size} must be >= 1 pixel")
+    small = min(int(size), images.shape[1])
+    out = np.empty((len(images), model_size, model_size, images.shape[3]), np.uint8)
+    for k, image in enumerate(images):
+        out[k] = _resize(_resize(image, small), model_size)
+    return out
+
+
+class Protocol(NamedTuple):
+    """What `evaluate_lfw` will evaluate, checked (files exist) before anything is embedded."""
+
+    name: str  # "view2" (k-fold on the file's sets) or "view1" (threshold from the train file)
+    pairs_path: str
+    test: PairsList
+    train_path: str | None  # View 1: pairsDevTrain.txt beside the pairs file
+    train: PairsList | None
+    images_dir: str
+    paths: list[str]  # every image of the test (and train) pairs once, in first-use order
+
+
+def lfw_folders(lfw_dir: str) -> tuple[str, str]:
+    """(aligned image folder, LFW root) of the LFW root or of the aligned folder itself."""
+    if not os.path.isdir(lfw_dir):
+        raise ValueError(f"LFW folder {lfw_dir!r} is not a directory")
+    aligned = os.path.join(lfw_dir, ALIGNED_FOLDER)
+    if os.path.isdir(aligned):
+        return aligned, lfw_dir
+    return lfw_dir, os.path.dirname(os.path.abspath(lfw_dir))
+
+
+def find_pairs_file(root: str, pairs_file: str) -> str:
+    """The pairs file: an absolute path, or one relative to the LFW root (else to the cwd)."""
+    if os.path.isabs(pairs_file):
+        candidates = [pairs_file]
+    else:
+        candidates = [os.path.join(root, pairs_file), pairs_file]
+    for candidate in candidates:
+        if os.path.isfile(candidate):
+            return candidate
+    raise ValueError(f"pairs file {pairs_file!r} not found (looked for {' and '.join(candidates)})")
+
+
+def load_protocol(lfw_dir: str, pairs_file: str) -> Protocol:
+    """Reads the pairs file (and View 1's train file) and checks that every image exists."""
+    images_dir, root = lfw_folders(lfw_dir)
+    pairs_path = find_pairs_file(root, pairs_file)
+    test = read_pairs(pairs_path)
+    train_path = train = None
+    name = "view2" if len(np.unique(test.folds)) > 1 else "view1"
+    if name == "view1":
+        train_path = os.path.join(os.path.dirname(pairs_path), VIEW1_TRAIN_FILE)
+        if not os.path.isfile(train_path):
+            raise ValueError(
+                f"{pairs_path} is one set of pairs (View 1): its threshold is chosen on "
+                f"{VIEW1_TRAIN_FILE} beside it, which is missing ({train_path})"
+            )
+        train = read_pairs(train_path)
+    paths, seen = [], set()
+    for pairs_list, source in ((test, pairs_path), (train, train_path)):
+        for pair in pairs_list.pairs if pairs_list is not None else ():
+            for path in pair:
+                if path in seen:
+                    continue
+                if not os.path.isfile(os.path.join(images_dir, path)):
+                    raise ValueError(f"image {os.path.join(images_dir, path)} of the pairs file "
+                                     f"{source} does not exist")  # fmt: skip
+                seen.add(path)
+                paths.append(path)
+    return Protocol(name, pairs_path, test, train_path, train, images_dir, paths)
+
+
+def _read_image(path: str) -> np.ndarray:
+    image = cv2.imread(path, cv2.IMREAD_COLOR)
+    if image is None:
+        raise ValueError(f"image {path} is not a decodable JPEG/PNG")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def _load_images(protocol: Protocol) -> np.ndarray:
+    """uint8 (U, S, S, 3) RGB, protocol.paths in order; all crops must share one square size."""
+    images = []
+    with Progress("read lfw", len(protocol.paths)) as progress:
+        for path in protocol.paths:
+            images.append(_read_image(os.path.join(protocol.images_dir, path)))
+            if images[-1].shape != images[0].shape or images[-1].shape[0] != images[-1].shape[1]:
+                raise ValueError(
+                    f"image {os.path.join(protocol.images_dir, path)} is {images[-1].shape[:2]}, "
+                    f"expected square crops of one size like {protocol.paths[0]} "
+                    f"{images[0].shape[:2]}"
+                )
+            progress.update()
+    return np.stack(images)
+
+
+def row_name(protocol_name: str, size: int, degrade_mode: str) -> str:
+    """results.json key of one row: 'lfw_view1@12px' (both faces) or 'lfw_view1@probe12px'."""
+    return sweep.entry_name(f"lfw_{protocol_name}", size, degrade_mode)
+
+
+def _pair_indices(pairs_list: PairsList, index: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+    return (np.array([index[a] for a, _ in pairs_list.pairs]),
+            np.array([index[b] for _, b in pairs_list.pairs]))  # fmt: skip
+
+
+def _tars(distances: np.ndarray, issame: np.ndarray) -> dict[str, float]:
+    scores = 1.0 - distances / 2.0  # the cosine
+    return {key: verification.tar_at_far(scores, issame, far) for key, far in FARS.items()}
+
+
+def evaluate_lfw(
+    embed: Callable[[np.ndarray, bool], np.ndarray],
+    lfw_dir: str,
+    pairs_file: str,
+    resolutions=(112,),
+    degrade_mode: str = "both",
+    flip_test: bool = False,
+    model_size: int = 112,
+) -> dict:
+    """LFW verification at each resolution (see the module docstring for the protocols).
+
+    Args:
+      embed: ``embed(images uint8 (N, model_size, model_size, 3), flip_test) -> (N, D)``, e.g.
+        `FaceEncoder.embed`; normalised or not.
+      lfw_dir: the LFW folder (holding aligned112/) or the aligned folder itself.
+      pairs_file: absolute, or relative to the LFW folder ("pairs.txt", "pairsDevTest.txt").
+      resolutions: pixel sizes; >= the crop size means the crop as it is.
+      degrade_mode: "both" faces of every pair, or the second ("probe") only.
+    Returns:
+      {"protocol", "pairs_file", "threshold_pairs_file" (View 1), "pairs", "images", "degrade",
+       "flip_test", "model_size", "rows": {row_name: metrics}}; View 2 metrics: accuracy,
+      accuracy_std, best_threshold (mean of the folds'), tar@far=1e-2, tar@far=1e-3; View 1:
+      accuracy, best_threshold (chosen on the train pairs), train_accuracy, the TARs.
+    """
+    if degrade_mode not in DEGRADE_MODES:
+        raise ValueError(f"degrade_mode={degrade_mode!r} is not one of {DEGRADE_MODES}")
+    resolutions = [int(r) for r in resolutions]
+    if not resolutions or min(resolutions) < 1:
+        raise ValueError(f"resolutions={resolutions} must be one or more sizes >= 1 pixel")
+    protocol = load_protocol(lfw_dir, pairs_file)
+    images = _load_images(protocol)
+    crop_size = images.shape[1]
+    index = {path: k for k, path in enumerate(protocol.paths)}
+    sets = {"test": _pair_indices(protocol.test, index)}
+    if protocol.train is not None:
+        sets["train"] = _pair_indices(protocol.train, index)
+    firsts = np.unique(np.concatenate([a for a, _ in sets.values()]))
+    seconds = np.unique(np.concatenate([b for _, b in sets.values()]))
+
+    embeddings = {}  # effective size -> (U, D) rows filled for the images embedded at that size
+
+    def embedded(size: int, wanted: np.ndarray, label: str) -> np.ndarray:
+        table, done = embeddings.get(size, (None, np.zeros(len(images), bool)))
+        todo = wanted[~done[wanted]]
+        if not len(todo):
+            return table
+        with Progress(f"embed {label}", len(todo)) as progress:
+            for start in range(0, len(todo), _CHUNK):
+                chunk = todo[start : start + _CHUNK]
+                rows = np.asarray(embed(degrade(images[chunk], size, model_size), flip_test))
+                if table is None:
+                    table = np.zeros((len(images), rows.shape[1]), np.float64)
+                table[chunk] = rows
+                done[chunk] = True
+                progress.update(len(chunk))
+        embeddings[size] = (table, done)
+        return table
+
+    rows = {}
+    for size in resolutions:
+        name = row_name(protocol.name, size, degrade_mode)
+        effective = min(size, crop_size)  # every size >= the crop is the crop as it is
+        if degrade_mode == "both":
+            first = second = embedded(effective, np.arange(len(images)), name)
+        else:
+            first = embedded(crop_size, firsts, f"{name} (gallery faces)")
+            second = embedded(effective, seconds, name)
+        distances = {
+            key: verification.pair_distances(first[a], second[b]) for key, (a, b) in sets.items()
+        }
+        test_same = protocol.test.issame
+        if protocol.name == "view2":
+            metrics = verification.ten_fold_accuracy(
+                distances["test"], test_same, folds=protocol.test.folds
+            )
+        else:
+            threshold = verification.best_threshold(distances["train"], protocol.train.issame)
+            metrics = {
+                "accuracy": float(np.mean((distances["test"] < threshold) == test_same)),
+                "best_threshold": threshold,
+                "train_accuracy": float(
+                    np.mean((distances["train"] < threshold) == protocol.train.issame)
+                ),
+            }
+        rows[name] = {"resolution": size, **metrics, **_tars(distances["test"], test_same)}
+    return {
+        "protocol": protocol.name,
+        "pairs_file": protocol.pairs_path,
+        "threshold_pairs_file": protocol.train_path,
+        "pairs": len(protocol.test.pairs),
+        "images": len(protocol.paths),
+        "degrade": degrade_mode,
+        "flip_test": bool(flip_test),
+        "model_size": int(model_size),
+        "rows": rows,
+    }
+
+
+def check_config(ev) -> None:
+    """config.eval's LFW fields (lfw_dir, lfw_pairs, lfw_resolutions, lfw_degrade): fails fast,
+    naming the field, on values that can never work; reads the pairs files, stats the images."""
+    lfw_dir = ev.get("lfw_dir", "")
+    if not lfw_dir:
+        return
+    if not os.path.isdir(lfw_dir):
+        raise ValueError(f"config.eval.lfw_dir={lfw_dir!r} is not a directory")
+    spec = ev.get("lfw_resolutions", "112")
+    if not sweep.parse_sizes(spec, field="config.eval.lfw_resolutions"):
+        raise ValueError(f"config.eval.lfw_resolutions={spec!r} names no size")
+    if ev.get("lfw_degrade", "both") not in DEGRADE_MODES:
+        raise ValueError(
+            f"config.eval.lfw_degrade={ev.get('lfw_degrade')!r} is not one of {DEGRADE_MODES}"
+        )
+    try:
+        load_protocol(lfw_dir, ev.get("lfw_pairs", "pairsDevTest.txt"))
+    except ValueError as e:
+        raise ValueError(f"config.eval.lfw_dir / lfw_pairs: {e}") from None
+
+
+def write_pairs_bin(pairs_file: str, images_dir: str, out_path: str) -> int:
+    """Packs the pairs of an LFW pairs file as an insightface verification `.bin` (images img1,
+    img2 of each pair in file order, their bytes as they are); returns the number of pairs.
+
+    Every image must exist and decode (a pair is never dropped: that would shift the folds).
+    The `.bin` protocol's 10 contiguous folds are pairs.txt's 10 sets. images_dir: the aligned
+    folder or the LFW folder holding aligned112/; pairs_file: absolute, relative to the LFW
+    folder or to the working directory."""
+    images_dir, root = lfw_folders(images_dir)
+    pairs_file = find_pairs_file(root, pairs_file)
+    pairs_list = read_pairs(pairs_file)
+    encoded = {}
+    with Progress("pack pairs", 2 * len(pairs_list.pairs)) as progress:
+        for pair in pairs_list.pairs:
+            for path in pair:
+                if path not in encoded:
+                    full = os.path.join(images_dir, path)
+                    if not os.path.isfile(full):
+                        raise ValueError(
+                            f"image {full} of the pairs file {pairs_file} does not exist"
+                        )
+                    with open(full, "rb") as f:
+                        data = f.read()
+                    if cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) is None:
+                        raise ValueError(f"image {full} is not a decodable JPEG/PNG")
+                    encoded[path] = data
+                progress.update()
+    write_bin_raw(out_path, [encoded[p] for pair in pairs_list.pairs for p in pair],
+                  pairs_list.issame)  # fmt: skip
+    return len(pairs_list.pairs)
+
+
+def format_table(result: dict) -> str:
+    """The rows as a table: resolution, accuracy (± std for View 2), TAR@FAR=1e-2 and 1e-3."""
+    view = {"view2": "View 2 (10-fold, folds from the file)", "view1": "View 1 (threshold from "
+            f"{os.path.basename(result['threshold_pairs_file'] or '')})"}[result["protocol"]]  # fmt: skip
+    faces = "both faces" if result["degrade"] == "both" else "the second face of each pair"
+    lines = [
+        f"LFW {view}: {os.path.basename(result['pairs_file'])}, {result['pairs']} pairs, "
+        f"{result['images']} images; {faces} degraded; flip test "
+        f"{'on' if result['flip_test'] else 'off'}; model input {result['model_size']} px",
+        f"{'resolution':>10}  {'accuracy':>17}  {'TAR@FAR=1e-2':>12}  {'TAR@FAR=1e-3':>12}",
+    ]
+    for metrics in result["rows"].values():
+        accuracy = f"{metrics['accuracy'] * 100:.2f} %"
+        if "accuracy_std" in metrics:
+            accuracy += f" ± {metrics['accuracy_std'] * 100:.2f}"
+        lines.append(
+            f"{metrics['resolution']:>7} px  {accuracy:>17}  {metrics['tar@far=1e-2']:>12.3f}  "
+            f"{metrics['tar@far=1e-3']:>12.3f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True,
+                        help="a workdir, an export dir, a .pt/.safetensors (config.json beside "
+                             "it) or anything else FaceEncoder.from_checkpoint opens")  # fmt: skip
+    parser.add_argument("--lfw", required=True, help="LFW folder (with aligned112/) or aligned112")
+    parser.add_argument("--pairs", default="pairs.txt",
+                        help="pairs file, absolute or relative to the LFW folder: pairs.txt "
+                             "(View 2, 10-fold) or pairsDevTest.txt (View 1)")  # fmt: skip
+    parser.add_argument("--resolutions", default="112,24,16,12,8", help="pixel sizes")
+    parser.add_argument("--degrade", choices=DEGRADE_MODES, default="both",
+                        help="degrade both faces of a pair or the second (probe) only")  # fmt: skip
+    parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
+                        help="flip test: add the embedding of the mirror image")  # fmt: skip
+    parser.add_argument("--json", metavar="FILE", help="write the results here as JSON")
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args(argv)
+    try:
+        sizes = sweep.parse_sizes(args.resolutions, field="--resolutions")
+        if not sizes:
+            raise ValueError(f"--resolutions={args.resolutions!r} names no size")
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size={args.batch_size} must be >= 1")
+        load_protocol(args.lfw, args.pairs)  # a bad pairs file or a missing image: before the model
+        if not os.path.exists(args.model):
+            raise ValueError(f"--model {args.model} does not exist")
+        from facemoe_jax.encoder import FaceEncoder  # builds models: not needed for --help
+
+        encoder = FaceEncoder.from_checkpoint(args.model)
+
+        def embed(images, flip_test):
+            return encoder.embed(images, flip_test=flip_test, batch_size=args.batch_size)
+
+        result = evaluate_lfw(embed, args.lfw, args.pairs, sizes, args.degrade, args.flip,
+                              encoder.image_size)  # fmt: skip
+        if args.json:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            with open(args.json, "w") as f:
+                json.dump({"model": os.path.abspath(args.model), **result}, f, indent=2)
+    except (ValueError, OSError) as e:
+        messages.error(e)
+        sys.exit(2)
+    print(format_table(result), flush=True)
+    if args.json:
+        print(f"wrote {args.json}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
