@@ -10,8 +10,13 @@ r"""Converters: image folders -> RecordIO, RecordIO -> ArrayRecord.
       header, label, encoded image) and OUT/meta.json with num_images and num_classes, for
       ``config.data.train = "arrayrecord:OUT"``.
 
-Both print the counts to put into ``config.data.num_classes`` / ``num_images`` and show progress
-with an ETA (one updating line on a terminal, a line every 30 s in a log).
+  python -m facemoe_jax.data.pack --pairs pairs.txt --images ALIGNED_DIR --out FILE.bin
+      An LFW pairs file (pairs.txt, pairsDevTest.txt, ...) with its aligned images -> an
+      insightface verification .bin (images img1, img2 of each pair in file order, bytes as
+      they are; evaluate/lfw.py `write_pairs_bin`), the layout of insightface's lfw.bin.
+
+The first two print the counts to put into ``config.data.num_classes`` / ``num_images``; all
+show progress with an ETA (one updating line on a terminal, a line every 30 s in a log).
 
 Images that do not decode (empty, truncated, not an image: the training decoder's test) are
 listed with their paths, written to ``OUT/skipped_images.txt`` and left out; an identity left
@@ -126,7 +131,10 @@ def main(argv=None) -> None:
     given = parser.add_mutually_exclusive_group(required=True)
     given.add_argument("--images", help="folder with one sub-folder of images per identity")
     given.add_argument("--recordio", help="RecordIO folder (train.rec/.idx) or .rec path")
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--out", required=True, help="output folder (with --pairs: the .bin file)")
+    parser.add_argument(
+        "--pairs", help="with --images (an aligned LFW folder): pack this pairs file as a .bin"
+    )
     parser.add_argument(
         "--to-array-record", action="store_true", help="with --recordio: write ArrayRecord"
     )
@@ -144,7 +152,16 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.recordio and not args.to_array_record:
         parser.error("--recordio needs --to-array-record (the only conversion from RecordIO)")
+    if args.pairs and not args.images:
+        parser.error("--pairs needs --images, the folder of the aligned images it names")
     try:
+        if args.pairs:
+            # evaluate/ sits above data/: imported only for this conversion.
+            from facemoe_jax.evaluate.lfw import write_pairs_bin
+
+            num_pairs = write_pairs_bin(args.pairs, args.images, args.out)
+            print(f"wrote {args.out}: {num_pairs} pairs, {2 * num_pairs} images")
+            return
         if args.images:
             num_images, num_classes = pack_image_folder(
                 args.images, args.out, args.fail_on_bad_images, args.workers

@@ -4,10 +4,14 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from facemoe_jax.data import pack, recordio
+from facemoe_jax.evaluate import bin as bin_lib
+from facemoe_jax.evaluate import lfw, verification
 from tests.data.test_recordio import jpeg
+from tests.evaluate.test_lfw import make_fake_lfw, random_sets, toy_embed, write_pairs_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -78,3 +82,40 @@ def test_missing_input_ends_in_one_error_line_and_no_traceback(tmp_path, args, m
     assert result.returncode == 2
     assert result.stderr.strip() == message
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_pairs_bin_evaluates_like_the_folder_protocol(tmp_path, capsys):
+    # A View 2 file of 10 sets: the .bin protocol's 10 contiguous folds are the file's sets, so
+    # the .bin path (load_bin, 10 contiguous folds) and the folder protocol give the same numbers.
+    names = make_fake_lfw(tmp_path, people=5, images_per_person=3, size=32)
+    write_pairs_file(tmp_path / "pairs.txt", random_sets(names, 10, 2, images_per_person=3))
+    pairs, issame, folds = lfw.read_pairs(str(tmp_path / "pairs.txt"))
+    for f, idx in enumerate(verification.contiguous_folds(len(pairs), 10)):
+        assert (folds[idx] == f).all()
+    out = tmp_path / "out" / "lfw.bin"
+    pack.main(["--pairs", "pairs.txt", "--images", str(tmp_path / lfw.ALIGNED_FOLDER),
+               "--out", str(out)])  # fmt: skip
+    assert "wrote" in capsys.readouterr().out
+    bins, bin_same = bin_lib.read_bin_raw(str(out))
+    aligned = tmp_path / lfw.ALIGNED_FOLDER
+    assert bins == [(aligned / p).read_bytes() for pair in pairs for p in pair]  # bytes as is
+    np.testing.assert_array_equal(bin_same, issame)
+
+    images_a, images_b, _ = bin_lib.load_bin(str(out), 32)
+    from_bin = verification.verification_metrics(
+        toy_embed(images_a, False), toy_embed(images_b, False), bin_same
+    )
+    folder = lfw.evaluate_lfw(toy_embed, str(tmp_path), "pairs.txt", (32,), model_size=32)
+    row = folder["rows"]["lfw_view2@32px"]
+    for key in ("accuracy", "accuracy_std", "best_threshold", "tar@far=1e-3"):
+        assert row[key] == pytest.approx(from_bin[key], abs=1e-12), key
+
+
+def test_pairs_bin_errors_are_one_line(tmp_path, capsys):
+    names = make_fake_lfw(tmp_path, people=2, images_per_person=2, size=16)
+    write_pairs_file(tmp_path / "pairs.txt", [([(names[0], 1, 3)], [(names[0], 1, names[1], 1)])])
+    with pytest.raises(SystemExit) as done:
+        pack.main(["--pairs", "pairs.txt", "--images", str(tmp_path), "--out", "x.bin"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert done.value.code == 2 and len(lines) == 1
+    assert lines[0].startswith("error: image ") and "P0_0003.jpg" in lines[0]
