@@ -267,8 +267,8 @@ def evaluate_lfw(
       resolutions: pixel sizes; >= the crop size means the crop as it is.
       degrade_mode: "both" faces of every pair, or the second ("probe") only.
     Returns:
-      {"protocol", "pairs_file", "threshold_pairs_file" (View 1), "pairs", "images", "degrade",
-       "flip_test", "model_size", "rows": {row_name: metrics}}; View 2 metrics: accuracy,
+      {"protocol", "pairs_file", "threshold_pairs_file" (View 1), "pairs", "folds", "images",
+       "degrade", "flip_test", "model_size", "rows": {row_name: metrics}}; View 2 metrics: accuracy,
       accuracy_std, best_threshold (mean of the folds'), tar@far=1e-2, tar@far=1e-3; View 1:
       accuracy, best_threshold (chosen on the train pairs), train_accuracy, the TARs.
     """
@@ -338,6 +338,7 @@ def evaluate_lfw(
         "pairs_file": protocol.pairs_path,
         "threshold_pairs_file": protocol.train_path,
         "pairs": len(protocol.test.pairs),
+        "folds": int(len(np.unique(protocol.test.folds))),
         "images": len(protocol.paths),
         "degrade": degrade_mode,
         "flip_test": bool(flip_test),
@@ -401,8 +402,10 @@ def write_pairs_bin(pairs_file: str, images_dir: str, out_path: str) -> int:
 
 def format_table(result: dict) -> str:
     """The rows as a table: resolution, accuracy (± std for View 2), TAR@FAR=1e-2 and 1e-3."""
-    view = {"view2": "View 2 (10-fold, folds from the file)", "view1": "View 1 (threshold from "
-            f"{os.path.basename(result['threshold_pairs_file'] or '')})"}[result["protocol"]]  # fmt: skip
+    if result["protocol"] == "view2":
+        view = f"View 2 ({result['folds']}-fold, the folds of the file)"
+    else:
+        view = f"View 1 (threshold from {os.path.basename(result['threshold_pairs_file'])})"
     faces = "both faces" if result["degrade"] == "both" else "the second face of each pair"
     lines = [
         f"LFW {view}: {os.path.basename(result['pairs_file'])}, {result['pairs']} pairs, "
