@@ -51,6 +51,7 @@ Images stay uint8 all the way to the device: the jitted step normalises them wit
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -91,26 +92,128 @@ def normalize_images(images):
 
 
 def decode_image(data, key: str = "?") -> np.ndarray:
-    """Encoded JPEG/PNG/BMP bytes -> uint8 (H, W, 3) RGB; a decoded (H, W, 3) array passes.
+    """Encoded image bytes (JPEG, PNG, BMP, WebP, TIFF, PNM, JPEG 2000) -> uint8 (H, W, 3) RGB.
+
+    A decoded (H, W[, C]) RGB(A) or greyscale array of 8 or 16 bits is converted the same way
+    (uint8 RGB arrays pass unchanged); ``decode_image_converting`` says what is converted, how.
 
     Raises:
       BadRecordError: naming ``key`` if the bytes are empty, truncated (a JPEG without its end
-        marker, a PNG without its IEND chunk) or not decodable.
+        marker, a PNG without its IEND chunk), not decodable or of an unsupported pixel type.
     """
-    if isinstance(data, np.ndarray) and data.ndim == 3:
-        return data
+    return decode_image_converting(data, key, describe=False)[0]
+
+
+def decode_image_converting(data, key: str = "?", describe: bool = True):
+    """(uint8 (H, W, 3) RGB image, the conversions it took: () for a file of 8-bit colour).
+
+    Conversions, named in the tuple as the pre-check of image folders counts them:
+      "greyscale"  one channel (or a greyscale JPEG) repeated into three;
+      "CMYK"       a CMYK/YCCK JPEG, converted by the JPEG decoder;
+      "alpha"      an alpha channel dropped: the stored colour is kept, as OpenCV's
+                   ``IMREAD_COLOR`` (the decoder before these conversions) did, so packs
+                   written before decode to the same pixels;
+      "16-bit"     (or "maximum M" for a PNM whose largest value is M, not 255) scaled to 8
+                   bits with rounding, ``round(v * 255 / max)``, not truncated to the high byte.
+    JPEGs are oriented by their EXIF tag (OpenCV's ``IMREAD_COLOR`` applies it); other formats
+    are decoded with ``IMREAD_UNCHANGED``, which ignores orientation tags. ``describe=False``
+    skips reading the JPEG header (the training decode needs only the pixels).
+    """
+    decoded = isinstance(data, np.ndarray) and data.ndim in (2, 3)
+    if decoded and data.dtype == np.uint8 and data.ndim == 3 and data.shape[2] == 3:
+        return data, ()  # the common case first: synthetic and TFDS sources
+    if decoded:
+        try:
+            return _converted(data, "rgb", None)
+        except ValueError as e:
+            raise BadRecordError(f"{key}: {e}") from None
     buffer = np.frombuffer(data, np.uint8) if isinstance(data, bytes) else np.asarray(data)
     if buffer.size == 0:
         raise BadRecordError(f"{key}: empty image")
     head, tail = buffer[:8].tobytes(), buffer[-16:].tobytes().rstrip(b"\0")
-    if head[:2] == b"\xff\xd8" and not tail.endswith(b"\xff\xd9"):
-        raise BadRecordError(f"{key}: truncated JPEG (no end-of-image marker)")
+    if head[:2] == b"\xff\xd8":
+        if not tail.endswith(b"\xff\xd9"):
+            raise BadRecordError(f"{key}: truncated JPEG (no end-of-image marker)")
+        image = cv2.imdecode(buffer, _IMREAD_RGB or cv2.IMREAD_COLOR)
+        if image is None:
+            raise BadRecordError(f"{key}: not a decodable image ({buffer.size} bytes)")
+        if not _IMREAD_RGB:
+            image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        components = _jpeg_components(buffer) if describe else 3
+        return image, {1: ("greyscale",), 4: ("CMYK",)}.get(components, ())
     if head[:8] == b"\x89PNG\r\n\x1a\n" and b"IEND" not in tail:
         raise BadRecordError(f"{key}: truncated PNG (no IEND chunk)")
-    image = cv2.imdecode(buffer, _IMREAD_RGB or cv2.IMREAD_COLOR)
+    image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
     if image is None:
         raise BadRecordError(f"{key}: not a decodable image ({buffer.size} bytes)")
-    return image if _IMREAD_RGB else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    try:
+        return _converted(image, "bgr", _binary_pnm_maxval(head, buffer))
+    except ValueError as e:
+        raise BadRecordError(f"{key}: {e}") from None
+
+
+def _converted(image: np.ndarray, order: str, maxval: int | None):
+    """(uint8 RGB image, conversions) of a decoded array in channel `order` ("bgr" or "rgb").
+
+    `maxval`: the largest value the array's depth stands for when it is not the dtype's own
+    (a binary PNM says it in its header; OpenCV returns its samples unscaled)."""
+    if image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3 and maxval is None:
+        return (image if order == "rgb" else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)), ()
+    conversions = []
+    if image.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"{image.dtype} pixels are not supported (8 or 16 bits per sample)")
+    if image.ndim == 3 and image.shape[2] in (2, 4):  # grey + alpha, colour + alpha
+        image = image[..., : image.shape[2] - 1]
+        conversions.append("alpha")
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[..., 0]
+    if image.ndim != 2 and not (image.ndim == 3 and image.shape[2] == 3):
+        raise ValueError(f"image of shape {image.shape} is neither greyscale nor colour")
+    full = maxval or np.iinfo(image.dtype).max
+    if full != 255:
+        conversions.append("16-bit" if full == 65535 else f"maximum {full}")
+        wide = image.astype(np.uint32)  # v * 255 fits; exact integer rounding to nearest
+        image = ((wide * 255 + full // 2) // full).astype(np.uint8)
+    if image.ndim == 2:
+        conversions.insert(0, "greyscale")
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB), tuple(conversions)
+    if order == "bgr":
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return np.ascontiguousarray(image), tuple(conversions)
+
+
+def _binary_pnm_maxval(head: bytes, buffer: np.ndarray) -> int | None:
+    """The maximum sample value of a binary PGM/PPM (P5/P6) when it is not 255 or 65535.
+
+    OpenCV returns binary PNM samples as stored (0 .. maxval) but scales ASCII ones (P2/P3)
+    below 256 to 255 itself, so only the binary ones need the header's maxval.
+    """
+    if head[:2] not in (b"P5", b"P6"):
+        return None
+    header = buffer[:512].tobytes()
+    fields = re.sub(rb"#[^\n]*", b" ", header[2:]).split()
+    if len(fields) < 3 or not fields[2].isdigit():
+        return None
+    maxval = int(fields[2])
+    return None if maxval in (255, 65535) or not 0 < maxval < 65536 else maxval
+
+
+def _jpeg_components(buffer: np.ndarray) -> int:
+    """Colour components of a JPEG (1 greyscale, 3 YCbCr/RGB, 4 CMYK/YCCK) from its frame
+    header; 3 if the header cannot be found in the first 64 KiB."""
+    data = buffer[:65536].tobytes()
+    position = 2
+    while position + 4 <= len(data) and data[position] == 0xFF:
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        length = int.from_bytes(data[position + 2 : position + 4], "big")
+        # SOF0..SOF15 but DHT (C4), JPG (C8) and DAC (CC): precision, height, width, components.
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return data[position + 9] if position + 9 < len(data) else 3
+        position += 2 + length
+    return 3
 
 
 class _DecodeAndResize:

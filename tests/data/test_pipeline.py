@@ -1,6 +1,7 @@
 """The grain training pipeline, normalisation and evaluation batches."""
 
 import json
+import os
 
 import cv2
 import jax.numpy as jnp
@@ -346,3 +347,171 @@ def test_fused_record_stream_equals_grain_shuffle_repeat_map_random_map():
         np.testing.assert_array_equal(got["image"], augmented[position])
         skipped += "skipped" in got
     assert skipped >= 6  # every bad record of each epoch was replaced
+
+
+# ---- Decoding what real folders hold: every kind to uint8 RGB, against numpy references.
+
+LFW = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    "..", "shared", "realfaces", "lfw", "aligned112",
+)  # fmt: skip
+
+
+def colour_image(height=24, width=32, seed=0) -> np.ndarray:
+    """RGB test image: smooth gradients plus noise (every channel different)."""
+    y, x = np.mgrid[0:height, 0:width]
+    noise = np.random.default_rng(seed).integers(0, 40, (height, width, 3))
+    base = np.dstack([x * 200 // width, y * 200 // height, (x + y) * 100 // (height + width)])
+    return (base + noise).astype(np.uint8)
+
+
+def encode(ext: str, image: np.ndarray, *params) -> bytes:
+    """OpenCV-encoded bytes of an RGB(A) or greyscale image (OpenCV writes BGR(A))."""
+    if image.ndim == 3:
+        image = cv2.cvtColor(
+            image, cv2.COLOR_RGB2BGR if image.shape[2] == 3 else cv2.COLOR_RGBA2BGRA
+        )
+    ok, data = cv2.imencode(ext, image, list(params))
+    assert ok
+    return data.tobytes()
+
+
+def exif_orientation_segment(orientation: int) -> bytes:
+    """A JPEG APP1 segment holding an EXIF IFD with only the Orientation tag (0x0112)."""
+    tiff = (
+        b"MM\x00\x2a" + (8).to_bytes(4, "big") + (1).to_bytes(2, "big")
+        + (0x0112).to_bytes(2, "big") + (3).to_bytes(2, "big") + (1).to_bytes(4, "big")
+        + orientation.to_bytes(2, "big") + b"\x00\x00" + (0).to_bytes(4, "big")
+    )  # fmt: skip
+    payload = b"Exif\x00\x00" + tiff
+    return b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload
+
+
+def test_decode_converts_every_kind_to_8_bit_rgb_against_numpy():
+    rgb = colour_image()
+    grey = rgb[..., 1]
+    deep = (
+        rgb.astype(np.uint16) * 257 + np.arange(rgb.size, dtype=np.uint16).reshape(rgb.shape) % 200
+    )
+    scaled = np.floor(deep / 257.0 + 0.5).astype(np.uint8)  # 65535 -> 255, rounding
+    assert not np.array_equal(scaled, (deep >> 8).astype(np.uint8))  # truncation would differ
+    alpha = np.dstack([rgb, np.arange(grey.size, dtype=np.uint8).reshape(grey.shape)])
+    cases = {
+        "png": (encode(".png", rgb), rgb, ()),
+        "bmp": (encode(".bmp", rgb), rgb, ()),
+        "tiff": (encode(".tiff", rgb), rgb, ()),
+        "ppm": (encode(".ppm", rgb), rgb, ()),
+        "grey png": (encode(".png", grey), np.dstack([grey] * 3), ("greyscale",)),
+        "pgm": (encode(".pgm", grey), np.dstack([grey] * 3), ("greyscale",)),
+        "pbm": (
+            encode(".pbm", (grey > 100).astype(np.uint8) * 255),
+            np.dstack([(grey > 100) * 255] * 3),
+            ("greyscale",),
+        ),  # fmt: skip
+        "16-bit png": (encode(".png", deep), scaled, ("16-bit",)),
+        "16-bit tiff": (encode(".tiff", deep), scaled, ("16-bit",)),
+        "16-bit grey png": (
+            encode(".png", deep[..., 0]),
+            np.dstack([scaled[..., 0]] * 3),
+            ("greyscale", "16-bit"),
+        ),  # fmt: skip
+        "alpha png": (encode(".png", alpha), rgb, ("alpha",)),  # alpha dropped, colour kept
+    }
+    for name, (data, want, conversions) in cases.items():
+        image, done = pipeline.decode_image_converting(data, name)
+        assert image.dtype == np.uint8 and image.shape == (24, 32, 3), name
+        np.testing.assert_array_equal(image, want, err_msg=name)
+        assert done == conversions, name
+        np.testing.assert_array_equal(pipeline.decode_image(data, name), want, err_msg=name)
+
+
+def test_binary_pnm_with_its_own_maximum_is_scaled_to_255():
+    values = np.array([[0, 300, 511, 1023]], np.uint16)
+    data = b"P5\n# ten bits\n4 1\n1023\n" + values.astype(">u2").tobytes()
+    image, conversions = pipeline.decode_image_converting(data)
+    want = np.floor(values.astype(np.float64) * 255 / 1023 + 0.5).astype(np.uint8)
+    np.testing.assert_array_equal(image, np.dstack([want] * 3))
+    assert conversions == ("greyscale", "maximum 1023")
+    small = b"P5\n3 1\n15\n" + bytes([0, 7, 15])  # 8-bit samples, maximum 15
+    np.testing.assert_array_equal(pipeline.decode_image(small)[0, :, 0], [0, 119, 255])
+
+
+def test_jpegs_greyscale_cmyk_and_exif_orientation():
+    rgb = colour_image(32, 48)
+    grey_jpeg = encode(".jpg", rgb[..., 0], cv2.IMWRITE_JPEG_QUALITY, 95)
+    image, conversions = pipeline.decode_image_converting(grey_jpeg)
+    reference = cv2.imdecode(np.frombuffer(grey_jpeg, np.uint8), cv2.IMREAD_GRAYSCALE)
+    np.testing.assert_array_equal(image, np.dstack([reference] * 3))
+    assert conversions == ("greyscale",)
+    # Orientation 6: the stored picture is shown turned 90 degrees clockwise.
+    jpeg = encode(".jpg", rgb, cv2.IMWRITE_JPEG_QUALITY, 95)
+    upright = pipeline.decode_image(jpeg)
+    turned = pipeline.decode_image(jpeg[:2] + exif_orientation_segment(6) + jpeg[2:])
+    np.testing.assert_array_equal(turned, np.rot90(upright, k=-1))
+    bgr = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+    np.testing.assert_array_equal(upright, bgr[..., ::-1])
+    pil = pytest.importorskip("PIL.Image")  # OpenCV writes no CMYK JPEG
+    import io
+
+    buffer = io.BytesIO()
+    pil.fromarray(rgb).convert("CMYK").save(buffer, "JPEG", quality=95)
+    image, conversions = pipeline.decode_image_converting(buffer.getvalue())
+    reference = np.asarray(pil.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
+    assert conversions == ("CMYK",) and np.abs(image.astype(int) - reference).max() <= 2
+
+
+def test_jpeg_2000_decodes_where_opencv_has_the_codec():
+    rgb = cv2.resize(colour_image(), (64, 64), interpolation=cv2.INTER_AREA)
+    try:
+        data = encode(".jp2", rgb)
+    except cv2.error:
+        pytest.skip("this OpenCV build writes no JPEG 2000")
+    image, conversions = pipeline.decode_image_converting(data)
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    np.testing.assert_array_equal(image, bgr[..., ::-1])  # OpenCV's pixels, in RGB order
+    assert conversions == () and np.abs(image.astype(int) - rgb).mean() < 5  # lossy codec
+
+
+def test_decoded_arrays_are_converted_too_and_floats_refused():
+    rgb = colour_image()
+    assert pipeline.decode_image(rgb) is rgb  # the common case, untouched
+    np.testing.assert_array_equal(pipeline.decode_image(rgb[..., 0]), np.dstack([rgb[..., 0]] * 3))
+    deep = rgb.astype(np.uint16) * 257
+    np.testing.assert_array_equal(pipeline.decode_image(deep), rgb)
+    with pytest.raises(pipeline.BadRecordError, match="k3: float32 pixels are not supported"):
+        pipeline.decode_image(rgb.astype(np.float32), "k3")
+
+
+def test_decode_and_resize_takes_any_size_to_the_model_size():
+    big, small = colour_image(50, 40), colour_image(10, 12)
+    resize = pipeline._DecodeAndResize(16)
+    got = resize({"image": encode(".png", big), "label": 0})["image"]
+    np.testing.assert_array_equal(got, cv2.resize(big, (16, 16), interpolation=cv2.INTER_AREA))
+    got = resize({"image": encode(".png", small), "label": 0})["image"]
+    np.testing.assert_array_equal(got, cv2.resize(small, (16, 16), interpolation=cv2.INTER_LINEAR))
+
+
+@pytest.mark.skipif(not os.path.isdir(LFW), reason="no real faces: ../shared/realfaces is absent")
+def test_real_lfw_jpegs_and_converted_copies_decode_to_the_same_face(tmp_path):
+    paths = [os.path.join(LFW, name, f"{name}_0001.jpg") for name in ("Zico", "Abdullah_Gul")]
+    for path in paths:
+        with open(path, "rb") as f:
+            data = f.read()
+        image, conversions = pipeline.decode_image_converting(data, path)
+        reference = cv2.cvtColor(cv2.imread(path, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+        np.testing.assert_array_equal(image, reference)
+        assert conversions == () and image.shape == (112, 112, 3)
+        grey = cv2.cvtColor(reference, cv2.COLOR_RGB2GRAY)
+        copies = {
+            "grey.jpg": (encode(".jpg", grey, cv2.IMWRITE_JPEG_QUALITY, 95), np.dstack([grey] * 3)),
+            "grey.png": (encode(".png", grey), np.dstack([grey] * 3)),
+            "alpha.png": (encode(".png", np.dstack([reference, grey])), reference),
+            "16.png": (encode(".png", reference.astype(np.uint16) * 257), reference),
+            "16.tiff": (encode(".tiff", reference.astype(np.uint16) * 257), reference),
+            "95.jpg": (encode(".jpg", reference, cv2.IMWRITE_JPEG_QUALITY, 95), reference),
+        }
+        for name, (copy, want) in copies.items():
+            got = pipeline.decode_image(copy, name).astype(int)
+            lossy = name.endswith(".jpg")
+            assert np.abs(got - want).mean() < (2.0 if lossy else 1e-9), name
+            assert np.abs(got - want).max() <= (24 if lossy else 0), name
