@@ -183,7 +183,9 @@ def get_base_config() -> ml_collections.ConfigDict:
         dict(
             # "synthetic", "recordio:PATH", "folder:PATH", "tfds:NAME", "arrayrecord:PATH"
             train="synthetic",
-            num_classes=1000,  # checked against the data before training starts
+            # The classifier's size: 0 = the data's class count (synthetic data need a
+            # number); any other value is checked against the data before training starts.
+            num_classes=0,
             num_images=0,  # checked against the data when > 0
             synthetic_images_per_identity=20,
             synthetic_cache=False,  # keep rendered synthetic images in memory (small sets only)
@@ -193,6 +195,12 @@ def get_base_config() -> ml_collections.ConfigDict:
             label_key="label",
             worker_count=0,  # grain worker processes (0 = in the main process)
             max_bad_share=0.001,  # stop if more than this share of records is unreadable
+            # Image folders (data/folder.py): identities to keep / to drop (LFW's people files
+            # or one name per line; "" = all), and the fewest images an identity needs to be a
+            # class (smaller ones stay in the data with label -1, outside the margin loss).
+            people_file="",
+            exclude_people_file="",
+            min_images_per_identity=1,
             # Augmentation (data/augment.py; official FaceMoE: augment.official_augmentation).
             crop_prob=0.0,  # crop with zero padding
             crop_min_scale=0.2,

@@ -14,16 +14,28 @@
                          ``tfds_data_dir``, ``image_key``, ``label_key``)
   "arrayrecord:/dir"     ArrayRecord files of RecordIO payloads (``facemoe_jax.data.pack``)
 
-The data's class count must equal ``config.data.num_classes`` (the classifier's size), and when
-``config.data.num_images`` is non-zero the image count must equal it: both are checked here,
-before anything is compiled.
+``config.data.num_classes`` is the classifier's size: 0 takes it from the data (``with_data_counts``
+writes the number into the config, so checkpoints and exports hold it); any other value must
+equal the data's class count. When ``config.data.num_images`` is non-zero the image count must
+equal it. Both are checked here, before anything is compiled.
+
+Image folders only: ``config.data.people_file`` / ``exclude_people_file`` choose identities and
+``min_images_per_identity`` leaves the smaller ones unlabelled (``folder.py``); ``check_images``
+decodes every image before compiling and stops on undecodable ones (more than
+``config.data.max_bad_share`` of them), naming them.
 """
 
 import functools
 
 import ml_collections
 
+from facemoe_jax import messages
 from facemoe_jax.data import degrade, folder, recordio, synthetic, tfds_sources
+
+# Image-folder options and their "not used" values.
+FOLDER_OPTIONS = {"people_file": "", "exclude_people_file": "", "min_images_per_identity": 1}
+# Undecodable files named in the error line (the rest are counted).
+_SHOWN_BAD = 5
 
 KINDS = ("synthetic", "synthetic_lr", "synthetic_lr_hr", "recordio", "folder", "tfds",
          "arrayrecord")  # fmt: skip
@@ -40,7 +52,14 @@ def open_source(config: ml_collections.ConfigDict):
             "'synthetic_lr', 'synthetic_lr_hr', 'recordio:PATH', 'folder:PATH', 'tfds:NAME' or "
             "'arrayrecord:PATH'"
         )
+    _check_folder_options(config.data, kind)
     if kind in SYNTHETIC_KINDS:
+        if config.data.num_classes < 1:
+            raise ValueError(
+                f"config.data.num_classes={config.data.num_classes}: synthetic data have no "
+                "class count of their own (0 takes it from real data); set the number of "
+                "synthetic identities"
+            )
         if config.data.synthetic_images_per_identity < 1:
             raise ValueError(
                 "config.data.synthetic_images_per_identity="
@@ -57,7 +76,12 @@ def open_source(config: ml_collections.ConfigDict):
     if kind == "recordio":
         return recordio.RecordIODataSource(location)
     if kind == "folder":
-        return folder.ImageFolderSource(location)
+        return folder.ImageFolderSource(
+            location,
+            people_file=config.data.get("people_file") or None,
+            exclude_people_file=config.data.get("exclude_people_file") or None,
+            min_images_per_identity=config.data.get("min_images_per_identity", 1),
+        )
     if kind == "arrayrecord":
         return tfds_sources.ArrayRecordSource(location)
     return tfds_sources.TfdsSource(
@@ -80,13 +104,39 @@ def _low_resolution_identities(data_cfg, kind: str) -> dict:
     return {"first_identity": synthetic.LR_TRAIN_FIRST_IDENTITY, "capture": capture}
 
 
+def _check_folder_options(data_cfg, kind: str) -> None:
+    """The people files and the minimum image count select identities of image folders only."""
+    used = [
+        f"config.data.{field}={data_cfg.get(field)!r}"
+        for field, unset in FOLDER_OPTIONS.items()
+        if data_cfg.get(field, unset) not in (unset, None)
+    ]
+    if used and kind != "folder":
+        raise ValueError(
+            f"{used[0]} applies to image folders only (config.data.train='folder:PATH'), not "
+            f"to {data_cfg.train!r}"
+        )
+
+
 def check_source(source, config: ml_collections.ConfigDict) -> None:
     """Raises a ValueError naming both numbers if the data and the config disagree."""
     spec = config.data.train
-    if source.num_classes != config.data.num_classes:
+    if config.data.num_classes and source.num_classes != config.data.num_classes:
         raise ValueError(
             f"config.data.num_classes={config.data.num_classes} but {spec!r} has "
-            f"{source.num_classes} classes"
+            f"{source.num_classes} classes (0 takes the count from the data)"
+        )
+    if source.num_classes < 1:
+        raise ValueError(
+            f"{spec!r} has no labelled identity: config.data.min_images_per_identity="
+            f"{config.data.get('min_images_per_identity', 1)} leaves every one out"
+        )
+    unlabelled = getattr(source, "num_unlabelled_images", 0)
+    if unlabelled and config.get("recognizability", {}).get("enabled", False):
+        raise ValueError(
+            f"config.recognizability.enabled needs a class for every image, but "
+            f"config.data.min_images_per_identity={config.data.min_images_per_identity} leaves "
+            f"{unlabelled} images of {spec!r} without one"
         )
     expected_images = config.data.get("num_images", 0)
     if expected_images and source.num_images != expected_images:
@@ -96,7 +146,64 @@ def check_source(source, config: ml_collections.ConfigDict) -> None:
 
 
 def train_source(config: ml_collections.ConfigDict):
-    """A grain random-access source whose class count equals config.data.num_classes."""
+    """A grain random-access source whose class count equals config.data.num_classes (or any
+    count when that is 0: see ``with_data_counts``)."""
     source = open_source(config)
     check_source(source, config)
     return source
+
+
+def with_data_counts(config: ml_collections.ConfigDict, source) -> ml_collections.ConfigDict:
+    """``config`` with ``data.num_classes`` 0 replaced by the source's class count (a copy;
+    the config unchanged when it gives the count)."""
+    if config.data.num_classes:
+        return config
+    resolved = config.copy_and_resolve_references()
+    resolved.data.num_classes = int(source.num_classes)
+    return resolved
+
+
+def check_images(source, config: ml_collections.ConfigDict) -> folder.ImageCheck | None:
+    """Decodes every image of an image folder once, before anything is compiled.
+
+    Prints one line (how many images, how long, what decoding converts or resizes) and warns
+    about files left out for their extension. Other sources are not checked (None): packs
+    were checked when written (``facemoe_jax.data.pack``).
+
+    Raises:
+      BadDataError: when more than ``config.data.max_bad_share`` of the images do not decode,
+        naming them and how to go on; fewer are named in a warning and skipped in training.
+    """
+    if not isinstance(source, folder.ImageFolderSource):
+        return None
+    from facemoe_jax.data.pipeline import BadDataError  # imports grain
+
+    if source.ignored_files:
+        kinds = ", ".join(f"{ext} {n}" for ext, n in source.ignored_files.most_common(5))
+        count = sum(source.ignored_files.values())
+        messages.warning(
+            f"{count} {'file' if count == 1 else 'files'} in the identity folders of "
+            f"{source.root} not images by extension, left out ({kinds}); "
+            f"image extensions: {' '.join(folder.IMAGE_EXTENSIONS)}"
+        )
+    found = folder.check_images(
+        source.paths, config.model.image_size, label=f"check images of {config.data.train}"
+    )
+    if not found.bad:
+        return found
+    named = "; ".join(why for _, why in found.bad[:_SHOWN_BAD])
+    more = f"; and {len(found.bad) - _SHOWN_BAD} more" if len(found.bad) > _SHOWN_BAD else ""
+    share = config.data.max_bad_share
+    if len(found.bad) > share * found.num_images:
+        raise BadDataError(
+            f"{len(found.bad)} of the {found.num_images} images of {config.data.train!r} do "
+            f"not decode, more than config.data.max_bad_share={share}: {named}{more}. Remove "
+            f"them, or pack the folder with `python -m facemoe_jax.data.pack --images "
+            f"{source.root} --out OUT` (it leaves them out) and train on "
+            "--config.data.train=recordio:OUT"
+        )
+    messages.warning(
+        f"{len(found.bad)} of the {found.num_images} images do not decode (within "
+        f"config.data.max_bad_share={share}; training skips them): {named}{more}"
+    )
+    return found

@@ -238,12 +238,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     optimizer, schedule = optimizer_lib.build_optimizer(
         config.optimizer, num_steps, config.train.get("trainable")
     )
+    # The data before the state's shapes: config.data.num_classes=0 takes the data's count.
+    source = sources.train_source(config)
+    config = sources.with_data_counts(config, source)
     # The state's shapes: building them checks config.train.trainable against the parameters,
     # like every mistake here, before anything is written into the workdir.
     abstract_state = state_lib.abstract_train_state(model, optimizer, config)
     if config.get("init_from") and not os.path.exists(str(config.init_from)):
         raise ValueError(f"config.init_from={config.init_from!r} does not exist")
-    source = sources.train_source(config)
+    sources.check_images(source, config)  # image folders: every file decodes, before compiling
     # The frozen distillation teacher (None without one): reloaded at every start, never saved.
     teacher, teacher_variables = distill_lib.load_teacher(config, mesh)
     # Paired batches ("image_hr": the geometry-only images) for a teacher or for RI's copies.

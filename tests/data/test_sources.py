@@ -63,3 +63,77 @@ def test_decode_image_converts_to_rgb_and_rejects_corrupt_bytes():
     ]:
         with pytest.raises(recordio.BadRecordError, match=f"k7: {reason}"):
             pipeline.decode_image(bad, "k7")
+
+
+def make_faces(root, counts: dict) -> str:
+    for name, count in counts.items():
+        (root / name).mkdir(parents=True)
+        for k in range(count):
+            cv2.imwrite(str(root / name / f"{k}.png"), np.full((8, 8, 3), 30 * k, np.uint8))
+    return str(root)
+
+
+def test_class_count_zero_comes_from_the_data_and_a_given_one_must_match(tmp_path):
+    faces = make_faces(tmp_path / "faces", {"amy": 2, "bo": 1, "cy": 3})
+    config = small_config(f"folder:{faces}", 0)
+    source = sources.train_source(config)
+    resolved = sources.with_data_counts(config, source)
+    assert resolved.data.num_classes == 3 and config.data.num_classes == 0  # a copy
+    assert sources.with_data_counts(resolved, source) is resolved
+    config.data.min_images_per_identity = 2  # bo's image stays, without a class
+    resolved = sources.with_data_counts(config, sources.train_source(config))
+    assert resolved.data.num_classes == 2
+    config = small_config(f"folder:{faces}", 3)
+    config.data.min_images_per_identity = 2
+    with pytest.raises(ValueError, match=r"num_classes=3 but 'folder:.*' has 2 classes \(0 takes"):
+        sources.train_source(config)
+
+
+def test_folder_options_are_refused_elsewhere_and_synthetic_data_need_a_count(tmp_path):
+    with pytest.raises(ValueError, match="num_classes=0: synthetic data have no class count"):
+        sources.train_source(small_config("synthetic", 0))
+    config = small_config("synthetic", 5)
+    config.data.people_file = "/x/people.txt"
+    with pytest.raises(ValueError, match=r"people_file='/x/people.txt' applies to image folders"):
+        sources.train_source(config)
+    config = small_config(f"recordio:{tmp_path}", 0)
+    config.data.min_images_per_identity = 3
+    with pytest.raises(ValueError, match="min_images_per_identity=3 applies to image folders"):
+        sources.train_source(config)
+
+
+def test_unlabelled_images_are_refused_with_recognizability(tmp_path):
+    faces = make_faces(tmp_path / "faces", {"amy": 2, "bo": 1})
+    config = small_config(f"folder:{faces}", 0)
+    config.data.min_images_per_identity = 2
+    config.recognizability.enabled = True
+    with pytest.raises(ValueError, match="recognizability.enabled needs a class for every image"):
+        sources.train_source(config)
+    config.data.min_images_per_identity = 3
+    config.recognizability.enabled = False
+    with pytest.raises(ValueError, match="no labelled identity"):
+        sources.train_source(config)
+
+
+def test_undecodable_images_stop_before_compiling_naming_files_and_the_way_out(tmp_path, capfd):
+    faces = make_faces(tmp_path / "faces", {"amy": 3, "bo": 3})
+    (tmp_path / "faces" / "bo" / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n cut")
+    (tmp_path / "faces" / "amy" / "notes.txt").write_text("x")
+    config = small_config(f"folder:{faces}", 0)
+    config.data.max_bad_share = 0.1
+    with pytest.raises(pipeline.BadDataError) as error:
+        sources.check_images(sources.train_source(config), config)
+    message = str(error.value)
+    assert "1 of the 6 images of 'folder:" in message and "max_bad_share=0.1" in message
+    assert f"{faces}/bo/2.png: truncated PNG" in message
+    assert f"python -m facemoe_jax.data.pack --images {faces} --out OUT" in message
+    assert "\n" not in message
+    err = capfd.readouterr().err
+    assert "warning: 1 file in the identity folders" in err and ".txt 1" in err
+    config.data.max_bad_share = 0.2  # within the share: a warning, training skips it
+    found = sources.check_images(sources.train_source(config), config)
+    assert len(found.bad) == 1 and found.resized == 5  # the good 8x8 images, to the model size
+    captured = capfd.readouterr()
+    assert "warning: 1 of the 6 images do not decode (within" in captured.err
+    assert "check images of folder:" in captured.out and "5 resized to" in captured.out
+    assert sources.check_images(sources.train_source(small_config("synthetic", 5)), config) is None

@@ -284,3 +284,37 @@ def test_sharded_partial_fc_keeps_the_configured_rate():
     assert abs(report["loss"] - report["full_softmax_loss"]) > 0.1
     assert "Partial FC kept 0.750 of the classes of class shard 0" in done.stderr
     assert "SPMD" not in done.stderr  # the replicated metric needs no gather
+
+
+@pytest.mark.parametrize(
+    "margin_fn, sample_rate",
+    [(COSFACE, 1.0), (functools.partial(combined_margin_logits, scale=64.0, m2=0.5), 0.5)],
+    ids=["cosface-full", "arcface-partial_fc"],
+)
+def test_label_minus_one_adds_nothing_to_the_loss_or_its_gradient(sample_rate, margin_fn):
+    """An image of an identity left unlabelled (config.data.min_images_per_identity) has label
+    -1: the loss, accuracy and gradients equal those of the batch without it, and the gradient
+    reaching its embedding is zero."""
+    rng = np.random.default_rng(7)
+    emb = jnp.asarray(rng.normal(size=(6, 8)), jnp.float32)
+    centers = jnp.asarray(rng.normal(size=(20, 8)), jnp.float32)
+    labels = jnp.array([3, -1, 7, 7, -1, 12], jnp.int32)
+    kept = np.asarray(labels) >= 0
+    key = jax.random.PRNGKey(1)  # rate 0.5: target 10 >= both batch sizes, so one selection
+
+    def loss(emb, centers, labels):
+        return margin_classifier_loss(
+            emb, centers, labels, key, sample_rate=sample_rate, margin_fn=margin_fn
+        )
+
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+    (value, metrics), (d_emb, d_centers) = grad(emb, centers, labels)
+    (value_kept, metrics_kept), (d_emb_kept, d_centers_kept) = grad(
+        emb[kept], centers, labels[kept]
+    )
+    np.testing.assert_allclose(float(value), float(value_kept), rtol=1e-6)
+    np.testing.assert_allclose(float(metrics["accuracy"]), float(metrics_kept["accuracy"]))
+    np.testing.assert_allclose(np.asarray(d_centers), np.asarray(d_centers_kept), atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(d_emb)[~kept], 0.0)
+    np.testing.assert_allclose(np.asarray(d_emb)[kept], np.asarray(d_emb_kept), atol=1e-6)
+    assert float(value) > 0 and np.abs(np.asarray(d_emb)[kept]).sum() > 0
