@@ -26,6 +26,7 @@ import numpy as np
 from facemoe_jax import messages
 
 DEFAULT_THRESHOLDS = np.arange(0, 4, 0.01)
+_WARNED: set[str] = set()  # one-class fold warnings already given (a sweep repeats the pairs)
 
 
 def _l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -95,11 +96,14 @@ def _warn_one_class_folds(folds: list[np.ndarray], issame: np.ndarray, contiguou
         if contiguous
         else "the given folds group the pairs by class"
     )
-    messages.warning(
-        f"k-fold verification: fold(s) {', '.join(one_class)} hold only one class of pair: "
-        f"{how}; their thresholds and accuracies mean little. Interleave the pairs as LFW's "
-        "pairs.txt does (every fold of 600 holds 300 same and 300 different pairs)."
+    message = (
+        f"k-fold verification of {len(issame)} pairs: fold(s) {', '.join(one_class)} hold only "
+        f"one class of pair: {how}; their thresholds and accuracies mean little. Interleave the "
+        "pairs as LFW's pairs.txt does (every fold of 600 holds 300 same and 300 different pairs)."
     )
+    if message not in _WARNED:
+        _WARNED.add(message)
+        messages.warning(message)
 
 
 def _correct_counts(distances, issame, thresholds, idx) -> np.ndarray:
