@@ -125,6 +125,12 @@ def export_onnx_weights(source: str, state: dict[str, np.ndarray], path: str) ->
 
     model = onnx.load(source)
     initializers = {t.name: t for t in model.graph.initializer}
+    # Initializers the import untied from the exporter's Identity nodes get their tensor back.
+    untied = [n for n in model.graph.node if n.op_type == "Identity" and n.output[0] in state
+              and n.input[0] in initializers]  # fmt: skip
+    for node in untied:
+        model.graph.node.remove(node)
+        initializers[node.output[0]] = model.graph.initializer.add()
     unknown = sorted(set(state) - set(initializers))
     if unknown:
         raise ValueError(f"{source} has no initializers {unknown[:5]} to write")

@@ -160,6 +160,7 @@ def read_graph(path: str) -> OnnxGraph:
                 f"the ONNX import; supported: {', '.join(sorted(OPS))}"
             )
     initializers = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    nodes = _untie_initializers(nodes, initializers)
     inputs = [i for i in graph.input if i.name not in initializers]
     if len(inputs) != 1 or len(graph.output) < 1:
         raise OnnxImportError(
@@ -188,6 +189,19 @@ def read_graph(path: str) -> OnnxGraph:
         normalizes_inside=first_use is not None and first_use.op in ("Sub", "Mul", "Div"),
         metadata={p.key: p.value for p in model.metadata_props},
     )
+
+
+def _untie_initializers(nodes, initializers) -> tuple[Node, ...]:
+    """PyTorch's exporter keeps one copy of initializers with equal values and names the others
+    through Identity nodes (a fresh model's BatchNorm scales are all ones): those become
+    initializers of their own again, so each layer keeps its own trainable weight and name."""
+    kept = []
+    for node in nodes:
+        if node.op == "Identity" and node.inputs[0] in initializers:
+            initializers[node.outputs[0]] = initializers[node.inputs[0]].copy()
+        else:
+            kept.append(node)
+    return tuple(kept)
 
 
 _GRAPHS: dict[tuple, OnnxGraph] = {}
