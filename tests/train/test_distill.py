@@ -126,3 +126,17 @@ def test_run_end_to_end_with_paired_data_and_resume(teacher_run, tmp_path, capsy
     logged = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [m["step"] for m in logged] == [1, 2, 3]
     assert all(m["train/distill_relation"] > 0 for m in logged)
+
+
+def test_teacher_from_an_onnx_file(tmp_path, capsys):
+    pytest.importorskip("onnx")
+    from tests.export.test_onnx_finetune import small_face_graph
+
+    path = small_face_graph(tmp_path / "teacher.onnx")
+    mesh = mesh_lib.make_mesh(ml_collections.ConfigDict({"data": 1, "expert": 1}))
+    config = student_config(path, relation_weight=1.0)
+    teacher, variables = distill_lib.load_teacher(config, mesh)
+    assert (teacher.image_size, teacher.embed_dim) == (16, 16)  # read from the graph
+    assert f"distillation teacher: {path} (onnx" in capsys.readouterr().out
+    images = jnp.zeros((2, 32, 32, 3), jnp.float32)  # the student's size: resized for it
+    assert distill_lib.teacher_embeddings(teacher, variables, images).shape == (2, 16)

@@ -142,3 +142,25 @@ def test_a_pytorch_hr_model_without_adapters_starts_a_petalface_run(tmp_path, ca
     np.testing.assert_array_equal(qkv["kernel"], hr["params"]["layers_0"]["blocks_0"]["attn"]
                                   ["qkv"]["kernel"])  # fmt: skip
     assert "trainable_lora_up2" in qkv
+
+
+def test_an_onnx_file_starts_an_onnx_run_with_its_own_weights(tmp_path, capsys):
+    pytest.importorskip("onnx")
+    from facemoe_jax.models import onnx_graph
+    from tests.export.test_onnx_finetune import small_face_graph
+
+    path = small_face_graph(tmp_path / "face.onnx")
+    config = tiny_config()
+    config.model.update(name="onnx", onnx_path=path, image_size=16, embed_dim=16)
+    model = build_model(config.model)
+    optimizer, _ = optimizer_lib.build_optimizer(config.optimizer, 2)
+    state = state_lib.init_train_state(model, optimizer, config, jax.random.key(0))
+    # Perturb, then init_from the file: every array comes back to the file's values.
+    state = state.replace(params={**state.params, "encoder": jax.tree.map(
+        lambda p: p + 1.0, state.params["encoder"])})  # fmt: skip
+    config.init_from = path
+    state = init_from.initialize_from(state, config)
+    expected = onnx_graph.onnx_variables(onnx_graph.read_graph(path))
+    for name, value in expected["params"].items():
+        np.testing.assert_array_equal(np.asarray(state.params["encoder"][name]), value)
+    assert f"initialised from {path}: 6/6 encoder arrays" in capsys.readouterr().out
