@@ -107,10 +107,28 @@ def test_train_resume_and_eval_end_to_end(tmp_path):
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [r["step"] for r in rows if "train/loss" in r] == [2, 4, 6]
 
-    evaluated = run_main(*tiny_run_args(tmp_path, 6), "--mode=eval")
+    # Evaluation takes the model and data from the checkpoint: the training's flags
+    # (num_classes=20, batch size ...) are not repeated, only the evaluation's.
+    trained_results = (tmp_path / "eval" / "results.json").read_text()
+    trained_metrics = (tmp_path / "metrics.jsonl").read_text()
+    evaluated = run_main(
+        "--config",
+        "configs/demo.py",
+        "--workdir",
+        os.path.relpath(tmp_path, ROOT),
+        *[a for a in tiny_run_args(tmp_path, 6) if a.startswith("--config.eval.")],
+        "--mode=eval",
+    )
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    again = json.load(open(tmp_path / "eval" / "results.json"))
-    assert again["step"] == 6
+    assert evaluated.stderr == ""  # no Orbax/absl lines either
+    assert "data.num_classes (checkpoint 20, now 1000)" in evaluated.stdout
+    again = json.load(open(tmp_path / "eval" / "step6_eval" / "results.json"))
+    assert again["step"] == 6 and {"synthetic", "synthetic@8px"} <= set(again)
+    assert again["synthetic"] == json.loads(trained_results)["synthetic"]  # the same weights
+    # The training run's results and metrics are kept as training wrote them.
+    assert (tmp_path / "eval" / "results.json").read_text() == trained_results
+    assert (tmp_path / "metrics.jsonl").read_text() == trained_metrics
+    assert (tmp_path / "eval" / "step6_eval" / "metrics.jsonl").is_file()
 
 
 def test_config_file_with_a_syntax_error(tmp_path):

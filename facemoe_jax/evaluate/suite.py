@@ -29,7 +29,10 @@ A set named in ``bin_sets`` whose file is missing is skipped with a note; a conf
 does not exist is an error (`check_eval_config` runs before training starts). Output:
 workdir/eval/results.json ({"step": s, set: {metric: value}}), routing.json, roc.png,
 accuracy_vs_resolution.png, error_vs_reject.png, routing_map.png; the same numbers and pictures
-go to the metric writers (scalars 'eval/<set>/<metric>', images 'eval/<picture>').
+go to the metric writers (scalars 'eval/<set>/<metric>', images 'eval/<picture>'). Training
+writes them into workdir/eval (the latest periodic or final evaluation); ``--mode=eval`` of the
+checkpoint at step N into workdir/eval/stepN_eval, with its own metrics.jsonl, so it never
+overwrites the training run's results (train/loop.py `evaluate_checkpoint`).
 """
 
 from __future__ import annotations
@@ -161,8 +164,11 @@ def _format(name: str, metrics: dict) -> str:
     return f"eval {name:>18}: " + ", ".join(f"{k} {v * 100:.2f} %" for k, v in metrics.items())
 
 
-def run_evaluations(model, variables, config, workdir: str, step: int, writer) -> dict:
-    """Runs every configured evaluation; returns {set: metrics} (also in results.json)."""
+def run_evaluations(
+    model, variables, config, workdir: str, step: int, writer, outputs: str = "eval"
+) -> dict:
+    """Runs every configured evaluation; returns {set: metrics} (also in results.json, written
+    with the pictures into workdir/`outputs`)."""
     ev, size = config.eval, config.model.image_size
     embed_fn = embed.make_embed_fn(model, flip_test=ev.flip_test)
     adaptation = adapt_bn.from_eval_config(model, ev)  # None: the trained BatchNorm statistics
@@ -299,13 +305,14 @@ def run_evaluations(model, variables, config, workdir: str, step: int, writer) -
         logits = routing_map.collect_router_logits(model, variables, routing_faces, ev.batch_size)
         routing = {n: routing_map.first_choice_shares(x) for n, x in logits.items()}
 
-    _write_outputs(workdir, step, writer, results, roc_curves, erc_curves, resolution_curves,
-                   routing, routing_faces, ev.quality_fmr, size, ri_pictures)  # fmt: skip
+    _write_outputs(os.path.join(workdir, outputs), step, writer, results, roc_curves, erc_curves,
+                   resolution_curves, routing, routing_faces, ev.quality_fmr, size,
+                   ri_pictures)  # fmt: skip
     return results
 
 
 def _write_outputs(
-    workdir, step, writer, results, roc_curves, erc_curves, resolution_curves,
+    out, step, writer, results, roc_curves, erc_curves, resolution_curves,
     routing, routing_faces, fmr, size, ri_pictures=None,
 ):  # fmt: skip
     for name, metrics in results.items():
@@ -322,7 +329,6 @@ def _write_outputs(
     writer.write_scalars(step, scalars)
     if jax.process_index() != 0:
         return
-    out = os.path.join(workdir, "eval")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"step": int(step), **results}, f, indent=2)

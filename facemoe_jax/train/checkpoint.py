@@ -12,8 +12,13 @@ writes a commit marker), so a save cut by a kill is never listed. A listed step 
 read (a truncated file, a missing _METADATA) is skipped with one warning line naming it, moved
 aside to checkpoints_corrupt/STEP, and the step before it is restored. A workdir whose saved
 config differs in an architecture or data field is refused in one line naming the fields.
+
+Evaluation (`evaluation_config`) and export (`restore_params`) use the config saved beside the
+weights: the model, data and seed a run was trained with are never asked for again on the
+command line, which supplies only how the evaluation runs (RUNTIME_SECTIONS: config.eval ...).
 """
 
+import copy
 import dataclasses
 import json
 import logging
@@ -23,6 +28,7 @@ import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 
 from facemoe_jax import messages
 from facemoe_jax.train.writers import workdir_path
@@ -63,6 +69,9 @@ DATA_KNOBS = (
     "data.synthetic_cache",
     "data.tfds_data_dir",
 )
+# Top-level sections that say how an evaluation or export runs, not what was trained: they come
+# from the command line; every other field comes from the checkpoint's saved config.
+RUNTIME_SECTIONS = ("eval", "mesh", "sharding_rules", "export")
 
 
 class CheckpointError(ValueError):
@@ -123,6 +132,35 @@ def config_changes(saved, current) -> tuple[list[str], list[str]]:
     return fixed, knobs
 
 
+def _with_missing(saved: dict, current: dict, prefix: str = "") -> dict:
+    """`saved` with every field it lacks added: the value the field had before it existed
+    (STATE_SWITCHES) or else the current config's."""
+    out = dict(saved)
+    for key, value in current.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(out.get(key, {}), dict):
+            out[key] = _with_missing(out.get(key, {}), value, name + ".")
+        elif key not in out:
+            out[key] = STATE_SWITCHES.get(name, copy.deepcopy(value))
+    return out
+
+
+def evaluation_config(saved, current) -> ml_collections.ConfigDict:
+    """The config that evaluates or exports a checkpoint: the checkpoint's own (model, data,
+    seed ...: what the weights were trained with, and what the synthetic evaluation faces
+    derive from) with the current config's RUNTIME_SECTIONS. Fields the checkpoint predates
+    are filled in (`_with_missing`), so code that reads them works on old checkpoints."""
+    current_dict = current.to_dict() if isinstance(current, ml_collections.ConfigDict) else current
+    merged = _with_missing(_config_dict(saved), current_dict)
+    for section in RUNTIME_SECTIONS:
+        merged.pop(section, None)
+    config = ml_collections.ConfigDict(merged)
+    for section in RUNTIME_SECTIONS:
+        if section in current:
+            config[section] = copy.deepcopy(current[section])
+    return config
+
+
 def _first_line(error: BaseException, limit: int = 200) -> str:
     text = " ".join(str(error).split()) or type(error).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -158,6 +196,16 @@ class Checkpointer:
             step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
         )
         return restored["config"]
+
+    def latest_saved_config(self) -> tuple[int, dict] | None:
+        """(step, config) of the newest step whose saved config reads; None when none does
+        (restore_latest then says which steps are unreadable)."""
+        for step in reversed(self.steps()):
+            try:
+                return step, self.saved_config(step)
+            except Exception:  # noqa: BLE001 - restore_latest reports and moves it aside
+                continue
+        return None
 
     def save(self, step: int, state, data_iterator, config, loop_state: dict | None = None):
         if step in self.manager.all_steps():
@@ -207,10 +255,11 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return fill(restored["state"]), (dict(restored["loop"]) if has_loop else {})
 
-    def restore_latest(self, abstract_state, data_iterator, config):
+    def restore_latest(self, abstract_state, data_iterator, config, report_changes=True):
         """(state, step, loop_state) from the newest readable checkpoint, or None when there is
         none. Unreadable steps are skipped (one warning each) and moved aside; a checkpoint of
-        another architecture or data is refused (CheckpointError naming the fields)."""
+        another architecture or data is refused (CheckpointError naming the fields). With
+        report_changes, one line lists the training knobs changed since the checkpoint."""
         steps = self.steps()
         skipped = []
         result = None
@@ -239,7 +288,7 @@ class Checkpointer:
                     f"checkpoint {where} is unreadable, skipping it ({_first_line(e)})"
                 )
                 continue
-            if knobs:
+            if knobs and report_changes:
                 print(
                     f"config changes since the checkpoint at step {step}: {'; '.join(knobs)}",
                     flush=True,
@@ -299,9 +348,15 @@ def state_restore_target(abstract_state, state_dir):
     checkpoint was written: the target asks only for the fields the checkpoint holds, and the
     others keep the abstract state's None. A field this run needs that the checkpoint lacks is
     an error naming it (the config check refuses such a resume first; this guards the rest)."""
-    metadata = ocp.StandardCheckpointer().metadata(state_dir)
-    tree = getattr(metadata, "item_metadata", metadata)
-    held = set(getattr(tree, "tree", tree).keys())
+    # The item's handler reads the item's own _METADATA. A Checkpointer would also look for a
+    # step-level _CHECKPOINT_METADATA inside the item folder, where Orbax never writes one,
+    # and log "Metadata file does not exist" on stderr at every restore.
+    handler = ocp.StandardCheckpointHandler()
+    try:
+        metadata = handler.metadata(epath.Path(state_dir))
+    finally:
+        handler.close()
+    held = set(getattr(metadata, "tree", metadata).keys())
     fields = {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)}
     missing = sorted(
         name for name, value in fields.items() if value is not None and name not in held

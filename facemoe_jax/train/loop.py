@@ -174,14 +174,16 @@ def _short(error: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def run_evaluations(model, variables, config, workdir: str, step: int, writer) -> dict:
-    """evaluate/suite.py's evaluations, their files in workdir/eval. evaluate/ writes with local
-    file calls, so for a URL workdir it writes into a local temporary folder that is then copied
-    to the URL through epath (never a local folder named after the URL)."""
+def run_evaluations(
+    model, variables, config, workdir: str, step: int, writer, outputs: str = "eval"
+) -> dict:
+    """evaluate/suite.py's evaluations, their files in workdir/`outputs`. evaluate/ writes with
+    local file calls, so for a URL workdir it writes into a local temporary folder that is then
+    copied to the URL through epath (never a local folder named after the URL)."""
     if not writers_lib.is_remote(workdir):
-        return eval_suite.run_evaluations(model, variables, config, workdir, step, writer)
+        return eval_suite.run_evaluations(model, variables, config, workdir, step, writer, outputs)
     with tempfile.TemporaryDirectory(prefix="facemoe_eval_") as local:
-        results = eval_suite.run_evaluations(model, variables, config, local, step, writer)
+        results = eval_suite.run_evaluations(model, variables, config, local, step, writer, outputs)
         if jax.process_index() == 0:
             writers_lib.copy_tree(local, writers_lib.workdir_path(workdir))
     return results
@@ -458,26 +460,59 @@ def _print_save_times(checkpointer) -> None:
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """--mode=eval: every evaluation in config.eval, on the latest checkpoint in workdir."""
+    """--mode=eval: every evaluation in config.eval, on the latest checkpoint in workdir.
+
+    The model, data and seed are the checkpoint's own (saved beside it; the command line's are
+    not asked for, and a difference is named in one line); config.eval, the mesh and the
+    sharding rules are the command line's (checkpoint_lib.evaluation_config). The files go to
+    workdir/eval/step<N>_eval/ (results.json, the pictures, metrics.jsonl and TensorBoard
+    events of this evaluation): the training run's eval/results.json and metrics.jsonl are
+    left as training wrote them. Evaluating the same step again replaces that folder's files.
+    """
+    checkpointer = checkpoint_lib.Checkpointer(
+        workdir, config.checkpoint.every_steps, config.checkpoint.max_to_keep, create=False
+    )
+    latest = checkpointer.latest_saved_config()
+    if latest is None:
+        # No step, or none whose config reads: restore_latest names the unreadable steps.
+        checkpointer.restore_latest(None, None, config)
+        raise ValueError(f"--workdir={workdir} holds no checkpoint to evaluate")
+    saved_step, saved = latest
+    ignored, _ = checkpoint_lib.config_changes(saved, config)
+    config = checkpoint_lib.evaluation_config(saved, config)
+    if ignored:
+        print(
+            f"evaluating with the settings saved in the checkpoint at step {saved_step}, not "
+            f"the command line's: {'; '.join(ignored)}",
+            flush=True,
+        )
     model = build_model(config.model)
     eval_suite.check_eval_config(config)
     optimizer, _ = optimizer_lib.build_optimizer(
         config.optimizer, config.train.num_steps, config.train.get("trainable")
     )
-    checkpointer = checkpoint_lib.Checkpointer(
-        workdir, config.checkpoint.every_steps, config.checkpoint.max_to_keep, create=False
-    )
     mesh = mesh_lib.make_mesh(config.mesh)
     abstract_state = state_lib.abstract_train_state(model, optimizer, config)
     shardings = sharding.state_shardings(abstract_state, mesh, config.sharding_rules)
     target = checkpoint_lib.with_shardings(abstract_state, shardings)
-    restored = checkpointer.restore_latest(target, None, config)
-    if restored is None:
-        raise ValueError(f"--workdir={workdir} holds no checkpoint to evaluate")
+    restored = checkpointer.restore_latest(target, None, config, report_changes=False)
     state, step, _ = restored
     checkpointer.close()
     variables = {"params": state.params["encoder"], "batch_stats": state.batch_stats}
-    writer = make_writer(workdir)
-    results = run_evaluations(model, variables, config, workdir, step, writer)
+    outputs = eval_outputs(step)
+    out_dir = writers_lib.workdir_path(workdir) / outputs
+    if jax.process_index() == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)  # metrics.jsonl opens in it
+    writer = make_writer(os.fspath(out_dir))
+    results = run_evaluations(model, variables, config, workdir, step, writer, outputs)
     writer.flush()
+    print(
+        f"wrote {os.fspath(out_dir)}/results.json (the training run's eval/results.json is kept)",
+        flush=True,
+    )
     return results
+
+
+def eval_outputs(step: int) -> str:
+    """The folder, under the workdir, of --mode=eval's files for the checkpoint at `step`."""
+    return f"eval/step{int(step)}_eval"

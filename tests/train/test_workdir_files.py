@@ -10,6 +10,8 @@ there and nothing lands on local disk.
 import io
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 from etils import epath
@@ -18,6 +20,8 @@ from etils.epath import gpath, register
 
 from facemoe_jax.train import checkpoint as checkpoint_lib
 from facemoe_jax.train import writers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def rows(path):
@@ -152,17 +156,23 @@ def test_evaluation_files_of_a_remote_workdir_land_at_the_url(mem_scheme, tmp_pa
     monkeypatch.chdir(tmp_path)
     seen = []
 
-    def fake_suite(model, variables, config, workdir, step, writer):
-        # evaluate/suite.py writes with os/open under workdir/eval
+    def fake_suite(model, variables, config, workdir, step, writer, outputs="eval"):
+        # evaluate/suite.py writes with os/open under workdir/outputs
         seen.append(workdir)
-        os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
-        with open(os.path.join(workdir, "eval", "results.json"), "w") as f:
+        os.makedirs(os.path.join(workdir, outputs), exist_ok=True)
+        with open(os.path.join(workdir, outputs, "results.json"), "w") as f:
             json.dump({"step": step}, f)
         return {"step": step}
 
     monkeypatch.setattr(loop.eval_suite, "run_evaluations", fake_suite)
     assert loop.run_evaluations(None, None, None, "mem://bucket/run", 7, None) == {"step": 7}
     assert "://" not in seen[0] and not os.path.exists(seen[0])  # a local temporary folder
+    assert json.loads(epath.Path("mem://bucket/run/eval/results.json").read_text()) == {"step": 7}
+    # --mode=eval's folder beside the training run's results, not over them.
+    loop.run_evaluations(None, None, None, "mem://bucket/run", 9, None, loop.eval_outputs(9))
+    assert json.loads(epath.Path("mem://bucket/run/eval/step9_eval/results.json").read_text()) == {
+        "step": 9
+    }
     assert json.loads(epath.Path("mem://bucket/run/eval/results.json").read_text()) == {"step": 7}
     assert os.listdir(tmp_path) == []
 
@@ -174,6 +184,69 @@ def test_fields_added_to_the_code_since_the_checkpoint_are_not_refused():
     del saved["model"]["dtype"]  # a checkpoint from before the field existed
     fixed, knobs = checkpoint_lib.config_changes(saved, demo.get_config())
     assert fixed == [] and knobs == ["model.dtype (new) 'float32'"]
+
+
+def test_evaluation_config_is_the_checkpoints_own_with_the_command_lines_eval():
+    from configs import demo
+
+    trained = demo.get_config()
+    trained.data.train = "folder:/faces"
+    trained.data.num_classes = 3
+    trained.seed = 5
+    trained.model.quality_head = True
+    saved = trained.to_dict()
+    del saved["model"]["quality_head_input"]  # a checkpoint from before the field existed
+    del saved["model"]["dtype"]
+    now = demo.get_config()  # the demo's command line without the training's data flags
+    now.eval.synthetic_pairs = 40
+    now.mesh.expert = 2
+    now.optimizer.learning_rate = 1.0
+
+    config = checkpoint_lib.evaluation_config(saved, now)
+    assert (config.data.train, config.data.num_classes, config.seed) == ("folder:/faces", 3, 5)
+    assert config.model.quality_head and config.optimizer.learning_rate == 0.002
+    assert config.eval.synthetic_pairs == 40 and config.mesh.expert == 2  # the command line's
+    assert config.sharding_rules == now.sharding_rules
+    # A field the checkpoint predates: the value it had before it existed, else the code's.
+    assert config.model.quality_head_input == "embedding" and config.model.dtype == "float32"
+    # The resume check sees no architecture or data change against it.
+    assert checkpoint_lib.config_changes(saved, config)[0] == []
+
+
+def test_a_restore_writes_nothing_on_stderr(tmp_path):
+    """Orbax logs through absl; a Checkpointer's metadata() on the state item looked for a
+    step-level metadata file there and logged "Metadata file does not exist" at every restore."""
+    script = f"""
+import jax.numpy as jnp
+from absl import logging
+from flax import struct
+from facemoe_jax.train.checkpoint import Checkpointer
+
+logging.use_absl_handler()  # as facemoe_jax.main does
+logging.set_verbosity(logging.WARNING)
+
+@struct.dataclass
+class State:  # the shape of train/state.py's TrainState, in two fields
+    params: dict
+    step: object
+
+state = State(params={{"w": jnp.arange(6.0).reshape(2, 3)}}, step=jnp.int32(4))
+saver = Checkpointer({str(tmp_path)!r}, every_steps=1, max_to_keep=2)
+saver.save(4, state, None, {{"model": {{"name": "tiny"}}}}, {{"skipped_steps": 0}})
+saver.close()
+reader = Checkpointer({str(tmp_path)!r}, every_steps=1, max_to_keep=2, create=False)
+restored, step, loop_state = reader.restore_latest(state, None, {{"model": {{"name": "tiny"}}}})
+reader.close()
+assert step == 4 and loop_state == {{"skipped_steps": 0}}
+assert restored.params["w"].tolist() == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
+print("restored")
+"""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "restored", done.stderr[-3000:]
+    assert done.stderr == "", done.stderr
 
 
 def test_study_files_go_through_epath(mem_scheme, tmp_path, monkeypatch):
