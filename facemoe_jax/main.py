@@ -5,7 +5,10 @@ r"""Command line: train or evaluate a face model from a config file.
   python -m facemoe_jax.main --config configs/demo.py --workdir /tmp/demo --mode=eval
 
 Every config field can be overridden with --config.<path>=<value>. Running the same command on the
-same workdir continues from the latest readable checkpoint. Exit status: 0 done; 2 a mistake
+same workdir continues from the latest readable checkpoint. --mode=eval and --mode=export use the
+model, data and seed saved with the checkpoint (training flags need not be repeated; eval takes
+config.eval.* from the command line) and --mode=eval writes W/eval/step<N>_eval/, leaving the
+training run's W/eval/results.json as it was. Exit status: 0 done; 2 a mistake
 in the command, config or inputs (one line naming the field or path, not a traceback); 1 a
 fault during the run (unreadable data past config.data.max_bad_share, config.train.max_bad_steps
 non-finite steps in a row), also one line; 75 stopped by SIGTERM/SIGINT after saving a
@@ -38,8 +41,9 @@ _MODE = flags.DEFINE_enum(
     "mode",
     "train",
     ["train", "eval", "export", "import"],
-    "train (then evaluate), eval, export (W/export/model.pt, .safetensors, .onnx, config.json) "
-    "or import (train starting from --config.init_from=PyTorch weights).",
+    "train (then evaluate), eval (the latest checkpoint, into W/eval/step<N>_eval), export "
+    "(W/export/model.pt, .safetensors, .onnx, config.json) or import (train starting from "
+    "--config.init_from=PyTorch weights).",
 )
 
 
