@@ -34,7 +34,9 @@ def get_config(arg=None):
     config = demo.get_config()
     config.distill.update(pretrain_teacher="configs/demo.py", init_student=True)
     recipes.distillation(config, recipes.DISTILL_INSTANCE_WEIGHT, recipes.DISTILL_RELATION_WEIGHT)
-    config.data.update(train="synthetic_lr_hr", num_classes=600, synthetic_images_per_identity=8)
+    config.data.update(
+        train="synthetic_lr_hr", synthetic_identities=600, synthetic_images_per_identity=8
+    )
     config.train.update(num_steps=300)
     config.optimizer.update(learning_rate=5e-4, warmup_steps=30, end_learning_rate=0.0)
     config.checkpoint.update(every_steps=300, max_to_keep=1)

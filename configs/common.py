@@ -183,10 +183,12 @@ def get_base_config() -> ml_collections.ConfigDict:
         dict(
             # "synthetic", "recordio:PATH", "folder:PATH", "tfds:NAME", "arrayrecord:PATH"
             train="synthetic",
-            # The classifier's size: 0 = the data's class count (synthetic data need a
-            # number); any other value is checked against the data before training starts.
+            # The classifier's size: 0 = the data's class count; any other value is checked
+            # against the data before training starts.
             num_classes=0,
             num_images=0,  # checked against the data when > 0
+            # Identities the synthetic sources render (a non-zero num_classes overrides it).
+            synthetic_identities=1000,
             synthetic_images_per_identity=20,
             synthetic_cache=False,  # keep rendered synthetic images in memory (small sets only)
             tfds_split="train",

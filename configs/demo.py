@@ -16,6 +16,8 @@ the synthetic TinyFace-like identification (LR probes captured at 8-16 px agains
 with 1,000 distractors: rank-1 about 10 %, against about 62 % for the same probes at full
 resolution), and two lines summarising the expert routing map (eval/routing_map.png and its
 siblings). `python -m facemoe_jax.study` adapts this model to low resolution (README).
+On your own faces (one sub-folder per identity; the class count comes from the data), add
+`--config.data.train=folder:DIR`.
 """
 
 from configs import common
@@ -45,7 +47,7 @@ def get_config(arg=None):
     config.train.update(num_steps=700, batch_size=128, log_every_steps=100)
     config.data.update(
         train="synthetic",
-        num_classes=1000,
+        synthetic_identities=1000,  # the classifier takes a real set's count from the data
         synthetic_images_per_identity=16,
         synthetic_cache=True,
         worker_count=0,

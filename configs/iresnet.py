@@ -21,7 +21,7 @@ synthetic identities.
 Run (CPU smoke test of an IResNet-18 at full size: about 2 minutes on 2 busy cores; float32,
 as bfloat16 convolutions are slow on CPU, and a small evaluation batch to keep memory low):
   python -m facemoe_jax.main --config configs/iresnet.py:r18 --workdir /tmp/r18 \
-      --config.train.num_steps=2 --config.train.batch_size=8 --config.data.num_classes=100 \
+      --config.train.num_steps=2 --config.train.batch_size=8 --config.data.synthetic_identities=100 \
       --config.model.dtype=float32 --config.eval.batch_size=16 --config.eval.synthetic_pairs=50 \
       --config.eval.low_resolutions=16 --config.eval.routing_map_faces=0
 It prints 24.03M encoder parameters, the compile time (~20 s), two loss lines and 50-pair
@@ -72,7 +72,7 @@ def get_config(arg=None):
     config.train.update(
         num_steps=steps_per_epoch * epochs, batch_size=GLOBAL_BATCH, log_every_steps=100
     )
-    config.data.update(train="synthetic", num_classes=MS1MV3_CLASSES)
+    config.data.update(train="synthetic", synthetic_identities=MS1MV3_CLASSES)
     config.eval.update(synthetic_pairs=6000, low_resolutions="8,16,24,32")
     config.checkpoint.update(every_steps=2000, max_to_keep=3)
     return config

@@ -51,7 +51,9 @@ def get_config(arg=None):
         config = demo.get_config()
         recipes.petalface(config, rank=4, head=False)
         config.loss.scale = 32.0  # the demo's scale
-        config.data.update(train="synthetic_lr", num_classes=600, synthetic_images_per_identity=8)
+        config.data.update(
+            train="synthetic_lr", synthetic_identities=600, synthetic_images_per_identity=8
+        )
         config.train.update(num_steps=300)
         config.optimizer.update(warmup_steps=30)
         config.eval.update(low_resolution_sides="both,probe", synthetic_tinyface_identities=200)
@@ -75,7 +77,7 @@ def get_config(arg=None):
     config.optimizer.warmup_steps = steps_per_epoch * warmup
     config.train.update(num_steps=steps_per_epoch * epochs, batch_size=PER_GPU * GPUS,
                         log_every_steps=50)  # fmt: skip
-    config.data.update(train="synthetic_lr", num_classes=classes)
+    config.data.update(train="synthetic_lr", synthetic_identities=classes)
     common.low_resolution_eval(config)
     config.checkpoint.update(every_steps=2000, max_to_keep=3)
     return config

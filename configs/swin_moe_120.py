@@ -31,8 +31,9 @@ Both stages clip only the backbone's gradients (`clip_grad_norm_(backbone.parame
 `config.optimizer.clip_scope="encoder"`.
 
 Until a real training set is given (`--config.data.train=...`), the data are the procedural
-synthetic identities with the recipe's number of classes (the adaptation stages use the
-low-resolution synthetic set, `synthetic_lr`).
+synthetic identities with the recipe's number of classes (`config.data.synthetic_identities`;
+the adaptation stages use the low-resolution synthetic set, `synthetic_lr`); a real set's class
+count comes from the data.
 
 Run (CPU smoke test of the full-size model; about two minutes of compilation on 2 cores):
   python -m facemoe_jax.main --config configs/swin_moe_120.py:tinyface_full --workdir /tmp/swin \
@@ -93,7 +94,7 @@ def get_config(arg=None):
         config.loss.update(sample_rate=0.3, z_coef=0.0, balance_coef=0.0)
         config.optimizer.update(learning_rate=1e-3, weight_decay=0.05, warmup_steps=4_136)
         config.train.update(num_steps=107_535, batch_size=1024, log_every_steps=100)
-        config.data.update(train="synthetic", num_classes=205_990, low_res_prob=0.0)
+        config.data.update(train="synthetic", synthetic_identities=205_990, low_res_prob=0.0)
         config.eval.update(synthetic_pairs=6000, low_resolutions="8,16,24")
         return config
 
@@ -104,7 +105,7 @@ def get_config(arg=None):
         learning_rate=lr, weight_decay=0.1, warmup_steps=steps_per_epoch * warmup_epochs
     )
     config.train.update(num_steps=steps_per_epoch * epochs, batch_size=batch, log_every_steps=50)
-    config.data.update(train="synthetic_lr", num_classes=classes)
+    config.data.update(train="synthetic_lr", synthetic_identities=classes)
     common.low_resolution_eval(config)
     if recipe.endswith("_fc"):
         # Only the new classifier trains; the backbone runs in train mode, so its BatchNorm

@@ -8,7 +8,8 @@ wd 0.1, global batch 1024 (128 x 8 GPUs in the PyTorch recipe), 26 epochs of Web
 decay to 0, gradient-norm clip 5.
 
 Until a real training set is given (`--config.data.train=...`, see README), the run uses the
-procedural synthetic identities with the same number of classes, so the command runs anywhere.
+procedural synthetic identities with the same number of classes, so the command runs anywhere
+(`config.data.synthetic_identities`; a real set's class count comes from the data).
 
 Run (CPU smoke test, a few minutes, mostly compilation):
   python -m facemoe_jax.main --config configs/vit_b_moe.py --workdir /tmp/vit_b_moe \
@@ -45,7 +46,9 @@ def get_config(arg=None):
         grad_clip_norm=5.0,
     )
     config.train.update(num_steps=107_535, batch_size=1024, log_every_steps=100)
-    config.data.update(train="synthetic", num_classes=205_990, synthetic_images_per_identity=20)
+    config.data.update(
+        train="synthetic", synthetic_identities=205_990, synthetic_images_per_identity=20
+    )
     config.eval.update(synthetic_pairs=6000, low_resolutions="8,16,24")
     config.checkpoint.update(every_steps=2000, max_to_keep=3)
     return config

@@ -109,6 +109,8 @@ def adaptation_config(base, recipe: Recipe, settings: StudySettings, seed: int, 
     config.seed = seed
     config.init_from = start_dir
     config.init_classifier = False
+    # The study's own LR set: its size is the classifier's, so the config needs no resolving
+    # (sources.with_data_counts) before trainable_share builds a state from it.
     config.data.update(
         train="synthetic_lr",
         num_classes=settings.lr_classes,

@@ -121,7 +121,7 @@ def test_train_resume_and_eval_end_to_end(tmp_path):
     )
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert evaluated.stderr == ""  # no Orbax/absl lines either
-    assert "data.num_classes (checkpoint 20, now 1000)" in evaluated.stdout
+    assert "data.num_classes (checkpoint 20, now 0)" in evaluated.stdout
     again = json.load(open(tmp_path / "eval" / "step6_eval" / "results.json"))
     assert again["step"] == 6 and {"synthetic", "synthetic@8px"} <= set(again)
     assert again["synthetic"] == json.loads(trained_results)["synthetic"]  # the same weights
@@ -223,3 +223,29 @@ def test_what_trains_and_where_it_starts_fail_before_the_workdir(tmp_path, overr
     proc = run_main("--config", "configs/demo.py", "--workdir", str(workdir), override)
     assert_one_line_error(proc, fragment)
     assert not workdir.exists()
+
+
+@pytest.mark.slow  # one run of the demo model in a subprocess (its compile): ~30-70 s on 2 cores
+def test_a_folder_run_takes_the_class_count_from_the_data(tmp_path):
+    import cv2
+    import numpy as np
+
+    from facemoe_jax.train import checkpoint as checkpoint_lib
+
+    faces = tmp_path / "faces"
+    for identity in range(3):
+        (faces / f"id{identity}").mkdir(parents=True)
+        for i in range(4):
+            image = np.full((48, 48, 3), 60 * identity + 10 * i, np.uint8)
+            cv2.imwrite(str(faces / f"id{identity}" / f"{i}.png"), image)
+    workdir = tmp_path / "w"
+    # The demo's command line with a folder and no class count (12 images: a batch of 8).
+    dropped = ("--config.data.num_classes", "--config.train.batch_size", "--config.eval.")
+    fast = [a for a in tiny_run_args(workdir, 2) if not a.startswith(dropped)]
+    proc = run_main(*fast, f"--config.data.train=folder:{faces}", "--config.train.batch_size=8",
+                    "--config.eval.synthetic_pairs=0", "--config.eval.low_resolutions=",
+                    "--config.eval.routing_map_faces=0",
+                    "--config.eval.synthetic_tinyface_identities=0")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = checkpoint_lib.Checkpointer(str(workdir), 2, 1, create=False).saved_config(2)
+    assert saved["data"]["num_classes"] == 3

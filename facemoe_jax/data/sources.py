@@ -19,6 +19,11 @@ writes the number into the config, so checkpoints and exports hold it); any othe
 equal the data's class count. When ``config.data.num_images`` is non-zero the image count must
 equal it. Both are checked here, before anything is compiled.
 
+The synthetic sources render ``config.data.synthetic_identities`` identities, or
+``config.data.num_classes`` of them when that is non-zero (what it meant before the field
+existed, so older command lines still mean the same): config files set the former, so a real
+data set given on the command line brings its own count without a second flag.
+
 Image folders only: ``config.data.people_file`` / ``exclude_people_file`` choose identities and
 ``min_images_per_identity`` leaves the smaller ones unlabelled (``folder.py``); ``check_images``
 decodes every image before compiling and stops on undecodable ones (more than
@@ -54,11 +59,11 @@ def open_source(config: ml_collections.ConfigDict):
         )
     _check_folder_options(config.data, kind)
     if kind in SYNTHETIC_KINDS:
-        if config.data.num_classes < 1:
+        if synthetic_identities(config.data) < 1:
             raise ValueError(
-                f"config.data.num_classes={config.data.num_classes}: synthetic data have no "
-                "class count of their own (0 takes it from real data); set the number of "
-                "synthetic identities"
+                f"config.data.synthetic_identities={config.data.get('synthetic_identities')} "
+                f"(with config.data.num_classes={config.data.num_classes}): synthetic data "
+                "need a number of identities to render"
             )
         if config.data.synthetic_images_per_identity < 1:
             raise ValueError(
@@ -66,7 +71,7 @@ def open_source(config: ml_collections.ConfigDict):
                 f"{config.data.synthetic_images_per_identity} must be >= 1"
             )
         return synthetic.SyntheticFaces(
-            num_identities=config.data.num_classes,
+            num_identities=synthetic_identities(config.data),
             images_per_identity=config.data.synthetic_images_per_identity,
             image_size=config.model.image_size,
             seed=config.seed,
@@ -91,6 +96,12 @@ def open_source(config: ml_collections.ConfigDict):
         image_key=config.data.image_key,
         label_key=config.data.label_key,
     )
+
+
+def synthetic_identities(data_cfg) -> int:
+    """How many identities a synthetic source renders: ``num_classes`` when non-zero, else
+    ``synthetic_identities`` (0 when a config predates the field)."""
+    return int(data_cfg.num_classes or data_cfg.get("synthetic_identities", 0))
 
 
 def _low_resolution_identities(data_cfg, kind: str) -> dict:
@@ -153,11 +164,18 @@ def train_source(config: ml_collections.ConfigDict):
     return source
 
 
-def with_data_counts(config: ml_collections.ConfigDict, source) -> ml_collections.ConfigDict:
-    """``config`` with ``data.num_classes`` 0 replaced by the source's class count (a copy;
-    the config unchanged when it gives the count)."""
+def with_data_counts(config: ml_collections.ConfigDict, source=None) -> ml_collections.ConfigDict:
+    """``config`` with ``data.num_classes`` 0 replaced by the data's class count (a copy; the
+    config unchanged when it gives the count): what anything that builds a train state from a
+    config needs first.
+
+    source: the training source already opened for ``config`` (the loop's), so a folder is
+      listed once; None opens and checks it here (``train_source``).
+    """
     if config.data.num_classes:
         return config
+    if source is None:
+        source = train_source(config)
     resolved = config.copy_and_resolve_references()
     resolved.data.num_classes = int(source.num_classes)
     return resolved

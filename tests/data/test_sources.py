@@ -1,5 +1,7 @@
 """Source selection by config, config/data checks, image folders, decoding."""
 
+import importlib
+
 import cv2
 import numpy as np
 import pytest
@@ -80,6 +82,7 @@ def test_class_count_zero_comes_from_the_data_and_a_given_one_must_match(tmp_pat
     resolved = sources.with_data_counts(config, source)
     assert resolved.data.num_classes == 3 and config.data.num_classes == 0  # a copy
     assert sources.with_data_counts(resolved, source) is resolved
+    assert sources.with_data_counts(config).data.num_classes == 3  # opens the folder itself
     config.data.min_images_per_identity = 2  # bo's image stays, without a class
     resolved = sources.with_data_counts(config, sources.train_source(config))
     assert resolved.data.num_classes == 2
@@ -89,9 +92,43 @@ def test_class_count_zero_comes_from_the_data_and_a_given_one_must_match(tmp_pat
         sources.train_source(config)
 
 
+SHIPPED_CONFIGS = [
+    ("demo", None), ("aird", None), ("recognizability", None), ("vit_b_moe", None),
+    ("iresnet", "r50"), ("petalface", "tinyface"), ("petalface", "demo"),
+    ("swin_moe_120", "wf4m"), ("swin_moe_120", "tinyface_full"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name, arg", SHIPPED_CONFIGS)
+def test_shipped_configs_take_the_class_count_from_the_data(name, arg):
+    # A real set on the command line needs no count: every config leaves num_classes at 0 and
+    # gives its synthetic stand-in's size as synthetic_identities instead.
+    config = importlib.import_module(f"configs.{name}").get_config(arg)
+    assert config.data.num_classes == 0
+    resolved = sources.with_data_counts(config)  # synthetic: nothing is rendered to count
+    assert resolved.data.num_classes == config.data.synthetic_identities > 0
+
+
+def test_synthetic_identities_resolve_without_training_and_num_classes_still_overrides():
+    config = demo.get_config()
+    resolved = sources.with_data_counts(config)
+    assert resolved.data.num_classes == 1000 and config.data.num_classes == 0  # a copy
+    assert sources.train_source(config).num_classes == 1000
+    # Old command lines (--config.data.num_classes=N on synthetic data) still mean N identities.
+    config.data.num_classes = 20
+    assert sources.with_data_counts(config) is config
+    assert sources.train_source(config).num_classes == 20
+    assert sources.synthetic_identities(config.data) == 20
+    del config.data["synthetic_identities"]  # a config from before the field
+    config.data.num_classes = 0
+    assert sources.synthetic_identities(config.data) == 0
+
+
 def test_folder_options_are_refused_elsewhere_and_synthetic_data_need_a_count(tmp_path):
-    with pytest.raises(ValueError, match="num_classes=0: synthetic data have no class count"):
-        sources.train_source(small_config("synthetic", 0))
+    config = small_config("synthetic", 0)
+    config.data.synthetic_identities = 0
+    with pytest.raises(ValueError, match="synthetic_identities=0 .* need a number of identities"):
+        sources.train_source(config)
     config = small_config("synthetic", 5)
     config.data.people_file = "/x/people.txt"
     with pytest.raises(ValueError, match=r"people_file='/x/people.txt' applies to image folders"):
