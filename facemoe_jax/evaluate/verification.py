@@ -10,8 +10,8 @@ Given ``N`` pairs of embeddings and whether each pair shows the same person:
   held-out accuracies, and the mean of the ten chosen thresholds. ``folds=`` gives the folds
   instead (LFW's pairs.txt states its own: `evaluate/lfw.py`). A fold holding one class only
   (pairs grouped by class) draws one warning: the accuracy and its std then mean little.
-* ``best_threshold``: the same threshold rule on one set (LFW View 1: chosen on the training
-  pairs, applied to the test pairs).
+* ``exact_threshold``: the best cut between one set's own distances (LFW View 1: chosen on
+  the training pairs, applied to the test pairs).
 * ``tar_at_far``: true-accept rate at a false-accept rate, with the insightface IJB rule (on
   the sklearn-style ROC, the TPR of the point whose FPR is nearest the target; see its
   docstring).
@@ -111,17 +111,28 @@ def _correct_counts(distances, issame, thresholds, idx) -> np.ndarray:
     return np.sum((distances[None, idx] < thresholds[:, None]) == issame[None, idx], axis=1)
 
 
-def best_threshold(
-    distances: np.ndarray, issame: np.ndarray, thresholds: np.ndarray | None = None
-) -> float:
-    """The first threshold with the best accuracy on these pairs (the rule of each fold of
-    ``ten_fold_accuracy``: "same" when ``distance < threshold``; default 0..3.99 step 0.01)."""
+def exact_threshold(distances: np.ndarray, issame: np.ndarray) -> float:
+    """The threshold with the best accuracy on these pairs, searched over every cut between their
+    own sorted distances ("same" when ``distance < threshold``); among equally good cuts the most
+    accepting. LFW View 1 chooses its threshold this way on pairsDevTrain.txt (the figures of
+    ../shared/realfaces/README.md); the returned value is just above the last accepted distance
+    (all pairs rejected: the smallest distance)."""
     distances = np.asarray(distances, np.float64)
     issame = np.asarray(issame, bool)
     _check_pairs(distances, issame, "distances")
-    thresholds = DEFAULT_THRESHOLDS if thresholds is None else np.asarray(thresholds, np.float64)
-    correct = _correct_counts(distances, issame, thresholds, np.arange(len(distances)))
-    return float(thresholds[int(np.argmax(correct))])  # argmax returns the first maximum
+    order = np.argsort(distances, kind="stable")
+    sorted_distances, sorted_same = distances[order], issame[order]
+    # Cut k accepts the pairs before run_ends[k - 1] (cut 0 accepts none); equal distances move
+    # together, as a threshold cannot split them.
+    run_ends = np.r_[np.flatnonzero(np.diff(sorted_distances)) + 1, len(sorted_distances)]
+    accepted = np.r_[0, run_ends]
+    same_accepted = np.r_[0, np.cumsum(sorted_same)[run_ends - 1]]
+    different_rejected = int((~issame).sum()) - (accepted - same_accepted)
+    correct = same_accepted + different_rejected
+    cut = len(correct) - 1 - int(np.argmax(correct[::-1]))  # the last (most accepting) best
+    if cut == 0:
+        return float(sorted_distances[0])
+    return float(np.nextafter(sorted_distances[run_ends[cut - 1] - 1], np.inf))
 
 
 def ten_fold_accuracy(

@@ -5,8 +5,8 @@ import pytest
 
 from facemoe_jax.evaluate import verification
 from facemoe_jax.evaluate.verification import (
-    best_threshold,
     contiguous_folds,
+    exact_threshold,
     pair_distances,
     roc_curve,
     tar_at_far,
@@ -184,10 +184,25 @@ def test_given_folds_match_brute_force():
         ten_fold_accuracy(distances, issame, folds=np.zeros(90, int))
 
 
-def test_best_threshold_is_the_first_best_on_the_grid():
-    distances, issame = np.array([0.2, 0.3, 0.25, 1.0]), np.array([True, False, True, False])
-    assert best_threshold(distances, issame) == pytest.approx(0.26)  # first t in (0.25, 0.3]
-    assert best_threshold(distances, issame, thresholds=np.array([0.1, 0.5])) == 0.5
+def test_exact_threshold_matches_brute_force():
+    rng = np.random.default_rng(4)
+    for n in (1, 7, 200):
+        issame = rng.random(n) < 0.5
+        distances = np.round(np.where(issame, rng.normal(0.9, 0.4, n), rng.normal(1.4, 0.4, n)), 1)
+        # Brute force: every candidate (each distance, accepted with <=; or none accepted), the
+        # most accepting of the best.
+        candidates = np.r_[-np.inf, np.unique(distances)]
+        accuracy = [np.mean((distances <= c) == issame) for c in candidates]
+        best = candidates[len(accuracy) - 1 - int(np.argmax(accuracy[::-1]))]
+        t = exact_threshold(distances, issame)
+        np.testing.assert_array_equal(distances < t, distances <= best)
+    assert exact_threshold(np.array([0.2, 0.3, 0.25, 1.0]), np.array([1, 0, 1, 0], bool)) == (
+        np.nextafter(0.25, 1)
+    )
+    assert exact_threshold(np.array([0.5, 0.1]), np.array([False, True])) == np.nextafter(0.1, 1)
+    # A tie (none or both accepted: 1 correct) goes to the most accepting cut.
+    assert exact_threshold(np.array([0.5, 0.1]), np.array([True, False])) == np.nextafter(0.5, 1)
+    assert exact_threshold(np.array([0.5, 0.1]), np.array([False, False])) == 0.1  # none accepted
 
 
 def test_one_class_folds_draw_one_warning(capsys, monkeypatch):
