@@ -43,6 +43,14 @@ def get_base_config() -> ml_collections.ConfigDict:
             dropout=0.0,  # IResNet: dropout before the fc layer of the head (arcface_torch's)
             mobilefacenet_blocks=(1, 4, 6, 2),  # arcface_torch mbf; mbf_large: (2, 8, 12, 4)
             mobilefacenet_scale=2,  # width multiplier: mbf 2, mbf_large 4
+            # Any ONNX face model (name="onnx"; models/onnx_graph.py): its file, and how its
+            # input is normalised, (pixel - mean) / std in its channel order; negative = the
+            # graph's default (raw pixels when it normalises inside, else 127.5 / 127.5).
+            # image_size and embed_dim must be the graph's.
+            onnx_path="",
+            onnx_input_mean=-1.0,
+            onnx_input_std=-1.0,
+            onnx_channel_order="RGB",
             # Recognizability heads (models/recognizability.py; configs/recognizability.py):
             # attention over tokens / feature-map positions before the embedding head, and a
             # head regressing the recognizability index (needs config.recognizability.enabled).
