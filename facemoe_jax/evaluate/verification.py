@@ -8,10 +8,12 @@ Given ``N`` pairs of embeddings and whether each pair shows the same person:
   first ``N % 10`` folds get one extra pair); for each fold the *first* threshold with the best
   accuracy on the other nine folds is applied to it. Reported: mean and std (ddof 0) of the ten
   held-out accuracies, and the mean of the ten chosen thresholds. ``folds=`` gives the folds
-  instead (LFW's pairs.txt states its own: `evaluate/lfw.py`). A fold holding one class only
-  (pairs grouped by class) draws one warning: the accuracy and its std then mean little.
+  instead (LFW's pairs.txt states its own: `evaluate/lfw.py`); ``thresholds="exact"`` the best
+  cut between the training folds' own distances (`exact_threshold`) instead of the grid. A fold
+  holding one class only (pairs grouped by class) draws one warning: the accuracy and its std
+  then mean little.
 * ``exact_threshold``: the best cut between one set's own distances (LFW View 1: chosen on
-  the training pairs, applied to the test pairs).
+  the training pairs, applied to the test pairs); ``grid_threshold``: the grid's first best.
 * ``tar_at_far``: true-accept rate at a false-accept rate, with the insightface IJB rule (on
   the sklearn-style ROC, the TPR of the point whose FPR is nearest the target; see its
   docstring).
@@ -111,6 +113,19 @@ def _correct_counts(distances, issame, thresholds, idx) -> np.ndarray:
     return np.sum((distances[None, idx] < thresholds[:, None]) == issame[None, idx], axis=1)
 
 
+def grid_threshold(
+    distances: np.ndarray, issame: np.ndarray, thresholds: np.ndarray | None = None
+) -> float:
+    """The first threshold with the best accuracy on these pairs (each fold's rule in
+    ``ten_fold_accuracy``: "same" when ``distance < threshold``; default 0..3.99 step 0.01)."""
+    distances = np.asarray(distances, np.float64)
+    issame = np.asarray(issame, bool)
+    _check_pairs(distances, issame, "distances")
+    thresholds = DEFAULT_THRESHOLDS if thresholds is None else np.asarray(thresholds, np.float64)
+    correct = _correct_counts(distances, issame, thresholds, np.arange(len(distances)))
+    return float(thresholds[int(np.argmax(correct))])  # argmax returns the first maximum
+
+
 def exact_threshold(distances: np.ndarray, issame: np.ndarray) -> float:
     """The threshold with the best accuracy on these pairs, searched over every cut between their
     own sorted distances ("same" when ``distance < threshold``); among equally good cuts the most
@@ -138,7 +153,7 @@ def exact_threshold(distances: np.ndarray, issame: np.ndarray) -> float:
 def ten_fold_accuracy(
     distances: np.ndarray,
     issame: np.ndarray,
-    thresholds: np.ndarray | None = None,
+    thresholds: np.ndarray | str | None = None,
     num_folds: int = 10,
     folds: np.ndarray | None = None,
 ) -> dict[str, float]:
@@ -147,7 +162,8 @@ def ten_fold_accuracy(
     Args:
       distances: (N,) pair distances (smaller = more alike), N >= num_folds.
       issame: (N,) bools.
-      thresholds: candidate thresholds in increasing order; default 0..3.99 step 0.01.
+      thresholds: candidate thresholds in increasing order; default 0..3.99 step 0.01;
+        "exact": each fold's threshold is `exact_threshold` of the other folds' pairs.
       num_folds: the number of contiguous folds when `folds` is None.
       folds: (N,) integer fold label of each pair (e.g. the sets of LFW's pairs.txt), instead
         of contiguous folds; folds are taken in label order.
@@ -159,7 +175,6 @@ def ten_fold_accuracy(
     issame = np.asarray(issame, bool)
     _check_pairs(distances, issame, "distances")
     num_pairs = distances.shape[0]
-    thresholds = DEFAULT_THRESHOLDS if thresholds is None else np.asarray(thresholds, np.float64)
     if folds is None:
         if num_pairs < num_folds:
             raise ValueError(f"need at least num_folds={num_folds} pairs, got {num_pairs}")
@@ -168,6 +183,11 @@ def ten_fold_accuracy(
         fold_indices = _given_folds(folds, num_pairs)
     _warn_one_class_folds(fold_indices, issame, contiguous=folds is None)
     num_folds = len(fold_indices)
+    if isinstance(thresholds, str):
+        if thresholds != "exact":
+            raise ValueError(f"thresholds={thresholds!r}: an array of candidates or 'exact'")
+        return _exact_k_fold(distances, issame, fold_indices)
+    thresholds = DEFAULT_THRESHOLDS if thresholds is None else np.asarray(thresholds, np.float64)
 
     # correct_per_fold[j, f]: pairs of fold f classified correctly at thresholds[j].
     correct_per_fold = np.stack(
@@ -187,6 +207,20 @@ def ten_fold_accuracy(
         "accuracy": float(np.mean(held_out_accuracies)),
         "accuracy_std": float(np.std(held_out_accuracies)),
         "best_threshold": float(np.mean(chosen_thresholds)),
+    }
+
+
+def _exact_k_fold(distances, issame, fold_indices) -> dict[str, float]:
+    accuracies, chosen = [], []
+    for idx in fold_indices:
+        train = np.ones(len(distances), bool)
+        train[idx] = False
+        chosen.append(exact_threshold(distances[train], issame[train]))
+        accuracies.append(np.mean((distances[idx] < chosen[-1]) == issame[idx]))
+    return {
+        "accuracy": float(np.mean(accuracies)),
+        "accuracy_std": float(np.std(accuracies)),
+        "best_threshold": float(np.mean(chosen)),
     }
 
 

@@ -86,7 +86,8 @@ def test_missing_input_ends_in_one_error_line_and_no_traceback(tmp_path, args, m
 
 def test_pairs_bin_evaluates_like_the_folder_protocol(tmp_path, capsys):
     # A View 2 file of 10 sets: the .bin protocol's 10 contiguous folds are the file's sets, so
-    # the .bin path (load_bin, 10 contiguous folds) and the folder protocol give the same numbers.
+    # the .bin path (load_bin, 10 contiguous folds) and the folder protocol with the .bin sets'
+    # threshold grid give the same numbers.
     names = make_fake_lfw(tmp_path, people=5, images_per_person=3, size=32)
     write_pairs_file(tmp_path / "pairs.txt", random_sets(names, 10, 2, images_per_person=3))
     pairs, issame, folds = lfw.read_pairs(str(tmp_path / "pairs.txt"))
@@ -105,7 +106,8 @@ def test_pairs_bin_evaluates_like_the_folder_protocol(tmp_path, capsys):
     from_bin = verification.verification_metrics(
         toy_embed(images_a, False), toy_embed(images_b, False), bin_same
     )
-    folder = lfw.evaluate_lfw(toy_embed, str(tmp_path), "pairs.txt", (32,), model_size=32)
+    folder = lfw.evaluate_lfw(toy_embed, str(tmp_path), "pairs.txt", (32,), model_size=32,
+                              thresholds="grid")  # fmt: skip
     row = folder["rows"]["lfw_view2@32px"]
     for key in ("accuracy", "accuracy_std", "best_threshold", "tar@far=1e-3"):
         assert row[key] == pytest.approx(from_bin[key], abs=1e-12), key

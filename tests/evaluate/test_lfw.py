@@ -221,7 +221,7 @@ def test_view2_matches_a_direct_computation(fake_lfw, mode):
     assert embed.images == (2 * unique if mode == "both" else unique + seconds)
     for size, row in zip((112, 16), result["rows"].values()):
         d = reference_distances(root, pairs, size, 64, toy_embed, probe=mode == "probe")
-        expected = verification.ten_fold_accuracy(d, issame, folds=folds)
+        expected = verification.ten_fold_accuracy(d, issame, thresholds="exact", folds=folds)
         assert row["resolution"] == size
         for key in ("accuracy", "accuracy_std", "best_threshold"):
             assert row[key] == pytest.approx(expected[key], abs=1e-12)
@@ -264,6 +264,11 @@ def test_view1_threshold_comes_from_the_train_file(fake_lfw):
     assert row["tar@far=1e-3"] == pytest.approx(
         verification.tar_at_far(1 - test_d / 2, test_same, 1e-3)
     )
+    grid = lfw.evaluate_lfw(toy_embed_flip, aligned, str(root / "sub" / "pairsDevTest.txt"), (10,),
+                            thresholds="grid")  # fmt: skip
+    assert grid["rows"]["lfw_view1@10px"]["best_threshold"] == pytest.approx(
+        verification.grid_threshold(train_d, train_same)
+    )
 
 
 def test_missing_files_are_named(fake_lfw):
@@ -280,6 +285,8 @@ def test_missing_files_are_named(fake_lfw):
         lfw.evaluate_lfw(toy_embed, str(root), "nope.txt")
     with pytest.raises(ValueError, match="not one of"):
         lfw.evaluate_lfw(toy_embed, str(root), "pairs.txt", degrade_mode="gallery")
+    with pytest.raises(ValueError, match="not one of"):
+        lfw.evaluate_lfw(toy_embed, str(root), "pairs.txt", thresholds="best")
 
 
 # ---- the command line
@@ -410,7 +417,7 @@ def test_real_pairs_match_onnxruntime_by_hand(tmp_path):
     os.symlink(os.path.abspath(os.path.join(REAL_LFW, lfw.ALIGNED_FOLDER)),
                tmp_path / lfw.ALIGNED_FOLDER)  # fmt: skip
     embed = onnx_embed_fn()
-    result = lfw.evaluate_lfw(embed, str(tmp_path), "pairs.txt", (112, 12))
+    result = lfw.evaluate_lfw(embed, str(tmp_path), "pairs.txt", (112, 12), thresholds="grid")
     pairs, issame, folds = lfw.read_pairs(str(tmp_path / "pairs.txt"))
     for size, row in zip((112, 12), result["rows"].values()):
         d = reference_distances(tmp_path, pairs, size, 112, embed)

@@ -7,6 +7,7 @@ from facemoe_jax.evaluate import verification
 from facemoe_jax.evaluate.verification import (
     contiguous_folds,
     exact_threshold,
+    grid_threshold,
     pair_distances,
     roc_curve,
     tar_at_far,
@@ -203,6 +204,35 @@ def test_exact_threshold_matches_brute_force():
     # A tie (none or both accepted: 1 correct) goes to the most accepting cut.
     assert exact_threshold(np.array([0.5, 0.1]), np.array([True, False])) == np.nextafter(0.5, 1)
     assert exact_threshold(np.array([0.5, 0.1]), np.array([False, False])) == 0.1  # none accepted
+
+
+def test_grid_threshold_is_the_first_best_on_the_grid():
+    distances, issame = np.array([0.2, 0.3, 0.25, 1.0]), np.array([True, False, True, False])
+    assert grid_threshold(distances, issame) == pytest.approx(0.26)  # first t in (0.25, 0.3]
+    assert grid_threshold(distances, issame, thresholds=np.array([0.1, 0.5])) == 0.5
+
+
+def test_exact_thresholds_in_k_fold_match_brute_force():
+    rng = np.random.default_rng(5)
+    issame = np.arange(120) % 2 == 0
+    distances = np.where(issame, rng.normal(0.9, 0.4, 120), rng.normal(1.4, 0.4, 120))
+    folds = np.arange(120) // 40
+    accuracies, chosen = [], []
+    for f in range(3):
+        train, test = folds != f, folds == f
+        candidates = np.r_[-np.inf, np.sort(distances[train])]
+        accuracy = [np.mean((distances[train] <= c) == issame[train]) for c in candidates]
+        cut = candidates[len(accuracy) - 1 - int(np.argmax(accuracy[::-1]))]
+        chosen.append(cut)
+        accuracies.append(np.mean((distances[test] <= cut) == issame[test]))
+    result = ten_fold_accuracy(distances, issame, thresholds="exact", folds=folds)
+    assert result["accuracy"] == pytest.approx(np.mean(accuracies), abs=1e-12)
+    assert result["accuracy_std"] == pytest.approx(np.std(accuracies), abs=1e-12)
+    assert result["best_threshold"] == pytest.approx(np.mean(chosen), abs=1e-9)
+    # At least as good on the training folds as the grid, so usually a little different.
+    assert result != ten_fold_accuracy(distances, issame, folds=folds)
+    with pytest.raises(ValueError, match="'exact'"):
+        ten_fold_accuracy(distances, issame, thresholds="best")
 
 
 def test_one_class_folds_draw_one_warning(capsys, monkeypatch):
