@@ -212,7 +212,9 @@ def print_trainable_share(params, config) -> None:
         f"{list(trainable_lib.parse_patterns(patterns))}; frozen BatchNorm statistics {update}",
         flush=True,
     )
-    if enc_trained < enc_total and not config.get("init_from"):
+    # An ONNX model's initial weights are its file's (models/onnx_graph.py), not random.
+    pretrained = config.get("init_from") or config.model.name == "onnx"
+    if enc_trained < enc_total and not pretrained:
         messages.warning(
             "part of the encoder is frozen but config.init_from is empty: the frozen "
             "weights are random (start from a pre-trained run: --config.init_from=WORKDIR)"
