@@ -53,11 +53,14 @@ def run(config, workdir: str, mode: str) -> dict:
     from facemoe_jax.parallel import multihost
 
     if mode in ("eval", "export") and "://" not in workdir and not os.path.isdir(workdir):
-        # Refuse before anything (Orbax, writers) could create it as a side effect.
-        raise ValueError(
-            f"--workdir={workdir} does not exist: --mode={mode} reads the checkpoints of a "
-            "trained workdir"
-        )
+        if mode == "eval" and config.model.name == "onnx":
+            os.makedirs(workdir)  # an ONNX model is evaluated as its file is (no training yet)
+        else:
+            # Refuse before anything (Orbax, writers) could create it as a side effect.
+            raise ValueError(
+                f"--workdir={workdir} does not exist: --mode={mode} reads the checkpoints of a "
+                "trained workdir"
+            )
     if str(config.data.get("train", "")).startswith("tfds:"):
         # TFDS imports TensorFlow: first quietly, and off the accelerators JAX uses.
         from facemoe_jax.train.writers import import_tensorflow_quietly

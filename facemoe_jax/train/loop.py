@@ -475,6 +475,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
         workdir, config.checkpoint.every_steps, config.checkpoint.max_to_keep, create=False
     )
     latest = checkpointer.latest_saved_config()
+    if latest is None and config.model.name == "onnx" and not checkpointer.steps():
+        return _evaluate_imported(config, workdir)
     if latest is None:
         # No step, or none whose config reads: restore_latest names the unreadable steps.
         checkpointer.restore_latest(None, None, config)
@@ -512,6 +514,25 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
         f"wrote {os.fspath(out_dir)}/results.json (the training run's eval/results.json is kept)",
         flush=True,
     )
+    return results
+
+
+def _evaluate_imported(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """--mode=eval of an ONNX model before any training: the file's own weights, as step 0."""
+    from facemoe_jax.models import onnx_graph
+
+    model = build_model(config.model)
+    eval_suite.check_eval_config(config)
+    variables = onnx_graph.onnx_variables(model.graph)
+    print(f"evaluating {config.model.onnx_path} as it is (no checkpoint in {workdir})", flush=True)
+    outputs = eval_outputs(0)
+    out_dir = writers_lib.workdir_path(workdir) / outputs
+    if jax.process_index() == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    writer = make_writer(os.fspath(out_dir))
+    results = run_evaluations(model, variables, config, workdir, 0, writer, outputs)
+    writer.flush()
+    print(f"wrote {os.fspath(out_dir)}/results.json", flush=True)
     return results
 
 

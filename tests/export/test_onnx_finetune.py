@@ -4,6 +4,7 @@ A small graph with an unfolded BatchNorm (written with onnx.helper) is the model
 `python -m facemoe_jax.main` run (config.model.name="onnx", config.train.trainable = the head);
 `--mode=export` writes the graph with the trained weights, which onnxruntime runs to the
 fine-tuned JAX embeddings, and model.safetensors holds the same tensors under the ONNX names.
+`--mode=eval` before any training evaluates the file's own weights.
 """
 
 from __future__ import annotations
@@ -94,3 +95,22 @@ def test_finetune_with_frozen_stem_then_export_back(tmp_path):
     np.testing.assert_allclose(
         reloaded.embed(x, flip_test=False, normalize=False), expected, rtol=1e-4, atol=1e-5
     )
+
+
+@pytest.mark.slow
+def test_eval_of_an_onnx_model_before_training_uses_the_file(tmp_path):
+    source = small_face_graph(tmp_path / "face.onnx")
+    workdir = tmp_path / "new"  # does not exist yet
+    args = tiny_run_args(workdir, steps=3) + [
+        "--config.model.name=onnx",
+        f"--config.model.onnx_path={source}",
+        "--config.model.image_size=16",
+        "--config.model.embed_dim=16",
+        "--config.eval.low_resolutions=",
+        "--mode=eval",
+    ]
+    done = run_main(*args)
+    assert done.returncode == 0, done.stderr
+    assert f"evaluating {source} as it is" in done.stdout
+    assert os.path.isfile(os.path.join(workdir, "eval", "step0_eval", "results.json"))
+    assert not os.path.exists(os.path.join(workdir, "checkpoints"))
