@@ -145,8 +145,9 @@ def degrade(images: np.ndarray, size: int, model_size: int) -> np.ndarray:
     """
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] != images.shape[2]:
-        raise ValueError(f"degrade takes uint8 (N, S, S, 3) images, got {images.dtype} "
-                         f"{images.shape}")  # fmt: skip
+        raise ValueError(
+            f"degrade takes uint8 (N, S, S, 3) images, got {images.dtype} {images.shape}"
+        )
     if size < 1 or model_size < 1:
         raise ValueError(f"size={size} and model_size={model_size} must be >= 1 pixel")
     small = min(int(size), images.shape[1])
@@ -212,8 +213,10 @@ def load_protocol(lfw_dir: str, pairs_file: str) -> Protocol:
                 if path in seen:
                     continue
                 if not os.path.isfile(os.path.join(images_dir, path)):
-                    raise ValueError(f"image {os.path.join(images_dir, path)} of the pairs file "
-                                     f"{source} does not exist")  # fmt: skip
+                    raise ValueError(
+                        f"image {os.path.join(images_dir, path)} of the pairs file "
+                        f"{source} does not exist"
+                    )
                 seen.add(path)
                 paths.append(path)
     return Protocol(name, pairs_path, test, train_path, train, images_dir, paths)
@@ -248,8 +251,10 @@ def row_name(protocol_name: str, size: int, degrade_mode: str) -> str:
 
 
 def _pair_indices(pairs_list: PairsList, index: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
-    return (np.array([index[a] for a, _ in pairs_list.pairs]),
-            np.array([index[b] for _, b in pairs_list.pairs]))  # fmt: skip
+    return (
+        np.array([index[a] for a, _ in pairs_list.pairs]),
+        np.array([index[b] for _, b in pairs_list.pairs]),
+    )
 
 
 def _tars(distances: np.ndarray, issame: np.ndarray) -> dict[str, float]:
@@ -334,12 +339,17 @@ def evaluate_lfw(
         test_same = protocol.test.issame
         if protocol.name == "view2":
             metrics = verification.ten_fold_accuracy(
-                distances["test"], test_same, folds=protocol.test.folds,
+                distances["test"],
+                test_same,
+                folds=protocol.test.folds,
                 thresholds="exact" if thresholds == "exact" else None,
-            )  # fmt: skip
+            )
         else:
-            choose = (verification.exact_threshold if thresholds == "exact"
-                      else verification.grid_threshold)  # fmt: skip
+            choose = (
+                verification.exact_threshold
+                if thresholds == "exact"
+                else verification.grid_threshold
+            )
             threshold = choose(distances["train"], protocol.train.issame)
             metrics = {
                 "accuracy": float(np.mean((distances["test"] < threshold) == test_same)),
@@ -412,8 +422,9 @@ def write_pairs_bin(pairs_file: str, images_dir: str, out_path: str) -> int:
                         raise ValueError(f"image {full} is not a decodable JPEG/PNG")
                     encoded[path] = data
                 progress.update()
-    write_bin_raw(out_path, [encoded[p] for pair in pairs_list.pairs for p in pair],
-                  pairs_list.issame)  # fmt: skip
+    write_bin_raw(
+        out_path, [encoded[p] for pair in pairs_list.pairs for p in pair], pairs_list.issame
+    )
     return len(pairs_list.pairs)
 
 
@@ -444,21 +455,39 @@ def format_table(result: dict) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True,
-                        help="a workdir, an export dir, a .pt/.safetensors (config.json beside "
-                             "it) or anything else FaceEncoder.from_checkpoint opens")  # fmt: skip
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="a workdir, an export dir, a .pt/.safetensors (config.json beside "
+        "it) or anything else FaceEncoder.from_checkpoint opens",
+    )
     parser.add_argument("--lfw", required=True, help="LFW folder (with aligned112/) or aligned112")
-    parser.add_argument("--pairs", default="pairs.txt",
-                        help="pairs file, absolute or relative to the LFW folder: pairs.txt "
-                             "(View 2, 10-fold) or pairsDevTest.txt (View 1)")  # fmt: skip
+    parser.add_argument(
+        "--pairs",
+        default="pairs.txt",
+        help="pairs file, absolute or relative to the LFW folder: pairs.txt "
+        "(View 2, 10-fold) or pairsDevTest.txt (View 1)",
+    )
     parser.add_argument("--resolutions", default="112,24,16,12,8", help="pixel sizes")
-    parser.add_argument("--degrade", choices=DEGRADE_MODES, default="both",
-                        help="degrade both faces of a pair or the second (probe) only")  # fmt: skip
-    parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
-                        help="flip test: add the embedding of the mirror image")  # fmt: skip
-    parser.add_argument("--thresholds", choices=THRESHOLD_SEARCHES, default="exact",
-                        help="exact: the best cut between the training pairs' distances; grid: "
-                             "insightface's 0..3.99 step 0.01 (as the .bin sets)")  # fmt: skip
+    parser.add_argument(
+        "--degrade",
+        choices=DEGRADE_MODES,
+        default="both",
+        help="degrade both faces of a pair or the second (probe) only",
+    )
+    parser.add_argument(
+        "--flip",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="flip test: add the embedding of the mirror image",
+    )
+    parser.add_argument(
+        "--thresholds",
+        choices=THRESHOLD_SEARCHES,
+        default="exact",
+        help="exact: the best cut between the training pairs' distances; grid: "
+        "insightface's 0..3.99 step 0.01 (as the .bin sets)",
+    )
     parser.add_argument("--json", metavar="FILE", help="write the results here as JSON")
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args(argv)
@@ -478,8 +507,16 @@ def main(argv=None) -> None:
         def embed(images, flip_test):
             return encoder.embed(images, flip_test=flip_test, batch_size=args.batch_size)
 
-        result = evaluate_lfw(embed, args.lfw, args.pairs, sizes, args.degrade, args.flip,
-                              encoder.image_size, args.thresholds)  # fmt: skip
+        result = evaluate_lfw(
+            embed,
+            args.lfw,
+            args.pairs,
+            sizes,
+            args.degrade,
+            args.flip,
+            encoder.image_size,
+            args.thresholds,
+        )
         if args.json:
             os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
             with open(args.json, "w") as f:

@@ -201,8 +201,8 @@ def _export_onnx_model(config, variables, step, out_dir: str, paths: dict, t0: f
     )
     info["onnx"] = onnx_export.export_onnx_weights(source, state, paths["onnx"])
     # The written file, run by onnxruntime, against the JAX model on the same images.
-    images = np.random.default_rng(1).integers(0, 256, (3, model.graph.image_size,
-                                                        model.graph.image_size, 3), np.uint8)  # fmt: skip
+    size = model.graph.image_size
+    images = np.random.default_rng(1).integers(0, 256, (3, size, size, 3), np.uint8)
     expected = FaceEncoder(config, variables).embed(images, flip_test=False, normalize=False)
     got = run_graph(paths["onnx"], images, model)
     diff = float(np.abs(got - expected).max())

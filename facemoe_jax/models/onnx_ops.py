@@ -106,8 +106,12 @@ def _depthwise_conv(x, w, strides, padding, dilations):
     y = 0.0
     for i in range(kh):
         for j in range(kw):
-            window = x[:, :, i * dh : i * dh + (out_h - 1) * sh + 1 : sh,
-                       j * dw : j * dw + (out_w - 1) * sw + 1 : sw]  # fmt: skip
+            window = x[
+                :,
+                :,
+                i * dh : i * dh + (out_h - 1) * sh + 1 : sh,
+                j * dw : j * dw + (out_w - 1) * sw + 1 : sw,
+            ]
             y = y + window * w[:, 0, i, j][None, :, None, None]
     return y
 

@@ -40,16 +40,22 @@ def small_face_graph(path):
             "BatchNormalization",
             ["c", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"],
             ["n"],
-        ),  # fmt: skip
+        ),
         helper.make_node("PRelu", ["n", "act.weight"], ["p"]),
         helper.make_node("GlobalAveragePool", ["p"], ["g"]),
         helper.make_node("Flatten", ["g"], ["f"]),
         helper.make_node("Gemm", ["f", "head.weight", "head.bias"], ["y"], transB=1),
     ]
-    inits = [tensor("stem.weight", 8, 3, 3, 3), tensor("bn.weight", value=np.ones(8)),
-             tensor("bn.bias", value=np.zeros(8)), tensor("bn.running_mean", value=np.zeros(8)),
-             tensor("bn.running_var", value=np.ones(8)), tensor("act.weight", 8, 1, 1),
-             tensor("head.weight", 16, 8), tensor("head.bias", 16)]  # fmt: skip
+    inits = [
+        tensor("stem.weight", 8, 3, 3, 3),
+        tensor("bn.weight", value=np.ones(8)),
+        tensor("bn.bias", value=np.zeros(8)),
+        tensor("bn.running_mean", value=np.zeros(8)),
+        tensor("bn.running_var", value=np.ones(8)),
+        tensor("act.weight", 8, 1, 1),
+        tensor("head.weight", 16, 8),
+        tensor("head.bias", 16),
+    ]
     return write_graph(path, nodes, inits, size=16, out_dim=16)
 
 

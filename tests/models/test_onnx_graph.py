@@ -78,7 +78,7 @@ def test_conv_batchnorm_prelu_and_pools(tmp_path):
             pads=[1, 0, 2, 1],
             dilations=[1, 2],
             kernel_shape=[3, 3],
-        ),  # fmt: skip
+        ),
         helper.make_node("BatchNormalization", ["c1", "g", "b", "m", "v"], ["n1"], epsilon=1e-3),
         helper.make_node("Unsqueeze", ["slope", "axes"], ["slope3"]),
         helper.make_node("PRelu", ["n1", "slope3"], ["p1"]),
@@ -91,7 +91,7 @@ def test_conv_batchnorm_prelu_and_pools(tmp_path):
             strides=[2, 2],
             pads=[1, 1, 1, 1],
             ceil_mode=1,
-        ),  # fmt: skip
+        ),
         helper.make_node(
             "AveragePool",
             ["d1"],
@@ -100,10 +100,10 @@ def test_conv_batchnorm_prelu_and_pools(tmp_path):
             strides=[2, 2],
             pads=[0, 1, 1, 1],
             count_include_pad=1,
-        ),  # fmt: skip
+        ),
         helper.make_node(
             "AveragePool", ["d1"], ["ap2"], kernel_shape=[2, 2], strides=[2, 2], pads=[1, 1, 0, 0]
-        ),  # fmt: skip
+        ),
         helper.make_node("GlobalAveragePool", ["d1"], ["gp"]),
         helper.make_node("Flatten", ["mp"], ["f1"]),
         helper.make_node("Flatten", ["ap"], ["f2"]),
@@ -111,11 +111,19 @@ def test_conv_batchnorm_prelu_and_pools(tmp_path):
         helper.make_node("Flatten", ["gp"], ["f4"]),
         helper.make_node("Concat", ["f1", "f2", "f3", "f4"], ["y"], axis=1),
     ]
-    stats = [numpy_helper.from_array(RNG.normal(0, 0.2, 6).astype(np.float32), "m"),
-             numpy_helper.from_array(RNG.uniform(0.5, 2, 6).astype(np.float32), "v")]  # fmt: skip
-    inits = [_weight("w1", 6, 1, 3, 3), _weight("b1", 6), _weight("g", 6), _weight("b", 6),
-             _weight("slope", 6), _weight("wd", 12, 1, 3, 3),
-             numpy_helper.from_array(np.array([1, 2], np.int64), "axes")] + stats  # fmt: skip
+    stats = [
+        numpy_helper.from_array(RNG.normal(0, 0.2, 6).astype(np.float32), "m"),
+        numpy_helper.from_array(RNG.uniform(0.5, 2, 6).astype(np.float32), "v"),
+    ]
+    inits = [
+        _weight("w1", 6, 1, 3, 3),
+        _weight("b1", 6),
+        _weight("g", 6),
+        _weight("b", 6),
+        _weight("slope", 6),
+        _weight("wd", 12, 1, 3, 3),
+        numpy_helper.from_array(np.array([1, 2], np.int64), "axes"),
+    ] + stats
     path = write_graph(tmp_path / "g.onnx", nodes, inits, size=9)
     x = images(size=9)
     np.testing.assert_allclose(ours(path, x), reference(path, x), rtol=1e-4, atol=1e-4)
@@ -147,8 +155,15 @@ def test_elementwise_activations_and_matmuls(tmp_path):
         helper.make_node("Concat", ["dr", "rk"], ["y"], axis=1),
     ]
     scalar = lambda name, v: numpy_helper.from_array(np.array(v, np.float32), name)  # noqa: E731
-    inits = [_weight("wg", 5, 3), _weight("bg", 5), scalar("lo", -0.2), scalar("hi", 0.3),
-             _weight("bias", 5), scalar("two", 2.0), _weight("wm", 5, 4)]  # fmt: skip
+    inits = [
+        _weight("wg", 5, 3),
+        _weight("bg", 5),
+        scalar("lo", -0.2),
+        scalar("hi", 0.3),
+        _weight("bias", 5),
+        scalar("two", 2.0),
+        _weight("wm", 5, 4),
+    ]
     path = write_graph(tmp_path / "g.onnx", nodes, inits)
     x = images()
     np.testing.assert_allclose(ours(path, x), reference(path, x), rtol=1e-5, atol=1e-5)
@@ -172,8 +187,13 @@ def test_fixed_batch_graph_runs_at_any_batch(tmp_path):
         helper.make_node("Add", ["r", "r2"], ["y"]),
     ]
     ints = lambda name, v: numpy_helper.from_array(np.array(v, np.int64), name)  # noqa: E731
-    inits = [_weight("w", 4, 3, 3, 3), ints("shape", [1, -1]), ints("zero", 0),
-             ints("axes0", [0]), ints("minus1", [-1])]  # fmt: skip
+    inits = [
+        _weight("w", 4, 3, 3, 3),
+        ints("shape", [1, -1]),
+        ints("zero", 0),
+        ints("axes0", [0]),
+        ints("minus1", [-1]),
+    ]
     path = write_graph(tmp_path / "g.onnx", nodes, inits, batch=1)
     x = images(n=5)
     assert onnx_graph.read_graph(path).fixed_batch == 1
@@ -209,8 +229,10 @@ def test_batchnorm_in_training_updates_statistics_with_the_node_momentum(tmp_pat
         helper.make_node("Flatten", ["n"], ["y"]),
     ]
     zeros, ones = np.zeros(3, np.float32), np.ones(3, np.float32)
-    inits = [numpy_helper.from_array(a, k) for a, k in
-             ((ones, "g"), (zeros, "b"), (zeros, "m"), (ones, "v"))]  # fmt: skip
+    inits = [
+        numpy_helper.from_array(a, k)
+        for a, k in ((ones, "g"), (zeros, "b"), (zeros, "m"), (ones, "v"))
+    ]
     path = write_graph(tmp_path / "g.onnx", nodes, inits, size=4)
     x = images(n=4, size=4)
     (out, _), mutated = ours(path, x, train=True)
@@ -225,8 +247,10 @@ def test_batchnorm_in_training_updates_statistics_with_the_node_momentum(tmp_pat
 
 
 def test_gradients_reach_the_initializers(tmp_path):
-    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"]),
-             helper.make_node("Flatten", ["c"], ["y"])]  # fmt: skip
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"]),
+        helper.make_node("Flatten", ["c"], ["y"]),
+    ]
     path = write_graph(tmp_path / "g.onnx", nodes, [_weight("w", 2, 3, 3, 3), _weight("b", 2)])
     graph = onnx_graph.read_graph(path)
     model = onnx_graph.OnnxModel(graph)
@@ -239,9 +263,11 @@ def test_gradients_reach_the_initializers(tmp_path):
 
 
 def test_unsupported_operator_names_it_and_the_node(tmp_path):
-    nodes = [helper.make_node("GlobalAveragePool", ["x"], ["g"]),
-             helper.make_node("NonZero", ["g"], ["nz"], name="where_experts"),
-             helper.make_node("Flatten", ["g"], ["y"])]  # fmt: skip
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["x"], ["g"]),
+        helper.make_node("NonZero", ["g"], ["nz"], name="where_experts"),
+        helper.make_node("Flatten", ["g"], ["y"]),
+    ]
     path = write_graph(tmp_path / "g.onnx", nodes, [])
     with pytest.raises(onnx_graph.OnnxImportError, match=r"'NonZero' \(node 'where_experts', #1\)"):
         onnx_graph.read_graph(path)
