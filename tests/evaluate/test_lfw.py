@@ -1,5 +1,6 @@
 """LFW from its aligned folder and pairs files: parsing, degradation, both views, CLI, suite."""
 
+import importlib.util
 import json
 import os
 
@@ -311,6 +312,25 @@ def test_cli_errors_are_one_line(fake_lfw, capsys):
         (["--model", str(root), "--lfw", str(root / "x")], "not a directory"),
         (["--model", str(root), "--lfw", str(root), "--resolutions", "1,a"], "--resolutions"),
     ]
+    if importlib.util.find_spec("onnx"):  # ONNX models that cannot be imported
+        from onnx import helper as onnx_helper
+
+        from tests.models.test_onnx_graph import write_graph
+
+        unsupported = write_graph(
+            root / "topk.onnx",
+            [
+                onnx_helper.make_node("NonZero", ["x"], ["nz"], name="route"),
+                onnx_helper.make_node("Flatten", ["x"], ["y"]),
+            ],
+            [],
+        )
+        truncated = root / "cut.onnx"
+        truncated.write_bytes(open(unsupported, "rb").read()[:40])
+        cases += [
+            (["--model", unsupported, "--lfw", str(root)], "operator 'NonZero' (node 'route'"),
+            (["--model", str(truncated), "--lfw", str(root)], "cut.onnx: not a readable ONNX"),
+        ]
     for args, message in cases:
         code, lines = run_cli(args, capsys)
         assert code == 2 and len(lines) == 1, lines
