@@ -41,6 +41,7 @@ import sys
 from typing import Callable, NamedTuple
 
 import cv2
+import ml_collections
 import numpy as np
 
 from facemoe_jax import messages
@@ -490,6 +491,14 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--json", metavar="FILE", help="write the results here as JSON")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--input-mean",
+        type=float,
+        default=-1.0,
+        help="an ONNX model's input normalisation (pixel - mean) / std, when its documentation "
+        "says other than the default (docs/onnx_import.md); e.g. 127 and 128",
+    )
+    parser.add_argument("--input-std", type=float, default=-1.0, help="see --input-mean")
     args = parser.parse_args(argv)
     try:
         sizes = sweep.parse_sizes(args.resolutions, field="--resolutions")
@@ -502,7 +511,20 @@ def main(argv=None) -> None:
             raise ValueError(f"--model {args.model} does not exist")
         from facemoe_jax.encoder import FaceEncoder  # builds models: not needed for --help
 
-        encoder = FaceEncoder.from_checkpoint(args.model)
+        config = None
+        if args.input_mean >= 0 or args.input_std > 0:
+            if not args.model.endswith(".onnx"):
+                raise ValueError("--input-mean / --input-std are for ONNX models (--model X.onnx)")
+            config = ml_collections.ConfigDict(
+                {
+                    "model": {
+                        "name": "onnx",
+                        "onnx_input_mean": args.input_mean,
+                        "onnx_input_std": args.input_std,
+                    }
+                }
+            )
+        encoder = FaceEncoder.from_checkpoint(args.model, config)
 
         def embed(images, flip_test):
             return encoder.embed(images, flip_test=flip_test, batch_size=args.batch_size)

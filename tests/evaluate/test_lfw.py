@@ -311,6 +311,7 @@ def test_cli_errors_are_one_line(fake_lfw, capsys):
         (["--model", str(root), "--lfw", str(root), "--pairs", "gone.txt"], "Nobody_0001.jpg"),
         (["--model", str(root), "--lfw", str(root / "x")], "not a directory"),
         (["--model", str(root), "--lfw", str(root), "--resolutions", "1,a"], "--resolutions"),
+        (["--model", str(root), "--lfw", str(root), "--input-mean", "127"], "for ONNX models"),
     ]
     if importlib.util.find_spec("onnx"):  # ONNX models that cannot be imported
         from onnx import helper as onnx_helper
