@@ -351,7 +351,9 @@ def test_cli_table_and_json(fake_lfw, capsys, monkeypatch):
             assert images.shape[1:] == (48, 48, 3) and batch_size == 8
             return toy_embed(images, flip_test)
 
-    monkeypatch.setattr(FaceEncoder, "from_checkpoint", classmethod(lambda cls, p: FakeEncoder()))
+    monkeypatch.setattr(
+        FaceEncoder, "from_checkpoint", classmethod(lambda cls, p, config=None: FakeEncoder())
+    )
     out = root / "out" / "lfw.json"
     lfw.main(["--model", str(root), "--lfw", str(root), "--resolutions", "112,12",
               "--no-flip", "--json", str(out), "--batch-size", "8"])  # fmt: skip
