@@ -492,15 +492,24 @@ def test_real_pairs_match_onnxruntime_by_hand(tmp_path):
 
 
 @needs_realfaces
-@pytest.mark.slow  # 4,992 images through onnxruntime at batch 1: ~3 min on the 2 shared cores
-def test_real_view1_at_112px_matches_the_readme():
-    # The other sizes (README: 93.2 / 79.9 / 69.6 / 67.2 % at 24 / 16 / 12 / 8 px) match too, but
-    # take a minute each; the threshold rule they depend on is checked above by brute force.
-    result = lfw.evaluate_lfw(
-        onnx_embed_fn(), REAL_LFW, "pairsDevTest.txt", (112,), thresholds="exact"
-    )
+def test_real_view1_test_file_against_a_brute_force_protocol():
+    """View 1's test file on the real crops, its threshold chosen on pairsDevTrain.txt, at 112 and
+    12 px, against every step spelled out here. A cheap fixed embedding (grey thumbnails) takes all
+    4,992 images of both files through in seconds; the real recognizer's figures on this file
+    (98.6 % at 112 px) follow from its ONNX parity (tests/test_encoder_onnx.py) and are measured
+    with the CLI (README, "Real faces")."""
+    result = lfw.evaluate_lfw(toy_embed, REAL_LFW, "pairsDevTest.txt", (112, 12))
     assert result["pairs"] == 1000 and result["images"] == 4992
-    row = result["rows"]["lfw_view1@112px"]
-    assert row["accuracy"] == pytest.approx(0.986, abs=5e-4)  # README: 98.6 %
-    # README's 0.956 is the TAR at FPR 0; the nearest-FPR rule takes FPR 0.002 here (lfw.py).
-    assert row["tar@far=1e-3"] == pytest.approx(0.974, abs=5e-4)
+    grid = np.arange(0, 4, 0.01)
+    for size in (112, 12):
+        distances = {}
+        for name in ("pairsDevTrain.txt", "pairsDevTest.txt"):
+            pairs, issame, _ = lfw.read_pairs(os.path.join(REAL_LFW, name))
+            distances[name] = reference_distances(REAL_LFW, pairs, size, 112, toy_embed), issame
+        train_d, train_same = distances["pairsDevTrain.txt"]
+        cut = grid[int(np.argmax([np.mean((train_d < t) == train_same) for t in grid]))]
+        test_d, test_same = distances["pairsDevTest.txt"]
+        row = result["rows"][f"lfw_view1@{size}px"]
+        assert row["best_threshold"] == pytest.approx(cut)
+        assert row["accuracy"] == pytest.approx(np.mean((test_d < cut) == test_same))
+        assert row["accuracy"] > 0.55  # thumbnails of real faces: better than chance
