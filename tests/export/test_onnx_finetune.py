@@ -59,16 +59,22 @@ def small_face_graph(path):
     return write_graph(path, nodes, inits, size=16, out_dim=16)
 
 
-@pytest.mark.slow
-def test_finetune_with_frozen_stem_then_export_back(tmp_path):
-    source = small_face_graph(tmp_path / "face.onnx")
-    workdir = tmp_path / "run"
-    args = tiny_run_args(workdir, steps=3) + [
+def onnx_run_args(workdir, source):
+    """The tiny demo run of tests/test_main.py with the small graph as its model."""
+    return tiny_run_args(workdir, steps=3) + [
         "--config.model.name=onnx",
         f"--config.model.onnx_path={source}",
         "--config.model.image_size=16",
         "--config.model.embed_dim=16",
         "--config.eval.low_resolutions=",
+    ]
+
+
+@pytest.mark.slow
+def test_finetune_with_frozen_stem_then_export_back(tmp_path):
+    source = small_face_graph(tmp_path / "face.onnx")
+    workdir = tmp_path / "run"
+    args = onnx_run_args(workdir, source) + [
         "--config.train.trainable=head,classifier",
         "--config.train.update_batch_stats=True",
     ]
@@ -107,14 +113,7 @@ def test_finetune_with_frozen_stem_then_export_back(tmp_path):
 def test_eval_of_an_onnx_model_before_training_uses_the_file(tmp_path):
     source = small_face_graph(tmp_path / "face.onnx")
     workdir = tmp_path / "new"  # does not exist yet
-    args = tiny_run_args(workdir, steps=3) + [
-        "--config.model.name=onnx",
-        f"--config.model.onnx_path={source}",
-        "--config.model.image_size=16",
-        "--config.model.embed_dim=16",
-        "--config.eval.low_resolutions=",
-        "--mode=eval",
-    ]
+    args = onnx_run_args(workdir, source) + ["--mode=eval"]
     done = run_main(*args)
     assert done.returncode == 0, done.stderr
     assert f"evaluating {source} as it is" in done.stdout
