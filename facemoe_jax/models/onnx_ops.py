@@ -324,7 +324,10 @@ def _cast(context, node, inputs):
             f"Cast node {node.name!r}: target type {node.attrs['to']} unsupported"
         )
     x = inputs[0]
-    return (np.asarray(x).astype(to) if _is_static(x) else x.astype(to),)
+    if _is_static(x):
+        return (np.asarray(x).astype(to),)
+    # Traced values keep JAX's widths (float64 is float32 unless x64 is enabled).
+    return (x.astype(jax.dtypes.canonicalize_dtype(to)),)
 
 
 def _unary(fn):

@@ -288,3 +288,21 @@ def test_truncated_and_missing_files(tmp_path):
 def test_flax_names_are_unique_identifiers():
     names = onnx_graph._flax_names(("a.b", "a_b", "onnx::Conv_5", "a/b"))
     assert names == {"a.b": "a_b", "a_b": "a_b_1", "onnx::Conv_5": "onnx__Conv_5", "a/b": "a_b_2"}
+
+
+def test_other_activations_and_shape_operators(tmp_path):
+    # Tanh, LeakyRelu, Softmax, Cast and Squeeze, beyond the recognizers' core set.
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["x"], ["g"]),  # (N, 3, 1, 1)
+        helper.make_node("Squeeze", ["g", "axes"], ["s"]),  # (N, 3)
+        helper.make_node("Tanh", ["s"], ["t"]),
+        helper.make_node("LeakyRelu", ["s"], ["l"], alpha=0.2),
+        helper.make_node("Softmax", ["s"], ["m"], axis=1),
+        helper.make_node("Cast", ["m"], ["c64"], to=TensorProto.DOUBLE),
+        helper.make_node("Cast", ["c64"], ["c"], to=TensorProto.FLOAT),
+        helper.make_node("Concat", ["t", "l", "c"], ["y"], axis=1),
+    ]
+    inits = [numpy_helper.from_array(np.array([2, 3], np.int64), "axes")]
+    path = write_graph(tmp_path / "g.onnx", nodes, inits)
+    x = images()
+    np.testing.assert_allclose(ours(path, x), reference(path, x), rtol=1e-5, atol=1e-6)
