@@ -15,8 +15,9 @@ r"""Converters: image folders -> RecordIO, RecordIO -> ArrayRecord.
       insightface verification .bin (images img1, img2 of each pair in file order, bytes as
       they are; evaluate/lfw.py `write_pairs_bin`), the layout of insightface's lfw.bin.
 
-The first two print the counts to put into ``config.data.num_classes`` / ``num_images``; all
-show progress with an ETA (one updating line on a terminal, a line every 30 s in a log).
+The first two print the counts (a run takes them from the data; ``config.data.num_classes`` /
+``num_images`` may fix them, and are then checked); all show progress with an ETA (one updating
+line on a terminal, a line every 30 s in a log).
 
 Images that do not decode (empty, truncated, not an image: the training decoder's test) are
 listed with their paths, written to ``OUT/skipped_images.txt`` and left out; an identity left
