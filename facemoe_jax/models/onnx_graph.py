@@ -31,6 +31,7 @@ before anything runs, naming the operator and the node.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 from typing import Any
@@ -94,8 +95,10 @@ class OnnxGraph:
     def fixed_batch(self) -> int | None:
         return self.input_shape[0]
 
-    def flax_name(self, onnx_name: str) -> str:
-        return _flax_names(tuple(self.params) + tuple(self.statistics))[onnx_name]
+    @functools.cached_property
+    def flax_names(self) -> dict[str, str]:
+        """ONNX initializer name -> the module's variable name (params and statistics)."""
+        return _flax_names(tuple(self.params) + tuple(self.statistics))
 
 
 def _flax_names(onnx_names: tuple[str, ...]) -> dict[str, str]:
@@ -278,7 +281,7 @@ class OnnxModel(nn.Module):
                 f"{graph.path} takes {graph.image_size}x{graph.image_size} images; got "
                 f"{x.shape[1]}x{x.shape[2]}"
             )
-        names = _flax_names(tuple(graph.params) + tuple(graph.statistics))
+        names = graph.flax_names
         values: dict[str, Any] = dict(graph.constants)
         for name, value in graph.params.items():
             values[name] = self.param(names[name], lambda _, v=value: jnp.asarray(v))
@@ -305,7 +308,7 @@ class OnnxModel(nn.Module):
 
 def onnx_variables(graph: OnnxGraph) -> dict:
     """{"params", "batch_stats"}: the file's own values under the module's names."""
-    names = _flax_names(tuple(graph.params) + tuple(graph.statistics))
+    names = graph.flax_names
     return {
         "params": {names[k]: np.asarray(v) for k, v in graph.params.items()},
         "batch_stats": {names[k]: np.asarray(v) for k, v in graph.statistics.items()},
@@ -315,7 +318,7 @@ def onnx_variables(graph: OnnxGraph) -> dict:
 def onnx_state_dict(graph: OnnxGraph, variables: dict) -> dict[str, np.ndarray]:
     """{ONNX initializer name: value} of `variables` (the inverse of `onnx_variables`), in the
     file's dtypes: what an export writes back into the graph."""
-    names = _flax_names(tuple(graph.params) + tuple(graph.statistics))
+    names = graph.flax_names
     out = {}
     for collection, source in (("params", graph.params), ("batch_stats", graph.statistics)):
         for name, original in source.items():
