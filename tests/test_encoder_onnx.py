@@ -26,7 +26,7 @@ from facemoe_jax import FaceEncoder  # noqa: E402
 from facemoe_jax.encoder import load_onnx  # noqa: E402
 from facemoe_jax.export import convert, torch_models  # noqa: E402
 from facemoe_jax.export import onnx as onnx_export  # noqa: E402
-from facemoe_jax.export.workdir import run_graph  # noqa: E402
+from facemoe_jax.export.onnx import run_graph  # noqa: E402
 from tests.export.test_convert import random_variables  # noqa: E402
 from tests.export.test_convert_cnn import cnn_config  # noqa: E402
 

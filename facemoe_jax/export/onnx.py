@@ -33,6 +33,7 @@ import facemoe_jax
 OPSET = 17  # LayerNormalization is a single op from 17 on; onnxruntime >= 1.11 runs it
 INPUT_NAME, OUTPUT_NAME = "images", "embedding"
 NORMALIZATION = "(x / 255 - 0.5) / 0.5"
+WEIGHTS_KEY = "facemoe_jax_weights"  # metadata of a graph written back with trained weights
 
 
 def torch_twin(model_cfg, state: dict[str, np.ndarray]):
@@ -93,17 +94,11 @@ def export_onnx(model_cfg, state: dict[str, np.ndarray], path: str, module=None)
             do_constant_folding=True,
             dynamo=False,
         )
-    # Large models (the 464M-parameter Swin-MoE, 1.9 GB) stay one file while under protobuf's
-    # 2 GB; above it the weights go to `path + ".data"` beside it.
     model = onnx.load(path)
     for key, value in metadata(model_cfg).items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
-    large = model.ByteSize() > 2**31 - 2**24
-    if large:
-        onnx.save(model, path, save_as_external_data=True, location=f"{path.split('/')[-1]}.data")
-    else:
-        onnx.save(model, path)
+    large = save_model(model, path)
     size = int(model_cfg.image_size)
     return {
         "file": path.split("/")[-1],
@@ -113,6 +108,19 @@ def export_onnx(model_cfg, state: dict[str, np.ndarray], path: str, module=None)
         "normalization": NORMALIZATION,
         "external_data": large,
     }
+
+
+def save_model(model, path: str) -> bool:
+    """Writes `model`; True when its weights went to `path + ".data"` beside it. Large models
+    (the 464M-parameter Swin-MoE, 1.9 GB) stay one file while under protobuf's 2 GB."""
+    import onnx
+
+    large = model.ByteSize() > 2**31 - 2**24
+    if large:
+        onnx.save(model, path, save_as_external_data=True, location=f"{path.split('/')[-1]}.data")
+    else:
+        onnx.save(model, path)
+    return large
 
 
 def export_onnx_weights(source: str, state: dict[str, np.ndarray], path: str) -> dict:
@@ -126,8 +134,11 @@ def export_onnx_weights(source: str, state: dict[str, np.ndarray], path: str) ->
     model = onnx.load(source)
     initializers = {t.name: t for t in model.graph.initializer}
     # Initializers the import untied from the exporter's Identity nodes get their tensor back.
-    untied = [n for n in model.graph.node if n.op_type == "Identity" and n.output[0] in state
-              and n.input[0] in initializers]  # fmt: skip
+    untied = [
+        n
+        for n in model.graph.node
+        if n.op_type == "Identity" and n.output[0] in state and n.input[0] in initializers
+    ]
     for node in untied:
         model.graph.node.remove(node)
         initializers[node.output[0]] = model.graph.initializer.add()
@@ -136,16 +147,13 @@ def export_onnx_weights(source: str, state: dict[str, np.ndarray], path: str) ->
         raise ValueError(f"{source} has no initializers {unknown[:5]} to write")
     for name, value in state.items():
         initializers[name].CopyFrom(numpy_helper.from_array(np.asarray(value), name))
+    # One entry, also when the source is an earlier export (the checker refuses repeated keys).
+    kept = [p for p in model.metadata_props if p.key != WEIGHTS_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
     entry = model.metadata_props.add()
-    entry.key, entry.value = (
-        "facemoe_jax_weights",
-        f"fine-tuned by facemoe_jax {facemoe_jax.__version__}",
-    )
-    large = model.ByteSize() > 2**31 - 2**24
-    if large:
-        onnx.save(model, path, save_as_external_data=True, location=f"{path.split('/')[-1]}.data")
-    else:
-        onnx.save(model, path)
+    entry.key, entry.value = WEIGHTS_KEY, f"fine-tuned by facemoe_jax {facemoe_jax.__version__}"
+    large = save_model(model, path)
     graph_input = next(i for i in model.graph.input if i.name not in initializers)
     return {
         "file": path.split("/")[-1],
@@ -162,6 +170,21 @@ def run_onnx(path: str, images: np.ndarray) -> np.ndarray:
 
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     return session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(images, np.float32)})[0]
+
+
+def run_graph(path: str, images: np.ndarray, model) -> np.ndarray:
+    """uint8 RGB NHWC images through any ONNX file in onnxruntime, normalised as `model` (an
+    OnnxModel) says the graph wants them, one image at a time (graphs with a fixed batch)."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    pixels = images.astype(np.float32)
+    if model.channel_order == "BGR":
+        pixels = pixels[..., ::-1]
+    x = ((pixels - model.input_mean) / model.input_std).transpose(0, 3, 1, 2)
+    out = [session.run(None, {name: np.ascontiguousarray(x[i : i + 1])})[0] for i in range(len(x))]
+    return np.concatenate(out).reshape(len(x), -1)
 
 
 def check_onnx(model_cfg, module, path: str, batch: int = 3) -> float | None:

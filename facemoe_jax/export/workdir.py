@@ -175,7 +175,7 @@ def _export_onnx_model(config, variables, step, out_dir: str, paths: dict, t0: f
     file is checked in onnxruntime against the JAX model."""
     from facemoe_jax.encoder import FaceEncoder
     from facemoe_jax.export import onnx as onnx_export
-    from facemoe_jax.models import build_model, onnx_graph
+    from facemoe_jax.models import onnx_graph
 
     source = str(config.model.onnx_path)
     if not os.path.isfile(source):
@@ -190,7 +190,8 @@ def _export_onnx_model(config, variables, step, out_dir: str, paths: dict, t0: f
     convert.save_safetensors(state, paths["safetensors"], metadata={"format": "onnx-names"})
     paths["onnx"] = os.path.join(out_dir, "model.onnx")
     info = export_config(config.model, step)
-    model = build_model(config.model)
+    encoder = FaceEncoder(config, variables)
+    model = encoder.model
     info["torch_module"] = None  # the graph is the architecture: use model.onnx
     info["input"].update(
         channel_order=model.channel_order,
@@ -203,8 +204,8 @@ def _export_onnx_model(config, variables, step, out_dir: str, paths: dict, t0: f
     # The written file, run by onnxruntime, against the JAX model on the same images.
     size = model.graph.image_size
     images = np.random.default_rng(1).integers(0, 256, (3, size, size, 3), np.uint8)
-    expected = FaceEncoder(config, variables).embed(images, flip_test=False, normalize=False)
-    got = run_graph(paths["onnx"], images, model)
+    expected = encoder.embed(images, flip_test=False, normalize=False)
+    got = onnx_export.run_graph(paths["onnx"], images, model)
     diff = float(np.abs(got - expected).max())
     info["onnx"]["max_abs_diff_vs_jax"] = diff
     with open(paths["config"], "w") as f:
@@ -217,18 +218,3 @@ def _export_onnx_model(config, variables, step, out_dir: str, paths: dict, t0: f
         flush=True,
     )
     return {**paths, "seconds": seconds, "step": step, "onnx_max_abs_diff": diff}
-
-
-def run_graph(path: str, images: np.ndarray, model) -> np.ndarray:
-    """uint8 RGB NHWC images through an ONNX file in onnxruntime, normalised as `model` (an
-    OnnxModel) says the graph wants them, one image at a time (graphs with a fixed batch)."""
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    pixels = images.astype(np.float32)
-    if model.channel_order == "BGR":
-        pixels = pixels[..., ::-1]
-    x = ((pixels - model.input_mean) / model.input_std).transpose(0, 3, 1, 2)
-    out = [session.run(None, {name: np.ascontiguousarray(x[i : i + 1])})[0] for i in range(len(x))]
-    return np.concatenate(out).reshape(len(x), -1)

@@ -21,7 +21,7 @@ safetensors_numpy = pytest.importorskip("safetensors.numpy")
 from onnx import helper, numpy_helper  # noqa: E402
 
 from facemoe_jax import FaceEncoder  # noqa: E402
-from facemoe_jax.export.workdir import run_graph  # noqa: E402
+from facemoe_jax.export.onnx import run_graph  # noqa: E402
 from facemoe_jax.models import onnx_graph  # noqa: E402
 from tests.models.test_onnx_graph import write_graph  # noqa: E402
 from tests.test_main import run_main, tiny_run_args  # noqa: E402
@@ -119,3 +119,19 @@ def test_eval_of_an_onnx_model_before_training_uses_the_file(tmp_path):
     assert f"evaluating {source} as it is" in done.stdout
     assert os.path.isfile(os.path.join(workdir, "eval", "step0_eval", "results.json"))
     assert not os.path.exists(os.path.join(workdir, "checkpoints"))
+
+
+def test_writing_back_twice_keeps_one_metadata_entry(tmp_path):
+    # A fine-tuned export fine-tuned again: its graph is the source of the second export.
+    from facemoe_jax.export import onnx as onnx_export
+
+    source = small_face_graph(tmp_path / "face.onnx")
+    graph = onnx_graph.read_graph(source)
+    state = onnx_graph.onnx_state_dict(graph, onnx_graph.onnx_variables(graph))
+    first, second = str(tmp_path / "first.onnx"), str(tmp_path / "second.onnx")
+    onnx_export.export_onnx_weights(source, state, first)
+    onnx_export.export_onnx_weights(first, state, second)
+    model = onnx.load(second)
+    keys = [p.key for p in model.metadata_props]
+    assert keys.count(onnx_export.WEIGHTS_KEY) == 1
+    onnx.checker.check_model(model)
