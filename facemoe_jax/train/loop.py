@@ -503,18 +503,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     state, step, _ = restored
     checkpointer.close()
     variables = {"params": state.params["encoder"], "batch_stats": state.batch_stats}
-    outputs = eval_outputs(step)
-    out_dir = writers_lib.workdir_path(workdir) / outputs
-    if jax.process_index() == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)  # metrics.jsonl opens in it
-    writer = make_writer(os.fspath(out_dir))
-    results = run_evaluations(model, variables, config, workdir, step, writer, outputs)
-    writer.flush()
-    print(
-        f"wrote {os.fspath(out_dir)}/results.json (the training run's eval/results.json is kept)",
-        flush=True,
-    )
-    return results
+    return _evaluate_into_step_folder(model, variables, config, workdir, step)
 
 
 def _evaluate_imported(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -525,13 +514,19 @@ def _evaluate_imported(config: ml_collections.ConfigDict, workdir: str) -> dict:
     eval_suite.check_eval_config(config)
     variables = onnx_graph.onnx_variables(model.graph)
     print(f"evaluating {config.model.onnx_path} as it is (no checkpoint in {workdir})", flush=True)
-    outputs = eval_outputs(0)
+    return _evaluate_into_step_folder(model, variables, config, workdir, 0)
+
+
+def _evaluate_into_step_folder(model, variables, config, workdir: str, step: int) -> dict:
+    """run_evaluations with its files and metrics.jsonl in workdir/eval/step<N>_eval."""
+    outputs = eval_outputs(step)
     out_dir = writers_lib.workdir_path(workdir) / outputs
     if jax.process_index() == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        out_dir.mkdir(parents=True, exist_ok=True)  # metrics.jsonl opens in it
     writer = make_writer(os.fspath(out_dir))
-    results = run_evaluations(model, variables, config, workdir, 0, writer, outputs)
+    results = run_evaluations(model, variables, config, workdir, step, writer, outputs)
     writer.flush()
+    # Training's own results, if any, stay in eval/results.json.
     print(f"wrote {os.fspath(out_dir)}/results.json", flush=True)
     return results
 
