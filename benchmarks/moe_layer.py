@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from facemoe_jax import huge_pages
+from facemoe_jax.core import huge_pages
 from facemoe_jax.models.moe import MoEFeedForward
 from facemoe_jax.models.swin import exact_gelu
 

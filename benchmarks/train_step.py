@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from facemoe_jax import huge_pages
+from facemoe_jax.core import huge_pages
 from facemoe_jax.models import build_model
 from facemoe_jax.models.vit import parse_moe_layers
 from facemoe_jax.train import optimizer as optimizer_lib

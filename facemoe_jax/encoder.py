@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from facemoe_jax.data.pipeline import normalize_images
+from facemoe_jax.core.images import normalize_images
 from facemoe_jax.models import build_model
 
 EXPORT_CONFIG = "config.json"

@@ -27,7 +27,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from facemoe_jax import huge_pages, messages  # noqa: E402
+from facemoe_jax.core import huge_pages, messages  # noqa: E402
 
 # Config files import their shared builder as `configs.common`: make the project root importable
 # whatever the current directory is.
@@ -63,7 +63,7 @@ def run(config, workdir: str, mode: str) -> dict:
             )
     if str(config.data.get("train", "")).startswith("tfds:"):
         # TFDS imports TensorFlow: first quietly, and off the accelerators JAX uses.
-        from facemoe_jax.train.writers import import_tensorflow_quietly
+        from facemoe_jax.core.paths import import_tensorflow_quietly
 
         import_tensorflow_quietly()
     multihost.initialize_from_environment()  # before anything touches a device

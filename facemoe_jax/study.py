@@ -43,10 +43,10 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from facemoe_jax import messages
-from facemoe_jax.progress import format_duration
+from facemoe_jax.core import messages
+from facemoe_jax.core.progress import format_duration
 from facemoe_jax.study_rows import DENSE_PRETRAINED, PRETRAINED, RECIPES, Recipe
-from facemoe_jax.train.writers import workdir_path
+from facemoe_jax.core.paths import workdir_path
 
 # What a study row reports, in table order: (results.json entry, metric, column title).
 COLUMNS = (
@@ -520,7 +520,7 @@ def load_config(path: str) -> ml_collections.ConfigDict:
 
 
 if __name__ == "__main__":
-    from facemoe_jax import huge_pages
+    from facemoe_jax.core import huge_pages
 
     huge_pages.restart_with_huge_pages()  # see facemoe_jax/huge_pages.py
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

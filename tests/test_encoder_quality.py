@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from facemoe_jax import FaceEncoder, recipes
-from facemoe_jax.data.pipeline import normalize_images
+from facemoe_jax.core.images import normalize_images
 from facemoe_jax.losses.recognizability import sown_quality
 from facemoe_jax.models import build_model
 from tests.train.test_step import tiny_config

@@ -27,9 +27,9 @@ import sys
 
 import numpy as np
 
-from facemoe_jax import messages
+from facemoe_jax.core import messages
 from facemoe_jax.data.folder import IMAGE_EXTENSIONS
-from facemoe_jax.progress import Progress
+from facemoe_jax.core.progress import Progress
 
 # The five ArcFace landmarks in a 112 x 112 crop (insightface's arcface_dst).
 ARCFACE_TEMPLATE = np.array(

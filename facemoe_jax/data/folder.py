@@ -301,7 +301,7 @@ def check_images(
     gives ``ImageCheck.summary``.
     """
     from facemoe_jax.data import pipeline  # noqa: F401  (imported before the clock starts)
-    from facemoe_jax.progress import Progress
+    from facemoe_jax.core.progress import Progress
 
     start = time.perf_counter()
     bad, conversions, sizes = [], collections.Counter(), collections.Counter()

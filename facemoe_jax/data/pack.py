@@ -34,10 +34,10 @@ import os
 import sys
 from multiprocessing.pool import ThreadPool
 
-from facemoe_jax import messages
+from facemoe_jax.core import messages
 from facemoe_jax.data import folder, recordio, tfds_sources
 from facemoe_jax.data.recordio import BadRecordError
-from facemoe_jax.progress import Progress
+from facemoe_jax.core.progress import Progress
 
 SKIPPED_FILE = "skipped_images.txt"
 _SHOWN_BAD = 20  # bad paths printed; all of them go to SKIPPED_FILE

@@ -83,14 +83,6 @@ class BadDataError(RuntimeError):
     """Too many records of the training data could not be read."""
 
 
-def normalize_images(images):
-    """uint8 pixels -> float32 in [-1, 1] by (x / 255 - 0.5) / 0.5, the FaceMoE convention.
-
-    Works on numpy and jax arrays of any shape (e.g. (B, H, W, 3)); returns the same kind.
-    """
-    return (images.astype("float32") / 255.0 - 0.5) / 0.5
-
-
 def decode_image(data, key: str = "?") -> np.ndarray:
     """Encoded image bytes (JPEG, PNG, BMP, WebP, TIFF, PNM, JPEG 2000) -> uint8 (H, W, 3) RGB.
 

@@ -34,7 +34,7 @@ import functools
 
 import ml_collections
 
-from facemoe_jax import messages
+from facemoe_jax.core import messages
 from facemoe_jax.data import degrade, folder, recordio, synthetic, tfds_sources
 
 # Image-folder options and their "not used" values.

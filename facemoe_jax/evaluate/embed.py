@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from facemoe_jax.data.pipeline import eval_batches, normalize_images
+from facemoe_jax.core.images import normalize_images
+from facemoe_jax.data.pipeline import eval_batches
 
 
 def make_embed_fn(model, flip_test: bool = True):

@@ -46,10 +46,10 @@ import cv2
 import ml_collections
 import numpy as np
 
-from facemoe_jax import messages
+from facemoe_jax.core import messages
 from facemoe_jax.evaluate import sweep, verification
 from facemoe_jax.evaluate.bin import write_bin_raw
-from facemoe_jax.progress import Progress
+from facemoe_jax.core.progress import Progress
 
 ALIGNED_FOLDER = "aligned112"
 VIEW1_TRAIN_FILE = "pairsDevTrain.txt"

@@ -20,7 +20,8 @@ import re
 import jax
 import numpy as np
 
-from facemoe_jax.data.pipeline import eval_batches, normalize_images
+from facemoe_jax.core.images import normalize_images
+from facemoe_jax.data.pipeline import eval_batches
 
 
 def _natural_key(name: str) -> tuple:

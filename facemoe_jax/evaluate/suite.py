@@ -44,7 +44,7 @@ import jax
 import numpy as np
 
 from facemoe_jax.data import synthetic
-from facemoe_jax.progress import Progress
+from facemoe_jax.core.progress import Progress
 from facemoe_jax.evaluate import bin as bin_lib
 from facemoe_jax.evaluate import (
     adapt_bn,

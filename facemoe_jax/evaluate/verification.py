@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from facemoe_jax import messages
+from facemoe_jax.core import messages
 
 DEFAULT_THRESHOLDS = np.arange(0, 4, 0.01)
 _WARNED: set[str] = set()  # one-class fold warnings already given (a sweep repeats the pairs)

@@ -80,7 +80,7 @@ def export_workdir(
 
 def _export(workdir: str, out_dir: str, onnx: bool, merge_lora_alpha) -> dict:
     from facemoe_jax.encoder import restore_workdir
-    from facemoe_jax.progress import Progress
+    from facemoe_jax.core.progress import Progress
 
     t0 = time.perf_counter()
     paths = {

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from facemoe_jax import messages
+from facemoe_jax.core import messages
 
 
 # Squared-norm floor for L2 normalisation: keeps 1/||x|| and its gradient finite at x = 0

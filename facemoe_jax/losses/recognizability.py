@@ -124,7 +124,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import PartitionSpec as P
 
-from facemoe_jax.data.pipeline import normalize_images
+from facemoe_jax.core.images import normalize_images
 from facemoe_jax.losses import class_means, classifier
 from facemoe_jax.losses.classifier import l2_normalize
 from facemoe_jax.models.recognizability import (

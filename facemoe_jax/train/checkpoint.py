@@ -30,8 +30,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
-from facemoe_jax import messages
-from facemoe_jax.train.writers import workdir_path
+from facemoe_jax.core import messages
+from facemoe_jax.core.paths import workdir_path
 
 # Fields a resumed run may not change: the architecture, the data stream, the state's structure.
 # Everything else (learning rate, num_steps, logging, evaluation ...) is a training knob: it may

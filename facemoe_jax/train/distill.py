@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from facemoe_jax.data.pipeline import normalize_images
+from facemoe_jax.core.images import normalize_images
 from facemoe_jax.losses import distill as distill_losses
 
 PRODUCE_TEACHER = "python -m facemoe_jax.main --config configs/demo.py --workdir runs/demo"

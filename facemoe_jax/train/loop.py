@@ -18,13 +18,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from facemoe_jax import huge_pages, messages
+from facemoe_jax.core import huge_pages, messages, paths
 from facemoe_jax.data import augment as augment_lib
 from facemoe_jax.data import pipeline, sources
 from facemoe_jax.evaluate import suite as eval_suite
 from facemoe_jax.losses import recognizability
 from facemoe_jax.models import build_model
-from facemoe_jax.progress import format_duration
+from facemoe_jax.core.progress import format_duration
 from facemoe_jax.parallel import mesh as mesh_lib
 from facemoe_jax.parallel import sharding
 from facemoe_jax.train import checkpoint as checkpoint_lib
@@ -34,7 +34,6 @@ from facemoe_jax.train import optimizer as optimizer_lib
 from facemoe_jax.train import state as state_lib
 from facemoe_jax.train import step as step_lib
 from facemoe_jax.train import trainable as trainable_lib
-from facemoe_jax.train import writers as writers_lib
 from facemoe_jax.train.writers import make_writer
 
 # Exit status of a run stopped by SIGTERM/SIGINT after saving its checkpoint (EX_TEMPFAIL: run
@@ -124,10 +123,10 @@ def check_workdir(workdir: str, wait_s: float = 120.0) -> None:
 
     A URL (gs://bucket/run) goes through epath like every file of the run: no local folder is
     created from it, and an unreachable bucket stops the run in one line naming it."""
-    path = writers_lib.workdir_path(workdir)
-    remote = writers_lib.is_remote(workdir)
+    path = paths.workdir_path(workdir)
+    remote = paths.is_remote(workdir)
     if remote:
-        writers_lib.import_tensorflow_quietly()  # epath's gs:// backend; keep its notices quiet
+        paths.import_tensorflow_quietly()  # epath's gs:// backend; keep its notices quiet
     if jax.process_index() != 0:
         deadline = time.monotonic() + wait_s
         while not _is_dir(path, workdir):
@@ -153,7 +152,7 @@ def check_workdir(workdir: str, wait_s: float = 120.0) -> None:
         if remote:
             raise ValueError(
                 f"--workdir={workdir}: cannot write to the bucket "
-                f"{writers_lib.bucket_of(workdir)} ({_short(e)})"
+                f"{paths.bucket_of(workdir)} ({_short(e)})"
             ) from None
         if not isinstance(e, OSError):
             raise
@@ -165,7 +164,7 @@ def _is_dir(path, workdir: str) -> bool:
         return path.is_dir()
     except Exception as e:  # noqa: BLE001 - a remote backend that cannot be reached
         raise ValueError(
-            f"--workdir={workdir}: cannot reach {writers_lib.bucket_of(workdir)} ({_short(e)})"
+            f"--workdir={workdir}: cannot reach {paths.bucket_of(workdir)} ({_short(e)})"
         ) from None
 
 
@@ -180,12 +179,12 @@ def run_evaluations(
     """evaluate/suite.py's evaluations, their files in workdir/`outputs`. evaluate/ writes with
     local file calls, so for a URL workdir it writes into a local temporary folder that is then
     copied to the URL through epath (never a local folder named after the URL)."""
-    if not writers_lib.is_remote(workdir):
+    if not paths.is_remote(workdir):
         return eval_suite.run_evaluations(model, variables, config, workdir, step, writer, outputs)
     with tempfile.TemporaryDirectory(prefix="facemoe_eval_") as local:
         results = eval_suite.run_evaluations(model, variables, config, local, step, writer, outputs)
         if jax.process_index() == 0:
-            writers_lib.copy_tree(local, writers_lib.workdir_path(workdir))
+            paths.copy_tree(local, paths.workdir_path(workdir))
     return results
 
 
@@ -520,7 +519,7 @@ def _evaluate_imported(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def _evaluate_into_step_folder(model, variables, config, workdir: str, step: int) -> dict:
     """run_evaluations with its files and metrics.jsonl in workdir/eval/step<N>_eval."""
     outputs = eval_outputs(step)
-    out_dir = writers_lib.workdir_path(workdir) / outputs
+    out_dir = paths.workdir_path(workdir) / outputs
     if jax.process_index() == 0:
         out_dir.mkdir(parents=True, exist_ok=True)  # metrics.jsonl opens in it
     writer = make_writer(os.fspath(out_dir))

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from facemoe_jax.data.pipeline import normalize_images
+from facemoe_jax.core.images import normalize_images
 from facemoe_jax.losses import classifier, margins
 from facemoe_jax.losses import recognizability
 from facemoe_jax.parallel import sharding

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from configs import demo
+from facemoe_jax.core.images import normalize_images
 from facemoe_jax.data import augment, pipeline, synthetic
 
 NUM_RECORDS = 40
@@ -171,10 +172,10 @@ def test_bad_batch_sizes_raise_with_the_numbers():
 def test_normalize_images_maps_bytes_to_minus_one_one():
     pixels = np.array([[0, 128, 255]], np.uint8)
     expected = np.array([[-1.0, (128 / 255 - 0.5) / 0.5, 1.0]], np.float32)
-    out = pipeline.normalize_images(pixels)
+    out = normalize_images(pixels)
     assert out.dtype == np.float32
     np.testing.assert_allclose(out, expected, rtol=0, atol=1e-7)
-    out_jax = pipeline.normalize_images(jnp.asarray(pixels))
+    out_jax = normalize_images(jnp.asarray(pixels))
     assert out_jax.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(out_jax), expected, rtol=0, atol=1e-7)
 

@@ -4,7 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from facemoe_jax.data import degrade, pipeline
+from facemoe_jax.core.images import normalize_images
+from facemoe_jax.data import degrade
 from facemoe_jax.evaluate import routing_map, sweep
 
 
@@ -70,7 +71,7 @@ def test_collected_router_logits_reproduce_the_model_routing(tiny_model):
 
     # Independent check: the model's own router metric (share of top-k assignments per expert,
     # stacked over MoE layers) equals the top-k of the collected logits.
-    embeddings, metrics = model.apply(variables, pipeline.normalize_images(images), train=False)
+    embeddings, metrics = model.apply(variables, normalize_images(images), train=False)
     top_k = config.model.top_k
     for layer, x in enumerate(logits.values()):
         chosen = np.argsort(-x, axis=-1, kind="stable")[..., :top_k]
@@ -78,6 +79,6 @@ def test_collected_router_logits_reproduce_the_model_routing(tiny_model):
         np.testing.assert_allclose(metrics["expert_load"][layer], load, atol=1e-6)
     # Collecting intermediates does not change the embeddings.
     again, _ = jax.jit(lambda v, im: model.apply(v, im, train=False, mutable=["intermediates"])[0])(
-        variables, pipeline.normalize_images(images)
+        variables, normalize_images(images)
     )
     np.testing.assert_allclose(again, embeddings, atol=1e-5)

@@ -52,7 +52,7 @@ def test_mix_value_follows_the_official_formula_and_sign():
 
 @pytest.mark.slow
 def test_recognizability_estimator_scores_as_face_encoder_quality():
-    from facemoe_jax.data.pipeline import normalize_images
+    from facemoe_jax.core.images import normalize_images
     from tests.test_encoder_quality import encoder
 
     enc, _, _ = encoder(quality_head=True)

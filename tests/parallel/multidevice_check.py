@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from configs import common  # noqa: E402
-from facemoe_jax.data.pipeline import normalize_images  # noqa: E402
+from facemoe_jax.core.images import normalize_images  # noqa: E402
 from facemoe_jax.losses import classifier  # noqa: E402
 from facemoe_jax.models import build_model  # noqa: E402
 from facemoe_jax.parallel import mesh as mesh_lib  # noqa: E402

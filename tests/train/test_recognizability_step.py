@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from facemoe_jax import recipes
-from facemoe_jax.data.pipeline import normalize_images
+from facemoe_jax.core.images import normalize_images
 from facemoe_jax.losses import class_means, recognizability
 from facemoe_jax.train.checkpoint import Checkpointer, config_changes
 from tests.train.test_step import fixed_batch, setup, tiny_config

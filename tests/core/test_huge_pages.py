@@ -5,9 +5,9 @@ import os
 import subprocess
 import sys
 
-from facemoe_jax import huge_pages
+from facemoe_jax.core import huge_pages
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TUNABLE = "glibc.malloc.hugetlb=1"
 
 
@@ -59,7 +59,7 @@ def test_on_and_summary():
 
 
 CHILD = (
-    "import os, sys; from facemoe_jax import huge_pages; "
+    "import os, sys; from facemoe_jax.core import huge_pages; "
     "print('start', flush=True); huge_pages.restart_with_huge_pages(); "
     "print('tunables', os.environ.get('GLIBC_TUNABLES'), sys.argv[1:])"
 )

@@ -2,7 +2,7 @@
 
 import sys
 
-from facemoe_jax import messages
+from facemoe_jax.core import messages
 
 
 class RecordingStream:

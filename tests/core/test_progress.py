@@ -4,7 +4,7 @@ import io
 
 import pytest
 
-from facemoe_jax.progress import Progress, format_duration
+from facemoe_jax.core.progress import Progress, format_duration
 
 
 class FakeClock:
