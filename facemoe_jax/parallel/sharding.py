@@ -29,7 +29,9 @@ DEFAULT_RULES = (
     (r"(^|/)classifier/centers$", (("data", "expert"),)),
 )
 CLASS_CENTERS_PATH = "params/classifier/centers"
-CLASS_MEANS_PATH = "ri_classes/"
+# A state leaf under a "per_class" key (an objective's per-class statistics, train/objectives/)
+# has one row per class-centre row.
+PER_CLASS_KEY = "per_class"
 
 
 def path_name(path: Sequence[Any]) -> str:
@@ -99,10 +101,11 @@ def state_shardings(abstract_tree, mesh: Mesh, rules=DEFAULT_RULES):
 
     def leaf_sharding(path, leaf):
         name = path_name(path)
-        # The recognizability class means (train/state.py) have one row per class centre row
-        # and are split as the centres are, whatever the rules call the centres' axes.
-        spec = P(class_axes(rules) or None) if name.startswith(CLASS_MEANS_PATH) else (
-            spec_for(name, rules))  # fmt: skip
+        # Per-class statistics are split as the centres are, whatever the rules call their axes.
+        if PER_CLASS_KEY in name.split("/"):
+            spec = P(class_axes(rules) or None)
+        else:
+            spec = spec_for(name, rules)
         spec = _checked(name, tuple(leaf.shape), spec, mesh)
         return NamedSharding(mesh, spec)
 

@@ -22,17 +22,23 @@ def test_default_rules_split_experts_and_class_centres_only():
     assert sharding.class_axes(()) == ()
 
 
-def test_recognizability_class_means_split_as_the_class_centres():
-    """The quality head's per-class means (train/state.py `ri_classes`) have one row per centre
-    row and follow the centres' class axes, whatever the rules call them."""
-    abstract = {"ri_classes": {"mean": jax.ShapeDtypeStruct((16, 4), np.float32),
-                               "count": jax.ShapeDtypeStruct((16,), np.float32)}}  # fmt: skip
+def test_per_class_statistics_split_as_the_class_centres():
+    """An objective's per-class statistics (a "per_class" key in TrainState.aux) have one row per
+    centre row and follow the centres' class axes, whatever the rules call them."""
+    per_class = {
+        "mean": jax.ShapeDtypeStruct((16, 4), np.float32),
+        "count": jax.ShapeDtypeStruct((16,), np.float32),
+    }
+    abstract = {"aux": {"quality": {"per_class": per_class}}}
     mesh = AbstractMesh((2, 4), ("data", "expert"))
-    for rules, axes in ((sharding.DEFAULT_RULES, ("data", "expert")),
-                        ((("classifier/centers$", ("expert",)),), ("expert",)),
-                        ((), None)):  # fmt: skip
+    cases = (
+        (sharding.DEFAULT_RULES, ("data", "expert")),
+        ((("classifier/centers$", ("expert",)),), ("expert",)),
+        ((), None),
+    )
+    for rules, axes in cases:
         specs = jax.tree.map(lambda s: s.spec, sharding.state_shardings(abstract, mesh, rules))
-        assert specs == {"ri_classes": {"mean": P(axes), "count": P(axes)}}
+        assert specs == {"aux": {"quality": {"per_class": {"mean": P(axes), "count": P(axes)}}}}
 
 
 def test_first_matching_rule_wins_and_specs_are_validated():
