@@ -41,32 +41,11 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from facemoe_jax.models import build_model
+from facemoe_jax.models import build_model, registry
 from facemoe_jax.models import swin as swin_geometry
 from facemoe_jax.models.lora import settings_from_config
 
-# Head modules: Flax name -> PyTorch name, per architecture.
-HEAD_NAMES = {
-    "swin_moe": {
-        "patch_embed": "patch_embed.proj",
-        "patch_norm": "patch_embed.norm",
-        "feature_bn1": "feature_layer.0",
-        "feature_fc": "feature_layer.2",
-        "feature_bn2": "feature_layer.3",
-    },
-    "vit_moe": {
-        "patch_embed": "patch_embed.proj",
-        "feature_fc1": "feature.0",
-        "feature_bn1": "feature.1",
-        "feature_fc2": "feature.2",
-        "feature_bn2": "feature.3",
-    },
-    "iresnet": {},
-    "mobilefacenet": {},
-}
-# insightface arcface_torch CNNs: every module name maps by INDEXED (and every BatchNorm has a
-# num_batches_tracked counter).
-INSIGHTFACE_CNNS = ("iresnet", "mobilefacenet")
+# arcface_torch CNN module names (ModelSpec.indexed_names): layer1_0 -> layer1.0.
 INDEXED = re.compile(r"^(\w+?)_(\d+)$")
 LEAF_NAMES = {
     "kernel": "weight",
@@ -98,12 +77,12 @@ def _abstract_variables(model_cfg_json: str) -> dict:
 
 
 def _module_name(arch: str, part: str) -> str:
-    head = HEAD_NAMES[arch]
-    if part in head:
-        return head[part]
+    spec = registry.spec(arch)
+    if part in spec.head_names:
+        return spec.head_names[part]
     if part == "moe":
         return "mlp"
-    if arch in INSIGHTFACE_CNNS:
+    if spec.indexed_names:
         return INDEXED.sub(r"\1.\2", part)
     return re.sub(r"^(layers|blocks)_(\d+)$", r"\1.\2", part)
 
@@ -145,7 +124,8 @@ def _to_jax_layout(x: np.ndarray, kind: str) -> np.ndarray:
 def geometry_buffers(model_cfg, num_batches_tracked: int = 0) -> dict[str, np.ndarray]:
     """The PyTorch buffers that follow from the config: window indices, shift masks, BN counters."""
     buffers = {}
-    if model_cfg.name in INSIGHTFACE_CNNS:
+    spec = registry.spec(model_cfg.name)
+    if spec.indexed_names:
         flat = traverse_util.flatten_dict(abstract_variables(model_cfg)["batch_stats"])
         for path in flat:
             if path[-1] == "mean":
@@ -153,7 +133,7 @@ def geometry_buffers(model_cfg, num_batches_tracked: int = 0) -> dict[str, np.nd
                 buffers[f"{name}.num_batches_tracked"] = np.asarray(num_batches_tracked, np.int64)
         buffers.update(constant_entries(model_cfg))
         return buffers
-    if model_cfg.name == "swin_moe":
+    if spec.window_buffers:
         grid = model_cfg.image_size // model_cfg.patch_size
         depths = tuple(model_cfg.depths)
         for i, side in enumerate(swin_geometry.stage_resolutions(grid, len(depths))):
@@ -167,8 +147,8 @@ def geometry_buffers(model_cfg, num_batches_tracked: int = 0) -> dict[str, np.nd
                 buffers[f"{block}.attn.relative_position_index"] = (
                     swin_geometry.relative_position_index(window)
                 )
-    for bn in ("feature_bn1", "feature_bn2"):
-        name = HEAD_NAMES[model_cfg.name][bn]
+    for bn in spec.head_batchnorms:
+        name = spec.head_names[bn]
         buffers[f"{name}.num_batches_tracked"] = np.asarray(num_batches_tracked, np.int64)
     return buffers
 
@@ -176,9 +156,8 @@ def geometry_buffers(model_cfg, num_batches_tracked: int = 0) -> dict[str, np.nd
 def constant_entries(model_cfg) -> dict[str, np.ndarray]:
     """Parameters PyTorch keeps that our model has as constants: IResNet's `features.weight`,
     frozen at 1 by arcface_torch (`requires_grad = False`), is a BatchNorm without scale here."""
-    if model_cfg.name == "iresnet":
-        return {"features.weight": np.ones(model_cfg.embed_dim, np.float32)}
-    return {}
+    ones = registry.spec(model_cfg.name).constant_ones
+    return {name: np.ones(model_cfg.embed_dim, np.float32) for name in ones}
 
 
 def jax_to_torch(model_cfg, variables, num_batches_tracked: int = 0) -> dict[str, np.ndarray]:
@@ -401,8 +380,8 @@ def merge_lora(state: dict[str, np.ndarray], alpha: float, scale: float = 1.0) -
         weight = np.asarray(state[f"{prefix}.weight"], np.float64)
         delta = state[f"{prefix}.trainable_lora_up.weight"] @ state[key]
         if f"{prefix}.trainable_lora_down2.weight" in state:
-            delta2 = (state[f"{prefix}.trainable_lora_up2.weight"]
-                      @ state[f"{prefix}.trainable_lora_down2.weight"])  # fmt: skip
+            up2 = state[f"{prefix}.trainable_lora_up2.weight"]
+            delta2 = up2 @ state[f"{prefix}.trainable_lora_down2.weight"]
             delta = (1.0 - alpha) * delta + alpha * delta2
         merged[f"{prefix}.weight"] = (weight + scale * delta).astype(
             state[f"{prefix}.weight"].dtype

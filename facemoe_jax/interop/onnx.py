@@ -1,4 +1,4 @@
-"""ONNX export of an encoder through its PyTorch twin (`export/torch_models.py`).
+"""ONNX export of an encoder through its PyTorch twin (`interop/torch_models.py`).
 
 `export_onnx(model_cfg, state, path)` loads the exported state_dict into the twin with
 strict=True, traces it with PyTorch's TorchScript-based ONNX exporter and writes one `.onnx` file:
@@ -40,7 +40,7 @@ def torch_twin(model_cfg, state: dict[str, np.ndarray]):
     """The PyTorch twin of config.model holding `state` (strict), in eval mode."""
     import torch
 
-    from facemoe_jax.export import torch_models
+    from facemoe_jax.interop import torch_models
 
     module = torch_models.torch_model_from_config(model_cfg)
     module.load_state_dict(

@@ -4,8 +4,8 @@ Written for this project (not copied): the module names, registration order and 
 are those of insightface arcface_torch's `backbones/iresnet.py` (`iresnet18` ... `iresnet200`) and
 `backbones/mobilefacenet.py` (`get_mbf`, `get_mbf_large`), identical in FaceMoE's `backbones/`,
 so one state_dict loads with `strict=True` into our twin, into the official classes and into the
-Flax models through `export/convert.py`. The official key lists are kept beside the tests
-(tests/export/data/insightface_*.tsv).
+Flax models through `interop/convert.py`. The official key lists are kept beside the tests
+(tests/interop/data/insightface_*.tsv).
 
 Like the Flax models these accept other input sizes than 112 (the last map is ceil(size / 16)
 wide; IResNet's fc input and the MobileFaceNet GDC kernel follow it); at 112 they are the
@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from facemoe_jax.models import registry
 from facemoe_jax.models.iresnet import STAGE_BLOCKS, STAGE_WIDTHS
 from facemoe_jax.models.mobilefacenet import output_side
 
@@ -163,17 +164,24 @@ class MobileFaceNetTorch(nn.Module):
         return self.features(self.conv_sep(x))
 
 
+def iresnet_twin(cfg) -> IResNetTorch:
+    """The twin of config.model.name="iresnet" (arcface_torch's `iresnet{depth}`)."""
+    return IResNetTorch(cfg.depth, cfg.embed_dim, cfg.get("dropout", 0.0), cfg.image_size)
+
+
+def mobilefacenet_twin(cfg) -> MobileFaceNetTorch:
+    """The twin of config.model.name="mobilefacenet" (arcface_torch's `get_mbf`)."""
+    return MobileFaceNetTorch(
+        tuple(cfg.get("mobilefacenet_blocks", (1, 4, 6, 2))),
+        cfg.get("mobilefacenet_scale", 2),
+        cfg.embed_dim,
+        cfg.image_size,
+    )
+
+
 def torch_cnn_from_config(cfg) -> nn.Module:
-    """The PyTorch twin of `build_model(cfg)` for name "iresnet" / "mobilefacenet", eval mode."""
-    if cfg.name == "iresnet":
-        model = IResNetTorch(cfg.depth, cfg.embed_dim, cfg.get("dropout", 0.0), cfg.image_size)
-    elif cfg.name == "mobilefacenet":
-        model = MobileFaceNetTorch(
-            tuple(cfg.get("mobilefacenet_blocks", (1, 4, 6, 2))),
-            cfg.get("mobilefacenet_scale", 2),
-            cfg.embed_dim,
-            cfg.image_size,
-        )
-    else:
+    """The PyTorch twin of `build_model(cfg)` for an insightface CNN, in eval mode."""
+    spec = registry.spec(cfg.name)
+    if not spec.indexed_names:
         raise ValueError(f"config.model.name={cfg.name!r} is not an insightface CNN")
-    return model.eval()
+    return spec.twin()(cfg).eval()

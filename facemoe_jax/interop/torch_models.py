@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from facemoe_jax.models import registry
 from facemoe_jax.models import swin as swin_geometry
 from facemoe_jax.models.lora import settings_from_config
 from facemoe_jax.models.moe import COMBINE_MODES
@@ -187,9 +188,17 @@ class WindowAttention(nn.Module):
 
 class SwinBlock(nn.Module):
     def __init__(
-        self, dim, resolution, num_heads, window, shift, moe: dict | None, mlp_ratio, lora=None,
+        self,
+        dim,
+        resolution,
+        num_heads,
+        window,
+        shift,
+        moe: dict | None,
+        mlp_ratio,
+        lora=None,
         apply_shift_mask=True,
-    ):  # fmt: skip
+    ):
         super().__init__()
         self.resolution, self.window, self.shift = resolution, window, shift
         self.apply_shift_mask = apply_shift_mask
@@ -240,9 +249,19 @@ class PatchMerging(nn.Module):
 
 class SwinStage(nn.Module):
     def __init__(
-        self, dim, resolution, depth, num_heads, window_size, moe, mlp_ratio, downsample,
-        moe_blocks=None, lora=None, apply_shift_mask=True,
-    ):  # fmt: skip
+        self,
+        dim,
+        resolution,
+        depth,
+        num_heads,
+        window_size,
+        moe,
+        mlp_ratio,
+        downsample,
+        moe_blocks=None,
+        lora=None,
+        apply_shift_mask=True,
+    ):
         super().__init__()
         window, shift = swin_geometry.effective_window(resolution, window_size)
         moe_blocks = range(depth) if moe_blocks is None else moe_blocks
@@ -257,7 +276,7 @@ class SwinStage(nn.Module):
                 mlp_ratio,
                 lora,
                 apply_shift_mask,
-            )  # fmt: skip
+            )
             for i in range(depth)
         )
         self.downsample = PatchMerging(resolution, dim) if downsample else None
@@ -324,7 +343,7 @@ class SwinMoETorch(nn.Module):
                 ],
                 lora=lora,
                 apply_shift_mask=apply_shift_mask,
-            )  # fmt: skip
+            )
             for i, depth in enumerate(depths)
         )
         final_width = width * 2 ** (len(depths) - 1)
@@ -453,51 +472,51 @@ class ViTMoETorch(nn.Module):
         return self.feature(self.norm(x).flatten(1))
 
 
-def torch_model_from_config(cfg) -> nn.Module:
-    """The PyTorch twin of `models.build_model(cfg)` (cfg = config.model), in eval mode."""
-    capacity = cfg.capacity_factor or None
-    if cfg.name == "swin_moe":
-        model = SwinMoETorch(
-            image_size=cfg.image_size,
-            patch_size=cfg.patch_size,
-            width=cfg.width,
-            depths=tuple(cfg.depths),
-            num_heads=tuple(cfg.stage_heads),
-            window_size=cfg.window_size,
-            mlp_ratio=cfg.mlp_ratio,
-            embed_dim=cfg.embed_dim,
-            num_experts=cfg.num_experts,
-            top_k=cfg.top_k,
-            router_combine=cfg.router_combine,
-            capacity_factor=capacity,
-            head_dropout=cfg.head_dropout,
-            moe_layers=parse_moe_layers(cfg.moe_layers, sum(cfg.depths)),
-            absolute_pos_embed=bool(cfg.get("absolute_pos_embed", True)),
-            apply_shift_mask=bool(cfg.get("apply_shift_mask", True)),
-            lora=settings_from_config(cfg),
-        )
-    elif cfg.name == "vit_moe":
-        model = ViTMoETorch(
-            image_size=cfg.image_size,
-            patch_size=cfg.patch_size,
-            width=cfg.width,
-            depth=cfg.depth,
-            num_heads=cfg.num_heads,
-            mlp_ratio=cfg.mlp_ratio,
-            embed_dim=cfg.embed_dim,
-            moe_layers=parse_moe_layers(cfg.moe_layers, cfg.depth),
-            num_experts=cfg.num_experts,
-            top_k=cfg.top_k,
-            router_combine=cfg.router_combine,
-            capacity_factor=capacity,
-        )
-    elif cfg.name in ("iresnet", "mobilefacenet"):  # insightface names (export/torch_cnn.py)
-        from facemoe_jax.export import torch_cnn
+def swin_twin(cfg) -> SwinMoETorch:
+    """The twin of config.model.name="swin_moe" (the official FaceMoE names)."""
+    return SwinMoETorch(
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        width=cfg.width,
+        depths=tuple(cfg.depths),
+        num_heads=tuple(cfg.stage_heads),
+        window_size=cfg.window_size,
+        mlp_ratio=cfg.mlp_ratio,
+        embed_dim=cfg.embed_dim,
+        num_experts=cfg.num_experts,
+        top_k=cfg.top_k,
+        router_combine=cfg.router_combine,
+        capacity_factor=cfg.capacity_factor or None,
+        head_dropout=cfg.head_dropout,
+        moe_layers=parse_moe_layers(cfg.moe_layers, sum(cfg.depths)),
+        absolute_pos_embed=bool(cfg.get("absolute_pos_embed", True)),
+        apply_shift_mask=bool(cfg.get("apply_shift_mask", True)),
+        lora=settings_from_config(cfg),
+    )
 
-        model = torch_cnn.torch_cnn_from_config(cfg)
-    else:
-        raise ValueError(f"config.model.name={cfg.name!r} has no PyTorch export")
-    return model.eval()
+
+def vit_twin(cfg) -> ViTMoETorch:
+    """The twin of config.model.name="vit_moe" (insightface ViT names, FaceMoE's MoE names)."""
+    return ViTMoETorch(
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        width=cfg.width,
+        depth=cfg.depth,
+        num_heads=cfg.num_heads,
+        mlp_ratio=cfg.mlp_ratio,
+        embed_dim=cfg.embed_dim,
+        moe_layers=parse_moe_layers(cfg.moe_layers, cfg.depth),
+        num_experts=cfg.num_experts,
+        top_k=cfg.top_k,
+        router_combine=cfg.router_combine,
+        capacity_factor=cfg.capacity_factor or None,
+    )
+
+
+def torch_model_from_config(cfg) -> nn.Module:
+    """The PyTorch twin of `models.build_model(cfg)` (cfg = config.model), in eval mode; the
+    registry (models/registry.py) names each model's twin."""
+    return registry.spec(cfg.name).twin()(cfg).eval()
 
 
 def numpy_state_dict(module: nn.Module) -> dict[str, np.ndarray]:
