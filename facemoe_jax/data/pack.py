@@ -36,6 +36,7 @@ from multiprocessing.pool import ThreadPool
 
 from facemoe_jax.core import messages
 from facemoe_jax.data import folder, recordio, tfds_sources
+from facemoe_jax.data.lfw_pairs import write_pairs_bin
 from facemoe_jax.data.recordio import BadRecordError
 from facemoe_jax.core.progress import Progress
 
@@ -157,9 +158,6 @@ def main(argv=None) -> None:
         parser.error("--pairs needs --images, the folder of the aligned images it names")
     try:
         if args.pairs:
-            # evaluate/ sits above data/: imported only for this conversion.
-            from facemoe_jax.evaluate.lfw import write_pairs_bin
-
             num_pairs = write_pairs_bin(args.pairs, args.images, args.out)
             print(f"wrote {args.out}: {num_pairs} pairs, {2 * num_pairs} images")
             return

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from facemoe_jax.data import pack, recordio
+from facemoe_jax.data import bin_file, lfw_pairs, pack, recordio
 from facemoe_jax.evaluate import bin as bin_lib
 from facemoe_jax.evaluate import lfw, verification
 from tests.data.test_recordio import jpeg
@@ -90,15 +90,15 @@ def test_pairs_bin_evaluates_like_the_folder_protocol(tmp_path, capsys):
     # threshold grid give the same numbers.
     names = make_fake_lfw(tmp_path, people=5, images_per_person=3, size=32)
     write_pairs_file(tmp_path / "pairs.txt", random_sets(names, 10, 2, images_per_person=3))
-    pairs, issame, folds = lfw.read_pairs(str(tmp_path / "pairs.txt"))
+    pairs, issame, folds = lfw_pairs.read_pairs(str(tmp_path / "pairs.txt"))
     for f, idx in enumerate(verification.contiguous_folds(len(pairs), 10)):
         assert (folds[idx] == f).all()
     out = tmp_path / "out" / "lfw.bin"
-    pack.main(["--pairs", "pairs.txt", "--images", str(tmp_path / lfw.ALIGNED_FOLDER),
+    pack.main(["--pairs", "pairs.txt", "--images", str(tmp_path / lfw_pairs.ALIGNED_FOLDER),
                "--out", str(out)])  # fmt: skip
     assert "wrote" in capsys.readouterr().out
-    bins, bin_same = bin_lib.read_bin_raw(str(out))
-    aligned = tmp_path / lfw.ALIGNED_FOLDER
+    bins, bin_same = bin_file.read_bin_raw(str(out))
+    aligned = tmp_path / lfw_pairs.ALIGNED_FOLDER
     assert bins == [(aligned / p).read_bytes() for pair in pairs for p in pair]  # bytes as is
     np.testing.assert_array_equal(bin_same, issame)
 

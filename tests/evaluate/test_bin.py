@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from facemoe_jax.data import synthetic
+from facemoe_jax.data import bin_file, synthetic
 from facemoe_jax.evaluate import bin as bin_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -122,11 +122,11 @@ def test_write_bin_round_trip_is_exact(tmp_path):
 def test_write_bin_raw_keeps_the_bytes(tmp_path):
     bins = [bin_lib.encode_image(np.full((8, 8, 3), v, np.uint8), ".jpg") for v in (10, 200)]
     path = str(tmp_path / "sub" / "raw.bin")
-    bin_lib.write_bin_raw(path, bins, [True])
-    got, issame = bin_lib.read_bin_raw(path)
+    bin_file.write_bin_raw(path, bins, [True])
+    got, issame = bin_file.read_bin_raw(path)
     assert got == bins and issame.tolist() == [True]
     with pytest.raises(ValueError, match="3 images for 2 pairs"):
-        bin_lib.write_bin_raw(path, bins + bins[:1], [True, False])
+        bin_file.write_bin_raw(path, bins + bins[:1], [True, False])
 
 
 class _Exploit:

@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
+from facemoe_jax.data import lfw_pairs
 from facemoe_jax.evaluate import lfw, verification
 
 REALFACES = os.path.join(
@@ -31,11 +32,13 @@ def make_fake_lfw(root, people=6, images_per_person=4, size=112, seed=0):
     rng = np.random.default_rng(seed)
     names = [f"P{k}" for k in range(people)]
     for name in names:
-        os.makedirs(os.path.join(root, lfw.ALIGNED_FOLDER, name))
+        os.makedirs(os.path.join(root, lfw_pairs.ALIGNED_FOLDER, name))
         base = cv2.resize(rng.uniform(0, 255, (6, 6, 3)), (size, size))
         for j in range(1, images_per_person + 1):
             image = np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8)
-            cv2.imwrite(os.path.join(root, lfw.ALIGNED_FOLDER, name, f"{name}_{j:04d}.jpg"), image)
+            cv2.imwrite(
+                os.path.join(root, lfw_pairs.ALIGNED_FOLDER, name, f"{name}_{j:04d}.jpg"), image
+            )
     return names
 
 
@@ -88,7 +91,7 @@ def reference_distances(root, pairs, size, model_size, embed, probe=False):
     """Squared distances of the pairs, every step spelled out with cv2 and numpy."""
 
     def prepared(path, degrade):
-        image = read_rgb(os.path.join(root, lfw.ALIGNED_FOLDER, path))
+        image = read_rgb(os.path.join(root, lfw_pairs.ALIGNED_FOLDER, path))
         if degrade and size < 112:
             image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
         if image.shape[0] != model_size:
@@ -113,7 +116,7 @@ def reference_distances(root, pairs, size, model_size, embed, probe=False):
 def test_read_pairs_both_formats(tmp_path):
     view2 = tmp_path / "pairs.txt"
     view2.write_text("2\t1\nAl\t1\t2\nAl\t1\tBo\t3\n\nBo\t2\t3\nBo\t1\tAl\t2\n")
-    pairs, issame, folds = lfw.read_pairs(str(view2))
+    pairs, issame, folds = lfw_pairs.read_pairs(str(view2))
     assert pairs == [
         ("Al/Al_0001.jpg", "Al/Al_0002.jpg"),
         ("Al/Al_0001.jpg", "Bo/Bo_0003.jpg"),
@@ -123,7 +126,7 @@ def test_read_pairs_both_formats(tmp_path):
     assert issame.tolist() == [True, False, True, False] and folds.tolist() == [0, 0, 1, 1]
     view1 = tmp_path / "pairsDevTest.txt"
     view1.write_text("2\nAl 1 2\nBo 10 11\nAl 1 Bo 3\nBo 2 Al 4\n")
-    pairs, issame, folds = lfw.read_pairs(str(view1))
+    pairs, issame, folds = lfw_pairs.read_pairs(str(view1))
     assert pairs[1] == ("Bo/Bo_0010.jpg", "Bo/Bo_0011.jpg")
     assert issame.tolist() == [True, True, False, False] and folds.tolist() == [0, 0, 0, 0]
 
@@ -145,20 +148,20 @@ def test_malformed_pairs_files_name_file_and_line(tmp_path, content, where):
     path = tmp_path / "pairs.txt"
     path.write_text(content)
     with pytest.raises(ValueError) as error:
-        lfw.read_pairs(str(path))
+        lfw_pairs.read_pairs(str(path))
     assert str(path) in str(error.value) and where in str(error.value)
 
 
 @needs_realfaces
 def test_read_the_real_pairs_files():
-    pairs, issame, folds = lfw.read_pairs(os.path.join(REAL_LFW, "pairs.txt"))
+    pairs, issame, folds = lfw_pairs.read_pairs(os.path.join(REAL_LFW, "pairs.txt"))
     assert len(pairs) == 6000 and np.bincount(folds).tolist() == [600] * 10
     assert [int(issame[folds == f].sum()) for f in range(10)] == [300] * 10
     # The .bin protocol's contiguous folds are exactly pairs.txt's sets.
     for f, idx in enumerate(verification.contiguous_folds(6000, 10)):
         assert (folds[idx] == f).all()
     for name, count in (("pairsDevTrain.txt", 2200), ("pairsDevTest.txt", 1000)):
-        pairs, issame, folds = lfw.read_pairs(os.path.join(REAL_LFW, name))
+        pairs, issame, folds = lfw_pairs.read_pairs(os.path.join(REAL_LFW, name))
         assert len(pairs) == count and issame.sum() == count // 2 and (folds == 0).all()
     assert pairs[0] == ("Abdullah_Gul/Abdullah_Gul_0013.jpg", "Abdullah_Gul/Abdullah_Gul_0014.jpg")
 
@@ -211,7 +214,7 @@ class CountingEmbed:
 def test_view2_matches_a_direct_computation(fake_lfw, mode):
     root, names = fake_lfw
     write_pairs_file(root / "pairs.txt", random_sets(names, num_sets=3, per_class=4))
-    pairs, issame, folds = lfw.read_pairs(str(root / "pairs.txt"))
+    pairs, issame, folds = lfw_pairs.read_pairs(str(root / "pairs.txt"))
     embed = CountingEmbed()
     result = lfw.evaluate_lfw(
         embed, str(root), "pairs.txt", (112, 16), mode, model_size=64, thresholds="exact"
@@ -243,7 +246,7 @@ def test_view1_threshold_comes_from_the_train_file(fake_lfw):
     (root / "sub").mkdir()
     write_pairs_file(root / "sub" / "pairsDevTest.txt", random_sets(names, 1, 5, seed=2), True)
     write_pairs_file(root / "sub" / "pairsDevTrain.txt", random_sets(names, 1, 8, seed=3), True)
-    aligned = str(root / lfw.ALIGNED_FOLDER)  # the aligned folder itself; pairs by full path
+    aligned = str(root / lfw_pairs.ALIGNED_FOLDER)  # the aligned folder itself; pairs by full path
     embed = CountingEmbed()
     result = lfw.evaluate_lfw(
         embed,
@@ -260,7 +263,7 @@ def test_view1_threshold_comes_from_the_train_file(fake_lfw):
     row = result["rows"]["lfw_view1@10px"]
 
     def distances(name):
-        pairs, issame, _ = lfw.read_pairs(str(root / "sub" / name))
+        pairs, issame, _ = lfw_pairs.read_pairs(str(root / "sub" / name))
         return reference_distances(root, pairs, 10, 112, toy_embed_flip), issame
 
     def toy_embed_flip(images, _):
@@ -471,11 +474,12 @@ def test_real_pairs_match_onnxruntime_by_hand(tmp_path):
     sets = [lines[600 * f : 600 * f + 5] + lines[600 * f + 300 : 600 * f + 305] for f in (0, 1)]
     (tmp_path / "pairs.txt").write_text("2\t5\n" + "\n".join(sets[0] + sets[1]) + "\n")
     os.symlink(
-        os.path.abspath(os.path.join(REAL_LFW, lfw.ALIGNED_FOLDER)), tmp_path / lfw.ALIGNED_FOLDER
+        os.path.abspath(os.path.join(REAL_LFW, lfw_pairs.ALIGNED_FOLDER)),
+        tmp_path / lfw_pairs.ALIGNED_FOLDER,
     )
     embed = onnx_embed_fn()
     result = lfw.evaluate_lfw(embed, str(tmp_path), "pairs.txt", (112, 12), thresholds="grid")
-    pairs, issame, folds = lfw.read_pairs(str(tmp_path / "pairs.txt"))
+    pairs, issame, folds = lfw_pairs.read_pairs(str(tmp_path / "pairs.txt"))
     for size, row in zip((112, 12), result["rows"].values()):
         d = reference_distances(tmp_path, pairs, size, 112, embed)
         # Two folds by hand: each fold's first best threshold on the other one.
@@ -504,7 +508,7 @@ def test_real_view1_test_file_against_a_brute_force_protocol():
     for size in (112, 12):
         distances = {}
         for name in ("pairsDevTrain.txt", "pairsDevTest.txt"):
-            pairs, issame, _ = lfw.read_pairs(os.path.join(REAL_LFW, name))
+            pairs, issame, _ = lfw_pairs.read_pairs(os.path.join(REAL_LFW, name))
             distances[name] = reference_distances(REAL_LFW, pairs, size, 112, toy_embed), issame
         train_d, train_same = distances["pairsDevTrain.txt"]
         cut = grid[int(np.argmax([np.mean((train_d < t) == train_same) for t in grid]))]
