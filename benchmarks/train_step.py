@@ -122,7 +122,7 @@ def make_torch(config, batch_size, threads):
     import torch
     from torch.nn import functional as F
 
-    from facemoe_jax.export import torch_models
+    from facemoe_jax.interop import torch_models
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

@@ -103,7 +103,7 @@ def test_eval_and_export_refuse_a_missing_workdir_without_creating_it(tmp_path, 
 
 
 def test_safetensors_file_mode_matches_its_siblings(tmp_path):
-    from facemoe_jax.export import convert
+    from facemoe_jax.interop import convert
 
     path = tmp_path / "model.safetensors"
     convert.save_safetensors({"w": np.zeros((2, 3), np.float32)}, str(path))

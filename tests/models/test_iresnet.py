@@ -1,6 +1,6 @@
 """IResNet (insightface arcface_torch) in Flax: sizes, knobs, precision, and a training smoke.
 
-Weight parity with the official state_dicts is in tests/export/test_convert_cnn.py.
+Weight parity with the official state_dicts is in tests/interop/test_convert_cnn.py.
 """
 
 import jax

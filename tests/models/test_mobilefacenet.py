@@ -1,6 +1,6 @@
 """MobileFaceNet (insightface arcface_torch mbf / mbf_large) in Flax: layout, sizes, precision.
 
-Weight parity with the official state_dicts is in tests/export/test_convert_cnn.py.
+Weight parity with the official state_dicts is in tests/interop/test_convert_cnn.py.
 """
 
 import jax

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from configs import swin_moe_120
-from facemoe_jax.export import convert
+from facemoe_jax.interop import convert
 from facemoe_jax.models import build_model
 from facemoe_jax.models import swin
-from tests.export.test_convert import random_variables
+from tests.interop.test_convert import random_variables
 
 
 def test_relative_position_index_brute_force():
@@ -142,7 +142,7 @@ def test_moe_layers_is_honoured(spec, moe_blocks):
 
 
 def test_partly_dense_swin_matches_its_pytorch_twin():
-    from tests.export.test_convert import images, load_strict, torch_embed
+    from tests.interop.test_convert import images, load_strict, torch_embed
 
     cfg = tiny(moe_layers="1")
     model, variables = random_variables(cfg)
