@@ -17,7 +17,7 @@ Images go through in fixed-size batches (padded), so one compilation serves any 
 
 from __future__ import annotations
 
-import json
+import functools
 import os
 
 import jax
@@ -26,9 +26,20 @@ import ml_collections
 import numpy as np
 
 from facemoe_jax.core.images import normalize_images
-from facemoe_jax.models import build_model
 
-EXPORT_CONFIG = "config.json"
+# EXPORT_CONFIG, load_onnx and read_export_config: train/distill.py and train/init_from.py read
+# them here until they load through load_variables.
+from facemoe_jax.interop.load import (  # noqa: F401
+    EXPORT_CONFIG,
+    load_onnx,
+    load_variables,
+    read_export_config,
+)
+from facemoe_jax.models import build_model
+from facemoe_jax.models import quality as quality_lib
+from facemoe_jax.models.recognizability import has_quality_head, head_quality
+
+CONFIG_HINT = "pass config= (a run config) naming its architecture"
 
 
 class FaceEncoder:
@@ -58,20 +69,29 @@ class FaceEncoder:
     def quality(self, images: np.ndarray, flip_test: bool = True, batch_size: int = 64):
         """uint8 RGB (N, S, S, 3) -> (N,) float32 predicted recognizability in (0, 1), higher =
         more recognisable (the quality head, config.model.quality_head; no label needed)."""
-        from facemoe_jax.evaluate import embed, recognizability
-
-        if not recognizability.has_quality_head(self.model):
+        if not has_quality_head(self.model):
             raise ValueError(
                 "FaceEncoder.quality needs a model trained with a quality head "
                 "(config.model.quality_head=True, configs/recognizability.py)"
             )
+        from facemoe_jax.data.pipeline import eval_batches  # grain: only when needed
+
         images = self._check_images(images, "quality")
         if flip_test not in self._quality:
-            self._quality[flip_test] = recognizability.make_quality_fn(self.model, flip_test)
+            model = self.model
+
+            @jax.jit
+            def quality_fn(variables, images):
+                return head_quality(model, variables, normalize_images(images), flip_test)
+
+            self._quality[flip_test] = quality_fn
         if not len(images):
             return np.zeros((0,), np.float32)
-        return embed.embed_images(self._quality[flip_test], self.variables, images,
-                                  batch_size).astype(np.float32)  # fmt: skip
+        out = [
+            np.asarray(self._quality[flip_test](self.variables, batch))[:valid]
+            for batch, valid in eval_batches(images, batch_size)
+        ]
+        return np.concatenate(out).astype(np.float32)
 
     # ---- constructors
 
@@ -85,34 +105,16 @@ class FaceEncoder:
         (`config.model.onnx_*` fields may say how it normalises its input); with a config of
         another architecture, its initializers are read as that model's state_dict.
         """
-        path = os.path.abspath(path)
-        if os.path.isdir(os.path.join(path, "checkpoints")) or os.path.basename(path) == (
-            "checkpoints"
-        ):
-            workdir = path if os.path.basename(path) != "checkpoints" else os.path.dirname(path)
-            return cls(*restore_workdir(workdir))
-        if os.path.isdir(path):
-            exported = os.path.join(path, EXPORT_CONFIG)
-            if config is None and os.path.isfile(exported):
-                config = read_export_config(exported)
-            names = ("model.onnx",) if config and config.model.name == "onnx" else ()
-            for name in names + ("model.safetensors", "model.pt"):
-                if os.path.isfile(os.path.join(path, name)):
-                    return cls.from_checkpoint(os.path.join(path, name), config)
-            raise ValueError(f"{path} holds neither checkpoints/ nor model.safetensors/model.pt")
-        if path.endswith(".onnx"):
-            return cls(*load_onnx(path, config))
-        if config is None:
-            config = read_export_config(os.path.join(os.path.dirname(path), EXPORT_CONFIG))
-        from facemoe_jax.export import convert
-
-        state, _ = convert.load_state_dict_file(path)
-        return cls(config, convert.torch_to_jax(config.model, state))
+        loaded = load_variables(
+            path, config, field="FaceEncoder.from_checkpoint", config_hint=CONFIG_HINT
+        )
+        return cls(loaded.config, loaded.variables, loaded.step)
 
     # ---- test-time BatchNorm adaptation (evaluate/adapt_bn.py)
 
-    def adapt(self, images=None, mode: str = "cumulative", batch_size: int = 64,
-              num_batches: int = 0) -> "FaceEncoder":  # fmt: skip
+    def adapt(
+        self, images=None, mode: str = "cumulative", batch_size: int = 64, num_batches: int = 0
+    ) -> "FaceEncoder":
         """A new, adapted encoder (this one is left as it is). "cumulative": every BatchNorm's
         mean and variance re-estimated on `images` (uint8 RGB, unlabelled target faces; all of
         them, or the first `num_batches` batches of `batch_size`); "per_batch": its `embed`
@@ -128,10 +130,13 @@ class FaceEncoder:
             images = np.asarray(images)
             s = self.image_size
             if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (s, s, 3):
-                raise ValueError(f"FaceEncoder.adapt takes uint8 RGB images of shape (N, {s}, "
-                                 f"{s}, 3); got {images.dtype} {images.shape}")  # fmt: skip
-            adapted.variables = adaptation.adapted_variables(self.variables, images, batch_size,
-                                                             num_batches)  # fmt: skip
+                raise ValueError(
+                    f"FaceEncoder.adapt takes uint8 RGB images of shape (N, {s}, "
+                    f"{s}, 3); got {images.dtype} {images.shape}"
+                )
+            adapted.variables = adaptation.adapted_variables(
+                self.variables, images, batch_size, num_batches
+            )
         return adapted
 
     # ---- inference
@@ -147,8 +152,9 @@ class FaceEncoder:
         images = self._check_images(images, "embed")
         s = self.image_size
         if self.per_batch is not None and len(images):  # adapt(mode="per_batch")
-            emb = self.per_batch.embed_per_batch(self.variables, images, batch_size,
-                                                 flip_test=flip_test)  # fmt: skip
+            emb = self.per_batch.embed_per_batch(
+                self.variables, images, batch_size, flip_test=flip_test
+            )
             if normalize:
                 emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
             return emb.astype(np.float32)
@@ -175,42 +181,23 @@ class FaceEncoder:
         return images
 
 
-def read_export_config(path: str) -> ml_collections.ConfigDict:
-    """The run config stored by `--mode=export` (its "model" entry builds the encoder)."""
-    if not os.path.isfile(path):
+@functools.cache
+def _recognizability_estimator(workdir: str):
+    """config.model.lora.quality="recognizability:WORKDIR": the quality head of that model."""
+    field = f"config.model.lora.quality={quality_lib.RECOGNIZABILITY + workdir!r}"
+    if not os.path.exists(workdir):
         raise ValueError(
-            f"{path} not found: pass config= (a run config) to FaceEncoder.from_checkpoint for a "
-            "PyTorch file without an export config.json"
+            f"{field}: {workdir} does not exist (a workdir of a run with "
+            "config.model.quality_head, its checkpoints/ or an export)"
         )
-    with open(path) as f:
-        exported = json.load(f)
-    return ml_collections.ConfigDict({"model": exported["model"]})
+    try:
+        encoder = FaceEncoder.from_checkpoint(workdir)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{field}: cannot load a model from {workdir}: {e}") from None
+    try:
+        return quality_lib.recognizability_score(encoder)
+    except ValueError as e:
+        raise ValueError(f"{field}: {e}") from None
 
 
-def load_onnx(path: str, config: ml_collections.ConfigDict | None = None):
-    """(config, variables) of an ONNX file: the graph as a model of its own (config None or
-    config.model.name "onnx": its onnx_* fields are kept, onnx_path becomes `path`), or the
-    initializers as the state_dict of config.model's architecture."""
-    from facemoe_jax.models import onnx_graph, onnx_model_config
-
-    graph = onnx_graph.load_graph(path)
-    if config is not None and config.model.name != "onnx":
-        from facemoe_jax.export import convert
-
-        state = {**graph.params, **graph.statistics, **graph.constants}
-        return config, convert.torch_to_jax(config.model, state)
-    fields = {}
-    if config is not None:
-        keep = ("onnx_input_mean", "onnx_input_std", "onnx_channel_order")
-        fields = {k: config.model[k] for k in keep if k in config.model}
-    model_cfg = onnx_model_config(path, **fields)
-    return ml_collections.ConfigDict({"model": model_cfg}), onnx_graph.onnx_variables(graph)
-
-
-def restore_workdir(workdir: str, step: int | None = None):
-    """(config, {"params", "batch_stats"}, step) of a workdir's Orbax checkpoint (latest by
-    default), restored onto one device with the config saved in the checkpoint."""
-    from facemoe_jax.train.checkpoint import restore_params
-
-    config, params, batch_stats, step = restore_params(workdir, step)
-    return config, {"params": params["encoder"], "batch_stats": batch_stats}, step
+quality_lib.register_estimator_prefix(quality_lib.RECOGNIZABILITY, _recognizability_estimator)

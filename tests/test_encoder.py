@@ -17,13 +17,13 @@ import facemoe_jax
 from configs import swin_moe_120
 from facemoe_jax import FaceEncoder
 from facemoe_jax import main as cli
-from facemoe_jax.export import torch_models
+from facemoe_jax.interop import torch_models
 
 
 def tiny_swin_run_config():
     config = swin_moe_120.get_config("tinyface_full")
     config.model.update(image_size=12, patch_size=2, width=8, embed_dim=8)
-    # One block per stage keeps the train-step compilation short (shifted windows: tests/export).
+    # One block per stage keeps the train-step compilation short (shifted windows: tests/interop).
     config.model.depths, config.model.stage_heads, config.model.window_size = (1, 1), (1, 2), 3
     config.train.update(num_steps=2, batch_size=4, log_every_steps=1)
     config.data.update(num_classes=6, synthetic_images_per_identity=2)
@@ -35,8 +35,8 @@ def tiny_swin_run_config():
 
 @pytest.mark.slow
 def test_import_train_export_and_face_encoder_agree(tmp_path):
-    from facemoe_jax.export import convert
-    from tests.export.test_convert import random_variables
+    from facemoe_jax.interop import convert
+    from tests.interop.test_convert import random_variables
 
     # PyTorch weights to start from (as a user's model.pt), then --mode=import with lr=0: the
     # run trains (BatchNorm statistics move) but its parameters stay the imported ones.
@@ -97,15 +97,15 @@ def test_import_train_export_and_face_encoder_agree(tmp_path):
         np.testing.assert_allclose(module(x).numpy(), raw, atol=1e-4)
 
     # The ONNX file (onnxruntime, the same normalised NCHW input) embeds as JAX does.
-    from facemoe_jax.export import onnx as onnx_export
+    from facemoe_jax.interop import onnx as onnx_export
 
     np.testing.assert_allclose(onnx_export.run_onnx(paths["onnx"], x.numpy()), raw, atol=1e-4)
 
 
 def test_embed_rejects_wrong_images(tmp_path):
     config = tiny_swin_run_config()
-    from facemoe_jax.export import convert
-    from tests.export.test_convert import random_variables
+    from facemoe_jax.interop import convert
+    from tests.interop.test_convert import random_variables
 
     _, variables = random_variables(config.model)
     encoder = FaceEncoder(config, variables)

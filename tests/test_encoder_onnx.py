@@ -3,7 +3,7 @@
 - the shared real recognizer (batch fixed at 1 in its graph) on 64 real LFW crops, at batch 1
   and at batch 64 (skipped, saying why, without ../shared/realfaces);
 - an IResNet-50 written by torch.onnx.export from our PyTorch twin, BatchNorm not folded;
-- our own model.onnx exports (export/onnx.py) imported back;
+- our own model.onnx exports (interop/onnx.py) imported back;
 - an ONNX file as the initial weights of a native model (config.init_from-style).
 """
 
@@ -23,12 +23,12 @@ ort = pytest.importorskip("onnxruntime")
 torch = pytest.importorskip("torch")
 
 from facemoe_jax import FaceEncoder  # noqa: E402
-from facemoe_jax.encoder import load_onnx  # noqa: E402
-from facemoe_jax.export import convert, torch_models  # noqa: E402
-from facemoe_jax.export import onnx as onnx_export  # noqa: E402
-from facemoe_jax.export.onnx import run_graph  # noqa: E402
-from tests.export.test_convert import random_variables  # noqa: E402
-from tests.export.test_convert_cnn import cnn_config  # noqa: E402
+from facemoe_jax.interop.load import load_onnx  # noqa: E402
+from facemoe_jax.interop import convert, torch_models  # noqa: E402
+from facemoe_jax.interop import onnx as onnx_export  # noqa: E402
+from facemoe_jax.interop.onnx import run_graph  # noqa: E402
+from tests.interop.test_convert import random_variables  # noqa: E402
+from tests.interop.test_convert_cnn import cnn_config  # noqa: E402
 
 REALFACES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "..", "shared", "realfaces")
 RECOGNIZER = os.path.join(REALFACES, "models", "faceplugin_fr_feature.onnx")

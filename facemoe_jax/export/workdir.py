@@ -3,8 +3,8 @@
 `--mode=export` writes W/export/model.pt (a plain state_dict for `load_state_dict(strict=True)`),
 W/export/model.safetensors (the same tensors), W/export/model.onnx and W/export/config.json
 (architecture, input size, normalisation, channel order, and our config.model to rebuild the
-encoder). The other direction, `--config.init_from=FILE` (what `--mode=import` requires), is
-`train/init_from.py`.
+encoder). The other direction, `--config.init_from=FILE` (what `--mode=import` requires), reads
+through `interop/load.py`.
 """
 
 from __future__ import annotations
@@ -17,24 +17,21 @@ import time
 import numpy as np
 
 import facemoe_jax
-from facemoe_jax.export import convert
+from facemoe_jax.interop import convert
+from facemoe_jax.interop import load as load_lib
+from facemoe_jax.models import registry
 from facemoe_jax.models.lora import settings_from_config
 from facemoe_jax.train import writers
-
-OFFICIAL_CONSTRUCTOR = "backbones.swin_moe.swin_120_topk_moe_loss(num_experts={e}, k={k})"
 
 
 def export_config(model_cfg, step: int | None) -> dict:
     """What a PyTorch user needs besides the weights."""
     size = int(model_cfg.image_size)
+    spec = registry.spec(model_cfg.name)
     info = {
         "facemoe_jax_version": facemoe_jax.__version__,  # which release wrote the files
         "architecture": model_cfg.name,
-        "torch_module": (
-            "facemoe_jax.export.torch_models.SwinMoETorch"
-            if model_cfg.name == "swin_moe"
-            else "facemoe_jax.export.torch_models.ViTMoETorch"
-        ),
+        "torch_module": spec.torch_class,
         "input": {
             "size": [size, size],
             "channel_order": "RGB",
@@ -48,10 +45,8 @@ def export_config(model_cfg, step: int | None) -> dict:
         "step": step,
         "model": json.loads(model_cfg.to_json()),
     }
-    if model_cfg.name == "swin_moe":
-        info["official_constructor"] = OFFICIAL_CONSTRUCTOR.format(
-            e=model_cfg.num_experts, k=model_cfg.top_k
-        )
+    if spec.official_constructor:
+        info["official_constructor"] = spec.official_constructor.format_map(model_cfg)
     return info
 
 
@@ -79,7 +74,6 @@ def export_workdir(
 
 
 def _export(workdir: str, out_dir: str, onnx: bool, merge_lora_alpha) -> dict:
-    from facemoe_jax.encoder import restore_workdir
     from facemoe_jax.core.progress import Progress
 
     t0 = time.perf_counter()
@@ -92,20 +86,26 @@ def _export(workdir: str, out_dir: str, onnx: bool, merge_lora_alpha) -> dict:
         try:
             import onnx as _  # noqa: F401
         except ImportError:
-            print("note: model.onnx skipped: the onnx package is not installed "
-                  "(pip install -e '.[export]')", flush=True)  # fmt: skip
+            print(
+                "note: model.onnx skipped: the onnx package is not installed "
+                "(pip install -e '.[export]')",
+                flush=True,
+            )
             onnx = False
-    steps = ["restoring the checkpoint", "converting", "writing model.pt",
-             "writing model.safetensors"] + (["writing model.onnx", "checking model.onnx"]
-                                             if onnx else [])  # fmt: skip
+    steps = [
+        "restoring the checkpoint",
+        "converting",
+        "writing model.pt",
+        "writing model.safetensors",
+    ] + (["writing model.onnx", "checking model.onnx"] if onnx else [])
     progress = Progress("export", len(steps), unit="steps")
 
     def stage(i):  # shows the stage starting (on a terminal), then counts the one before
         progress.update(1 if i else 0, note=steps[i])
 
     stage(0)
-    config, variables, step = restore_workdir(workdir)
-    if config.model.name == "onnx":
+    config, variables, step = load_lib.restore_workdir(workdir)
+    if registry.spec(config.model.name).export == "graph":
         progress.close()
         return _export_onnx_model(config, variables, step, out_dir, paths, t0)
     stage(1)
@@ -133,8 +133,11 @@ def _export(workdir: str, out_dir: str, onnx: bool, merge_lora_alpha) -> dict:
     if onnx and settings_from_config(config.model) is not None:
         # The PyTorch twins take PETALface's per-image `a` as a second input, which the ONNX
         # path does not trace yet.
-        print("note: model.onnx skipped: models with LoRA adapters are exported as model.pt and "
-              "model.safetensors only", flush=True)  # fmt: skip
+        print(
+            "note: model.onnx skipped: models with LoRA adapters are exported as model.pt and "
+            "model.safetensors only",
+            flush=True,
+        )
         onnx = False
     onnx_path = os.path.join(out_dir, "model.onnx")
     for stale in (onnx_path, onnx_path + ".data"):  # an earlier export's, for other weights
@@ -142,7 +145,7 @@ def _export(workdir: str, out_dir: str, onnx: bool, merge_lora_alpha) -> dict:
             os.remove(stale)
     onnx_diff = None
     if onnx:
-        from facemoe_jax.export import onnx as onnx_export
+        from facemoe_jax.interop import onnx as onnx_export
 
         stage(4)
         paths["onnx"] = onnx_path
@@ -163,18 +166,21 @@ def _export(workdir: str, out_dir: str, onnx: bool, merge_lora_alpha) -> dict:
         flush=True,
     )
     if onnx:
-        checked = (f"onnxruntime vs PyTorch max abs diff {onnx_diff:.1e}" if onnx_diff is not None
-                   else "not checked: onnxruntime is not installed")  # fmt: skip
+        checked = (
+            f"onnxruntime vs PyTorch max abs diff {onnx_diff:.1e}"
+            if onnx_diff is not None
+            else "not checked: onnxruntime is not installed"
+        )
         print(f"model.onnx: dynamic batch, NCHW float32 normalised input ({checked})", flush=True)
     return {**paths, "seconds": seconds, "step": step, "onnx_max_abs_diff": onnx_diff}
 
 
 def _export_onnx_model(config, variables, step, out_dir: str, paths: dict, t0: float) -> dict:
-    """A run of an imported ONNX model: its graph with the trained weights (model.onnx), the
-    same tensors under their ONNX names (model.safetensors, model.pt) and config.json; the new
-    file is checked in onnxruntime against the JAX model."""
+    """A run of an imported ONNX model (ModelSpec.export "graph"): its graph with the trained
+    weights (model.onnx), the same tensors under their ONNX names (model.safetensors, model.pt)
+    and config.json; the new file is checked in onnxruntime against the JAX model."""
     from facemoe_jax.encoder import FaceEncoder
-    from facemoe_jax.export import onnx as onnx_export
+    from facemoe_jax.interop import onnx as onnx_export
     from facemoe_jax.models import onnx_graph
 
     source = str(config.model.onnx_path)

@@ -25,12 +25,13 @@ predicted recognizability in (0, 1), higher = more recognisable, so sign +1.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib
-import os
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+
+from facemoe_jax.models.recognizability import has_quality_head, head_quality
 
 CANONICAL_SIZE = 48
 LOG_LOW = -7.0  # median log r of synthetic faces captured at 8-16 px
@@ -45,8 +46,12 @@ def sharpness_score(images: jax.Array) -> jax.Array:
         x = jax.image.resize(x, (b, CANONICAL_SIZE, CANONICAL_SIZE, 3), "linear", antialias=True)
     grey = x.mean(axis=-1)
     padded = jnp.pad(grey, ((0, 0), (1, 1), (1, 1)), mode="edge")
-    box = sum(padded[:, i : i + CANONICAL_SIZE, j : j + CANONICAL_SIZE]
-              for i in range(3) for j in range(3)) / 9.0  # fmt: skip
+    shifted = [
+        padded[:, i : i + CANONICAL_SIZE, j : j + CANONICAL_SIZE]
+        for i in range(3)
+        for j in range(3)
+    ]
+    box = sum(shifted) / 9.0
     high = jnp.mean((grey - box) ** 2, axis=(1, 2))
     ratio = high / (jnp.var(grey, axis=(1, 2)) + 1e-6)
     score = (jnp.log(ratio + 1e-12) - LOG_LOW) / (LOG_HIGH - LOG_LOW)
@@ -55,14 +60,21 @@ def sharpness_score(images: jax.Array) -> jax.Array:
 
 ESTIMATORS = {"sharpness": sharpness_score}
 RECOGNIZABILITY = "recognizability:"  # + a workdir: a trained quality head as the estimator
+# prefix -> factory(rest of the name) -> estimator: estimators that load a model, which is done
+# above models/ (encoder.py registers RECOGNIZABILITY).
+_PREFIXES: dict[str, Callable[[str], Callable]] = {}
+
+
+def register_estimator_prefix(prefix: str, factory: Callable[[str], Callable]) -> None:
+    """`config.model.lora.quality = prefix + REST` resolves to `factory(REST)`; the factory's
+    ValueErrors should name the field."""
+    _PREFIXES[prefix] = factory
 
 
 def recognizability_score(encoder):
     """A FaceEncoder's quality head as an estimator: (B, H, W, 3) in [-1, 1], any size ->
     (B,) float32 in (0, 1), what `FaceEncoder.quality` returns for the same faces (the mean of
     the face and its mirror image); faces of another size are first resized to its input."""
-    from facemoe_jax.evaluate.recognizability import has_quality_head, head_quality
-
     if not has_quality_head(encoder.model):
         raise ValueError("the model has no quality head (config.model.quality_head=False)")
     model, variables, size = encoder.model, encoder.variables, encoder.image_size
@@ -76,31 +88,19 @@ def recognizability_score(encoder):
     return score
 
 
-@functools.cache
-def _recognizability_estimator(workdir: str):
-    from facemoe_jax.encoder import FaceEncoder
-
-    field = f"config.model.lora.quality={RECOGNIZABILITY + workdir!r}"
-    if not os.path.exists(workdir):
-        raise ValueError(f"{field}: {workdir} does not exist (a workdir of a run with "
-                         "config.model.quality_head, its checkpoints/ or an export)")  # fmt: skip
-    try:
-        encoder = FaceEncoder.from_checkpoint(workdir)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{field}: cannot load a model from {workdir}: {e}") from None
-    try:
-        return recognizability_score(encoder)
-    except ValueError as e:
-        raise ValueError(f"{field}: {e}") from None
-
-
 def estimator(name: str):
-    """A built-in name, "recognizability:WORKDIR" or "package.module:function"; errors name
-    the config field."""
+    """A built-in name, a registered prefix ("recognizability:WORKDIR") or
+    "package.module:function"; errors name the config field."""
     if name in ESTIMATORS:
         return ESTIMATORS[name]
+    for prefix, factory in _PREFIXES.items():
+        if name.startswith(prefix):
+            return factory(name[len(prefix) :])
     if name.startswith(RECOGNIZABILITY):
-        return _recognizability_estimator(name[len(RECOGNIZABILITY) :])
+        raise ValueError(
+            f"config.model.lora.quality={name!r}: nothing resolves {RECOGNIZABILITY!r} in this "
+            "process (importing facemoe_jax.encoder registers it)"
+        )
     module, _, function = name.partition(":")
     if not module or not function:
         raise ValueError(
@@ -110,7 +110,10 @@ def estimator(name: str):
     try:
         return getattr(importlib.import_module(module), function)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"config.model.lora.quality={name!r} cannot be loaded: {e}") from None
+        prefixes = f" (known prefixes: {sorted(_PREFIXES)})" if _PREFIXES else ""
+        raise ValueError(
+            f"config.model.lora.quality={name!r} cannot be loaded: {e}{prefixes}"
+        ) from None
 
 
 def quality_mix_value(images, name: str = "sharpness", threshold: float = 0.5, sign: float = 1.0):

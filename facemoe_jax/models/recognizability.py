@@ -241,3 +241,25 @@ def estimate_quality(settings: HeadSettings, module: nn.Module, embeddings: jax.
     if settings.quality_head:
         quality = make_quality_head(settings)(embeddings, train, patch)
         module.sow("intermediates", QUALITY_KEY, quality)
+
+
+def has_quality_head(model) -> bool:
+    heads = getattr(model, "heads", None)
+    return bool(heads is not None and heads.quality_head)
+
+
+def has_perceptibility_attention(model) -> bool:
+    heads = getattr(model, "heads", None)
+    return bool(heads is not None and heads.perceptibility_attention)
+
+
+def head_quality(model, variables, x, flip_test: bool = True) -> jax.Array:
+    """The quality head's score of float images in [-1, 1] (B, H, W, 3) -> (B,) float32; with
+    the flip test, the mean of the image and its mirror image."""
+
+    def predict(x):
+        _, state = model.apply(variables, x, train=False, mutable=["intermediates"])
+        return state["intermediates"][QUALITY_KEY][0].astype(jnp.float32)
+
+    q = predict(x)
+    return 0.5 * (q + predict(x[:, :, ::-1])) if flip_test else q

@@ -21,7 +21,7 @@ safetensors_numpy = pytest.importorskip("safetensors.numpy")
 from onnx import helper, numpy_helper  # noqa: E402
 
 from facemoe_jax import FaceEncoder  # noqa: E402
-from facemoe_jax.export.onnx import run_graph  # noqa: E402
+from facemoe_jax.interop.onnx import run_graph  # noqa: E402
 from facemoe_jax.models import onnx_graph  # noqa: E402
 from tests.models.test_onnx_graph import write_graph  # noqa: E402
 from tests.test_main import run_main, tiny_run_args  # noqa: E402
@@ -123,7 +123,7 @@ def test_eval_of_an_onnx_model_before_training_uses_the_file(tmp_path):
 
 def test_writing_back_twice_keeps_one_metadata_entry(tmp_path):
     # A fine-tuned export fine-tuned again: its graph is the source of the second export.
-    from facemoe_jax.export import onnx as onnx_export
+    from facemoe_jax.interop import onnx as onnx_export
 
     source = small_face_graph(tmp_path / "face.onnx")
     graph = onnx_graph.read_graph(source)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from configs import common, swin_moe_120
-from facemoe_jax.export import convert, torch_models
+from facemoe_jax.interop import convert, torch_models
 from facemoe_jax.models import build_model
 
 # The official model's state_dict names and shapes (the team's reference list in

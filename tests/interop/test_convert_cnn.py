@@ -1,6 +1,6 @@
 """insightface CNNs (IResNet, MobileFaceNet): our exports are arcface_torch state_dicts.
 
-The official key lists (tests/export/data/insightface_*_state_dict.tsv: name, shape, dtype, kind)
+The official key lists (tests/interop/data/insightface_*_state_dict.tsv: name, shape, dtype, kind)
 were written by instantiating deepinsight/insightface recognition/arcface_torch/backbones
 (iresnet.py, mobilefacenet.py; FaceMoE's backbones/ copies are identical) on the meta device;
 the official code is not in this repository, so a clean clone checks our export's names and
@@ -21,9 +21,9 @@ import torch
 
 from configs import common
 from facemoe_jax import FaceEncoder
-from facemoe_jax.export import convert, torch_cnn, torch_models
+from facemoe_jax.interop import convert, torch_cnn, torch_models
 from facemoe_jax.models import build_model
-from tests.export.test_convert import images, load_strict, random_variables, torch_embed
+from tests.interop.test_convert import images, load_strict, random_variables, torch_embed
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 

@@ -1,6 +1,6 @@
 """ONNX export: the file onnxruntime runs embeds like JAX, for any batch size.
 
-Random JAX variables (tests/export/test_convert.py) -> PyTorch state_dict -> model.onnx, then
+Random JAX variables (tests/interop/test_convert.py) -> PyTorch state_dict -> model.onnx, then
 onnxruntime on batches of other sizes than the traced one (2): 1, and 5. The MoE routing (top-k,
 per-expert gathers, scatter-add) runs inside the ONNX graph, so a batch routes its own way.
 """
@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import facemoe_jax
-from facemoe_jax.export import convert, torch_models
-from facemoe_jax.export import onnx as onnx_export
-from tests.export.test_convert import images, random_variables, tiny_swin_config, tiny_vit_config
+from facemoe_jax.interop import convert, torch_models
+from facemoe_jax.interop import onnx as onnx_export
+from tests.interop.test_convert import images, random_variables, tiny_swin_config, tiny_vit_config
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from facemoe_jax.export import convert
-from tests.export.test_convert import images, load_strict, random_variables
+from facemoe_jax.interop import convert
+from tests.interop.test_convert import images, load_strict, random_variables
 from tests.models.test_swin import tiny
 
 

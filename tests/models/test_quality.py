@@ -70,15 +70,14 @@ def test_recognizability_estimator_scores_as_face_encoder_quality():
 def test_petalface_takes_a_from_a_recognizability_workdir(tmp_path, monkeypatch):
     import jax
 
-    from facemoe_jax import encoder as encoder_lib
+    from facemoe_jax.interop import load
     from facemoe_jax.models import build_model
     from tests.test_encoder_quality import encoder
 
     enc, _, variables = encoder(quality_head=True)
     (tmp_path / "ri" / "checkpoints").mkdir(parents=True)
-    monkeypatch.setattr(
-        encoder_lib, "restore_workdir", lambda w, step=None: (enc.config, variables, 7)
-    )  # the checkpoint restore has its own tests
+    restored = (enc.config, {"encoder": variables["params"]}, variables.get("batch_stats", {}), 7)
+    monkeypatch.setattr(load, "restore_params", lambda w, step=None: restored)  # tested elsewhere
     config = enc.config.model.copy_and_resolve_references()
     config.quality_head = False
     config.lora.update(rank=2, quality_mix=True, quality_threshold=0.6,
