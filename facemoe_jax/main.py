@@ -47,7 +47,7 @@ _MODE = flags.DEFINE_enum(
 )
 
 
-def run(config, workdir: str, mode: str) -> dict:
+def run(config, workdir: str, mode: str, extra_hooks: tuple = ()) -> dict:
     import jax
 
     from facemoe_jax.parallel import multihost
@@ -61,7 +61,7 @@ def run(config, workdir: str, mode: str) -> dict:
                 f"--workdir={workdir} does not exist: --mode={mode} reads the checkpoints of a "
                 "trained workdir"
             )
-    if str(config.data.get("train", "")).startswith("tfds:"):
+    if str(config.data.train).startswith("tfds:"):
         # TFDS imports TensorFlow: first quietly, and off the accelerators JAX uses.
         from facemoe_jax.core.paths import import_tensorflow_quietly
 
@@ -71,32 +71,30 @@ def run(config, workdir: str, mode: str) -> dict:
     if mode == "export":
         from facemoe_jax.export.workdir import export_workdir
 
-        alpha = config.get("export", {}).get("merge_lora_alpha")
+        alpha = config.export.merge_lora_alpha
         return export_workdir(workdir, merge_lora_alpha=alpha)
     if mode == "import":
-        if not config.get("init_from"):
+        if not config.init_from:
             raise ValueError("--mode=import needs --config.init_from=/path/to/model.pt")
         mode = "train"
+    from facemoe_jax import pipelines
+
     if mode == "train":
-        from facemoe_jax.train.loop import train_and_evaluate
-
-        return train_and_evaluate(config, workdir)
-    from facemoe_jax.train.loop import evaluate_checkpoint
-
-    return evaluate_checkpoint(config, workdir)
+        return pipelines.train_and_evaluate(config, workdir, extra_hooks)
+    return pipelines.evaluate_checkpoint(config, workdir)
 
 
-def main(argv):
+def main(argv, extra_hooks: tuple = ()):
     if len(argv) > 1:
         _fail(f"unexpected arguments: {' '.join(argv[1:])}")
     if _CONFIG.value is None or _WORKDIR.value is None:
         _fail("both --config and --workdir are required")
     logging.set_verbosity(logging.WARNING)
     from facemoe_jax.data.pipeline import BadDataError
-    from facemoe_jax.train.loop import NumericalFault, Preempted, PREEMPTED_EXIT_CODE
+    from facemoe_jax.train.hooks import NumericalFault, Preempted, PREEMPTED_EXIT_CODE
 
     try:
-        run(_CONFIG.value, _WORKDIR.value, _MODE.value)
+        run(_CONFIG.value, _WORKDIR.value, _MODE.value, extra_hooks)
     except Preempted as e:
         messages.say(messages.one_line(e))
         sys.exit(PREEMPTED_EXIT_CODE)
@@ -148,12 +146,13 @@ def _parse_flags(argv: list[str]) -> list[str]:
         _fail(f"unknown config field in {culprit or 'a --config override'}: {detail}")
 
 
-def _run_cli():
+def _run_cli(extra_hooks: tuple = ()):
+    """The command line; extra_hooks (train/hooks.py) run after every train step, first."""
     # Before JAX starts: XLA:CPU's step buffers in 2 MiB pages (15-20 % off a CPU train step).
     huge_pages.restart_with_huge_pages()
     argv = _parse_flags(sys.argv)
     logging.use_absl_handler()
-    main(argv)
+    main(argv, extra_hooks)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The command line with faults injected from outside the production code (a hook, an objective).
+FAULT_INJECTION = os.path.join(ROOT, "tests", "fault_injection.py")
 STEPS, EVERY, N = 8, 2, 4  # checkpoints every 2 steps (the last 3 kept); signals after step N
 # One persistent compilation cache for the runs of this module: the same program is compiled
 # once (about 15 s on 2 cores), later runs load it (the same executable, so bitwise the same).
@@ -45,7 +47,7 @@ def env_for(devices=1, **extra):
 
 def args_for(workdir, steps=STEPS, *more):
     return [
-        sys.executable, "-m", "facemoe_jax.main", "--config", "configs/demo.py",
+        sys.executable, FAULT_INJECTION, "--config", "configs/demo.py",
         "--workdir", str(workdir), f"--config.train.num_steps={steps}",
         "--config.train.batch_size=16", "--config.train.log_every_steps=1",
         f"--config.checkpoint.every_steps={EVERY}", "--config.checkpoint.max_to_keep=3",
@@ -146,7 +148,7 @@ def test_sigkill_then_restart_is_bitwise_identical(reference, tmp_path):
     ref_dir, ref_losses, (ref_step, ref_params) = reference
     assert sorted(ref_losses) == list(range(1, STEPS + 1))
     workdir = tmp_path / "run_b"
-    proc = start(workdir, FACEMOE_TEST_STEP_SECONDS=0.25)
+    proc = start(workdir, TEST_FAULT_STEP_SECONDS=0.25)
     wait_for_checkpoint(proc, workdir, N)
     time.sleep(random.uniform(0.0, 0.8))  # a random moment after the step-4 checkpoint
     proc.kill()
@@ -167,7 +169,7 @@ def test_sigkill_then_restart_is_bitwise_identical(reference, tmp_path):
 def test_sigterm_saves_the_step_it_was_at_and_resumes_bitwise(reference, tmp_path):
     _, ref_losses, (_, ref_params) = reference
     workdir = tmp_path / "run_c"
-    proc = start(workdir, FACEMOE_TEST_STEP_SECONDS=0.4)
+    proc = start(workdir, TEST_FAULT_STEP_SECONDS=0.4)
     wait_for_checkpoint(proc, workdir, N)
     time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
@@ -233,7 +235,7 @@ def test_nan_batches_are_skipped_and_counted_then_too_many_stop_the_run(tmp_path
     # NaN images at step 3 (skipped, counted), then at 5 and 6: config.train.max_bad_steps=2 in
     # a row stop the run with a clear error and a checkpoint of the last good state.
     workdir = tmp_path / "nan"
-    proc = run(workdir, STEPS, "--config.train.max_bad_steps=2", FACEMOE_TEST_NAN_STEPS="3,5,6")
+    proc = run(workdir, STEPS, "--config.train.max_bad_steps=2", TEST_FAULT_NAN_STEPS="3,5,6")
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     lines = stderr_lines(proc.stderr)
@@ -311,7 +313,7 @@ def test_resume_on_other_meshes_matches_to_float32_tolerance(tmp_path):
 @pytest.mark.slow
 def test_a_second_signal_exits_at_once(tmp_path):
     workdir = tmp_path / "twice"
-    proc = start(workdir, FACEMOE_TEST_STEP_SECONDS=1.0)
+    proc = start(workdir, TEST_FAULT_STEP_SECONDS=1.0)
     wait_for_checkpoint(proc, workdir, EVERY)
     proc.send_signal(signal.SIGTERM)
     time.sleep(0.3)  # the first is handled (between two bytecodes of the main thread)
@@ -356,7 +358,7 @@ def test_sigterm_to_one_host_of_two_saves_the_same_step_on_both(tmp_path):
                 FACEMOE_COORDINATOR=f"127.0.0.1:{port}",
                 FACEMOE_NUM_PROCESSES=2,
                 FACEMOE_PROCESS_ID=i,
-                FACEMOE_TEST_STEP_SECONDS=0.3,
+                TEST_FAULT_STEP_SECONDS=0.3,
             ),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -121,152 +121,29 @@ import math
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from jax.sharding import PartitionSpec as P
 
-from facemoe_jax.core.images import normalize_images
-from facemoe_jax.losses import class_means, classifier
+from facemoe_jax.losses import classifier
 from facemoe_jax.losses.classifier import l2_normalize
-from facemoe_jax.models.recognizability import (
-    PATCH_KEY,
-    QUALITY_KEY,
-    QUALITY_NAME,
-    make_quality_head,
-)
+from facemoe_jax.models.recognizability import QUALITY_KEY
 
 WEIGHTINGS = ("threshold", "soft")
-QUALITY_SOURCES = ("clean", "batch")
-QUALITY_TARGETS = ("own_full", "prototype", "agreement")
-COPY_EMBEDDINGS = "ri_copy_embeddings"  # batch entries the train step adds (``with_copies``)
-COPY_LABELS = "ri_copy_labels"
-COPY_PATCH = "ri_copy_patch"  # the copies' patch statistics (quality heads that read them)
-COPY_REFERENCE = "ri_copy_reference"  # the copies' full-size embeddings ("own_full" target)
-COPY_AGREEMENT = "ri_copy_agreement"  # normalise(f_k) . m_y ("agreement" target, item 5)
-COPY_AGREEMENT_COUNT = "ri_copy_agreement_count"  # images in m_y so far (0: no target)
 _NO_NEGATIVE = -2.0  # below any cosine: "no other class here"
-
-
-def enabled(config: ml_collections.ConfigDict) -> bool:
-    return bool(config.get("recognizability", {}).get("enabled", False))
-
-
-def check_config(config: ml_collections.ConfigDict) -> None:
-    """Errors name the field; also refuses a quality head that nothing would train."""
-    quality_head = bool(config.model.get("quality_head", False))
-    if not enabled(config):
-        if quality_head:
-            raise ValueError(
-                "config.model.quality_head=True needs config.recognizability.enabled=True (the "
-                "head regresses the recognizability index; nothing else trains it)"
-            )
-        return
-    cfg = config.recognizability
-    if cfg.ui_pixels < 1 or cfg.ui_pixels > config.model.image_size:
-        raise ValueError(
-            f"config.recognizability.ui_pixels={cfg.ui_pixels} must be in 1.."
-            f"{config.model.image_size} (the input size)"
-        )
-    if cfg.ui_images < 0 or cfg.ui_images > config.train.batch_size:
-        raise ValueError(
-            f"config.recognizability.ui_images={cfg.ui_images} must be in 0.."
-            f"{config.train.batch_size} (0 = the whole batch)"
-        )
-    if not 0.0 <= cfg.centre_momentum < 1.0:
-        raise ValueError(
-            f"config.recognizability.centre_momentum={cfg.centre_momentum} must be in [0, 1)"
-        )
-    if not 0.0 <= cfg.ui_weight <= 1.0:
-        raise ValueError(f"config.recognizability.ui_weight={cfg.ui_weight} must be in [0, 1]")
-    for field in ("ui_angle_scale", "margin_angle_scale", "quality_beta"):
-        if cfg[field] <= 0:
-            raise ValueError(f"config.recognizability.{field}={cfg[field]} must be > 0")
-    for field in ("ui_noise_std", "diversion_weight", "quality_weight"):
-        if cfg[field] < 0:
-            raise ValueError(f"config.recognizability.{field}={cfg[field]} must be >= 0")
-    pixels = str(cfg.quality_pixels)
-    try:
-        sizes = parse_pixels(pixels)
-    except ValueError:
-        sizes = (0,)
-    if not all(p >= 1 for p in sizes):
-        raise ValueError(
-            f"config.recognizability.quality_pixels={pixels!r} must be comma-separated sizes >= 1"
-        )
-    if cfg.quality_images < 0 or cfg.quality_images > config.train.batch_size:
-        raise ValueError(
-            f"config.recognizability.quality_images={cfg.quality_images} must be in 0.."
-            f"{config.train.batch_size} (0 = the whole batch)"
-        )
-    if not 0.0 <= cfg.quality_ui_weight <= 1.0:
-        raise ValueError(
-            f"config.recognizability.quality_ui_weight={cfg.quality_ui_weight} must be in [0, 1]"
-        )
-    if cfg.quality_angle_power <= 0:
-        raise ValueError(
-            f"config.recognizability.quality_angle_power={cfg.quality_angle_power} must be > 0"
-        )
-    for field, known in (("quality_source", QUALITY_SOURCES), ("quality_target", QUALITY_TARGETS)):
-        if cfg[field] not in known:
-            raise ValueError(f"config.recognizability.{field}={cfg[field]!r} is not one of {known}")
-    if not 0.0 <= cfg.quality_agreement_weight <= 1.0:
-        raise ValueError(
-            "config.recognizability.quality_agreement_weight="
-            f"{cfg.quality_agreement_weight} must be in [0, 1]"
-        )
-    if cfg.agreement_window < 1:
-        raise ValueError(
-            f"config.recognizability.agreement_window={cfg.agreement_window} must be >= 1"
-        )
-    if cfg.diversion_weighting not in WEIGHTINGS:
-        raise ValueError(
-            f"config.recognizability.diversion_weighting={cfg.diversion_weighting!r} is not "
-            f"one of {WEIGHTINGS}"
-        )
-
-
-def trains_quality_head(config: ml_collections.ConfigDict) -> bool:
-    return (enabled(config) and bool(config.model.get("quality_head", False))
-            and config.recognizability.quality_weight > 0)  # fmt: skip
-
-
-def wants_clean_images(config: ml_collections.ConfigDict) -> bool:
-    """Whether the train step needs batch["image_hr"], the geometry-only images (the pipeline's
-    paired mode): the quality copies are made from them (quality_source="clean")."""
-    return trains_quality_head(config) and config.recognizability.quality_source == "clean"
-
-
-def initial_centre(config: ml_collections.ConfigDict):
-    """The state's `ri_centre`: zeros (embed_dim,) when RI is on (the first update sets it),
-    else None (no leaf: the state and its checkpoints are as without RI)."""
-    if not enabled(config):
-        return None
-    return jnp.zeros((config.model.embed_dim,), jnp.float32)
-
-
-def uses_class_means(config: ml_collections.ConfigDict) -> bool:
-    """Whether the state keeps the per-class means of item 5 (the "agreement" target)."""
-    return trains_quality_head(config) and config.recognizability.quality_target == "agreement"
-
-
-def initial_class_means(config: ml_collections.ConfigDict, num_rows: int):
-    """The state's `ri_classes` (item 5, losses/class_means.py) for the "agreement" target, else
-    None (no leaf)."""
-    if not uses_class_means(config):
-        return None
-    return class_means.zeros(num_rows, config.model.embed_dim)
 
 
 def resize_through(images: jax.Array, pixels: int) -> jax.Array:
     """(B, H, W, 3) -> the same faces with only `pixels` x `pixels` of information: antialiased
     linear resize down (area-like averaging, as evaluation's cv2.INTER_AREA), bilinear back."""
     b, h, w, c = images.shape
-    small = jax.image.resize(images.astype(jnp.float32), (b, pixels, pixels, c), "linear",
-                             antialias=True)  # fmt: skip
+    small = jax.image.resize(
+        images.astype(jnp.float32), (b, pixels, pixels, c), "linear", antialias=True
+    )
     return jax.image.resize(small, (b, h, w, c), "linear", antialias=False)
 
 
-def degrade_beyond_recognition(images: jax.Array, rng: jax.Array, pixels: int,
-                               noise_std: float) -> jax.Array:  # fmt: skip
+def degrade_beyond_recognition(
+    images: jax.Array, rng: jax.Array, pixels: int, noise_std: float
+) -> jax.Array:
     """(B, H, W, 3) in [-1, 1] -> the same faces at `pixels` x `pixels` (antialiased linear
     resize, i.e. area-like averaging, then bilinear back) plus Gaussian noise, clipped."""
     x = resize_through(images, pixels)
@@ -292,8 +169,9 @@ def _own_and_hardest(embeddings, centers, labels, first, num_classes):
     return own, hardest
 
 
-def prototype_cosines(embeddings, centers, labels, *, num_classes: int,
-                      class_axes: tuple[str, ...]):  # fmt: skip
+def prototype_cosines(
+    embeddings, centers, labels, *, num_classes: int, class_axes: tuple[str, ...]
+):
     """(cos(e, w_y), max_{j != y} cos(e, w_j)), each (B,) float32, without gradient.
 
     Under an active mesh whose ``class_axes`` split the centre rows, each device compares the
@@ -327,9 +205,16 @@ def _angle(cosine, power: float = 1.0):
     return theta if power == 1.0 else math.pi * (theta / math.pi) ** power
 
 
-def recognizability_index(cos_ui, cos_own, cos_hardest, *, ui_weight: float,
-                          ui_angle_scale: float, margin_angle_scale: float,
-                          angle_power: float = 1.0) -> jax.Array:  # fmt: skip
+def recognizability_index(
+    cos_ui,
+    cos_own,
+    cos_hardest,
+    *,
+    ui_weight: float,
+    ui_angle_scale: float,
+    margin_angle_scale: float,
+    angle_power: float = 1.0,
+) -> jax.Array:
     """RI in [0, 1] per image (module docstring, items 2 and 4), without gradient; cos_own is
     the cosine to the positive (the class centre, or the own full-size embedding)."""
     cos_ui, cos_own, cos_hardest = (
@@ -341,8 +226,9 @@ def recognizability_index(cos_ui, cos_own, cos_hardest, *, ui_weight: float,
     return ui_weight * s_ui + (1.0 - ui_weight) * s_cls
 
 
-def diversion_loss(cos_ui, ri, *, threshold: float, margin: float,
-                   weighting: str = "threshold") -> jax.Array:  # fmt: skip
+def diversion_loss(
+    cos_ui, ri, *, threshold: float, margin: float, weighting: str = "threshold"
+) -> jax.Array:
     """mean_i w_i max(0, cos(e_i, c) - margin), w_i = [RI_i < threshold] or 1 - RI_i."""
     ri = jax.lax.stop_gradient(ri)
     if weighting == "threshold":
@@ -388,74 +274,20 @@ def parse_pixels(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in str(text).split(",") if p.strip())
 
 
-def with_copies(model, config, state, batch: dict, images: jax.Array,
-                class_axes: tuple[str, ...] = ()):  # fmt: skip
-    """(state with the next c_UI, batch plus the quality copies' embeddings and labels).
-
-    images: the batch normalised to [-1, 1]. One evaluation-mode forward pass without gradient
-    embeds both kinds of copies: the first ``ui_images`` (0 = all) degraded beyond recognition
-    with noise drawn from fold_in(rng, step) (a resumed run draws the same) for c_UI (item 1),
-    and, for a model with a quality head to train, the ``quality_copies`` (item 4), whose
-    embeddings and labels go into the batch for the loss (``COPY_EMBEDDINGS``, ``COPY_LABELS``);
-    for the "agreement" target also each copy's agreement with its class mean, looked up before
-    the copies' full-size images enter the class means (item 5)."""
-    cfg = config.recognizability
-    trains_head = trains_quality_head(config)
-    ui = images[: cfg.ui_images] if cfg.ui_images else images
-    rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 0x5249)  # "RI"
-    parts = [degrade_beyond_recognition(ui, rng, int(cfg.ui_pixels), cfg.ui_noise_std)]
-    if trains_head:
-        source = images
-        if cfg.quality_source == "clean":
-            if "image_hr" not in batch:
-                raise ValueError(
-                    'config.recognizability.quality_source="clean" needs batch["image_hr"] (the '
-                    "pipeline's paired mode, which the train loop asks for)"
-                )
-            source = normalize_images(batch["image_hr"])
-        count = int(cfg.quality_images) or source.shape[0]
-        pixels = tuple(p for p in parse_pixels(cfg.quality_pixels) if p < images.shape[1])
-        parts.append(quality_copies(source, pixels, count))
-        if cfg.quality_target != "prototype":
-            parts.append(source[:count].astype(jnp.float32))  # each copy's full-size image
-    variables = {"params": state.params["encoder"], "batch_stats": state.batch_stats}
-    (embedded, _), sown = model.apply(jax.lax.stop_gradient(variables), jnp.concatenate(parts),
-                                      train=False, mutable=["intermediates"])  # fmt: skip
-    embedded = jax.lax.stop_gradient(embedded)
-    centre = update_centre(state.ri_centre, embedded[: ui.shape[0]], cfg.centre_momentum)
-    batch = dict(batch)
-    if trains_head:
-        first = ui.shape[0]
-        batch[COPY_EMBEDDINGS] = embedded[first : first + count]
-        batch[COPY_LABELS] = batch["label"][:count]
-        patch = sown["intermediates"].get(PATCH_KEY)
-        if patch is not None:
-            batch[COPY_PATCH] = jax.lax.stop_gradient(patch[0][first : first + count])
-        if cfg.quality_target != "prototype":
-            batch[COPY_REFERENCE] = embedded[first + count : first + 2 * count]
-        if cfg.quality_target == "agreement":
-            batch[COPY_AGREEMENT], batch[COPY_AGREEMENT_COUNT] = class_means.lookup(
-                state.ri_classes, batch[COPY_EMBEDDINGS], batch[COPY_LABELS],
-                class_axes=class_axes)  # fmt: skip
-            classes = class_means.update(state.ri_classes, batch[COPY_REFERENCE],
-                                         batch[COPY_LABELS], int(cfg.agreement_window),
-                                         class_axes=class_axes)  # fmt: skip
-            state = state.replace(ri_classes=classes)
-    return state.replace(ri_centre=centre), batch
-
-
-def predict_quality(model, encoder_params, embeddings, dropout_rng, patch=None) -> jax.Array:
-    """The model's quality head (training mode) on given embeddings (and patch statistics, for a
-    head that reads them), without gradient into them."""
-    head = make_quality_head(model.heads)
-    if patch is not None:
-        patch = jax.lax.stop_gradient(patch)
-    return head.apply({"params": encoder_params[QUALITY_NAME]}, jax.lax.stop_gradient(embeddings),
-                      True, patch, rngs={"dropout": dropout_rng})  # fmt: skip
-
-
-def _index(embeddings, centers, labels, centre, num_classes, class_axes, *, ui_weight,
-           ui_angle_scale, margin_angle_scale, angle_power=1.0, reference=None):  # fmt: skip
+def index_against_centre(
+    embeddings,
+    centers,
+    labels,
+    centre,
+    *,
+    num_classes,
+    class_axes,
+    ui_weight,
+    ui_angle_scale,
+    margin_angle_scale,
+    angle_power=1.0,
+    reference=None,
+):
     """(cos(e, c_UI), RI) of raw embeddings: item 2, or with `reference` (embeddings of the same
     images at full size) the cosine to it as the positive instead of the class centre."""
     unit = l2_normalize(embeddings)
@@ -466,14 +298,20 @@ def _index(embeddings, centers, labels, centre, num_classes, class_axes, *, ui_w
     if reference is not None:
         cos_own = jnp.sum(unit * l2_normalize(reference), axis=-1)
     ri = recognizability_index(
-        cos_ui, cos_own, cos_hardest, ui_weight=ui_weight, ui_angle_scale=ui_angle_scale,
-        margin_angle_scale=margin_angle_scale, angle_power=angle_power,
-    )  # fmt: skip
+        cos_ui,
+        cos_own,
+        cos_hardest,
+        ui_weight=ui_weight,
+        ui_angle_scale=ui_angle_scale,
+        margin_angle_scale=margin_angle_scale,
+        angle_power=angle_power,
+    )
     return cos_ui, ri
 
 
-def agreement_index(copies, reference, agreement, *, agreement_weight: float,
-                    angle_power: float) -> jax.Array:  # fmt: skip
+def agreement_index(
+    copies, reference, agreement, *, agreement_weight: float, angle_power: float
+) -> jax.Array:
     """Item 5's target: (1 - w) (1 - (theta(f_k, f_i^full) / pi) ** power) + w clip(agreement,
     0, 1), without gradient."""
     cos_full = jnp.sum(l2_normalize(copies) * l2_normalize(reference), axis=-1)
@@ -487,57 +325,16 @@ def copy_index(cfg, copies, centers, labels, centre, reference, num_classes, cla
     quality_angle_power and, with `reference` (the copies' own full-size embeddings, target
     "own_full"), the cosine to it as the positive; the hardest negative stays the nearest
     other class centre."""
-    return _index(
-        copies, centers, labels, centre, num_classes, class_axes,
-        ui_weight=cfg.quality_ui_weight, ui_angle_scale=cfg.ui_angle_scale,
-        margin_angle_scale=cfg.margin_angle_scale, angle_power=cfg.quality_angle_power,
+    return index_against_centre(
+        copies,
+        centers,
+        labels,
+        centre,
+        num_classes=num_classes,
+        class_axes=class_axes,
+        ui_weight=cfg.quality_ui_weight,
+        ui_angle_scale=cfg.ui_angle_scale,
+        margin_angle_scale=cfg.margin_angle_scale,
+        angle_power=cfg.quality_angle_power,
         reference=reference,
-    )[1]  # fmt: skip
-
-
-def loss_terms(cfg, embeddings, centers, labels, centre, batch, quality_fn, *, num_classes: int,
-               class_axes: tuple[str, ...]) -> tuple[jax.Array, dict]:  # fmt: skip
-    """diversion_weight * L_ID + quality_weight * L_Q and the metrics, for one batch.
-
-    cfg: config.recognizability; embeddings (B, D) raw; centers: the classifier's centre matrix;
-    centre: c_UI (D,); batch: with the copies of ``with_copies`` when the head trains;
-    quality_fn: (stop-gradient embeddings, patch statistics or None) -> the head's predictions
-    (``predict_quality``), or None for a model without a quality head.
-    """
-    cos_ui, ri = _index(
-        embeddings, centers, labels, centre, num_classes, class_axes, ui_weight=cfg.ui_weight,
-        ui_angle_scale=cfg.ui_angle_scale, margin_angle_scale=cfg.margin_angle_scale,
-    )  # fmt: skip
-    diversion = diversion_loss(cos_ui, ri, threshold=cfg.diversion_threshold,
-                               margin=cfg.diversion_margin, weighting=cfg.diversion_weighting)  # fmt: skip
-    total = cfg.diversion_weight * diversion
-    metrics = {
-        "ri/mean": jnp.mean(ri),
-        "ri/std": jnp.std(ri),
-        "ri/low_share": jnp.mean((ri < cfg.diversion_threshold).astype(jnp.float32)),
-        "ri/cos_to_ui_centre": jnp.mean(jax.lax.stop_gradient(cos_ui)),
-        "ri/diversion_loss": diversion,
-    }
-    if quality_fn is not None and COPY_EMBEDDINGS in batch:
-        copies = batch[COPY_EMBEDDINGS]
-        weights = None
-        if COPY_AGREEMENT in batch:
-            copy_ri = agreement_index(
-                copies, batch[COPY_REFERENCE], batch[COPY_AGREEMENT],
-                agreement_weight=cfg.quality_agreement_weight,
-                angle_power=cfg.quality_angle_power,
-            )  # fmt: skip
-            weights = (batch[COPY_AGREEMENT_COUNT] > 0).astype(jnp.float32)
-            metrics["ri/agreement_mean"] = jnp.mean(batch[COPY_AGREEMENT])
-            metrics["ri/agreement_known_share"] = jnp.mean(weights)
-        else:
-            copy_ri = copy_index(cfg, copies, centers, batch[COPY_LABELS], centre,
-                                 batch.get(COPY_REFERENCE), num_classes, class_axes)  # fmt: skip
-        quality = quality_fn(copies, batch.get(COPY_PATCH))
-        quality_loss = smooth_l1(quality, copy_ri, cfg.quality_beta, weights)
-        total = total + cfg.quality_weight * quality_loss
-        metrics["ri/quality_loss"] = quality_loss
-        metrics["ri/copies_ri_std"] = jnp.std(copy_ri)
-        error = jnp.abs(jax.lax.stop_gradient(quality) - copy_ri)
-        metrics["ri/quality_abs_error"] = jnp.mean(error)
-    return total, metrics
+    )[1]

@@ -32,6 +32,7 @@ from etils import epath
 
 from facemoe_jax.core import messages
 from facemoe_jax.core.paths import workdir_path
+from facemoe_jax.train.state import LEGACY_AUX_FIELDS
 
 # Fields a resumed run may not change: the architecture, the data stream, the state's structure.
 # Everything else (learning rate, num_steps, logging, evaluation ...) is a training knob: it may
@@ -343,11 +344,11 @@ def state_restore_target(abstract_state, state_dir):
     """(target, fill): the restore target for a TrainState checkpoint in `state_dir`, and the
     function that turns what was restored into the state.
 
-    A field of the state that is None in this run (RI off: `ri_centre`; no agreement target:
-    `ri_classes`) is not in the checkpoint, and neither is a field added to the state after the
-    checkpoint was written: the target asks only for the fields the checkpoint holds, and the
-    others keep the abstract state's None. A field this run needs that the checkpoint lacks is
-    an error naming it (the config check refuses such a resume first; this guards the rest)."""
+    The target asks only for what the checkpoint holds. An objective's aux entry (train/state.py)
+    that this run needs and the checkpoint lacks is an error naming it (the config check refuses
+    such a resume first; this guards the rest); one the checkpoint holds and this run does not
+    use is not read. A checkpoint written before `aux` existed holds the same arrays under the
+    old top-level names (state.LEGACY_AUX_FIELDS): they are read from there."""
     # The item's handler reads the item's own _METADATA. A Checkpointer would also look for a
     # step-level _CHECKPOINT_METADATA inside the item folder, where Orbax never writes one,
     # and log "Metadata file does not exist" on stderr at every restore.
@@ -356,16 +357,72 @@ def state_restore_target(abstract_state, state_dir):
         metadata = handler.metadata(epath.Path(state_dir))
     finally:
         handler.close()
-    held = set(getattr(metadata, "tree", metadata).keys())
+    tree = getattr(metadata, "tree", metadata)
+    held = set(tree.keys())
     fields = {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)}
-    missing = sorted(
-        name for name, value in fields.items() if value is not None and name not in held
-    )
+    aux = fields.pop("aux")
+    # Where each aux entry of this run is in the checkpoint: ("aux", name) or a legacy path.
+    legacy = {path[0]: (field, path[1:]) for field, path in LEGACY_AUX_FIELDS.items()}
+    held_aux = set(tree["aux"].keys()) if "aux" in held else set()
+    missing = sorted(name for name in fields if name not in held)
+    places = {}
+    for name in aux:
+        if name in held_aux:
+            places[name] = ("aux", name)
+        elif name in legacy and legacy[name][0] in held:
+            places[name] = legacy[name]
+        else:
+            missing.append(f"aux/{name}")
     if missing:
-        raise CheckpointError(f"checkpoint {state_dir} has no {', '.join(missing)}: it was written "
-                              "by a run without them")  # fmt: skip
-    target = {name: value for name, value in fields.items() if name in held}
-    return target, lambda restored: abstract_state.replace(**restored)
+        raise CheckpointError(
+            f"checkpoint {state_dir} has no {', '.join(missing)}: it was written by a run "
+            "without them"
+        )
+    target = dict(fields)
+    if "aux" in held:
+        target["aux"] = {}
+    for name, (top, rest) in places.items():
+        if top == "aux":
+            target["aux"][name] = aux[name]
+        else:  # a legacy field held the entry's subtree at `rest`
+            target[top] = _unnest(rest, aux[name])
+    # Orbax restores the whole tree the checkpoint holds: what this run does not use is read
+    # as it was written (on this host's first device) and dropped.
+    for name in held - set(target):
+        target[name] = _as_written(tree[name])
+    for name in held_aux - set(target.get("aux", {})):
+        target["aux"][name] = _as_written(tree["aux"][name])
+
+    def fill(restored):
+        restored = dict(restored)
+        entries = {}
+        for name, (top, rest) in places.items():
+            entries[name] = restored["aux"][name] if top == "aux" else _nest(rest, restored[top])
+        values = {name: restored[name] for name in fields}
+        return abstract_state.replace(aux=entries, **values)
+
+    return target, fill
+
+
+def _as_written(metadata):
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def leaf(entry):
+        return jax.ShapeDtypeStruct(entry.shape, entry.dtype, sharding=device)
+
+    return jax.tree.map(leaf, metadata)
+
+
+def _nest(path, value):
+    for key in reversed(path):
+        value = {key: value}
+    return value
+
+
+def _unnest(path, value):
+    for key in path:
+        value = value[key]
+    return value
 
 
 def with_shardings(abstract_tree, shardings):

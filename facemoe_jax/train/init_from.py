@@ -23,7 +23,6 @@ official FaceMoE `model.pt` / `checkpoint_gpu_0.pt`, dense insightface ViTs).
 
 from __future__ import annotations
 
-import os
 import re
 
 import jax
@@ -33,32 +32,6 @@ from flax import traverse_util
 _EXPERT_LEAF = re.compile(
     r"^(?P<block>.*)/(moe|mlp)/experts/(?P<layer>fc\d)_(?P<kind>kernel|bias)$"
 )
-
-
-def is_run_directory(path: str) -> bool:
-    """A workdir, its checkpoints/ folder, or one checkpoint step inside it."""
-    path = os.path.abspath(path)
-    return (
-        os.path.isdir(os.path.join(path, "checkpoints"))
-        or os.path.basename(path) == "checkpoints"
-        or (os.path.basename(os.path.dirname(path)) == "checkpoints" and os.path.isdir(path))
-    )
-
-
-def split_run_path(path: str) -> tuple[str, int | None]:
-    """(workdir, step or None for the latest) of a run directory path."""
-    path = os.path.abspath(path)
-    if os.path.basename(path) == "checkpoints":
-        return os.path.dirname(path), None
-    parent = os.path.dirname(path)
-    if os.path.basename(parent) == "checkpoints":
-        try:
-            return os.path.dirname(parent), int(os.path.basename(path))
-        except ValueError:
-            raise ValueError(
-                f"config.init_from={path!r}: {os.path.basename(path)!r} is not a checkpoint step"
-            ) from None
-    return path, None
 
 
 def _flat(tree) -> dict[str, np.ndarray]:
@@ -112,64 +85,26 @@ def _summary(names: list[str], limit: int = 6) -> str:
     return f"{shown}{', ...' if len(names) > limit else ''} ({len(names)})"
 
 
-def _source_from_run(path: str):
-    """(origin, encoder params, batch stats, class centres, (classes, embed dim)) of a run."""
-    from facemoe_jax.train.checkpoint import restore_params
-
-    workdir, step = split_run_path(path)
-    source_config, params, batch_stats, step = restore_params(workdir, step)
-    shape = (source_config.data.num_classes, source_config.model.embed_dim)
-    return (
-        f"{path} (step {step})",
-        params["encoder"],
-        batch_stats,
-        (np.asarray(params["classifier"]["centers"])[: shape[0]]),
-        shape,
-    )
-
-
-def _source_from_file(path: str, config):
-    """The same for a PyTorch file (our exports, official model.pt / checkpoint_gpu_0.pt, dense
-    insightface ViTs). A file without adapters feeds an adapter model's frozen weights (an HR
-    model is where PETALface starts): it is converted as the model without adapters."""
-    import ml_collections
-
-    from facemoe_jax.export import convert
-    from facemoe_jax.models.lora import settings_from_config
-
-    if path.endswith(".onnx"):
-        from facemoe_jax.encoder import load_onnx
-
-        # Initializers by module name for an "onnx" run, else as config.model's state_dict.
-        _, variables = load_onnx(path, config)
-        return path, variables["params"], variables.get("batch_stats", {}), None, None
-    torch_state, extras = convert.load_state_dict_file(path)
-    model_cfg = config.model
-    if settings_from_config(model_cfg) is not None and not any(
-        ".trainable_lora_" in k for k in torch_state
-    ):
-        model_cfg = ml_collections.ConfigDict(model_cfg.to_dict())
-        model_cfg.lora.rank = 0
-    variables = convert.torch_to_jax(model_cfg, torch_state, upcycle=True, seed=config.seed)
-    centers = extras.get("classifier_centers")
-    shape = None if centers is None else tuple(np.shape(centers))
-    return path, variables["params"], variables["batch_stats"], centers, shape
-
-
 def _unflatten_onto(flat: dict, like):
     tree = traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
     return jax.tree.map(_place, tree, like)
 
 
-def initialize_from(state, config):
-    """`state` (freshly initialised, sharded) with the weights of `config.init_from` merged in."""
+def initialize_from(state, config, load_variables):
+    """`state` (freshly initialised, sharded) with the weights of `config.init_from` merged in.
+
+    load_variables: the one loader (interop/load.py), passed in from above train/. A PyTorch
+    file is converted into this run's config.model layout, with MoE experts upcycled from dense
+    MLPs, and a file without adapters feeds an adapter model's frozen weights (an HR model is
+    where PETALface starts)."""
     path = str(config.init_from)
-    if not os.path.exists(path):
-        raise ValueError(f"config.init_from={path!r} does not exist")
-    if is_run_directory(path):
-        origin, encoder_src, stats_src, centers, shape = _source_from_run(path)
-    else:
-        origin, encoder_src, stats_src, centers, shape = _source_from_file(path, config)
+    if load_variables is None:
+        raise ValueError(f"config.init_from={path!r} is set, but the run has no weight loader")
+    loaded = load_variables(path, config, upcycle=True, seed=config.seed, lora_optional=True)
+    origin, centers = loaded.origin, loaded.class_centers
+    encoder_src = loaded.variables["params"]
+    stats_src = loaded.variables.get("batch_stats", {})
+    shape = None if centers is None else tuple(np.shape(centers))
 
     encoder, new, upcycled, unused = merge_by_path(
         _flat(state.params["encoder"]), _flat(encoder_src), "parameter", origin
@@ -182,7 +117,7 @@ def initialize_from(state, config):
     batch_stats = _unflatten_onto(stats, state.batch_stats) if stats else state.batch_stats
 
     classifier_note = "fresh classifier"
-    if config.get("init_classifier", False):
+    if config.init_classifier:
         ours = (config.data.num_classes, config.model.embed_dim)
         if centers is not None and tuple(shape) == ours:
             n = config.data.num_classes

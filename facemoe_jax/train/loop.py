@@ -1,119 +1,53 @@
-"""The train loop: set up, compile the step ahead of time, train, checkpoint, evaluate.
+"""The train loop: set up, compile the step ahead of time, run it with the hooks, evaluate.
 
-Sections, in order: (1) validate the config and build model, mesh, optimiser and data; (2) create
-or restore the state; (3) lower and compile the jitted step once, logging compile seconds and
-FLOPs per step; (4) the step loop with progress, metrics and checkpoints; (5) final evaluation of
-every set in config.eval (evaluate/suite.py), written to workdir/eval/ with its pictures.
+Sections, in order: (1) validate the config and build model, mesh, optimiser, data and the
+active objectives (train/objectives/); (2) create or restore the state; (3) lower and compile the
+jitted step once, logging compile seconds and FLOPs per step; (4) the step loop, whose body is
+hooks (train/hooks.py: preemption, bad-step guard, logging, checkpoints, periodic evaluation);
+(5) the final evaluation.
+
+What the loop needs from the layers above train/ (the one weight loader, the evaluations) comes
+in as `Services` (pipelines.py builds them); train/ imports nothing above itself.
 """
 
+import dataclasses
 import logging
-import math
 import os
-import signal
 import tempfile
 import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from facemoe_jax.core import huge_pages, messages, paths
 from facemoe_jax.data import augment as augment_lib
 from facemoe_jax.data import pipeline, sources
-from facemoe_jax.evaluate import suite as eval_suite
-from facemoe_jax.losses import recognizability
 from facemoe_jax.models import build_model
-from facemoe_jax.core.progress import format_duration
 from facemoe_jax.parallel import mesh as mesh_lib
 from facemoe_jax.parallel import sharding
 from facemoe_jax.train import checkpoint as checkpoint_lib
-from facemoe_jax.train import distill as distill_lib
+from facemoe_jax.train import hooks as hooks_lib
 from facemoe_jax.train import mfu as mfu_lib
+from facemoe_jax.train import objectives as objectives_lib
 from facemoe_jax.train import optimizer as optimizer_lib
 from facemoe_jax.train import state as state_lib
 from facemoe_jax.train import step as step_lib
 from facemoe_jax.train import trainable as trainable_lib
 from facemoe_jax.train.writers import make_writer
 
-# Exit status of a run stopped by SIGTERM/SIGINT after saving its checkpoint (EX_TEMPFAIL: run
-# the same command again to continue).
-PREEMPTED_EXIT_CODE = 75
 
+@dataclasses.dataclass(frozen=True)
+class Services:
+    """The loop's uses of the layers above train/, passed in (pipelines.default_services)."""
 
-class Preempted(Exception):
-    """SIGTERM/SIGINT (or JAX's preemption notice) stopped the run after a checkpoint."""
-
-    def __init__(self, message: str, step: int):
-        super().__init__(message)
-        self.step = step
-
-
-class NumericalFault(RuntimeError):
-    """config.train.max_bad_steps steps in a row had a non-finite loss or gradient."""
-
-
-class PreemptionWatch:
-    """The first SIGTERM/SIGINT asks the loop to finish its step, save and stop; a second one
-    kills the process at once (the default disposition is restored by the first).
-
-    In a multi-process run, JAX's preemption service owns SIGTERM and picks one step for all
-    hosts (`multihost_utils.reached_preemption_sync_point`); SIGINT is handled here, per host.
-    """
-
-    def __init__(self):
-        self.signal_name = None
-        self._previous = {}
-        self._multiprocess = jax.process_count() > 1
-        signals = [signal.SIGINT] if self._multiprocess else [signal.SIGTERM, signal.SIGINT]
-        for signum in signals:
-            try:
-                self._previous[signum] = signal.signal(signum, self._handle)
-            except ValueError:  # not the main thread (a test harness): no handler
-                pass
-
-    def _handle(self, signum, frame):
-        del frame
-        self.signal_name = signal.Signals(signum).name
-        for other in self._previous:
-            signal.signal(other, signal.SIG_DFL)  # a second signal ends the process at once
-        messages.say(
-            f"{self.signal_name}: finishing this step, saving a checkpoint and stopping "
-            "(send it again to stop at once, without a checkpoint)"
-        )
-
-    def reached(self, step: int) -> bool:
-        if self.signal_name is not None:
-            return True
-        if self._multiprocess:
-            from jax.experimental import multihost_utils
-
-            try:
-                if multihost_utils.reached_preemption_sync_point(step):
-                    self.signal_name = "preemption notice"
-                    return True
-            except RuntimeError:  # the preemption service is disabled
-                pass
-        return False
-
-    def restore(self):
-        for signum, previous in self._previous.items():
-            try:
-                signal.signal(signum, previous)
-            except (ValueError, TypeError):
-                pass
-
-
-def _test_step_seconds() -> float:
-    """Test hook: FACEMOE_TEST_STEP_SECONDS=0.3 sleeps that long after each step, so a test can
-    signal or kill a run at a moment of its choice."""
-    return float(os.environ.get("FACEMOE_TEST_STEP_SECONDS", "0") or 0)
-
-
-def _test_nan_steps() -> set[int]:
-    """Test hook: FACEMOE_TEST_NAN_STEPS="5,6" feeds NaN images at those steps."""
-    text = os.environ.get("FACEMOE_TEST_NAN_STEPS", "").strip()
-    return {int(s) for s in text.split(",") if s.strip()} if text else set()
+    # path, config=None, *, field=..., ... -> Loaded(origin, config, variables, class_centers,
+    # step): interop/load.py, for config.init_from and frozen inputs such as a teacher.
+    load_variables: Callable | None = None
+    # evaluate/suite.py: check_eval_config(config), is_periodic_eval_step(config, step, n),
+    # run_evaluations(model, variables, config, workdir, step, writer, outputs) -> dict.
+    evaluations: Any = None
 
 
 def check_workdir(workdir: str, wait_s: float = 120.0) -> None:
@@ -174,15 +108,19 @@ def _short(error: BaseException, limit: int = 160) -> str:
 
 
 def run_evaluations(
-    model, variables, config, workdir: str, step: int, writer, outputs: str = "eval"
+    evaluations, model, variables, config, workdir: str, step: int, writer, outputs="eval"
 ) -> dict:
-    """evaluate/suite.py's evaluations, their files in workdir/`outputs`. evaluate/ writes with
-    local file calls, so for a URL workdir it writes into a local temporary folder that is then
-    copied to the URL through epath (never a local folder named after the URL)."""
+    """The evaluations' results, their files in workdir/`outputs` ({} without evaluations).
+    evaluate/ writes with local file calls, so for a URL workdir it writes into a local
+    temporary folder that is then copied to the URL through epath (never a local folder named
+    after the URL)."""
+    if evaluations is None:
+        return {}
+    run = evaluations.run_evaluations
     if not paths.is_remote(workdir):
-        return eval_suite.run_evaluations(model, variables, config, workdir, step, writer, outputs)
+        return run(model, variables, config, workdir, step, writer, outputs)
     with tempfile.TemporaryDirectory(prefix="facemoe_eval_") as local:
-        results = eval_suite.run_evaluations(model, variables, config, local, step, writer, outputs)
+        results = run(model, variables, config, local, step, writer, outputs)
         if jax.process_index() == 0:
             paths.copy_tree(local, paths.workdir_path(workdir))
     return results
@@ -197,13 +135,13 @@ def flops_per_step(compiled) -> float | None:
 
 def print_trainable_share(params, config) -> None:
     """One line saying what trains, when not everything does."""
-    patterns = config.train.get("trainable", trainable_lib.ALL)
+    patterns = config.train.trainable
     if trainable_lib.trains_everything(patterns):
         return
     mask = trainable_lib.trainable_mask(params, patterns)
     trained, total = trainable_lib.trainable_count(params, mask)
     enc_trained, enc_total = trainable_lib.trainable_count(params["encoder"], mask["encoder"])
-    update = "updated" if config.train.get("update_batch_stats", False) else "kept"
+    update = "updated" if config.train.update_batch_stats else "kept"
     print(
         f"trainable: {trained / 1e6:.3f}M of {total / 1e6:.3f}M parameters "
         f"({100 * trained / total:.2f} %; encoder {enc_trained / 1e6:.3f}M of "
@@ -212,7 +150,7 @@ def print_trainable_share(params, config) -> None:
         flush=True,
     )
     # An ONNX model's initial weights are its file's (models/onnx_graph.py), not random.
-    pretrained = config.get("init_from") or config.model.name == "onnx"
+    pretrained = config.init_from or config.model.name == "onnx"
     if enc_trained < enc_total and not pretrained:
         messages.warning(
             "part of the encoder is frozen but config.init_from is empty: the frozen "
@@ -220,26 +158,31 @@ def print_trainable_share(params, config) -> None:
         )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    # A distillation run may first train its own teacher (config.distill.pretrain_teacher).
-    config = distill_lib.with_pretrained_teacher(config, workdir)
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    services: Services = Services(),
+    extra_hooks: tuple = (),
+) -> dict:
+    """Trains config's model in workdir (continuing from its latest checkpoint), then runs the
+    evaluations; returns their results. extra_hooks run first after every step."""
     # ---- (1) Set-up: every check that can fail runs before anything is written.
     num_steps = config.train.num_steps
     if num_steps < 1:
         raise ValueError(f"config.train.num_steps={num_steps} must be >= 1")
-    max_bad_steps = int(config.train.get("max_bad_steps", 10))
+    max_bad_steps = int(config.train.max_bad_steps)
     if max_bad_steps < 1:
         raise ValueError(f"config.train.max_bad_steps={max_bad_steps} must be >= 1")
     model = build_model(config.model)
-    step_lib.check_loss_config(config.loss)
-    distill_lib.check_config(config)
-    recognizability.check_config(config)
-    eval_suite.check_eval_config(config)
+    objectives_lib.check_config(config)
+    evaluations = services.evaluations
+    if evaluations is not None:
+        evaluations.check_eval_config(config)
     mesh = mesh_lib.make_mesh(config.mesh)
     mesh_lib.check_batch_size(config.train.batch_size, mesh)
     sharding.check_config(config, mesh)
     optimizer, schedule = optimizer_lib.build_optimizer(
-        config.optimizer, num_steps, config.train.get("trainable")
+        config.optimizer, num_steps, config.train.trainable
     )
     # The data before the state's shapes: config.data.num_classes=0 takes the data's count.
     source = sources.train_source(config)
@@ -247,13 +190,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # The state's shapes: building them checks config.train.trainable against the parameters,
     # like every mistake here, before anything is written into the workdir.
     abstract_state = state_lib.abstract_train_state(model, optimizer, config)
-    if config.get("init_from") and not os.path.exists(str(config.init_from)):
+    if config.init_from and not os.path.exists(str(config.init_from)):
         raise ValueError(f"config.init_from={config.init_from!r} does not exist")
     sources.check_images(source, config)  # image folders: every file decodes, before compiling
-    # The frozen distillation teacher (None without one): reloaded at every start, never saved.
-    teacher, teacher_variables = distill_lib.load_teacher(config, mesh)
-    # Paired batches ("image_hr": the geometry-only images) for a teacher or for RI's copies.
-    paired = teacher is not None or recognizability.wants_clean_images(config)
+    # The active objectives, with their frozen inputs (a teacher: reloaded at every start, never
+    # saved).
+    resources = objectives_lib.Resources(mesh=mesh, load_variables=services.load_variables)
+    objectives = objectives_lib.build(config, resources)
+    for objective in objectives:
+        line = objective.describe()
+        if line:
+            print(line, flush=True)
+    frozen = objectives_lib.frozen_inputs(objectives)
+    extra_keys = objectives_lib.batch_keys(objectives)
+    unknown = set(extra_keys) - {"image_hr"}
+    if unknown:
+        raise ValueError(f"objectives need batch entries the pipeline cannot give: {unknown}")
+    # Paired batches ("image_hr": the geometry-only images) for a teacher or the quality copies.
+    paired = "image_hr" in extra_keys
     check_workdir(workdir)
     data_iter = pipeline.train_iterator(
         source,
@@ -272,7 +226,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # config is checked first (another architecture or data is refused); unreadable steps are
     # skipped with a warning.
     # From here a SIGTERM/SIGINT is held until the first step is done, then saved (section 4).
-    watch = PreemptionWatch()
+    watch = hooks_lib.PreemptionWatch()
     state_shardings = sharding.state_shardings(abstract_state, mesh, config.sharding_rules)
     target = checkpoint_lib.with_shardings(abstract_state, state_shardings)
     restored = checkpointer.restore_latest(target, data_iter, config)
@@ -285,10 +239,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     else:
         with jax.set_mesh(mesh):  # arrays are created in their shards, never whole
             state = state_lib.create_train_state(model, optimizer, config, state_shardings)
-        if config.get("init_from"):
+        if config.init_from:
             from facemoe_jax.train.init_from import initialize_from
 
-            state = initialize_from(state, config)
+            state = initialize_from(state, config, services.load_variables)
     start = int(state.step)
     writer = make_writer(workdir, resume_step=start)
     encoder_params = state_lib.count_params(state.params["encoder"])
@@ -302,31 +256,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # ---- (3) Compile the step once, ahead of the loop.
     size = config.model.image_size
+    batch_sharding = mesh_lib.batch_sharding(mesh)
+    images = jax.ShapeDtypeStruct(
+        (config.train.batch_size, size, size, 3), jnp.uint8, sharding=batch_sharding
+    )
     batch_spec = {
-        "image": jax.ShapeDtypeStruct(
-            (config.train.batch_size, size, size, 3),
-            jnp.uint8,
-            sharding=mesh_lib.batch_sharding(mesh),
-        ),
+        "image": images,
         "label": jax.ShapeDtypeStruct(
-            (config.train.batch_size,), jnp.int32, sharding=mesh_lib.batch_sharding(mesh)
+            (config.train.batch_size,), jnp.int32, sharding=batch_sharding
         ),
     }
     if paired:
-        batch_spec["image_hr"] = batch_spec["image"]
-    nan_steps, step_seconds = _test_nan_steps(), _test_step_seconds()
-    if nan_steps:  # the test hook adds a replicated scalar to the images (NaN at those steps)
-        batch_spec["test_poison"] = jax.ShapeDtypeStruct(
-            (), jnp.float32, sharding=mesh_lib.replicated(mesh)
-        )
+        batch_spec["image_hr"] = images
     train_step = jax.jit(
-        step_lib.make_train_step(model, config, optimizer, schedule, teacher),
+        step_lib.make_train_step(model, config, optimizer, schedule, objectives),
         donate_argnums=0,
         out_shardings=(state_shardings, mesh_lib.replicated(mesh)),
     )
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):  # traced under the mesh: expert-parallel MoE, sharded classifier
-        compiled = train_step.lower(state, batch_spec, teacher_variables).compile()
+        compiled = train_step.lower(state, batch_spec, frozen).compile()
     compile_seconds = time.perf_counter() - t0
     flops = mfu_lib.flops_per_device(compiled)  # per device: the step is SPMD-partitioned
     peak, peak_source = mfu_lib.peak_flops_per_device()
@@ -339,100 +288,50 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         flush=True,
     )
 
-    # ---- (4) Train. A step with a non-finite loss or gradient leaves the state unchanged
-    # (train/skipped_steps); its flag is read one step late, so the host never waits on the
-    # device. SIGTERM/SIGINT: finish the step, save it, stop (Preempted).
-    pending_flag = None  # (step, device scalar: 1 = skipped)
+    # ---- (4) Train: after each step the hooks run in order (train/hooks.py).
+    def evaluate(variables, step):
+        return run_evaluations(evaluations, model, variables, config, workdir, step, writer)
 
-    def count_bad(flag_step, flag):
-        bad = float(flag) > 0.5
-        loop_state["skipped_steps"] += int(bad)
-        loop_state["bad_streak"] = loop_state["bad_streak"] + 1 if bad else 0
-        if bad:
-            messages.say(
-                f"step {flag_step}: non-finite loss or gradient, update skipped "
-                f"({loop_state['bad_streak']} in a row)"
-            )
-        return loop_state["bad_streak"] >= max_bad_steps
-
-    sums, count, interval_start = None, 0, time.perf_counter()
+    run = hooks_lib.LoopRun(
+        config=config,
+        num_steps=num_steps,
+        writer=writer,
+        checkpointer=checkpointer,
+        data_iter=data_iter,
+        loop_state=loop_state,
+        flops=flops,
+        peak=peak,
+    )
+    is_due = (
+        (lambda step: evaluations.is_periodic_eval_step(config, step, num_steps))
+        if evaluations is not None
+        else (lambda step: False)
+    )
+    hooks = [
+        *extra_hooks,
+        watch,
+        hooks_lib.BadStepGuard(max_bad_steps),
+        hooks_lib.MetricsLogger(),
+        hooks_lib.CheckpointHook(watch, max_bad_steps),
+        hooks_lib.PeriodicEvaluation(is_due, evaluate),
+    ]
     try:
         for step in range(start + 1, num_steps + 1):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 batch = mesh_lib.global_batch(next(data_iter), mesh)
-                if nan_steps:
-                    poison = np.float32(math.nan if step in nan_steps else 0.0)
-                    batch["test_poison"] = jax.device_put(poison, mesh_lib.replicated(mesh))
-                state, metrics = compiled(state, batch, teacher_variables)
-            checkpointer.poll()
-            if step_seconds:
-                time.sleep(step_seconds)
-            too_many_bad = pending_flag is not None and count_bad(*pending_flag)
-            pending_flag = (step, metrics["train/skipped"])
-            preempted = watch.reached(step)
-            log_now = step % config.train.log_every_steps == 0 or step == num_steps
-            save_now = checkpointer.should_save(step) or step == num_steps or preempted
-            if log_now or save_now or too_many_bad:  # counts exact at logs and checkpoints
-                too_many_bad = count_bad(*pending_flag) or too_many_bad
-                pending_flag = None
-            sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
-            count += 1
-            if log_now:
-                means = {k: float(v) / count for k, v in jax.device_get(sums).items()}
-                del means["train/skipped"]
-                seconds = time.perf_counter() - interval_start
-                means["train/steps_per_sec"] = count / seconds
-                means["train/img_per_sec"] = count * config.train.batch_size / seconds
-                means["train/img_per_sec_per_device"] = (
-                    means["train/img_per_sec"] / jax.device_count()
-                )
-                means["data/skipped_records"] = data_iter.skipped_records  # this host, cumulative
-                means["train/skipped_steps"] = loop_state["skipped_steps"]  # cumulative
-                if flops:
-                    means["train/gflops_per_sec_per_device"] = flops * count / seconds / 1e9
-                    means["perf/mfu"] = mfu_lib.mfu(flops, count / seconds, peak)
-                writer.write_scalars(step, means)
-                eta = (num_steps - step) / means["train/steps_per_sec"]
-                print(
-                    f"step {step:>6}/{num_steps}: loss {means['train/loss']:.4f} "
-                    f"acc {means['train/accuracy'] * 100:5.1f} % lr {means['train/lr']:.2e} "
-                    f"{means['train/steps_per_sec']:.2f} steps/s "
-                    f"{means['train/img_per_sec']:.0f} img/s "
-                    f"ETA {format_duration(eta)}",
-                    flush=True,
-                )
-                sums, count, interval_start = None, 0, time.perf_counter()
-            if too_many_bad or preempted:
-                writer.flush()
-            if too_many_bad:
-                checkpointer.save(step, state, data_iter, config, loop_state)
-                checkpointer.wait()
-                raise NumericalFault(
-                    f"{max_bad_steps} steps in a row (up to step {step}) had a non-finite loss "
-                    f"or gradient (config.train.max_bad_steps={max_bad_steps}): stopped; the "
-                    f"last good state is saved in {checkpointer.directory / str(step)}"
-                )
-            if save_now:
-                checkpointer.save(step, state, data_iter, config, loop_state)
-            if preempted:
-                checkpointer.wait()
-                raise Preempted(
-                    f"stopped by {watch.signal_name} at step {step} of {num_steps}: checkpoint "
-                    f"saved in {checkpointer.directory / str(step)}; run the same command to "
-                    "continue",
-                    step,
-                )
-            if eval_suite.is_periodic_eval_step(config, step, num_steps):
-                variables = {"params": state.params["encoder"], "batch_stats": state.batch_stats}
-                run_evaluations(model, variables, config, workdir, step, writer)
+                state, metrics = compiled(state, batch, frozen)
+            run.step, run.state, run.metrics = step, state, metrics
+            for hook in hooks:
+                hook.after_step(run)
         checkpointer.wait()
     finally:
         watch.restore()
     _print_save_times(checkpointer)
 
-    # ---- (5) Evaluate the final model: every set in config.eval (evaluate/suite.py).
-    variables = {"params": state.params["encoder"], "batch_stats": state.batch_stats}
-    results = run_evaluations(model, variables, config, workdir, num_steps, writer)
+    # ---- (5) Evaluate the final model.
+    results = evaluate(
+        {"params": state.params["encoder"], "batch_stats": state.batch_stats}, num_steps
+    )
     writer.flush()
     checkpointer.close()
     return results
@@ -460,7 +359,9 @@ def _print_save_times(checkpointer) -> None:
         )
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def evaluate_checkpoint(
+    config: ml_collections.ConfigDict, workdir: str, services: Services = Services()
+) -> dict:
     """--mode=eval: every evaluation in config.eval, on the latest checkpoint in workdir.
 
     The model, data and seed are the checkpoint's own (saved beside it; the command line's are
@@ -475,7 +376,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     )
     latest = checkpointer.latest_saved_config()
     if latest is None and config.model.name == "onnx" and not checkpointer.steps():
-        return _evaluate_imported(config, workdir)
+        return _evaluate_imported(config, workdir, services.evaluations)
     if latest is None:
         # No step, or none whose config reads: restore_latest names the unreadable steps.
         checkpointer.restore_latest(None, None, config)
@@ -490,9 +391,10 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
             flush=True,
         )
     model = build_model(config.model)
-    eval_suite.check_eval_config(config)
+    if services.evaluations is not None:
+        services.evaluations.check_eval_config(config)
     optimizer, _ = optimizer_lib.build_optimizer(
-        config.optimizer, config.train.num_steps, config.train.get("trainable")
+        config.optimizer, config.train.num_steps, config.train.trainable
     )
     mesh = mesh_lib.make_mesh(config.mesh)
     abstract_state = state_lib.abstract_train_state(model, optimizer, config)
@@ -502,28 +404,29 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     state, step, _ = restored
     checkpointer.close()
     variables = {"params": state.params["encoder"], "batch_stats": state.batch_stats}
-    return _evaluate_into_step_folder(model, variables, config, workdir, step)
+    return _evaluate_into_step_folder(services.evaluations, model, variables, config, workdir, step)
 
 
-def _evaluate_imported(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def _evaluate_imported(config: ml_collections.ConfigDict, workdir: str, evaluations) -> dict:
     """--mode=eval of an ONNX model before any training: the file's own weights, as step 0."""
     from facemoe_jax.models import onnx_graph
 
     model = build_model(config.model)
-    eval_suite.check_eval_config(config)
+    if evaluations is not None:
+        evaluations.check_eval_config(config)
     variables = onnx_graph.onnx_variables(model.graph)
     print(f"evaluating {config.model.onnx_path} as it is (no checkpoint in {workdir})", flush=True)
-    return _evaluate_into_step_folder(model, variables, config, workdir, 0)
+    return _evaluate_into_step_folder(evaluations, model, variables, config, workdir, 0)
 
 
-def _evaluate_into_step_folder(model, variables, config, workdir: str, step: int) -> dict:
+def _evaluate_into_step_folder(evaluations, model, variables, config, workdir, step: int) -> dict:
     """run_evaluations with its files and metrics.jsonl in workdir/eval/step<N>_eval."""
     outputs = eval_outputs(step)
     out_dir = paths.workdir_path(workdir) / outputs
     if jax.process_index() == 0:
         out_dir.mkdir(parents=True, exist_ok=True)  # metrics.jsonl opens in it
     writer = make_writer(os.fspath(out_dir))
-    results = run_evaluations(model, variables, config, workdir, step, writer, outputs)
+    results = run_evaluations(evaluations, model, variables, config, workdir, step, writer, outputs)
     writer.flush()
     # Training's own results, if any, stay in eval/results.json.
     print(f"wrote {os.fspath(out_dir)}/results.json", flush=True)

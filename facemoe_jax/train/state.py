@@ -6,12 +6,9 @@ rows is num_classes rounded up to config.loss.class_rows_multiple (zero rows, ne
 the class axis splits evenly over the devices whatever their number.
 `rng` is a raw uint32 key (checkpointable as a plain array); each step derives its randomness
 with fold_in(rng, step), so a resumed run draws the same numbers as an uninterrupted one.
-`margin_state` holds AdaFace's running feature-norm statistics (carried, unused, by other margins).
-`ri_centre` is the recognizability index's unrecognizable-identity centre (embed_dim,) when
-config.recognizability.enabled, else None (no leaf: such states and checkpoints are unchanged);
-`ri_classes` its per-class means of full-size embeddings ({"mean": (rows, embed_dim), "count":
-(rows,)}, rows as the class centres and split like them) for the quality head's "agreement"
-target, else None.
+`aux` maps an objective's name to its persistent state (train/objectives/): AdaFace's running
+norm statistics under "margin", the recognizability index's centre, the quality head's
+per-class means. An objective that keeps nothing has no entry.
 """
 
 from typing import Any
@@ -23,8 +20,16 @@ import ml_collections
 import optax
 from flax import struct
 
-from facemoe_jax.losses import classifier, margins
-from facemoe_jax.losses import recognizability
+from facemoe_jax.losses import classifier
+from facemoe_jax.train import objectives
+
+# Where state written before `aux` existed kept what now lives in it (train/checkpoint.py reads
+# such checkpoints): old top-level field -> path in aux.
+LEGACY_AUX_FIELDS = {
+    "margin_state": ("margin",),
+    "ri_centre": ("recognizability", "centre"),
+    "ri_classes": ("quality", "per_class"),
+}
 
 
 class TrainState(struct.PyTreeNode):
@@ -33,9 +38,7 @@ class TrainState(struct.PyTreeNode):
     batch_stats: Any
     opt_state: Any
     rng: jax.Array
-    margin_state: dict
-    ri_centre: Any = None
-    ri_classes: Any = None
+    aux: dict
 
 
 def init_train_state(
@@ -66,12 +69,7 @@ def init_train_state(
         batch_stats=variables.get("batch_stats", {}),  # none in a BN-folded ONNX graph
         opt_state=optimizer.init(params),
         rng=run_rng,
-        margin_state={
-            "mean": jnp.asarray(margins.ADAFACE_INITIAL_MEAN, jnp.float32),
-            "std": jnp.asarray(margins.ADAFACE_INITIAL_STD, jnp.float32),
-        },
-        ri_centre=recognizability.initial_centre(config),
-        ri_classes=recognizability.initial_class_means(config, num_rows),
+        aux=objectives.initial_aux(config, num_rows),
     )
 
 
