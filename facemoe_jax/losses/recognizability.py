@@ -1,118 +1,13 @@
-r"""The recognizability index (RI) and its losses (Chai et al., CVPR 2023), as we read them.
+r"""The recognizability index (RI, Chai et al., CVPR 2023, as we read it): pure math.
 
-No official code exists and the full text was not reachable (see /work/shared/spec/lr_methods.md
-section C): the paper's abstract and third-party notes say *what* the parts are (an
-unrecognizable-identity centre, positive and nearest negative class prototypes, an "index
-diversion" hinge, a perceptibility attention, an RI regression head with smooth-L1, beta 0.75);
-the formulas below are ours, every constant is in ``config.recognizability``.
-
-Notation: e = L2-normalised embedding of an image, w_y = its class prototype (the L2-normalised
-class centre of the classifier), w_j the other real classes, c = c_UI.
-
-1. **Unrecognizable-identity centre** (``update_centre``). Each step, ``ui_images`` images of the
-   batch are degraded beyond recognition (``degrade_beyond_recognition``: area-resized to
-   ``ui_pixels`` x ``ui_pixels``, bilinear back, plus Gaussian noise of ``ui_noise_std`` in the
-   [-1, 1] pixel scale) and embedded by the current encoder in evaluation mode, without gradient.
-   With u = normalise(mean_i normalise(f(degraded_i))) and momentum m:
-
-       c <- normalise(m * c + (1 - m) * u)
-
-   The state starts at c = 0, so the first step sets c = u exactly. A step whose loss or gradient
-   is not finite leaves c unchanged (the train step keeps the whole state).
-
-2. **RI** per image, in [0, 1] (``recognizability_index``), from three angles:
-   theta_UI = arccos cos(e, c), theta_P = arccos cos(e, w_y), theta_N = arccos max_{j != y} cos(e, w_j):
-
-       s_UI  = clip(theta_UI / ui_angle_scale, 0, 1)                         (far from c = 1)
-       s_cls = clip(0.5 + (theta_N - theta_P) / (2 * margin_angle_scale), 0, 1) (0.5 on the boundary)
-       RI    = ui_weight * s_UI + (1 - ui_weight) * s_cls
-
-   Both scales default to pi, the full range of the angles (theta_UI in [0, pi], theta_N - theta_P
-   in [-pi, pi]), so neither term clips: RI keeps ranking faces where a smaller scale saturates
-   (with pi/2 and 0.5 nearly every training face, orthogonal to c and well classified, scored
-   the same). Smaller scales stretch the middle of the range and clip its ends.
-
-   RI carries no gradient (a target and a selector, never a path). Under the class-sharded
-   classifier each device holds some rows of the centre matrix: its own-class cosine is summed
-   and its hardest negative maximised over the class axes (``prototype_cosines``).
-
-3. **Index diversion loss** (``diversion_loss``): images with a low RI are pushed away from c,
-
-       L_ID = mean_i  w_i * max(0, cos(e_i, c) - diversion_margin),
-       w_i  = [RI_i < diversion_threshold]   ("threshold")   or   1 - RI_i   ("soft"),
-
-   with c and w_i constants (no gradient); the gradient flows through e_i only.
-
-4. **Quality regression** (``smooth_l1``, ``quality_copies``, ``copy_index``): the quality head
-   learns from copies of the batch that span the resolutions, so that its target varies with
-   resolution instead of with what the batch happens to hold. Each step the first
-   ``quality_images`` images are split into G = len(quality_pixels) + 1 groups (image i in
-   group i mod G; sizes not below the input size are dropped); group g is resized to
-   quality_pixels[g] pixels and back (as the c_UI copies, no noise), the last group stays at full
-   size. The images copied are the geometry-only ones (``quality_source="clean"``:
-   ``batch["image_hr"]``, which the train loop asks the pipeline's paired mode for), so a
-   "full-size" copy is never a face the augmentation already degraded to 8 px;
-   ``quality_source="batch"`` copies the augmented batch (the first version). The copies (and,
-   for the "own_full" target, the full-size images they come from) are embedded by the current
-   encoder in evaluation mode, without gradient, in the same forward pass as the c_UI copies.
-   The target RI_k of copy k (of image i, label y) is item 2 with three changes, all ours:
-
-       theta_P = angle(f_k, f_i^full)     quality_target="own_full": the same image at full size,
-                                          embedded in the same pass ("prototype": w_y, item 2)
-       every angle theta -> pi (theta / pi) ** quality_angle_power        (0.5; 1 = as is)
-       ui_weight -> quality_ui_weight                                      (0: no c_UI term)
-
-   Why: the class centre w_y has been fitted to the training image itself, and the encoder is
-   trained to be resolution-invariant, so on the demo model cos(f_k, w_y) hardly changes above
-   16 px and RI_k saturated (mean RI of training faces 0.517 at 12 px ... 0.522 at 48 px, the
-   spread between faces 0.036). The own full-size embedding is a positive that is not fitted to
-   the copy: the angle to it is 0 at full size and grows with every step of degradation. The
-   power 0.5 spreads the small angles near full size (cos 0.994 at 32 px is 0.11 rad, 0.19 of
-   pi after the power). The distance to c_UI differs between faces at every size by more than
-   the sizes differ, and a head reading the embedding learns it easily, so its weight in the
-   quality target is 0 by default (it stays in item 2's RI, which selects the diverted faces).
-   Training-side checks on the demo model (training faces only, never the held-out ones): the
-   target's Spearman rho with the resolution over 8..48 px is 0.25 with the first version's
-   target, 0.93 with the own full-size positive, power 0.5 and c_UI weight 0.25, 0.955 with
-   weight 0 (512 faces, 1.00 per face); with weight 0.25 the trained head's own rho on
-   training faces was 0.63, its spread within one size driven by the cosine to c_UI
-   (correlation -0.55 at every size), hence weight 0.
-
-   The head (training mode: its dropout on) predicts q_k in (0, 1) from the copy's stop-gradient
-   features (its embedding and, by ``config.model.quality_head_input``, statistics of its first
-   linear layer's response: by default the detail statistics, models/recognizability.py):
-
-       L_Q = mean_k smoothL1_beta(q_k - RI_k),   beta = quality_beta (0.75, the paper's)
-
-   so L_Q trains the head alone, never the encoder. The first version is ``quality_source=
-   "batch"``, ``quality_target="prototype"``, ``quality_angle_power=1``, ``quality_ui_weight``
-   = ``ui_weight`` and ``config.model.quality_head_input="embedding"``.
-
-5. **Agreement target** (``quality_target="agreement"``; the class means: losses/class_means.py): items 4's targets say how far a copy is from its own full-size image
-   and from the nearest other class, so at full size they say almost nothing about whether the
-   face will match *another* image of its identity, which is what rejecting pairs needs (on the
-   demo model the head rejected HR pairs nearly at random, the embedding norm did better). The
-   train state keeps, per class y, the running mean m_y of the normalised full-size embeddings
-   of its geometry-only images as the train step sees them (``ri_classes``: "mean" (rows, D),
-   "count" (rows,); rows split like the class centres), an exact average over the first
-   ``agreement_window`` images of the class and an EMA of rate 1 / agreement_window after; its
-   norm is how tightly the class's images agree. The target of copy k of image i (label y):
-
-       s_res   = 1 - (theta(f_k, f_i^full) / pi) ** quality_angle_power      (1 at full size)
-       s_agree = clip(normalise(f_k) . m_y, 0, 1)      (m_y before this step's images enter it)
-       RI_k    = (1 - quality_agreement_weight) * s_res + quality_agreement_weight * s_agree
-
-   s_agree is the mean cosine to the class's other images (times nothing else: m_y is not
-   normalised, so a class whose images scatter scores lower), measured before the image itself
-   enters the mean. Copies of a class no image has entered yet are left out of L_Q (weight 0).
-   Why a mean of embeddings and not the class centre w_y: the centre is a unit vector fitted to
-   every training image of the class, so the cosine to it is high for nearly every training
-   face; on the demo model (validation identities, never trained on nor evaluated), a ridge
-   probe regressing the mean cosine to the identity's other images ranked pairs better than the
-   embedding norm, one regressing the cosine to the class centre worse. Neither the c_UI term
-   nor the hardest negative enters this target.
-
-Total added to the train loss: diversion_weight * L_ID + quality_weight * L_Q.
+Notation: e = an image's L2-normalised embedding, w_y its class prototype (the normalised class
+centre), w_j the other real classes, c = c_UI the unrecognizable-identity centre. RI in [0, 1]
+mixes how far e is from c (``ui_weight``) with the angular margin between w_y and the nearest
+w_j; the diversion hinge pushes images of low RI away from c; the quality head regresses RI (or
+the "agreement" target) of copies of the batch at several resolutions with smooth-L1.
+No official code exists: the formulas are ours, every constant is in config.recognizability,
+and docs/recognizability.md ("Design notes, item by item") gives each one and why. The
+objectives that use them are train/objectives/recognizability.py and quality.py.
 """
 
 from __future__ import annotations
