@@ -95,7 +95,7 @@ class Augmenter:
                 f"jpeg_max_quality ({c.jpeg_max_quality}) <= 100"
             )
         self.grayscale_prob = c.grayscale_prob
-        acquisition_prob = c.get("acquisition_prob", 0.0)
+        acquisition_prob = c.acquisition_prob
         self.acquisition = {"p": acquisition_prob}
         if acquisition_prob > 0:
             self.acquisition.update(degrade.acquisition_settings(c))

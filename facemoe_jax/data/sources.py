@@ -34,11 +34,11 @@ import functools
 
 import ml_collections
 
-from facemoe_jax.core import messages
+from facemoe_jax.core import defaults, messages
 from facemoe_jax.data import degrade, folder, recordio, synthetic, tfds_sources
 
 # Image-folder options and their "not used" values.
-FOLDER_OPTIONS = {"people_file": "", "exclude_people_file": "", "min_images_per_identity": 1}
+FOLDER_OPTIONS = ("people_file", "exclude_people_file", "min_images_per_identity")
 # Undecodable files named in the error line (the rest are counted).
 _SHOWN_BAD = 5
 
@@ -61,7 +61,7 @@ def open_source(config: ml_collections.ConfigDict):
     if kind in SYNTHETIC_KINDS:
         if synthetic_identities(config.data) < 1:
             raise ValueError(
-                f"config.data.synthetic_identities={config.data.get('synthetic_identities')} "
+                f"config.data.synthetic_identities={config.data.synthetic_identities} "
                 f"(with config.data.num_classes={config.data.num_classes}): synthetic data "
                 "need a number of identities to render"
             )
@@ -83,9 +83,9 @@ def open_source(config: ml_collections.ConfigDict):
     if kind == "folder":
         return folder.ImageFolderSource(
             location,
-            people_file=config.data.get("people_file") or None,
-            exclude_people_file=config.data.get("exclude_people_file") or None,
-            min_images_per_identity=config.data.get("min_images_per_identity", 1),
+            people_file=config.data.people_file or None,
+            exclude_people_file=config.data.exclude_people_file or None,
+            min_images_per_identity=config.data.min_images_per_identity,
         )
     if kind == "arrayrecord":
         return tfds_sources.ArrayRecordSource(location)
@@ -100,8 +100,8 @@ def open_source(config: ml_collections.ConfigDict):
 
 def synthetic_identities(data_cfg) -> int:
     """How many identities a synthetic source renders: ``num_classes`` when non-zero, else
-    ``synthetic_identities`` (0 when a config predates the field)."""
-    return int(data_cfg.num_classes or data_cfg.get("synthetic_identities", 0))
+    ``synthetic_identities``."""
+    return int(data_cfg.num_classes or data_cfg.synthetic_identities)
 
 
 def _low_resolution_identities(data_cfg, kind: str) -> dict:
@@ -117,10 +117,11 @@ def _low_resolution_identities(data_cfg, kind: str) -> dict:
 
 def _check_folder_options(data_cfg, kind: str) -> None:
     """The people files and the minimum image count select identities of image folders only."""
+    unset = defaults.get_base_config().data
     used = [
-        f"config.data.{field}={data_cfg.get(field)!r}"
-        for field, unset in FOLDER_OPTIONS.items()
-        if data_cfg.get(field, unset) not in (unset, None)
+        f"config.data.{field}={data_cfg[field]!r}"
+        for field in FOLDER_OPTIONS
+        if data_cfg[field] not in (unset[field], None)
     ]
     if used and kind != "folder":
         raise ValueError(
@@ -140,16 +141,16 @@ def check_source(source, config: ml_collections.ConfigDict) -> None:
     if source.num_classes < 1:
         raise ValueError(
             f"{spec!r} has no labelled identity: config.data.min_images_per_identity="
-            f"{config.data.get('min_images_per_identity', 1)} leaves every one out"
+            f"{config.data.min_images_per_identity} leaves every one out"
         )
     unlabelled = getattr(source, "num_unlabelled_images", 0)
-    if unlabelled and config.get("recognizability", {}).get("enabled", False):
+    if unlabelled and config.recognizability.enabled:
         raise ValueError(
             f"config.recognizability.enabled needs a class for every image, but "
             f"config.data.min_images_per_identity={config.data.min_images_per_identity} leaves "
             f"{unlabelled} images of {spec!r} without one"
         )
-    expected_images = config.data.get("num_images", 0)
+    expected_images = config.data.num_images
     if expected_images and source.num_images != expected_images:
         raise ValueError(
             f"config.data.num_images={expected_images} but {spec!r} has {source.num_images} images"

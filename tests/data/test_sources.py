@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from configs import demo
+from facemoe_jax.core import defaults
 from facemoe_jax.data import folder, pipeline, recordio, sources
 
 
@@ -119,9 +120,9 @@ def test_synthetic_identities_resolve_without_training_and_num_classes_still_ove
     assert sources.with_data_counts(config) is config
     assert sources.train_source(config).num_classes == 20
     assert sources.synthetic_identities(config.data) == 20
-    del config.data["synthetic_identities"]  # a config from before the field
-    config.data.num_classes = 0
-    assert sources.synthetic_identities(config.data) == 0
+    old = config.to_dict()  # a config saved before the field, with the class count it needed
+    del old["data"]["synthetic_identities"]
+    assert sources.synthetic_identities(defaults.upgrade(old).data) == 20
 
 
 def test_folder_options_are_refused_elsewhere_and_synthetic_data_need_a_count(tmp_path):

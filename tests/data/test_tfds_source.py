@@ -1,10 +1,10 @@
 """A prepared TFDS data set (ArrayRecord, random access) as a training source."""
 
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from facemoe_jax.core import defaults
 from facemoe_jax.data import sources
 from facemoe_jax.data.pipeline import decode_image
 from facemoe_jax.data.tfds_sources import TfdsSource
@@ -56,22 +56,13 @@ def test_records_are_encoded_images_with_their_labels(data_dir):
 
 
 def _config(data_dir, **data):
-    config = ml_collections.ConfigDict(
-        dict(
-            seed=0,
-            model=dict(image_size=16),
-            data=dict(
-                train="tfds:tiny_tfds_faces",
-                num_classes=3,
-                num_images=0,
-                tfds_split="train",
-                tfds_data_dir=data_dir,
-                image_key="image",
-                label_key="label",
-                synthetic_images_per_identity=1,
-                synthetic_cache=False,
-            ),
-        )
+    config = defaults.get_base_config()
+    config.model.image_size = 16
+    config.data.update(
+        train="tfds:tiny_tfds_faces",
+        num_classes=3,
+        tfds_data_dir=data_dir,
+        synthetic_images_per_identity=1,
     )
     config.data.update(data)
     return config
