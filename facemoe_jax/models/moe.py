@@ -50,7 +50,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from facemoe_jax.losses import routing
-from facemoe_jax.models import grouped_matmul
+from facemoe_jax.kernels import grouped_matmul
 from facemoe_jax.parallel import expert_parallel
 from facemoe_jax.parallel.expert_parallel import batch_shard_count, per_batch_shard
 

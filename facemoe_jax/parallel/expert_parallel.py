@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from facemoe_jax.kernels import grouped_matmul
 from facemoe_jax.parallel.mesh import BATCH_AXES, EXPERT_AXIS, check_expert_split
 
 Array = jax.Array
@@ -105,15 +106,9 @@ def capacity_experts(mlp: Callable, buffers: Array, weights: tuple[Array, ...]) 
     )
 
 
-def _block_layout(group_sizes: Array, block_size: int) -> tuple[Array, Array]:
-    from facemoe_jax.models import grouped_matmul  # models import this module
-
-    return grouped_matmul.block_layout(group_sizes, block_size)
-
-
 def _segments(group_sizes: Array, block_size: int):
     """One device's (E,) row counts -> its segments (expert, first block, blocks), one per expert."""
-    start, count = _block_layout(group_sizes, block_size)
+    start, count = grouped_matmul.block_layout(group_sizes, block_size)
     return jnp.arange(group_sizes.shape[0], dtype=jnp.int32), start, count
 
 
@@ -154,7 +149,7 @@ def dropless_experts(
         blocks_per_device = local_rows.shape[0] // block_size
         all_rows = jax.lax.all_gather(local_rows, EXPERT_AXIS, tiled=True)  # (n * R_loc, D)
         all_sizes = jax.lax.all_gather(local_sizes, EXPERT_AXIS)  # (n, E)
-        start, count = jax.vmap(lambda g: _block_layout(g, block_size))(all_sizes)
+        start, count = jax.vmap(lambda g: grouped_matmul.block_layout(g, block_size))(all_sizes)
         start = start + blocks_per_device * jnp.arange(shards, dtype=jnp.int32)[:, None]
         first = jax.lax.axis_index(EXPERT_AXIS) * local_experts
         start = jax.lax.dynamic_slice_in_dim(start, first, local_experts, 1).reshape(-1)

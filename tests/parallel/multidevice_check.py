@@ -29,6 +29,7 @@ from facemoe_jax.parallel import mesh as mesh_lib  # noqa: E402
 from facemoe_jax.parallel import sharding  # noqa: E402
 from facemoe_jax.train import state as state_lib  # noqa: E402
 from facemoe_jax.train import step as step_lib  # noqa: E402
+from facemoe_jax.train.objectives import margin as margin_lib  # noqa: E402
 
 MESHES = ((8, 1), (4, 2), (2, 4), (1, 8))
 BATCH = mesh_lib.BATCH_AXES
@@ -136,7 +137,7 @@ def classifier_only(margin: str, sample_rate: float, num_classes: int = 37) -> d
     margin_state = {"mean": jnp.float32(20.0), "std": jnp.float32(100.0)}
 
     def loss(emb, cen, axes):
-        margin_fn, _ = step_lib.margin_fn_and_state(config.loss, emb, margin_state)
+        margin_fn, _ = margin_lib.margin_fn_and_state(config.loss, emb, margin_state)
         value, metrics = classifier.sharded_margin_classifier_loss(
             emb,
             cen,
