@@ -24,6 +24,7 @@ import os
 import ml_collections
 import numpy as np
 
+from facemoe_jax.core import defaults
 from facemoe_jax.models import onnx_graph, onnx_model_config, registry
 from facemoe_jax.models.lora import settings_from_config
 
@@ -183,7 +184,10 @@ def read_export_config(path: str) -> ml_collections.ConfigDict:
         raise ValueError(f"{path} not found: the export's {EXPORT_CONFIG} names the architecture")
     with open(path) as f:
         exported = json.load(f)
-    return ml_collections.ConfigDict({"model": exported["model"]})
+    # An export of an earlier version lacks the fields added since: filled as for checkpoints.
+    return ml_collections.ConfigDict(
+        {"model": defaults.upgrade({"model": exported["model"]}).model}
+    )
 
 
 def load_onnx(path: str, config: ml_collections.ConfigDict | None = None):

@@ -166,14 +166,14 @@ class MobileFaceNetTorch(nn.Module):
 
 def iresnet_twin(cfg) -> IResNetTorch:
     """The twin of config.model.name="iresnet" (arcface_torch's `iresnet{depth}`)."""
-    return IResNetTorch(cfg.depth, cfg.embed_dim, cfg.get("dropout", 0.0), cfg.image_size)
+    return IResNetTorch(cfg.depth, cfg.embed_dim, cfg.dropout, cfg.image_size)
 
 
 def mobilefacenet_twin(cfg) -> MobileFaceNetTorch:
     """The twin of config.model.name="mobilefacenet" (arcface_torch's `get_mbf`)."""
     return MobileFaceNetTorch(
-        tuple(cfg.get("mobilefacenet_blocks", (1, 4, 6, 2))),
-        cfg.get("mobilefacenet_scale", 2),
+        tuple(cfg.mobilefacenet_blocks),
+        cfg.mobilefacenet_scale,
         cfg.embed_dim,
         cfg.image_size,
     )

@@ -76,16 +76,16 @@ def _adapters(cfg: ml_collections.ConfigDict) -> dict:
     if lora is None:
         return {}
     fields = cfg.lora
-    sign = float(fields.get("quality_sign", 1.0))
+    sign = float(fields.quality_sign)
     if sign not in (1.0, -1.0):
         raise ValueError(f"config.model.lora.quality_sign={sign} must be 1 or -1")
     if lora.quality_mix:
-        quality_lib.estimator(str(fields.get("quality", "sharpness")))  # fails here, by name
+        quality_lib.estimator(str(fields.quality))  # fails here, by name
     return {
         "lora": lora,
         "quality": quality_lib.QualitySettings(
-            estimator=str(fields.get("quality", "sharpness")),
-            threshold=float(fields.get("quality_threshold", 0.5)),
+            estimator=str(fields.quality),
+            threshold=float(fields.quality_threshold),
             sign=sign,
         ),
     }
@@ -95,11 +95,12 @@ def _heads(cfg: ml_collections.ConfigDict) -> dict:
     """The recognizability heads (config.model.perceptibility_attention / quality_head); none
     by default, and then the encoder's parameters and outputs are exactly as without them."""
     heads = HeadSettings(
-        perceptibility_attention=bool(cfg.get("perceptibility_attention", False)),
-        quality_head=bool(cfg.get("quality_head", False)),
-        quality_dropout=float(cfg.get("quality_head_dropout", 0.1)),
+        perceptibility_attention=bool(cfg.perceptibility_attention),
+        quality_head=bool(cfg.quality_head),
+        quality_dropout=float(cfg.quality_head_dropout),
+        # Not the default of a new config: what a config from before the field computed.
         quality_input=str(cfg.get("quality_head_input", "embedding")),
-        quality_norm_scale=float(cfg.get("quality_head_norm_scale", 8.0)),
+        quality_norm_scale=float(cfg.quality_head_norm_scale),
     )
     if heads.quality_input not in QUALITY_INPUTS:
         raise ValueError(
@@ -229,12 +230,12 @@ def build_iresnet(cfg: ml_collections.ConfigDict) -> IResNet:
             f"config.model.depth={cfg.depth} is not an IResNet depth "
             f"(one of {sorted(STAGE_BLOCKS)})"
         )
-    if not 0.0 <= cfg.get("dropout", 0.0) < 1.0:
+    if not 0.0 <= cfg.dropout < 1.0:
         raise ValueError(f"config.model.dropout={cfg.dropout} must be in [0, 1)")
     return IResNet(
         depth=cfg.depth,
         embed_dim=cfg.embed_dim,
-        dropout=cfg.get("dropout", 0.0),
+        dropout=cfg.dropout,
         image_size=cfg.image_size,
         dtype=DTYPES[cfg.dtype],
         **_heads(cfg),
@@ -245,8 +246,8 @@ def build_mobilefacenet(cfg: ml_collections.ConfigDict) -> MobileFaceNet:
     """arcface_torch's MobileFaceNet: config.model.mobilefacenet_blocks / mobilefacenet_scale
     (1, 4, 6, 2) / 2 = `mbf`, (2, 8, 12, 4) / 4 = `mbf_large`."""
     _check_cnn(cfg)
-    blocks = tuple(cfg.get("mobilefacenet_blocks", (1, 4, 6, 2)))
-    scale = cfg.get("mobilefacenet_scale", 2)
+    blocks = tuple(cfg.mobilefacenet_blocks)
+    scale = cfg.mobilefacenet_scale
     if len(blocks) != 4 or min(blocks) < 1:
         raise ValueError(f"config.model.mobilefacenet_blocks={blocks} must be 4 block counts >= 1")
     if scale < 1:
@@ -266,7 +267,7 @@ def build_onnx(cfg: ml_collections.ConfigDict) -> onnx_graph.OnnxModel:
     graph's initializers (models/onnx_graph.py). config.model.image_size and embed_dim must be
     the graph's; onnx_input_mean / onnx_input_std (pixel units, negative = the graph's default)
     and onnx_channel_order say how it wants its input."""
-    path = str(cfg.get("onnx_path", ""))
+    path = str(cfg.onnx_path)
     if not path:
         raise ValueError("config.model.name='onnx' needs config.model.onnx_path=/path/model.onnx")
     if not os.path.isfile(path):
@@ -278,11 +279,11 @@ def build_onnx(cfg: ml_collections.ConfigDict) -> onnx_graph.OnnxModel:
                 f"config.model.{field}={cfg[field]} but {path} has {value} (set "
                 f"--config.model.{field}={value})"
             )
-    order = str(cfg.get("onnx_channel_order", "RGB"))
+    order = str(cfg.onnx_channel_order)
     if order not in ("RGB", "BGR"):
         raise ValueError(f"config.model.onnx_channel_order={order!r} must be 'RGB' or 'BGR'")
     mean, std = onnx_graph.input_normalization(
-        graph, float(cfg.get("onnx_input_mean", -1.0)), float(cfg.get("onnx_input_std", -1.0))
+        graph, float(cfg.onnx_input_mean), float(cfg.onnx_input_std)
     )
     return onnx_graph.OnnxModel(graph, input_mean=mean, input_std=std, channel_order=order)
 

@@ -220,9 +220,10 @@ def test_init_from_an_arcface_torch_training_checkpoint(tmp_path):
     config.init_classifier = True
     model = build_model(config.model)
     tx, _ = optimizer_lib.build_optimizer(config.optimizer, 10)
+    from facemoe_jax.interop.load import load_variables
     from facemoe_jax.train.init_from import initialize_from
 
-    state = initialize_from(state_lib.create_train_state(model, tx, config), config)
+    state = initialize_from(state_lib.create_train_state(model, tx, config), config, load_variables)
     for got, want in zip(
         jax.tree.leaves((state.params["encoder"], state.batch_stats)),
         jax.tree.leaves((variables["params"], variables["batch_stats"])),

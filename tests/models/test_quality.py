@@ -19,8 +19,9 @@ def score(images):
 def test_score_falls_with_resolution_and_matches_its_calibration():
     hr = faces()
     sizes = (6, 8, 12, 16, 24, 48)
-    medians = [np.median(score(np.stack([degrade.to_resolution(f, px) for f in hr])))
-               for px in sizes]  # fmt: skip
+    medians = [
+        np.median(score(np.stack([degrade.to_resolution(f, px) for f in hr]))) for px in sizes
+    ]
     # Non-decreasing (6 and 8 px are both at the floor), rising from 8 px on.
     assert np.all(np.diff(medians) >= 0) and medians[1] < medians[2] < medians[3] < medians[-1]
     rng = np.random.default_rng(0)
@@ -37,10 +38,12 @@ def test_score_does_not_depend_much_on_the_input_size():
 def test_mix_value_follows_the_official_formula_and_sign():
     images = jnp.asarray(faces(4), jnp.float32) / 127.5 - 1.0
     s = score(faces(4))
-    np.testing.assert_allclose(quality.quality_mix_value(images, threshold=0.3), 0.5 + s - 0.3,
-                               rtol=1e-6)  # fmt: skip
-    np.testing.assert_allclose(quality.quality_mix_value(images, sign=-1.0), 0.5 - (s - 0.5),
-                               rtol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(
+        quality.quality_mix_value(images, threshold=0.3), 0.5 + s - 0.3, rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        quality.quality_mix_value(images, sign=-1.0), 0.5 - (s - 0.5), rtol=1e-6
+    )
     custom = quality.estimator("facemoe_jax.models.quality:sharpness_score")
     assert custom is quality.sharpness_score
     with pytest.raises(ValueError, match="config.model.lora.quality='brisque'"):
@@ -58,8 +61,12 @@ def test_recognizability_estimator_scores_as_face_encoder_quality():
     enc, _, _ = encoder(quality_head=True)
     images = np.random.default_rng(1).integers(0, 256, (3, 24, 24, 3), dtype=np.uint8)
     score = quality.recognizability_score(enc)
-    np.testing.assert_allclose(np.asarray(score(jnp.asarray(normalize_images(images)))),
-                               enc.quality(images), rtol=1e-5, atol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(
+        np.asarray(score(jnp.asarray(normalize_images(images)))),
+        enc.quality(images),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     # Faces of another size are resized to the model's input first.
     larger = np.asarray(score(jnp.zeros((2, 48, 48, 3))))
     assert larger.shape == (2,) and np.all((larger > 0) & (larger < 1))
@@ -80,8 +87,12 @@ def test_petalface_takes_a_from_a_recognizability_workdir(tmp_path, monkeypatch)
     monkeypatch.setattr(load, "restore_params", lambda w, step=None: restored)  # tested elsewhere
     config = enc.config.model.copy_and_resolve_references()
     config.quality_head = False
-    config.lora.update(rank=2, quality_mix=True, quality_threshold=0.6,
-                       quality=f"recognizability:{tmp_path / 'ri'}")  # fmt: skip
+    config.lora.update(
+        rank=2,
+        quality_mix=True,
+        quality_threshold=0.6,
+        quality=f"recognizability:{tmp_path / 'ri'}",
+    )
     model = build_model(config)
     x = jnp.asarray(np.random.default_rng(2).uniform(-1, 1, (2, 24, 24, 3)), jnp.float32)
     a = 0.5 + (np.asarray(quality.recognizability_score(enc)(x)) - 0.6)
