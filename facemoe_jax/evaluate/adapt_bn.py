@@ -40,10 +40,10 @@ MODES = ("off", "cumulative", "per_batch")
 
 
 def check_config(eval_cfg) -> None:
-    mode = eval_cfg.get("adapt_bn", "off")
+    mode = eval_cfg.adapt_bn
     if mode not in MODES:
         raise ValueError(f"config.eval.adapt_bn={mode!r} is not one of {MODES}")
-    batches = eval_cfg.get("adapt_bn_batches", 8)
+    batches = eval_cfg.adapt_bn_batches
     if mode == "cumulative" and batches < 1:
         raise ValueError(f"config.eval.adapt_bn_batches={batches} must be >= 1")
 
@@ -184,8 +184,8 @@ class BatchNormAdaptation:
 def from_eval_config(model, eval_cfg) -> BatchNormAdaptation | None:
     """The adaptation config.eval asks for, or None ("off")."""
     check_config(eval_cfg)
-    mode = eval_cfg.get("adapt_bn", "off")
+    mode = eval_cfg.adapt_bn
     if mode == "off":
         return None
-    return BatchNormAdaptation(model, mode, eval_cfg.get("adapt_bn_batches", 8),
+    return BatchNormAdaptation(model, mode, eval_cfg.adapt_bn_batches,
                                eval_cfg.flip_test)  # fmt: skip

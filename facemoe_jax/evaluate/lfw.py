@@ -285,20 +285,20 @@ def evaluate_lfw(
 def check_config(ev) -> None:
     """config.eval's LFW fields (lfw_dir, lfw_pairs, lfw_resolutions, lfw_degrade): fails fast,
     naming the field, on values that can never work; reads the pairs files, stats the images."""
-    lfw_dir = ev.get("lfw_dir", "")
+    lfw_dir = ev.lfw_dir
     if not lfw_dir:
         return
     if not os.path.isdir(lfw_dir):
         raise ValueError(f"config.eval.lfw_dir={lfw_dir!r} is not a directory")
-    spec = ev.get("lfw_resolutions", "112")
+    spec = ev.lfw_resolutions
     if not sweep.parse_sizes(spec, field="config.eval.lfw_resolutions"):
         raise ValueError(f"config.eval.lfw_resolutions={spec!r} names no size")
-    if ev.get("lfw_degrade", "both") not in DEGRADE_MODES:
+    if ev.lfw_degrade not in DEGRADE_MODES:
         raise ValueError(
-            f"config.eval.lfw_degrade={ev.get('lfw_degrade')!r} is not one of {DEGRADE_MODES}"
+            f"config.eval.lfw_degrade={ev.lfw_degrade!r} is not one of {DEGRADE_MODES}"
         )
     try:
-        load_protocol(lfw_dir, ev.get("lfw_pairs", "pairsDevTest.txt"))
+        load_protocol(lfw_dir, ev.lfw_pairs)
     except ValueError as e:
         raise ValueError(f"config.eval.lfw_dir / lfw_pairs: {e}") from None
 

@@ -76,9 +76,9 @@ def check_eval_config(config) -> None:
     synthetic_tinyface.check_config(config)
     adapt_bn.check_config(ev)
     lfw.check_config(ev)
-    sweep.parse_sizes(ev.get("quality_resolutions", ""))
-    identities = ev.get("quality_identities", 0)
-    per_identity = ev.get("quality_images_per_identity", 8)
+    sweep.parse_sizes(ev.quality_resolutions)
+    identities = ev.quality_identities
+    per_identity = ev.quality_images_per_identity
     if identities < 0 or identities == 1 or (identities and per_identity < 2):
         raise ValueError(
             f"config.eval.quality_identities={identities} must be 0 (off) or >= 2, with "
@@ -210,7 +210,7 @@ def run_evaluations(
         if quality_fn is not None:
             extra, curves = ri_eval.pair_set_quality(
                 quality_fn, embed_array, variables, images_a, images_b, issame,
-                sweep.parse_sizes(ev.get("quality_resolutions", "8,12,16,24,32")), size,
+                sweep.parse_sizes(ev.quality_resolutions), size,
                 ev.quality_fmr, ev.batch_size, config.seed,
             )  # fmt: skip
             metrics.update(extra)
@@ -222,7 +222,7 @@ def run_evaluations(
                 }
             )  # = erc_curves[name]
             if quality_faces is None:
-                quality_faces = images_a[: ev.get("quality_resolution_faces", 200)]
+                quality_faces = images_a[: ev.quality_resolution_faces]
         results[name] = metrics
         if routing_faces is None and ev.routing_map_faces > 0:
             routing_faces = np.concatenate([images_a, images_b])[: ev.routing_map_faces]
@@ -241,13 +241,13 @@ def run_evaluations(
                 points[size] = metrics["accuracy"]
                 resolution_curves[f"{name} ({side})"] = (list(points), list(points.values()))
 
-    if ev.get("lfw_dir", ""):
+    if ev.lfw_dir:
         quiet = Progress("embed lfw", 0, enabled=False)  # evaluate_lfw shows its own progress
-        degrade_mode = ev.get("lfw_degrade", "both")
+        degrade_mode = ev.lfw_degrade
         lfw_sizes = sweep.parse_sizes(ev.lfw_resolutions, field="config.eval.lfw_resolutions")
         lfw_result = lfw.evaluate_lfw(
             lambda images, _flip_test: embed_array(images, quiet), ev.lfw_dir,
-            ev.get("lfw_pairs", "pairsDevTest.txt"), lfw_sizes, degrade_mode, ev.flip_test, size,
+            ev.lfw_pairs, lfw_sizes, degrade_mode, ev.flip_test, size,
         )  # fmt: skip
         results.update(lfw_result["rows"])
         points = {min(m["resolution"], size): m["accuracy"] for m in lfw_result["rows"].values()}
@@ -255,11 +255,11 @@ def run_evaluations(
             list(points), list(points.values())
         )  # fmt: skip
 
-    if quality_fn is not None and ev.get("quality_identities", 0) > 0:
+    if quality_fn is not None and ev.quality_identities > 0:
         faces, pairs = _quality_identities(config)
         results[QUALITY_SET], curves = ri_eval.quality_identity_set(
             quality_fn, embed_array, variables, faces, pairs, int(ev.quality_images_per_identity),
-            sweep.parse_sizes(ev.get("quality_resolutions", "8,12,16,24,32")), size,
+            sweep.parse_sizes(ev.quality_resolutions), size,
             ev.quality_fmr, ev.batch_size, config.seed,
         )  # fmt: skip
         erc_curves.update({f"{QUALITY_SET}: {kind}": erc for kind, erc in curves.items()})
@@ -274,7 +274,7 @@ def run_evaluations(
 
     for name in ("ijbb", "ijbc"):
         if ev[f"{name}_dir"]:
-            meta = ijb.IJBMeta(ev[f"{name}_dir"], name, ev.get("ijb_alignment", "official"))
+            meta = ijb.IJBMeta(ev[f"{name}_dir"], name, ev.ijb_alignment)
             label = f"embed {name}"
             metrics, (scores, labels) = ijb.evaluate_ijb(
                 meta, lambda load, count: embed_files(lambda i: load(i, size), count, label)
@@ -292,7 +292,7 @@ def run_evaluations(
         results["quality_vs_resolution"], ri_pictures["quality_curve"] = (
             ri_eval.quality_vs_resolution(
                 quality_fn, variables, quality_faces,
-                sweep.parse_sizes(ev.get("quality_resolutions", "8,12,16,24,32")), size,
+                sweep.parse_sizes(ev.quality_resolutions), size,
                 ev.batch_size,
             )
         )  # fmt: skip

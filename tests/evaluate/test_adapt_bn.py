@@ -13,6 +13,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from facemoe_jax.core import defaults
 from facemoe_jax.encoder import FaceEncoder
 from facemoe_jax.evaluate import adapt_bn
 
@@ -122,12 +123,16 @@ def test_face_encoder_adapt_returns_a_new_encoder(tiny_model):
 
 
 def test_config_errors_name_the_field():
+    def eval_config(**fields):
+        ev = defaults.get_base_config().eval
+        ev.update(fields)
+        return ev
+
+    adapt_bn.check_config(eval_config())
     with pytest.raises(ValueError, match="config.eval.adapt_bn='sometimes'"):
-        adapt_bn.check_config(ml_collections.ConfigDict({"adapt_bn": "sometimes"}))
+        adapt_bn.check_config(eval_config(adapt_bn="sometimes"))
     with pytest.raises(ValueError, match="config.eval.adapt_bn_batches=0"):
-        adapt_bn.check_config(
-            ml_collections.ConfigDict({"adapt_bn": "cumulative", "adapt_bn_batches": 0})
-        )
+        adapt_bn.check_config(eval_config(adapt_bn="cumulative", adapt_bn_batches=0))
 
 
 def test_suite_adapts_each_embedded_set_on_its_own_images(tiny_model, tmp_path):
