@@ -24,10 +24,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from facemoe_jax.parallel.mesh import check_expert_split
 
-DEFAULT_RULES = (
-    (r"(^|/)experts/", ("expert",)),
-    (r"(^|/)classifier/centers$", (("data", "expert"),)),
-)
 CLASS_CENTERS_PATH = "params/classifier/centers"
 # A state leaf under a "per_class" key (an objective's per-class statistics, train/objectives/)
 # has one row per class-centre row.
@@ -96,7 +92,7 @@ def _checked(path: str, shape: tuple[int, ...], spec: P, mesh: Mesh) -> P:
     return spec
 
 
-def state_shardings(abstract_tree, mesh: Mesh, rules=DEFAULT_RULES):
+def state_shardings(abstract_tree, mesh: Mesh, rules):
     """NamedSharding for every leaf of abstract_tree (ShapeDtypeStructs or arrays)."""
 
     def leaf_sharding(path, leaf):
@@ -112,7 +108,7 @@ def state_shardings(abstract_tree, mesh: Mesh, rules=DEFAULT_RULES):
     return jax.tree_util.tree_map_with_path(leaf_sharding, abstract_tree)
 
 
-def class_axes(rules=DEFAULT_RULES) -> tuple[str, ...]:
+def class_axes(rules) -> tuple[str, ...]:
     """Mesh axes the class centres' class dimension is split over (() = replicated)."""
     spec = spec_for(CLASS_CENTERS_PATH, rules)
     if len(spec) > 1 and any(entry is not None for entry in spec[1:]):
@@ -126,7 +122,7 @@ def class_axes(rules=DEFAULT_RULES) -> tuple[str, ...]:
 
 def check_config(config, mesh: Mesh) -> None:
     """The errors a user can fix in the config, stated in its terms, before any array exists."""
-    if config.model.get("moe_layers", "all") != "none":  # a dense model fits any expert axis
+    if config.model.moe_layers != "none":  # a dense model fits any expert axis
         check_expert_split(config.model.num_experts, mesh.shape["expert"])
     axes = class_axes(config.sharding_rules)
     shards = math.prod(mesh.shape[a] for a in axes if a in mesh.shape)

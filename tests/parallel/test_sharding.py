@@ -1,19 +1,20 @@
 """Sharding rules as data: which spec each state path gets, and the errors for misfits."""
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
+from facemoe_jax.core import defaults
 from facemoe_jax.losses import classifier
 from facemoe_jax.parallel import sharding
 
+RULES = defaults.get_base_config().sharding_rules
 EXPERT_PATH = "opt_state/1/0/mu/encoder/block_1/mlp/experts/fc1_kernel"
 
 
 def test_default_rules_split_experts_and_class_centres_only():
-    rules = sharding.DEFAULT_RULES
+    rules = RULES
     assert sharding.spec_for("params/encoder/block_1/mlp/experts/fc2_bias", rules) == P("expert")
     assert sharding.spec_for(EXPERT_PATH, rules) == P("expert")  # optimiser moments follow
     assert sharding.spec_for("params/classifier/centers", rules) == P(("data", "expert"))
@@ -32,7 +33,7 @@ def test_per_class_statistics_split_as_the_class_centres():
     abstract = {"aux": {"quality": {"per_class": per_class}}}
     mesh = AbstractMesh((2, 4), ("data", "expert"))
     cases = (
-        (sharding.DEFAULT_RULES, ("data", "expert")),
+        (RULES, ("data", "expert")),
         ((("classifier/centers$", ("expert",)),), ("expert",)),
         ((), None),
     )
@@ -72,13 +73,10 @@ def test_misfits_name_the_array_and_the_sizes(shape, spec, message):
 
 
 def _config(num_experts=8, multiple=1024):
-    return ml_collections.ConfigDict(
-        dict(
-            model=dict(num_experts=num_experts),
-            loss=dict(class_rows_multiple=multiple),
-            sharding_rules=sharding.DEFAULT_RULES,
-        )
-    )
+    config = defaults.get_base_config()
+    config.model.num_experts = num_experts
+    config.loss.class_rows_multiple = multiple
+    return config
 
 
 def test_config_errors_speak_in_config_fields():
