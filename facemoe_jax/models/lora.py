@@ -110,28 +110,28 @@ TARGETS = ("qkv", "proj", "mlp")
 
 def settings_from_config(cfg) -> LoRASettings | None:
     """config.model.lora -> LoRASettings, or None when absent or rank 0; errors name the field."""
+    # A model config built from a file (an ONNX graph: registry.onnx_model_config) has no lora
+    # section: such a model has no adapters.
     lora = cfg.get("lora") if hasattr(cfg, "get") else None
-    if lora is None or int(lora.get("rank", 0)) == 0:
+    if lora is None or int(lora.rank) == 0:
         return None
-    targets = tuple(t.strip() for t in str(lora.get("where", "qkv")).split(",") if t.strip())
+    targets = tuple(t.strip() for t in str(lora.where).split(",") if t.strip())
     bad = [t for t in targets if t not in TARGETS]
     if bad or not targets:
-        raise ValueError(
-            f"config.model.lora.where={lora.get('where')!r}: {bad} not among {TARGETS}"
-        )
+        raise ValueError(f"config.model.lora.where={lora.where!r}: {bad} not among {TARGETS}")
     if int(lora.rank) < 0:
         raise ValueError(f"config.model.lora.rank={lora.rank} must be >= 0 (0 = no adapters)")
-    adapter_initializers(str(lora.get("init", "official")), int(lora.rank))  # validates init
-    if not 0.0 <= float(lora.get("dropout", 0.1)) < 1.0:
-        raise ValueError(f"config.model.lora.dropout={lora.get('dropout')} must be in [0, 1)")
+    adapter_initializers(str(lora.init), int(lora.rank))  # validates init
+    if not 0.0 <= float(lora.dropout) < 1.0:
+        raise ValueError(f"config.model.lora.dropout={lora.dropout} must be in [0, 1)")
     return LoRASettings(
         rank=int(lora.rank),
-        scale=float(lora.get("scale", 1.0)),
-        dropout=float(lora.get("dropout", 0.1)),
-        init=str(lora.get("init", "official")),
-        quality_mix=bool(lora.get("quality_mix", True)),
+        scale=float(lora.scale),
+        dropout=float(lora.dropout),
+        init=str(lora.init),
+        quality_mix=bool(lora.quality_mix),
         targets=targets,
-        head=bool(lora.get("head", False)),
+        head=bool(lora.head),
     )
 
 
