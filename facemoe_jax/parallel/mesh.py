@@ -19,6 +19,7 @@ def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[i
     unknown = set(mesh_cfg.keys()) - set(MESH_AXES)
     if unknown:
         raise ValueError(f"config.mesh has unknown axes {sorted(unknown)}; known: {MESH_AXES}")
+    # The section names the axes a run splits; an axis it leaves out has size 1.
     sizes = [int(mesh_cfg.get(axis, 1)) for axis in MESH_AXES]
     if sizes.count(-1) > 1:
         raise ValueError(f"config.mesh={dict(mesh_cfg)} has more than one axis set to -1")
