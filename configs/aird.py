@@ -40,6 +40,10 @@ def get_config(arg=None):
     config.train.update(num_steps=300)
     config.optimizer.update(learning_rate=5e-4, warmup_steps=30, end_learning_rate=0.0)
     config.checkpoint.update(every_steps=300, max_to_keep=1)
-    config.eval.update(low_resolutions="8,12", low_resolution_sides="probe",
-                       synthetic_tinyface_identities=200, routing_map_faces=0)  # fmt: skip
+    config.eval.update(
+        low_resolutions="8,12",
+        low_resolution_sides="probe",
+        synthetic_tinyface_identities=200,
+        routing_map_faces=0,
+    )
     return config

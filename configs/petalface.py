@@ -61,9 +61,15 @@ def get_config(arg=None):
 
     config = common.get_base_config()
     config.model.update(
-        name="swin_moe", image_size=120, patch_size=6, width=384, mlp_ratio=4.0, embed_dim=512,
-        moe_layers="none", drop_path_rate=0.05,
-    )  # fmt: skip
+        name="swin_moe",
+        image_size=120,
+        patch_size=6,
+        width=384,
+        mlp_ratio=4.0,
+        embed_dim=512,
+        moe_layers="none",
+        drop_path_rate=0.05,
+    )
     config.model.depths = (2, 18, 2)
     config.model.stage_heads = (8, 16, 16)
     config.model.window_size = 5
@@ -75,8 +81,9 @@ def get_config(arg=None):
     classes, images, epochs, warmup = _DATA[recipe.split("_")[0]]
     steps_per_epoch = images // (PER_GPU * GPUS)
     config.optimizer.warmup_steps = steps_per_epoch * warmup
-    config.train.update(num_steps=steps_per_epoch * epochs, batch_size=PER_GPU * GPUS,
-                        log_every_steps=50)  # fmt: skip
+    config.train.update(
+        num_steps=steps_per_epoch * epochs, batch_size=PER_GPU * GPUS, log_every_steps=50
+    )
     config.data.update(train="synthetic_lr", synthetic_identities=classes)
     common.low_resolution_eval(config)
     config.checkpoint.update(every_steps=2000, max_to_keep=3)

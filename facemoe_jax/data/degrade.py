@@ -324,8 +324,9 @@ def acquisition_low_resolution(
     return _resize(small, width, height, cv2.INTER_LINEAR)
 
 
-def random_acquisition(image: np.ndarray, rng: np.random.Generator, *, p: float,
-                       **settings) -> np.ndarray:  # fmt: skip
+def random_acquisition(
+    image: np.ndarray, rng: np.random.Generator, *, p: float, **settings
+) -> np.ndarray:
     """With probability ``p``, ``acquisition_low_resolution(image, rng, **settings)``: the
     capture as a training augmentation (a fresh capture each time the record is read)."""
     if not _applies(rng, p):

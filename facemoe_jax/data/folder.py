@@ -35,8 +35,7 @@ from facemoe_jax.data.recordio import BadRecordError
 
 # .jp2 only where OpenCV has a JPEG 2000 decoder (OpenJPEG; the PyPI wheels do): elsewhere the
 # pre-check names the files it cannot decode.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".pgm", ".ppm",
-                    ".pbm", ".pnm", ".jp2")  # fmt: skip
+IMAGE_EXTENSIONS = tuple(".jpg .jpeg .png .bmp .webp .tif .tiff .pgm .ppm .pbm .pnm .jp2".split())
 UNLABELLED = -1
 
 

@@ -99,8 +99,11 @@ def pack_image_folder(
     remaining = sorted(set(kept_labels))
     if len(remaining) < len(identities):
         lost = [identities[k] for k in sorted(set(range(len(identities))) - set(remaining))]
-        print(f"dropped {len(lost)} identities with no decodable image: {', '.join(lost[:10])}"
-              + (" ..." if len(lost) > 10 else ""), flush=True)  # fmt: skip
+        print(
+            f"dropped {len(lost)} identities with no decodable image: {', '.join(lost[:10])}"
+            + (" ..." if len(lost) > 10 else ""),
+            flush=True,
+        )
         renumber = {old: new for new, old in enumerate(remaining)}
         kept_labels = [renumber[k] for k in kept_labels]
     num_images = recordio.write_image_pack(os.path.join(out_dir, "train.rec"), images, kept_labels)

@@ -42,9 +42,8 @@ FOLDER_OPTIONS = ("people_file", "exclude_people_file", "min_images_per_identity
 # Undecodable files named in the error line (the rest are counted).
 _SHOWN_BAD = 5
 
-KINDS = ("synthetic", "synthetic_lr", "synthetic_lr_hr", "recordio", "folder", "tfds",
-         "arrayrecord")  # fmt: skip
 SYNTHETIC_KINDS = ("synthetic", "synthetic_lr", "synthetic_lr_hr")
+KINDS = SYNTHETIC_KINDS + ("recordio", "folder", "tfds", "arrayrecord")
 
 
 def open_source(config: ml_collections.ConfigDict):

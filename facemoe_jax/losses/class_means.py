@@ -23,8 +23,10 @@ from facemoe_jax.losses.classifier import l2_normalize
 
 def zeros(num_rows: int, dim: int) -> dict:
     """No image entered yet: zero means and counts."""
-    return {"mean": jnp.zeros((num_rows, dim), jnp.float32),
-            "count": jnp.zeros((num_rows,), jnp.float32)}  # fmt: skip
+    return {
+        "mean": jnp.zeros((num_rows, dim), jnp.float32),
+        "count": jnp.zeros((num_rows,), jnp.float32),
+    }
 
 
 def _local_rows(labels, first, rows):
@@ -71,8 +73,12 @@ def _over_class_shards(fn, class_axes, per_image: bool):
 
     rows_spec = P(class_axes)
     out_specs = (P(), P()) if per_image else (rows_spec, rows_spec)
-    return jax.shard_map(local, in_specs=(P(), P(), rows_spec, rows_spec), out_specs=out_specs,
-                         axis_names=set(class_axes))  # fmt: skip
+    return jax.shard_map(
+        local,
+        in_specs=(P(), P(), rows_spec, rows_spec),
+        out_specs=out_specs,
+        axis_names=set(class_axes),
+    )
 
 
 def _unit(embeddings):
@@ -94,6 +100,7 @@ def update(means: dict, embeddings, labels, window: int, *, class_axes: tuple[st
         class_axes,
         per_image=False,
     )
-    mean, count = fn(_unit(embeddings), jnp.asarray(labels, jnp.int32), means["mean"],
-                     means["count"])  # fmt: skip
+    mean, count = fn(
+        _unit(embeddings), jnp.asarray(labels, jnp.int32), means["mean"], means["count"]
+    )
     return {"mean": mean, "count": count}

@@ -215,9 +215,11 @@ def _warn_if_rate_exceeded(effective_rates, sample_rate: float, batch_size: int)
 def _report_rates(effective_rates: jax.Array, sample_rate: float, batch_size: int, can_exceed):
     if can_exceed:
         jax.debug.callback(
-            _warn_if_rate_exceeded, effective_rates, sample_rate=sample_rate,
+            _warn_if_rate_exceeded,
+            effective_rates,
+            sample_rate=sample_rate,
             batch_size=batch_size,
-        )  # fmt: skip
+        )
 
 
 MarginFn = Callable[[jax.Array, jax.Array], jax.Array]

@@ -58,8 +58,10 @@ def relation_loss(
 ) -> jax.Array:
     """The student's batch similarity structure against the teacher's (any embedding sizes)."""
     if student.shape[0] != teacher.shape[0]:
-        raise ValueError(f"relation distillation: {student.shape[0]} student rows but "
-                         f"{teacher.shape[0]} teacher rows")  # fmt: skip
+        raise ValueError(
+            f"relation distillation: {student.shape[0]} student rows but "
+            f"{teacher.shape[0]} teacher rows"
+        )
     cos_s, cos_t = cosine_matrix(student), cosine_matrix(teacher)
     if form == "mse":
         return jnp.mean(jnp.square(cos_s - cos_t))

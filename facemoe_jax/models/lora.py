@@ -83,10 +83,20 @@ class LoRADense(nn.Module):
         else:
             inputs = (x,)
         for suffix, adapter_input in zip(suffixes, inputs):
-            h = nn.Dense(self.rank, use_bias=False, dtype=self.dtype, kernel_init=down_init,
-                         name=f"trainable_lora_down{suffix}")(adapter_input)  # fmt: skip
-            h = nn.Dense(self.features, use_bias=False, dtype=self.dtype, kernel_init=up_init,
-                         name=f"trainable_lora_up{suffix}")(h)  # fmt: skip
+            h = nn.Dense(
+                self.rank,
+                use_bias=False,
+                dtype=self.dtype,
+                kernel_init=down_init,
+                name=f"trainable_lora_down{suffix}",
+            )(adapter_input)
+            h = nn.Dense(
+                self.features,
+                use_bias=False,
+                dtype=self.dtype,
+                kernel_init=up_init,
+                name=f"trainable_lora_up{suffix}",
+            )(h)
             h = nn.Dropout(self.dropout, deterministic=deterministic)(h)
             y = y + self.scale * h
         return y
@@ -135,14 +145,30 @@ def settings_from_config(cfg) -> LoRASettings | None:
     )
 
 
-def projection(x, features: int, name: str, lora: LoRASettings | None, target: str,
-               quality=None, train: bool = False, *, use_bias: bool = True,
-               dtype=jnp.float32):  # fmt: skip
+def projection(
+    x,
+    features: int,
+    name: str,
+    lora: LoRASettings | None,
+    target: str,
+    quality=None,
+    train: bool = False,
+    *,
+    use_bias: bool = True,
+    dtype=jnp.float32,
+):
     """`nn.Dense(features, name=name)(x)`, or a `LoRADense` of the same name where the settings
     adapt `target`. Call it inside a compact method: the layer belongs to the caller."""
     if lora is None or target not in lora.targets:
         return nn.Dense(features, use_bias=use_bias, dtype=dtype, name=name)(x)
-    return LoRADense(features, lora.rank, lora.scale, lora.dropout, lora.init, lora.quality_mix,
-                     use_bias, dtype, name=name)(
-        x, quality if lora.quality_mix else None, deterministic=not train
-    )  # fmt: skip
+    return LoRADense(
+        features,
+        lora.rank,
+        lora.scale,
+        lora.dropout,
+        lora.init,
+        lora.quality_mix,
+        use_bias,
+        dtype,
+        name=name,
+    )(x, quality if lora.quality_mix else None, deterministic=not train)

@@ -123,8 +123,9 @@ class WindowAttention(nn.Module):
     lora: LoRASettings | None = None
 
     @nn.compact
-    def __call__(self, x: Array, mask: np.ndarray | None, quality: Array | None = None,
-                 train: bool = False) -> Array:  # fmt: skip
+    def __call__(
+        self, x: Array, mask: np.ndarray | None, quality: Array | None = None, train: bool = False
+    ) -> Array:
         """x (B*nW, N, C) with N = window**2; mask (nW, N, N) or None; quality (B*nW,) or None."""
         bw, n, c = x.shape
         head_dim = c // self.num_heads
@@ -357,10 +358,15 @@ class SwinMoE(nn.Module):
         x = batch_norm(train, "feature_bn1")(x)
         x = nn.Dropout(self.head_dropout, deterministic=not train)(x)
         if self.lora is not None and self.lora.head:  # one plain adapter, `a` does not touch it
-            x = LoRADense(self.embed_dim, self.lora.rank, self.lora.scale, self.lora.dropout,
-                          self.lora.init, quality_mix=False, name="feature_fc")(
-                x, deterministic=not train
-            )  # fmt: skip
+            x = LoRADense(
+                self.embed_dim,
+                self.lora.rank,
+                self.lora.scale,
+                self.lora.dropout,
+                self.lora.init,
+                quality_mix=False,
+                name="feature_fc",
+            )(x, deterministic=not train)
         else:
             x = nn.Dense(self.embed_dim, name="feature_fc")(x)
         x = batch_norm(train, "feature_bn2")(x)

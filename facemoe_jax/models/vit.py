@@ -89,8 +89,9 @@ class Attention(nn.Module):
     def __call__(self, x: Array, quality: Array | None = None, train: bool = False) -> Array:
         b, n, d = x.shape
         head_dim = d // self.num_heads
-        qkv = projection(x, 3 * d, "qkv", self.lora, "qkv", quality, train, use_bias=False,
-                         dtype=self.dtype)  # fmt: skip
+        qkv = projection(
+            x, 3 * d, "qkv", self.lora, "qkv", quality, train, use_bias=False, dtype=self.dtype
+        )
         # Split before the head reshape (a transposed copy of the qkv gradient otherwise).
         q, k, v = (a.reshape(b, n, self.num_heads, head_dim) for a in jnp.split(qkv, 3, -1))
         logits = jnp.einsum("bqhc,bkhc->bhqk", q, k) * head_dim**-0.5
@@ -110,10 +111,19 @@ class Mlp(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, quality: Array | None = None, train: bool = False) -> Array:
-        h = projection(x, self.hidden_dim, "fc1", self.lora, "mlp", quality, train,
-                       dtype=self.dtype)  # fmt: skip
-        return projection(self.activation(h), x.shape[-1], "fc2", self.lora, "mlp", quality,
-                          train, dtype=self.dtype)  # fmt: skip
+        h = projection(
+            x, self.hidden_dim, "fc1", self.lora, "mlp", quality, train, dtype=self.dtype
+        )
+        return projection(
+            self.activation(h),
+            x.shape[-1],
+            "fc2",
+            self.lora,
+            "mlp",
+            quality,
+            train,
+            dtype=self.dtype,
+        )
 
 
 class Block(nn.Module):
