@@ -95,8 +95,9 @@ def forward_with_batch_statistics(model, variables, images, weights=None):
 class BatchNormAdaptation:
     """The jitted pieces of one mode for one model (compiled once per batch shape)."""
 
-    def __init__(self, model, mode: str = "cumulative", num_batches: int = 8,
-                 flip_test: bool = True):  # fmt: skip
+    def __init__(
+        self, model, mode: str = "cumulative", num_batches: int = 8, flip_test: bool = True
+    ):
         if mode not in MODES[1:]:
             raise ValueError(f"BatchNorm adaptation mode {mode!r} is not one of {MODES[1:]}")
         self.mode, self.num_batches, self.flip_test = mode, int(num_batches), flip_test
@@ -139,13 +140,15 @@ class BatchNormAdaptation:
             total = scaled if total is None else jax.tree.map(np.add, total, scaled)
             count += valid
         averaged = jax.tree.map(
-            lambda s, old: np.asarray(s / count, np.asarray(old).dtype), total,
+            lambda s, old: np.asarray(s / count, np.asarray(old).dtype),
+            total,
             variables["batch_stats"],
-        )  # fmt: skip
+        )
         return {**variables, "batch_stats": averaged}
 
-    def embed_per_batch(self, variables, images, batch_size: int, progress=None,
-                        flip_test: bool | None = None) -> np.ndarray:  # fmt: skip
+    def embed_per_batch(
+        self, variables, images, batch_size: int, progress=None, flip_test: bool | None = None
+    ) -> np.ndarray:
         """(N, D) raw embeddings, each batch normalised with its own statistics."""
         flip = self.flip_test if flip_test is None else bool(flip_test)
         out = []
@@ -187,5 +190,4 @@ def from_eval_config(model, eval_cfg) -> BatchNormAdaptation | None:
     mode = eval_cfg.adapt_bn
     if mode == "off":
         return None
-    return BatchNormAdaptation(model, mode, eval_cfg.adapt_bn_batches,
-                               eval_cfg.flip_test)  # fmt: skip
+    return BatchNormAdaptation(model, mode, eval_cfg.adapt_bn_batches, eval_cfg.flip_test)

@@ -155,10 +155,16 @@ def plot_attention_map(mean_face: np.ndarray, weights: np.ndarray, path: str) ->
     size = mean_face.shape[0]
     relative = np.asarray(weights, np.float64).reshape(grid, grid) * len(weights)
     fig, ax = plt.subplots(figsize=(4.2, 3.8))
-    ax.imshow(np.asarray(mean_face, np.float64).mean(axis=-1) / 255.0, cmap="gray",
-              extent=(0, size, size, 0), vmin=0, vmax=1)  # fmt: skip
-    image = ax.imshow(relative, cmap="inferno", alpha=0.55, extent=(0, size, size, 0),
-                      interpolation="nearest")  # fmt: skip
+    ax.imshow(
+        np.asarray(mean_face, np.float64).mean(axis=-1) / 255.0,
+        cmap="gray",
+        extent=(0, size, size, 0),
+        vmin=0,
+        vmax=1,
+    )
+    image = ax.imshow(
+        relative, cmap="inferno", alpha=0.55, extent=(0, size, size, 0), interpolation="nearest"
+    )
     fig.colorbar(image, ax=ax, label="weight x positions (1 = uniform)")
     ax.set_title("perceptibility attention over the average face", fontsize=9)
     ax.axis("off")

@@ -93,8 +93,12 @@ def random_rejection(
         for _ in range(draws)
     ]
     fnmr = np.mean([c["fnmr"] for c in curves], axis=0)
-    return {"reject_fraction": curves[0]["reject_fraction"], "fnmr": fnmr,
-            "threshold": curves[0]["threshold"], "auc": float(np.mean([c["auc"] for c in curves]))}  # fmt: skip
+    return {
+        "reject_fraction": curves[0]["reject_fraction"],
+        "fnmr": fnmr,
+        "threshold": curves[0]["threshold"],
+        "auc": float(np.mean([c["auc"] for c in curves])),
+    }
 
 
 def fnmr_at_reject(erc: dict, fraction: float) -> float:
@@ -103,8 +107,17 @@ def fnmr_at_reject(erc: dict, fraction: float) -> float:
     return float(erc["fnmr"][index])
 
 
-def bootstrap_reject_difference(scores, issame, quality_a, quality_b, groups, fraction: float,
-                                fmr: float = 1e-3, draws: int = 200, seed: int = 0):  # fmt: skip
+def bootstrap_reject_difference(
+    scores,
+    issame,
+    quality_a,
+    quality_b,
+    groups,
+    fraction: float,
+    fmr: float = 1e-3,
+    draws: int = 200,
+    seed: int = 0,
+):
     """The 2.5 and 97.5 percentiles of FNMR(rejecting `fraction` by quality_a) - FNMR(... by
     quality_b) over `draws` bootstrap resamples: the genuine pairs resampled by `groups` (their
     identity: pairs of one identity share its faces, so they are drawn together), the impostor
@@ -117,8 +130,10 @@ def bootstrap_reject_difference(scores, issame, quality_a, quality_b, groups, fr
     rng = np.random.default_rng(seed)
     differences = []
     for _ in range(draws):
-        picked = np.concatenate([by_group[g] for g in rng.integers(len(by_group), size=len(by_group))]
-                                + [rng.choice(impostors, len(impostors))])  # fmt: skip
+        picked = np.concatenate(
+            [by_group[g] for g in rng.integers(len(by_group), size=len(by_group))]
+            + [rng.choice(impostors, len(impostors))]
+        )
         s, same = scores[picked], issame[picked]
         fnmr_a = error_versus_reject(s, same, quality_a[picked], fmr, fractions)["fnmr"][1]
         fnmr_b = error_versus_reject(s, same, quality_b[picked], fmr, fractions)["fnmr"][1]

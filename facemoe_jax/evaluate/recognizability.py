@@ -62,8 +62,9 @@ def make_quality_fn(model, flip_test: bool = True) -> embed.EmbedFn:
     return embed.EmbedFn(quality_fn)
 
 
-def _erc_set(emb_a, emb_b, quality_a, quality_b, issame, fmr: float, seed: int, prefix: str,
-             groups=None):  # fmt: skip
+def _erc_set(
+    emb_a, emb_b, quality_a, quality_b, issame, fmr: float, seed: int, prefix: str, groups=None
+):
     """ERCs of pairs, given the raw embeddings and head scores of their two faces, by the
     quality head, the norm (each the lower of the pair's two) and at random, the curves named
     "as given: ..." or, with prefix "mixed_", "mixed resolution: ..."; the FNMR summary; with
@@ -72,8 +73,9 @@ def _erc_set(emb_a, emb_b, quality_a, quality_b, issame, fmr: float, seed: int, 
     from facemoe_jax.evaluate import verification
 
     scores = 1.0 - verification.pair_distances(emb_a, emb_b) / 2.0
-    norm_quality = np.minimum(quality.embedding_norm_quality(emb_a),
-                              quality.embedding_norm_quality(emb_b))  # fmt: skip
+    norm_quality = np.minimum(
+        quality.embedding_norm_quality(emb_a), quality.embedding_norm_quality(emb_b)
+    )
     head_quality = np.minimum(quality_a, quality_b)
     curves = {
         "quality head": quality.error_versus_reject(scores, issame, head_quality, fmr),
@@ -106,13 +108,28 @@ def mixed_resolution(images: np.ndarray, sizes, image_size: int, seed: int):
     size: (images, pixels per image)."""
     pixels = sorted({int(p) for p in sizes if int(p) < image_size}) + [image_size]
     drawn = np.random.default_rng(seed).choice(pixels, len(images))
-    out = np.stack([face if px >= image_size else degrade.to_resolution(face, int(px))
-                    for face, px in zip(images, drawn)])  # fmt: skip
+    out = np.stack(
+        [
+            face if px >= image_size else degrade.to_resolution(face, int(px))
+            for face, px in zip(images, drawn)
+        ]
+    )
     return out, drawn
 
 
-def pair_set_quality(quality_fn, embed_fn, variables, images_a, images_b, issame, sizes,
-                     image_size: int, fmr: float, batch_size: int, seed: int = 0):  # fmt: skip
+def pair_set_quality(
+    quality_fn,
+    embed_fn,
+    variables,
+    images_a,
+    images_b,
+    issame,
+    sizes,
+    image_size: int,
+    fmr: float,
+    batch_size: int,
+    seed: int = 0,
+):
     """(metrics, {curve name: ERC}) of one verification set, twice: as it is, and with its
     second faces degraded to mixed resolutions (`mixed_resolution`, prefix "mixed_"): the
     FNMR at FMR `fmr` before and after rejecting the 20 % lowest-quality pairs by the quality
@@ -152,9 +169,19 @@ def identity_pairs(num_identities: int, images_per_identity: int, seed: int):
     return np.concatenate([same_a, diff_a]), np.concatenate([same_b, diff_b]), issame
 
 
-def quality_identity_set(quality_fn, embed_fn, variables, images: np.ndarray, issame_pairs,
-                         images_per_identity: int, sizes, image_size: int, fmr: float,
-                         batch_size: int, seed: int = 0):  # fmt: skip
+def quality_identity_set(
+    quality_fn,
+    embed_fn,
+    variables,
+    images: np.ndarray,
+    issame_pairs,
+    images_per_identity: int,
+    sizes,
+    image_size: int,
+    fmr: float,
+    batch_size: int,
+    seed: int = 0,
+):
     """`pair_set_quality` for pairs drawn from one set of images (`identity_pairs`): each image
     is embedded and scored once, at full size and at a mixed resolution, and a pair's second
     face is taken at full size ("as given") or mixed ("mixed_"). Many more pairs than images:
@@ -168,16 +195,26 @@ def quality_identity_set(quality_fn, embed_fn, variables, images: np.ndarray, is
     q_mixed = embed.embed_images(quality_fn, variables, mixed, batch_size)
     metrics, curves = {}, {}
     for prefix, emb_b, q_b in (("", emb, q), ("mixed_", emb_mixed, q_mixed)):
-        m, c = _erc_set(emb[index_a], emb_b[index_b], q[index_a], q_b[index_b], issame, fmr,
-                        seed, prefix, groups=index_a // images_per_identity)  # fmt: skip
+        m, c = _erc_set(
+            emb[index_a],
+            emb_b[index_b],
+            q[index_a],
+            q_b[index_b],
+            issame,
+            fmr,
+            seed,
+            prefix,
+            groups=index_a // images_per_identity,
+        )
         metrics.update(m)
         curves.update(c)
     metrics["pairs"] = float(len(issame))
     return metrics, curves
 
 
-def quality_vs_resolution(quality_fn, variables, images: np.ndarray, sizes, image_size: int,
-                          batch_size: int):  # fmt: skip
+def quality_vs_resolution(
+    quality_fn, variables, images: np.ndarray, sizes, image_size: int, batch_size: int
+):
     """(metrics, curve): Spearman rho between predicted quality and resolution over `images`
     degraded to every size below the input and at full size (pooled over all faces, and the
     mean over faces of each face's own rho); mean quality per size."""
@@ -194,10 +231,17 @@ def quality_vs_resolution(quality_fn, variables, images: np.ndarray, sizes, imag
     # Per face: does the quality of one face fall as that face is degraded (free of how faces
     # differ from each other, which the pooled rho also ranks)?
     per_face = np.mean([quality.spearman_rho(q, pixels) for q in np.stack(qualities, axis=1)])
-    metrics = {"spearman_rho": rho, "spearman_rho_per_face": float(per_face),
-               **{f"mean_quality@{px}px": float(np.mean(q)) for px, q in zip(pixels, qualities)}}  # fmt: skip
-    curve = {"pixels": pixels, "mean": [float(np.mean(q)) for q in qualities],
-             "std": [float(np.std(q)) for q in qualities], "spearman_rho": rho}  # fmt: skip
+    metrics = {
+        "spearman_rho": rho,
+        "spearman_rho_per_face": float(per_face),
+        **{f"mean_quality@{px}px": float(np.mean(q)) for px, q in zip(pixels, qualities)},
+    }
+    curve = {
+        "pixels": pixels,
+        "mean": [float(np.mean(q)) for q in qualities],
+        "std": [float(np.std(q)) for q in qualities],
+        "spearman_rho": rho,
+    }
     return metrics, curve
 
 
@@ -206,8 +250,9 @@ def perceptibility_weights(model, variables, images: np.ndarray, batch_size: int
 
     @jax.jit
     def weights_fn(variables, images):
-        _, state = model.apply(variables, normalize_images(images), train=False,
-                               mutable=["intermediates"])  # fmt: skip
+        _, state = model.apply(
+            variables, normalize_images(images), train=False, mutable=["intermediates"]
+        )
         return state["intermediates"][ATTENTION_NAME]["weights"][0]
 
     fn = embed.EmbedFn(weights_fn)

@@ -125,8 +125,10 @@ def _quality_lines(name: str, metrics: dict) -> list[str]:
             )
             interval = f"{prefix}fnmr_reject20_quality_minus_norm_low"
             if interval in metrics:
-                lines[-1] += (f" (head - norm 95 % interval [{metrics[interval]:+.3f}, "
-                              f"{metrics[interval[:-3] + 'high']:+.3f}])")  # fmt: skip
+                lines[-1] += (
+                    f" (head - norm 95 % interval [{metrics[interval]:+.3f}, "
+                    f"{metrics[interval[:-3] + 'high']:+.3f}])"
+                )
     return lines
 
 
@@ -140,10 +142,15 @@ def _quality_identities(config):
     ev, size = config.eval, config.model.image_size
     n, k = int(ev.quality_identities), int(ev.quality_images_per_identity)
     pairs = ri_eval.identity_pairs(n, k, config.seed)  # checks n, k first
-    faces = np.stack([
-        synthetic.render_identity_image(synthetic.QUALITY_FIRST_IDENTITY + i, j, size, config.seed)
-        for i in range(n) for j in range(k)
-    ])  # fmt: skip
+    faces = np.stack(
+        [
+            synthetic.render_identity_image(
+                synthetic.QUALITY_FIRST_IDENTITY + i, j, size, config.seed
+            )
+            for i in range(n)
+            for j in range(k)
+        ]
+    )
     return faces, pairs
 
 
@@ -159,8 +166,10 @@ def _format(name: str, metrics: dict) -> str:
         return "\n".join(_quality_lines(f"{int(metrics['pairs'])} pairs", metrics))
     if name == "quality_vs_resolution":
         means = ", ".join(f"{k.split('@')[1]} {v:.3f}" for k, v in metrics.items() if "@" in k)
-        return (f"quality vs resolution: Spearman rho {metrics['spearman_rho']:.3f} (per face "
-                f"{metrics['spearman_rho_per_face']:.3f}); mean quality {means}")  # fmt: skip
+        return (
+            f"quality vs resolution: Spearman rho {metrics['spearman_rho']:.3f} (per face "
+            f"{metrics['spearman_rho_per_face']:.3f}); mean quality {means}"
+        )
     return f"eval {name:>18}: " + ", ".join(f"{k} {v * 100:.2f} %" for k, v in metrics.items())
 
 
@@ -209,10 +218,18 @@ def run_evaluations(
         metrics["erc_auc"] = erc_curves[name]["auc"]
         if quality_fn is not None:
             extra, curves = ri_eval.pair_set_quality(
-                quality_fn, embed_array, variables, images_a, images_b, issame,
-                sweep.parse_sizes(ev.quality_resolutions), size,
-                ev.quality_fmr, ev.batch_size, config.seed,
-            )  # fmt: skip
+                quality_fn,
+                embed_array,
+                variables,
+                images_a,
+                images_b,
+                issame,
+                sweep.parse_sizes(ev.quality_resolutions),
+                size,
+                ev.quality_fmr,
+                ev.batch_size,
+                config.seed,
+            )
             metrics.update(extra)
             erc_curves.update(
                 {
@@ -230,14 +247,22 @@ def run_evaluations(
             total = sweep.images_to_embed(len(issame), sizes, sides)
             with Progress(f"embed {name} resolution sweep", total) as progress:
                 swept = sweep.resolution_sweep(
-                    name, lambda x: embed_array(x, progress), verification.verification_metrics,
-                    images_a, images_b, issame, sizes, sides,
-                )  # fmt: skip
+                    name,
+                    lambda x: embed_array(x, progress),
+                    verification.verification_metrics,
+                    images_a,
+                    images_b,
+                    issame,
+                    sizes,
+                    sides,
+                )
             results.update(swept)
             for side in sides:
                 # Sizes at or above the input are the full-resolution faces: one point, at S.
-                points = {min(px, size): swept[sweep.entry_name(name, px, side)]["accuracy"]
-                          for px in sizes}  # fmt: skip
+                points = {
+                    min(px, size): swept[sweep.entry_name(name, px, side)]["accuracy"]
+                    for px in sizes
+                }
                 points[size] = metrics["accuracy"]
                 resolution_curves[f"{name} ({side})"] = (list(points), list(points.values()))
 
@@ -246,22 +271,36 @@ def run_evaluations(
         degrade_mode = ev.lfw_degrade
         lfw_sizes = sweep.parse_sizes(ev.lfw_resolutions, field="config.eval.lfw_resolutions")
         lfw_result = lfw.evaluate_lfw(
-            lambda images, _flip_test: embed_array(images, quiet), ev.lfw_dir,
-            ev.lfw_pairs, lfw_sizes, degrade_mode, ev.flip_test, size,
-        )  # fmt: skip
+            lambda images, _flip_test: embed_array(images, quiet),
+            ev.lfw_dir,
+            ev.lfw_pairs,
+            lfw_sizes,
+            degrade_mode,
+            ev.flip_test,
+            size,
+        )
         results.update(lfw_result["rows"])
         points = {min(m["resolution"], size): m["accuracy"] for m in lfw_result["rows"].values()}
         resolution_curves[f"lfw_{lfw_result['protocol']} ({degrade_mode})"] = (
-            list(points), list(points.values())
-        )  # fmt: skip
+            list(points),
+            list(points.values()),
+        )
 
     if quality_fn is not None and ev.quality_identities > 0:
         faces, pairs = _quality_identities(config)
         results[QUALITY_SET], curves = ri_eval.quality_identity_set(
-            quality_fn, embed_array, variables, faces, pairs, int(ev.quality_images_per_identity),
-            sweep.parse_sizes(ev.quality_resolutions), size,
-            ev.quality_fmr, ev.batch_size, config.seed,
-        )  # fmt: skip
+            quality_fn,
+            embed_array,
+            variables,
+            faces,
+            pairs,
+            int(ev.quality_images_per_identity),
+            sweep.parse_sizes(ev.quality_resolutions),
+            size,
+            ev.quality_fmr,
+            ev.batch_size,
+            config.seed,
+        )
         erc_curves.update({f"{QUALITY_SET}: {kind}": erc for kind, erc in curves.items()})
 
     if ev.synthetic_tinyface_identities > 0:
@@ -291,11 +330,14 @@ def run_evaluations(
     if quality_faces is not None and len(quality_faces):
         results["quality_vs_resolution"], ri_pictures["quality_curve"] = (
             ri_eval.quality_vs_resolution(
-                quality_fn, variables, quality_faces,
-                sweep.parse_sizes(ev.quality_resolutions), size,
+                quality_fn,
+                variables,
+                quality_faces,
+                sweep.parse_sizes(ev.quality_resolutions),
+                size,
                 ev.batch_size,
             )
-        )  # fmt: skip
+        )
     if routing_faces is not None and ri_eval.has_perceptibility_attention(model):
         ri_pictures["attention"] = ri_eval.perceptibility_weights(
             model, variables, routing_faces, ev.batch_size
@@ -305,16 +347,37 @@ def run_evaluations(
         logits = routing_map.collect_router_logits(model, variables, routing_faces, ev.batch_size)
         routing = {n: routing_map.first_choice_shares(x) for n, x in logits.items()}
 
-    _write_outputs(os.path.join(workdir, outputs), step, writer, results, roc_curves, erc_curves,
-                   resolution_curves, routing, routing_faces, ev.quality_fmr, size,
-                   ri_pictures)  # fmt: skip
+    _write_outputs(
+        os.path.join(workdir, outputs),
+        step,
+        writer,
+        results,
+        roc_curves,
+        erc_curves,
+        resolution_curves,
+        routing,
+        routing_faces,
+        ev.quality_fmr,
+        size,
+        ri_pictures,
+    )
     return results
 
 
 def _write_outputs(
-    out, step, writer, results, roc_curves, erc_curves, resolution_curves,
-    routing, routing_faces, fmr, size, ri_pictures=None,
-):  # fmt: skip
+    out,
+    step,
+    writer,
+    results,
+    roc_curves,
+    erc_curves,
+    resolution_curves,
+    routing,
+    routing_faces,
+    fmr,
+    size,
+    ri_pictures=None,
+):
     for name, metrics in results.items():
         print(_format(name, metrics), flush=True)
     scalars = {f"eval/{name}/{k}": v for name, m in results.items() for k, v in m.items()}

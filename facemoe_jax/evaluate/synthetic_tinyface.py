@@ -62,14 +62,18 @@ def build_protocol(config) -> dict[str, np.ndarray]:
     settings = degrade.acquisition_settings(config.data)
     keys = [(first + i, 1 + k) for i in range(num_ids) for k in range(num_probes)]
     hr_probes = np.stack([synthetic.render_identity_image(i, k, size, seed) for i, k in keys])
-    probes = np.stack([
-        degrade.acquisition_low_resolution(image, synthetic.capture_generator(i, k, seed),
-                                           **settings)
-        for image, (i, k) in zip(hr_probes, keys)
-    ])  # fmt: skip
+    probes = np.stack(
+        [
+            degrade.acquisition_low_resolution(
+                image, synthetic.capture_generator(i, k, seed), **settings
+            )
+            for image, (i, k) in zip(hr_probes, keys)
+        ]
+    )
     gallery_ids = range(num_ids + int(ev.synthetic_tinyface_distractors))
-    gallery = np.stack([synthetic.render_identity_image(first + i, 0, size, seed)
-                        for i in gallery_ids])  # fmt: skip
+    gallery = np.stack(
+        [synthetic.render_identity_image(first + i, 0, size, seed) for i in gallery_ids]
+    )
     return {
         "probes": probes,
         "hr_probes": hr_probes,
@@ -90,9 +94,12 @@ def evaluate_synthetic_tinyface(embed_array, config, protocol=None) -> dict[str,
 
     def search(probes, ranks):
         return tinyface.rank_k_accuracy(
-            embed_array(probes), protocol["probe_labels"], gallery, protocol["gallery_labels"],
+            embed_array(probes),
+            protocol["probe_labels"],
+            gallery,
+            protocol["gallery_labels"],
             ranks=ranks,
-        )  # fmt: skip
+        )
 
     metrics = search(protocol["probes"], parse_ranks(config.eval.synthetic_tinyface_ranks))
     metrics["hr_rank1"] = search(protocol["hr_probes"], (1,))["rank1"]
