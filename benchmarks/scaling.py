@@ -146,8 +146,10 @@ def main():
                 flush=True,
             )
     largest = max(int(c) for c in args.classes.split(","))
-    ratio = (results[f"{largest}/1x8"]["state_gib_full_depth"]["centres"]
-             / results[f"{largest}/8x1"]["state_gib_full_depth"]["centres"])  # fmt: skip
+    ratio = (
+        results[f"{largest}/1x8"]["state_gib_full_depth"]["centres"]
+        / results[f"{largest}/8x1"]["state_gib_full_depth"]["centres"]
+    )
     print(json.dumps({"results": results, "ratio": round(ratio, 4)}))
 
 

@@ -73,10 +73,18 @@ def small_config(model: str, full: bool, precision: str = "f32"):
             config.model.stage_heads = (3, 6, 12)
     else:
         config.model.update(
-            name="vit_moe", image_size=112, patch_size=9, width=192 if not full else 512,
-            depth=6 if not full else 24, num_heads=4 if not full else 8, mlp_ratio=4.0,
-            moe_layers="every:2", num_experts=8, top_k=2, router_combine="raw_logits",
-        )  # fmt: skip
+            name="vit_moe",
+            image_size=112,
+            patch_size=9,
+            width=192 if not full else 512,
+            depth=6 if not full else 24,
+            num_heads=4 if not full else 8,
+            mlp_ratio=4.0,
+            moe_layers="every:2",
+            num_experts=8,
+            top_k=2,
+            router_combine="raw_logits",
+        )
     config.model.drop_path_rate = 0.0
     config.model.dtype = {"f32": "float32", "bf16": "bfloat16"}[precision]
     config.data.num_classes = NUM_CLASSES
@@ -129,20 +137,35 @@ def make_torch(config, batch_size, threads):
     m = config.model
     if m.name == "swin_moe":
         model = torch_models.SwinMoETorch(
-            image_size=m.image_size, patch_size=m.patch_size, width=m.width,
-            depths=tuple(m.depths), num_heads=tuple(m.stage_heads), window_size=m.window_size,
-            mlp_ratio=m.mlp_ratio, embed_dim=m.embed_dim, num_experts=m.num_experts,
-            top_k=m.top_k, router_combine=m.router_combine, capacity_factor=None,
+            image_size=m.image_size,
+            patch_size=m.patch_size,
+            width=m.width,
+            depths=tuple(m.depths),
+            num_heads=tuple(m.stage_heads),
+            window_size=m.window_size,
+            mlp_ratio=m.mlp_ratio,
+            embed_dim=m.embed_dim,
+            num_experts=m.num_experts,
+            top_k=m.top_k,
+            router_combine=m.router_combine,
+            capacity_factor=None,
             head_dropout=m.head_dropout,
-        )  # fmt: skip
+        )
     else:
         model = torch_models.ViTMoETorch(
-            image_size=m.image_size, patch_size=m.patch_size, width=m.width, depth=m.depth,
-            num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, embed_dim=m.embed_dim,
-            moe_layers=parse_moe_layers(m.moe_layers, m.depth), num_experts=m.num_experts,
+            image_size=m.image_size,
+            patch_size=m.patch_size,
+            width=m.width,
+            depth=m.depth,
+            num_heads=m.num_heads,
+            mlp_ratio=m.mlp_ratio,
+            embed_dim=m.embed_dim,
+            moe_layers=parse_moe_layers(m.moe_layers, m.depth),
+            num_experts=m.num_experts,
             top_k=m.top_k,
-            router_combine=m.router_combine, capacity_factor=None,
-        )  # fmt: skip
+            router_combine=m.router_combine,
+            capacity_factor=None,
+        )
     model.train()
     # The official router computes its losses from the gate logits: collect them with hooks.
     gate_logits = []
@@ -246,9 +269,11 @@ def worker(args):
     else:
         for name, run, compile_s, gflops in our_paths(args, args.models):
             out[name] = {
-                "step_s": _time_steps(run, args.steps), "compile_s": compile_s, "gflop": gflops,
+                "step_s": _time_steps(run, args.steps),
+                "compile_s": compile_s,
+                "gflop": gflops,
                 "huge_pages": huge_pages.huge_pages_on(),
-            }  # fmt: skip
+            }
             del run  # its buffers, before the next path compiles
     print(json.dumps(out))
 
@@ -259,13 +284,25 @@ def isolated(args, model_name: str):
     results = {name: [] for name in RUNNERS}
     for _ in range(args.repeats):
         for kind in WORKERS:
-            command = [
-                sys.executable, "-m", "benchmarks.train_step", "--worker", kind,
-                "--models", model_name, "--batch", str(args.batch), "--steps", str(args.steps),
-                "--precision", args.precision,
-            ] + (["--full"] if args.full else []) + (
-                ["--threads", str(args.threads)] if args.threads else []
-            )  # fmt: skip
+            command = (
+                [
+                    sys.executable,
+                    "-m",
+                    "benchmarks.train_step",
+                    "--worker",
+                    kind,
+                    "--models",
+                    model_name,
+                    "--batch",
+                    str(args.batch),
+                    "--steps",
+                    str(args.steps),
+                    "--precision",
+                    args.precision,
+                ]
+                + (["--full"] if args.full else [])
+                + (["--threads", str(args.threads)] if args.threads else [])
+            )
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode != 0:
                 sys.stderr.write(done.stderr[-4000:])
@@ -276,11 +313,13 @@ def isolated(args, model_name: str):
                 results[name].append(figures)
     return {
         name: (
-            float(np.median([r["step_s"] for r in runs])), runs[0].get("compile_s"),
-            runs[0].get("gflop"), runs[0].get("huge_pages"),
+            float(np.median([r["step_s"] for r in runs])),
+            runs[0].get("compile_s"),
+            runs[0].get("gflop"),
+            runs[0].get("huge_pages"),
         )
         for name, runs in results.items()
-    }  # fmt: skip
+    }
 
 
 def in_process(args, model_name: str):
@@ -288,22 +327,23 @@ def in_process(args, model_name: str):
     for name, run, seconds, gflop in our_paths(args, model_name):
         runs[name], compile_s[name], gflops[name] = run, seconds, gflop
     runs["pytorch"] = make_torch(
-        small_config(model_name, args.full, args.precision), args.batch,
+        small_config(model_name, args.full, args.precision),
+        args.batch,
         args.threads or os.cpu_count(),
-    )  # fmt: skip
+    )
     step_s = interleaved(runs, args.rounds, args.steps)
     on = huge_pages.huge_pages_on()
-    return {
-        name: (s, compile_s.get(name), gflops.get(name), on) for name, s in step_s.items()
-    }  # fmt: skip
+    return {name: (s, compile_s.get(name), gflops.get(name), on) for name, s in step_s.items()}
 
 
 def vs_torch(args):
     threads = args.threads or os.cpu_count()
     results = {
-        "batch": args.batch, "threads": threads, "precision": args.precision,
+        "batch": args.batch,
+        "threads": threads,
+        "precision": args.precision,
         "backend": jax.default_backend(),
-    }  # fmt: skip
+    }
     results["method"] = "in-process" if args.in_process else "isolated"
     for model_name in args.models.split(","):
         measured = (in_process if args.in_process else isolated)(args, model_name)

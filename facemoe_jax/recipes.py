@@ -11,14 +11,28 @@ def petalface(config, rank: int, head: bool, quality_mix: bool = True) -> None:
     frozen BatchNorm statistics still update (`backbone.train()`); AdamW lr 5e-4 wd 0.1 with
     linear decay; gradient clip 5 on the backbone's (= the adapters') gradients; CosFace m=0.4
     over all classes; no router losses."""
-    config.model.lora.update(rank=rank, scale=1.0, dropout=0.1, where="qkv", init="official",
-                             quality_mix=quality_mix, head=head)  # fmt: skip
+    config.model.lora.update(
+        rank=rank,
+        scale=1.0,
+        dropout=0.1,
+        where="qkv",
+        init="official",
+        quality_mix=quality_mix,
+        head=head,
+    )
     config.train.update(trainable="lora,^classifier/", update_batch_stats=True)
-    config.optimizer.update(name="adamw", learning_rate=5e-4, weight_decay=0.1,
-                            decay_power=1.0, end_learning_rate=0.0, grad_clip_norm=5.0,
-                            clip_scope="encoder")  # fmt: skip
-    config.loss.update(margin="combined", m1=1.0, m2=0.0, m3=0.4, sample_rate=1.0,
-                       z_coef=0.0, balance_coef=0.0)  # fmt: skip
+    config.optimizer.update(
+        name="adamw",
+        learning_rate=5e-4,
+        weight_decay=0.1,
+        decay_power=1.0,
+        end_learning_rate=0.0,
+        grad_clip_norm=5.0,
+        clip_scope="encoder",
+    )
+    config.loss.update(
+        margin="combined", m1=1.0, m2=0.0, m3=0.4, sample_rate=1.0, z_coef=0.0, balance_coef=0.0
+    )
 
 
 # Adaptable instance-relation distillation (arXiv 2409.02049), our reading of the abstract. The
@@ -36,9 +50,13 @@ def distillation(config, instance_weight: float, relation_weight: float, teacher
     sees LR images of records whose clean version the teacher sees: the synthetic LR identities
     are read at full resolution (`synthetic_lr_hr`) and captured in the augmenter, fresh each
     epoch (`data.acquisition_prob=1`, the `acquisition_*` settings), paired with the render."""
-    config.distill.update(teacher=teacher, instance_weight=instance_weight,
-                          relation_weight=relation_weight, instance_form="cosine",
-                          relation_form="mse")  # fmt: skip
+    config.distill.update(
+        teacher=teacher,
+        instance_weight=instance_weight,
+        relation_weight=relation_weight,
+        instance_form="cosine",
+        relation_form="mse",
+    )
     paired_lr_data(config)
     config.loss.update(z_coef=0.0, balance_coef=0.0)
 
@@ -52,8 +70,9 @@ def paired_lr_data(config) -> None:
     config.data.acquisition_prob = 1.0
 
 
-def recognizability(config, attention: bool = True, diversion: bool = True,
-                    quality_head: bool = True) -> None:  # fmt: skip
+def recognizability(
+    config, attention: bool = True, diversion: bool = True, quality_head: bool = True
+) -> None:
     """The recognizability index (losses/recognizability.py) on any encoder config: the
     unrecognizable-identity centre and RI, the index diversion loss (`diversion=False`: weight
     0, the ablation), the perceptibility attention before the embedding head (`attention=False`:

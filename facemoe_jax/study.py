@@ -88,8 +88,11 @@ def evaluation_fields(config: ml_collections.ConfigDict, settings: StudySettings
         synthetic_tinyface_ranks="1,5,10",
         routing_map_faces=0,
         every_steps=0,
-        bin_dir="", ijbb_dir="", ijbc_dir="", tinyface_dir="",
-    )  # fmt: skip
+        bin_dir="",
+        ijbb_dir="",
+        ijbc_dir="",
+        tinyface_dir="",
+    )
 
 
 def pretraining_config(base, dense: bool) -> ml_collections.ConfigDict:
@@ -101,8 +104,14 @@ def pretraining_config(base, dense: bool) -> ml_collections.ConfigDict:
     return config
 
 
-def adaptation_config(base, recipe: Recipe, settings: StudySettings, seed: int, start_dir: str,
-                      used: dict[str, str] | None = None):  # fmt: skip
+def adaptation_config(
+    base,
+    recipe: Recipe,
+    settings: StudySettings,
+    seed: int,
+    start_dir: str,
+    used: dict[str, str] | None = None,
+):
     """The pre-training config turned into the LR adaptation run of `recipe` (`used`: the
     workdirs of the rows it `uses`)."""
     config = ml_collections.ConfigDict(base.to_dict())
@@ -182,8 +191,11 @@ def ensure_pretrained(base, out: str, dense: bool, given: str | None) -> str:
     prepare_run_dir(workdir, key)
     from facemoe_jax.train.loop import train_and_evaluate
 
-    print(f"[study] pre-training the {'dense' if dense else 'MoE'} HR model in {workdir} "
-          f"({config.train.num_steps} steps)", flush=True)  # fmt: skip
+    print(
+        f"[study] pre-training the {'dense' if dense else 'MoE'} HR model in {workdir} "
+        f"({config.train.num_steps} steps)",
+        flush=True,
+    )
     t0 = time.perf_counter()
     train_and_evaluate(config, workdir)
     with epath.Path(workdir, "done.json").open("w") as f:
@@ -205,8 +217,7 @@ def evaluate_start(start_dir: str, config, row_dir: str) -> dict:
     suite.check_eval_config(config)
     variables = {"params": params["encoder"], "batch_stats": batch_stats}
     writer = make_writer(row_dir)
-    results = run_evaluations(build_model(config.model), variables, config, row_dir, step,
-                              writer)  # fmt: skip
+    results = run_evaluations(build_model(config.model), variables, config, row_dir, step, writer)
     writer.flush()
     return results
 
@@ -249,9 +260,11 @@ class Progress:
     def start(self, index: int, seed: int, recipe: Recipe, reused: bool):
         eta = self.remaining_steps * self.step_seconds + self.remaining_evals * self.eval_seconds
         state = "reused" if reused else "running"
-        print(f"[study] row {index}/{self.total}: {recipe.name} (seed {seed}) {state}; "
-              f"elapsed {format_duration(time.perf_counter() - self.t0)}, ETA {format_duration(eta)}",
-              flush=True)  # fmt: skip
+        print(
+            f"[study] row {index}/{self.total}: {recipe.name} (seed {seed}) {state}; "
+            f"elapsed {format_duration(time.perf_counter() - self.t0)}, ETA {format_duration(eta)}",
+            flush=True,
+        )
 
     def finish(self, recipe: Recipe, steps: int, seconds: float, reused: bool):
         self.remaining_evals -= 1
@@ -285,8 +298,12 @@ def run_row(base, recipe: Recipe, settings, seed: int, out: str, starts: dict) -
         )
         return key.get("fingerprint", key)
 
-    key = fingerprint(config.to_dict(), recipe.train, run_key(start_dir),
-                      *[run_key(used[name]) for name in recipe.uses])  # fmt: skip
+    key = fingerprint(
+        config.to_dict(),
+        recipe.train,
+        run_key(start_dir),
+        *[run_key(used[name]) for name in recipe.uses],
+    )
     record = _read_json(os.path.join(row_dir, "row.json"))
     if record and record.get("fingerprint") == key:
         record["reused"] = True
@@ -341,8 +358,15 @@ def order_rows(names: list[str]) -> list[Recipe]:
     return ordered
 
 
-def run_study(base, out: str, *, seeds: int = 1, recipes=None, pretrained: str | None = None,
-              settings: StudySettings = StudySettings()) -> dict:  # fmt: skip
+def run_study(
+    base,
+    out: str,
+    *,
+    seeds: int = 1,
+    recipes=None,
+    pretrained: str | None = None,
+    settings: StudySettings = StudySettings(),
+) -> dict:
     """Runs (or reads back) every row; writes table.md, results.json, hr_vs_lr.png."""
     if seeds < 1:
         raise ValueError(f"--seeds={seeds} must be >= 1")
@@ -390,8 +414,10 @@ def summarise(records: list[dict], rows: list[Recipe]) -> dict:
 
 def format_table(summary: dict) -> str:
     titles = [title for _, _, title in COLUMNS]
-    lines = ["| recipe | encoder trained | " + " | ".join(titles) + " | min/row |",
-             "|---" * (len(titles) + 3) + "|"]  # fmt: skip
+    lines = [
+        "| recipe | encoder trained | " + " | ".join(titles) + " | min/row |",
+        "|---" * (len(titles) + 3) + "|",
+    ]
     for name, entry in summary.items():
         cells = []
         for entry_name, metric, _ in COLUMNS:
@@ -434,8 +460,10 @@ def write_outputs(out, summary, records, settings, base, seconds: float) -> None
         )
     plot_trade_off(summary, os.path.join(out, "hr_vs_lr.png"))
     print(header + table, flush=True)
-    print(f"[study] done in {format_duration(seconds)}; table.md, results.json and hr_vs_lr.png in {out}",
-          flush=True)  # fmt: skip
+    print(
+        f"[study] done in {format_duration(seconds)}; table.md, results.json and hr_vs_lr.png in {out}",
+        flush=True,
+    )
 
 
 def plot_trade_off(summary: dict, path: str) -> None:
@@ -450,8 +478,9 @@ def plot_trade_off(summary: dict, path: str) -> None:
         lr = entry.get("synthetic_tinyface/rank1")
         if hr is None or lr is None:
             continue
-        ax.errorbar(100 * lr[0], 100 * hr[0], xerr=100 * lr[1], yerr=100 * hr[1], fmt="o",
-                    capsize=3)  # fmt: skip
+        ax.errorbar(
+            100 * lr[0], 100 * hr[0], xerr=100 * lr[1], yerr=100 * hr[1], fmt="o", capsize=3
+        )
         ax.annotate(name, (100 * lr[0], 100 * hr[0]), textcoords="offset points", xytext=(5, 5))
     ax.set_xlabel("LR identification rank-1 (%)")
     ax.set_ylabel("HR verification accuracy (%)")
@@ -476,15 +505,23 @@ def main(argv=None) -> int:
         "pre-trained model, with the same budget, seed and evaluation.",
     )
     parser.add_argument("--out", required=True, help="study folder (rows are reused from it)")
-    parser.add_argument("--config", default="configs/demo.py",
-                        help="pre-training config file (default: configs/demo.py)")  # fmt: skip
-    parser.add_argument("--pretrained", default=None,
-                        help="an existing HR run (workdir) to adapt instead of pre-training")  # fmt: skip
+    parser.add_argument(
+        "--config",
+        default="configs/demo.py",
+        help="pre-training config file (default: configs/demo.py)",
+    )
+    parser.add_argument(
+        "--pretrained",
+        default=None,
+        help="an existing HR run (workdir) to adapt instead of pre-training",
+    )
     parser.add_argument("--seeds", type=int, default=1, help="adaptation seeds (mean ± std)")
-    parser.add_argument("--steps", type=int, default=StudySettings.steps,
-                        help="adaptation steps per row")  # fmt: skip
-    parser.add_argument("--recipes", default="",
-                        help=f"comma list (default: all of {', '.join(RECIPES)})")  # fmt: skip
+    parser.add_argument(
+        "--steps", type=int, default=StudySettings.steps, help="adaptation steps per row"
+    )
+    parser.add_argument(
+        "--recipes", default="", help=f"comma list (default: all of {', '.join(RECIPES)})"
+    )
     args = parser.parse_args(argv)
     import jax
 
@@ -494,8 +531,14 @@ def main(argv=None) -> int:
     try:
         base = load_config(args.config)
         recipes = [r.strip() for r in args.recipes.split(",") if r.strip()] or None
-        run_study(base, args.out, seeds=args.seeds, recipes=recipes, pretrained=args.pretrained,
-                  settings=StudySettings(steps=args.steps))  # fmt: skip
+        run_study(
+            base,
+            args.out,
+            seeds=args.seeds,
+            recipes=recipes,
+            pretrained=args.pretrained,
+            settings=StudySettings(steps=args.steps),
+        )
     except (ValueError, OSError) as e:
         messages.error(e)
         return 2

@@ -77,14 +77,34 @@ def _upcycled(config):
 
 
 register(Recipe("pretrained", "HR pre-trained model, no adaptation", train=False))
-register(Recipe("classifier_only", "backbone frozen, new classifier (FaceMoE stage 1)",
-                configure=_classifier_only))  # fmt: skip
-register(Recipe("full_ft", "full fine-tuning, new classifier, no router losses",
-                configure=_full_fine_tuning))  # fmt: skip
-register(Recipe("facemoe", "FaceMoE stage 2: full fine-tuning from stage 1 + router losses x10",
-                start="classifier_only", configure=_with_router_losses))  # fmt: skip
-register(Recipe("upcycled", "dense HR pre-training upcycled to MoE, then full fine-tuning",
-                start=DENSE_PRETRAINED, configure=_upcycled))  # fmt: skip
+register(
+    Recipe(
+        "classifier_only",
+        "backbone frozen, new classifier (FaceMoE stage 1)",
+        configure=_classifier_only,
+    )
+)
+register(
+    Recipe(
+        "full_ft", "full fine-tuning, new classifier, no router losses", configure=_full_fine_tuning
+    )
+)
+register(
+    Recipe(
+        "facemoe",
+        "FaceMoE stage 2: full fine-tuning from stage 1 + router losses x10",
+        start="classifier_only",
+        configure=_with_router_losses,
+    )
+)
+register(
+    Recipe(
+        "upcycled",
+        "dense HR pre-training upcycled to MoE, then full fine-tuning",
+        start=DENSE_PRETRAINED,
+        configure=_upcycled,
+    )
+)
 
 
 def _petalface_zero_up(config):
@@ -93,13 +113,27 @@ def _petalface_zero_up(config):
 
 
 # PETALface (issue 11): the same budget from the same pre-trained model, adapters only.
-register(Recipe("petalface", "PETALface: 2 quality-mixed LoRA (rank 4) on qkv, backbone frozen",
-                configure=lambda c: recipes.petalface(c, rank=4, head=False)))  # fmt: skip
-register(Recipe("petalface_zero_up", "PETALface with B = 0 at the start (the pre-trained function)",
-                configure=_petalface_zero_up))  # fmt: skip
-register(Recipe("lora", "one LoRA (rank 4) on qkv, backbone frozen (PETALface's ablation)",
-                configure=lambda c: recipes.petalface(c, rank=4, head=False,
-                                                      quality_mix=False)))  # fmt: skip
+register(
+    Recipe(
+        "petalface",
+        "PETALface: 2 quality-mixed LoRA (rank 4) on qkv, backbone frozen",
+        configure=lambda c: recipes.petalface(c, rank=4, head=False),
+    )
+)
+register(
+    Recipe(
+        "petalface_zero_up",
+        "PETALface with B = 0 at the start (the pre-trained function)",
+        configure=_petalface_zero_up,
+    )
+)
+register(
+    Recipe(
+        "lora",
+        "one LoRA (rank 4) on qkv, backbone frozen (PETALface's ablation)",
+        configure=lambda c: recipes.petalface(c, rank=4, head=False, quality_mix=False),
+    )
+)
 
 
 def _distilled(instance_weight: float, relation_weight: float):
@@ -113,18 +147,50 @@ def _adapt_bn(config):
 
 # Adaptable instance-relation distillation (issue 12): paired LR/HR data, the same for all rows.
 W_INSTANCE, W_RELATION = recipes.DISTILL_INSTANCE_WEIGHT, recipes.DISTILL_RELATION_WEIGHT
-register(Recipe("lr_student", "full fine-tuning on paired LR captures, no distillation",
-                configure=_distilled(0.0, 0.0)))  # fmt: skip
-register(Recipe("aird_instance", "+ instance distillation from the frozen HR model",
-                configure=_distilled(W_INSTANCE, 0.0)))  # fmt: skip
-register(Recipe("aird_relation", "+ relation distillation (global batch)",
-                configure=_distilled(0.0, W_RELATION)))  # fmt: skip
-register(Recipe("aird", "+ instance and relation distillation",
-                configure=_distilled(W_INSTANCE, W_RELATION)))  # fmt: skip
-register(Recipe("aird_adapt_bn", "aird evaluated with test-time BatchNorm adaptation",
-                start="aird", configure=_adapt_bn, train=False))  # fmt: skip
-register(Recipe("lr_student_adapt_bn", "lr_student evaluated with test-time BatchNorm adaptation",
-                start="lr_student", configure=_adapt_bn, train=False))  # fmt: skip
+register(
+    Recipe(
+        "lr_student",
+        "full fine-tuning on paired LR captures, no distillation",
+        configure=_distilled(0.0, 0.0),
+    )
+)
+register(
+    Recipe(
+        "aird_instance",
+        "+ instance distillation from the frozen HR model",
+        configure=_distilled(W_INSTANCE, 0.0),
+    )
+)
+register(
+    Recipe(
+        "aird_relation",
+        "+ relation distillation (global batch)",
+        configure=_distilled(0.0, W_RELATION),
+    )
+)
+register(
+    Recipe(
+        "aird", "+ instance and relation distillation", configure=_distilled(W_INSTANCE, W_RELATION)
+    )
+)
+register(
+    Recipe(
+        "aird_adapt_bn",
+        "aird evaluated with test-time BatchNorm adaptation",
+        start="aird",
+        configure=_adapt_bn,
+        train=False,
+    )
+)
+register(
+    Recipe(
+        "lr_student_adapt_bn",
+        "lr_student evaluated with test-time BatchNorm adaptation",
+        start="lr_student",
+        configure=_adapt_bn,
+        train=False,
+    )
+)
 
 
 def _recognizability(attention: bool = True, diversion: bool = True):
@@ -140,12 +206,28 @@ def _recognizability(attention: bool = True, diversion: bool = True):
 
 
 # Recognizability index (issue 13): lr_student plus RI's parts, and without each part.
-register(Recipe("ri", "lr_student + recognizability index: c_UI, diversion loss, "
-                "perceptibility attention, quality head", configure=_recognizability()))  # fmt: skip
-register(Recipe("ri_no_diversion", "ri without the index diversion loss",
-                configure=_recognizability(diversion=False)))  # fmt: skip
-register(Recipe("ri_no_attention", "ri without the perceptibility attention",
-                configure=_recognizability(attention=False)))  # fmt: skip
+register(
+    Recipe(
+        "ri",
+        "lr_student + recognizability index: c_UI, diversion loss, "
+        "perceptibility attention, quality head",
+        configure=_recognizability(),
+    )
+)
+register(
+    Recipe(
+        "ri_no_diversion",
+        "ri without the index diversion loss",
+        configure=_recognizability(diversion=False),
+    )
+)
+register(
+    Recipe(
+        "ri_no_attention",
+        "ri without the perceptibility attention",
+        configure=_recognizability(attention=False),
+    )
+)
 
 
 def _petalface_ri_quality(config, workdirs):
@@ -153,5 +235,11 @@ def _petalface_ri_quality(config, workdirs):
     config.model.lora.quality = quality_lib.RECOGNIZABILITY + workdirs["ri"]
 
 
-register(Recipe("petalface_ri", "PETALface with `a` from the ri row's quality head (not "
-                "sharpness)", uses=("ri",), configure=_petalface_ri_quality))  # fmt: skip
+register(
+    Recipe(
+        "petalface_ri",
+        "PETALface with `a` from the ri row's quality head (not sharpness)",
+        uses=("ri",),
+        configure=_petalface_ri_quality,
+    )
+)
