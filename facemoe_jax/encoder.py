@@ -17,8 +17,6 @@ Images go through in fixed-size batches (padded), so one compilation serves any 
 
 from __future__ import annotations
 
-import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -26,17 +24,8 @@ import ml_collections
 import numpy as np
 
 from facemoe_jax.core.images import normalize_images
-
-# EXPORT_CONFIG, load_onnx and read_export_config: train/distill.py and train/init_from.py read
-# them here until they load through load_variables.
-from facemoe_jax.interop.load import (  # noqa: F401
-    EXPORT_CONFIG,
-    load_onnx,
-    load_variables,
-    read_export_config,
-)
+from facemoe_jax.interop.load import load_variables
 from facemoe_jax.models import build_model
-from facemoe_jax.models import quality as quality_lib
 from facemoe_jax.models.recognizability import has_quality_head, head_quality
 
 CONFIG_HINT = "pass config= (a run config) naming its architecture"
@@ -97,8 +86,8 @@ class FaceEncoder:
 
     @classmethod
     def from_checkpoint(cls, path: str, config: ml_collections.ConfigDict | None = None):
-        """A workdir (or its checkpoints/ dir), an export dir, a .pt/.pth/.safetensors file or
-        any ONNX face model (.onnx).
+        """A workdir (its checkpoints/ dir, or W/checkpoints/STEP), an export dir, a
+        .pt/.pth/.safetensors file or any ONNX face model (.onnx): interop/load.py.
 
         PyTorch files need the architecture: `config` (a run config), or the export's
         config.json beside the file. An ONNX file needs nothing: its graph is the architecture
@@ -179,25 +168,3 @@ class FaceEncoder:
                 f"model's input size); got {images.dtype} {images.shape}"
             )
         return images
-
-
-@functools.cache
-def _recognizability_estimator(workdir: str):
-    """config.model.lora.quality="recognizability:WORKDIR": the quality head of that model."""
-    field = f"config.model.lora.quality={quality_lib.RECOGNIZABILITY + workdir!r}"
-    if not os.path.exists(workdir):
-        raise ValueError(
-            f"{field}: {workdir} does not exist (a workdir of a run with "
-            "config.model.quality_head, its checkpoints/ or an export)"
-        )
-    try:
-        encoder = FaceEncoder.from_checkpoint(workdir)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{field}: cannot load a model from {workdir}: {e}") from None
-    try:
-        return quality_lib.recognizability_score(encoder)
-    except ValueError as e:
-        raise ValueError(f"{field}: {e}") from None
-
-
-quality_lib.register_estimator_prefix(quality_lib.RECOGNIZABILITY, _recognizability_estimator)

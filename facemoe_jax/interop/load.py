@@ -18,6 +18,7 @@ and `config.init_from`; `field` names the setting the path came from in every er
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 
@@ -25,7 +26,8 @@ import ml_collections
 import numpy as np
 
 from facemoe_jax.core import defaults
-from facemoe_jax.models import onnx_graph, onnx_model_config, registry
+from facemoe_jax.models import build_model, onnx_graph, onnx_model_config, registry
+from facemoe_jax.models import quality as quality_lib
 from facemoe_jax.models.lora import settings_from_config
 
 EXPORT_CONFIG = "config.json"
@@ -206,3 +208,35 @@ def load_onnx(path: str, config: ml_collections.ConfigDict | None = None):
         fields = {k: config.model[k] for k in keep if k in config.model}
     model_cfg = onnx_model_config(path, **fields)
     return ml_collections.ConfigDict({"model": model_cfg}), onnx_graph.onnx_variables(graph)
+
+
+# ------------------------------------------------------------------------------------------------
+# config.model.lora.quality="recognizability:WORKDIR": registered here, where models are loaded
+# (the command line's runs and FaceEncoder both import this module).
+
+
+@functools.cache
+def _recognizability_estimator(workdir: str):
+    """The quality head of the model at `workdir` as PETALface's quality estimator."""
+    field = f"config.model.lora.quality={quality_lib.RECOGNIZABILITY + workdir!r}"
+    if not os.path.exists(workdir):
+        raise ValueError(
+            f"{field}: {workdir} does not exist (a workdir of a run with "
+            "config.model.quality_head, its checkpoints/ or an export)"
+        )
+    try:
+        loaded = load_variables(workdir, field=field)
+        model = build_model(loaded.config.model)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{field}: cannot load a model from {workdir}: {e}") from None
+    variables = {
+        "params": loaded.variables["params"],
+        "batch_stats": loaded.variables.get("batch_stats", {}),
+    }
+    try:
+        return quality_lib.head_score(model, variables, int(loaded.config.model.image_size))
+    except ValueError as e:
+        raise ValueError(f"{field}: {e}") from None
+
+
+quality_lib.register_estimator_prefix(quality_lib.RECOGNIZABILITY, _recognizability_estimator)

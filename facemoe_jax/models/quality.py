@@ -61,7 +61,7 @@ def sharpness_score(images: jax.Array) -> jax.Array:
 ESTIMATORS = {"sharpness": sharpness_score}
 RECOGNIZABILITY = "recognizability:"  # + a workdir: a trained quality head as the estimator
 # prefix -> factory(rest of the name) -> estimator: estimators that load a model, which is done
-# above models/ (encoder.py registers RECOGNIZABILITY).
+# above models/ (interop/load.py registers RECOGNIZABILITY).
 _PREFIXES: dict[str, Callable[[str], Callable]] = {}
 
 
@@ -75,9 +75,13 @@ def recognizability_score(encoder):
     """A FaceEncoder's quality head as an estimator: (B, H, W, 3) in [-1, 1], any size ->
     (B,) float32 in (0, 1), what `FaceEncoder.quality` returns for the same faces (the mean of
     the face and its mirror image); faces of another size are first resized to its input."""
-    if not has_quality_head(encoder.model):
+    return head_score(encoder.model, encoder.variables, encoder.image_size)
+
+
+def head_score(model, variables: dict, size: int):
+    """`recognizability_score` of a model, its {"params", "batch_stats"} and input size."""
+    if not has_quality_head(model):
         raise ValueError("the model has no quality head (config.model.quality_head=False)")
-    model, variables, size = encoder.model, encoder.variables, encoder.image_size
 
     def score(images):
         x = images.astype(jnp.float32)
@@ -99,7 +103,7 @@ def estimator(name: str):
     if name.startswith(RECOGNIZABILITY):
         raise ValueError(
             f"config.model.lora.quality={name!r}: nothing resolves {RECOGNIZABILITY!r} in this "
-            "process (importing facemoe_jax.encoder registers it)"
+            "process (importing facemoe_jax.interop.load registers it)"
         )
     module, _, function = name.partition(":")
     if not module or not function:
