@@ -10,9 +10,15 @@ import pytest
 from facemoe_jax import study, study_rows
 from tests.train.test_step import tiny_config
 
-SETTINGS = study.StudySettings(steps=4, warmup_steps=1, lr_classes=12, lr_images_per_identity=3,
-                               verification_pairs=40, tinyface_identities=6,
-                               tinyface_distractors=10)  # fmt: skip
+SETTINGS = study.StudySettings(
+    steps=4,
+    warmup_steps=1,
+    lr_classes=12,
+    lr_images_per_identity=3,
+    verification_pairs=40,
+    tinyface_identities=6,
+    tinyface_distractors=10,
+)
 
 
 def base_config():
@@ -33,8 +39,7 @@ def rows_of(out):
 @pytest.mark.slow
 def test_rows_are_deterministic_reused_and_tabled(tmp_path, capsys):
     recipes = ["pretrained", "facemoe"]  # facemoe starts from classifier_only: 3 rows
-    first = study.run_study(base_config(), str(tmp_path / "a"), recipes=recipes,
-                            settings=SETTINGS)  # fmt: skip
+    first = study.run_study(base_config(), str(tmp_path / "a"), recipes=recipes, settings=SETTINGS)
     assert list(first) == ["pretrained", "classifier_only", "facemoe"]
     study.run_study(base_config(), str(tmp_path / "b"), recipes=recipes, settings=SETTINGS)
     a, b = rows_of(tmp_path / "a"), rows_of(tmp_path / "b")
@@ -44,8 +49,7 @@ def test_rows_are_deterministic_reused_and_tabled(tmp_path, capsys):
     assert a[1]["trainable_share"] == 0.0 and a[2]["trainable_share"] == 1.0
     # The classifier-only stage leaves the encoder's weights as they were.
     capsys.readouterr()
-    again = study.run_study(base_config(), str(tmp_path / "a"), recipes=recipes,
-                            settings=SETTINGS)  # fmt: skip
+    again = study.run_study(base_config(), str(tmp_path / "a"), recipes=recipes, settings=SETTINGS)
     out = capsys.readouterr().out
     assert out.count(" reused;") == 3 and "running" not in out
     assert again == first
@@ -85,8 +89,9 @@ def test_a_row_is_rerun_when_a_run_it_uses_changes(tmp_path, monkeypatch):
     def configure(config, workdirs):
         seen.append(workdirs)
 
-    recipe = study_rows.Recipe("test_user", "test only", uses=("full_ft",), configure=configure,
-                          train=False)  # fmt: skip
+    recipe = study_rows.Recipe(
+        "test_user", "test only", uses=("full_ft",), configure=configure, train=False
+    )
     monkeypatch.setattr(study, "evaluate_start", lambda start, config, row_dir: {})
     out = str(tmp_path)
     used = tmp_path / "seed0" / "full_ft"
@@ -102,8 +107,9 @@ def test_a_row_is_rerun_when_a_run_it_uses_changes(tmp_path, monkeypatch):
 
 
 def test_adaptation_config_is_the_lr_set_with_the_recipe_applied():
-    config = study.adaptation_config(base_config(), study_rows.RECIPES["classifier_only"], SETTINGS,
-                                     seed=2, start_dir="/x")  # fmt: skip
+    config = study.adaptation_config(
+        base_config(), study_rows.RECIPES["classifier_only"], SETTINGS, seed=2, start_dir="/x"
+    )
     assert config.data.train == "synthetic_lr" and config.data.num_classes == 12
     assert config.seed == 2 and config.init_from == "/x" and not config.init_classifier
     assert config.train.trainable == "^classifier/" and config.train.update_batch_stats
@@ -121,10 +127,19 @@ def test_adaptation_config_is_the_lr_set_with_the_recipe_applied():
 
 def test_command_line_errors_are_one_line(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "facemoe_jax.study", "--out", str(tmp_path / "s"),
-         "--config", str(tmp_path / "missing.py")],
-        capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)),
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "facemoe_jax.study",
+            "--out",
+            str(tmp_path / "s"),
+            "--config",
+            str(tmp_path / "missing.py"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: --config=")
     assert "missing.py" in result.stderr

@@ -199,16 +199,22 @@ def test_jpeg_quality_controls_the_error(face):
 def test_acquisition_is_a_small_capture_resized_back(face):
     """Without blur, noise and JPEG loss it is the clean P-pixel resize; with them it differs."""
     clean = degrade.acquisition_low_resolution(
-        face, np.random.default_rng(0), min_pixels=10, max_pixels=10, max_blur=0.0,
-        max_noise_sigma=0.0, jpeg_quality=(100, 100),
-    )  # fmt: skip
+        face,
+        np.random.default_rng(0),
+        min_pixels=10,
+        max_pixels=10,
+        max_blur=0.0,
+        max_noise_sigma=0.0,
+        jpeg_quality=(100, 100),
+    )
     assert clean.shape == face.shape and clean.dtype == np.uint8
     reference = degrade.to_resolution(face, 10)
     # JPEG at quality 100 keeps luma nearly exactly (its 4:2:0 chroma subsampling does not).
     luma = np.array([0.299, 0.587, 0.114])
     assert np.abs((clean.astype(float) - reference) @ luma).mean() < 1.5
-    settings = dict(min_pixels=8, max_pixels=16, max_blur=0.5, max_noise_sigma=6.0,
-                    jpeg_quality=(30, 80))  # fmt: skip
+    settings = dict(
+        min_pixels=8, max_pixels=16, max_blur=0.5, max_noise_sigma=6.0, jpeg_quality=(30, 80)
+    )
     a = degrade.acquisition_low_resolution(face, np.random.default_rng(5), **settings)
     b = degrade.acquisition_low_resolution(face, np.random.default_rng(5), **settings)
     np.testing.assert_array_equal(a, b)  # a pure function of the generator

@@ -94,8 +94,16 @@ def test_pairs_bin_evaluates_like_the_folder_protocol(tmp_path, capsys):
     for f, idx in enumerate(verification.contiguous_folds(len(pairs), 10)):
         assert (folds[idx] == f).all()
     out = tmp_path / "out" / "lfw.bin"
-    pack.main(["--pairs", "pairs.txt", "--images", str(tmp_path / lfw_pairs.ALIGNED_FOLDER),
-               "--out", str(out)])  # fmt: skip
+    pack.main(
+        [
+            "--pairs",
+            "pairs.txt",
+            "--images",
+            str(tmp_path / lfw_pairs.ALIGNED_FOLDER),
+            "--out",
+            str(out),
+        ]
+    )
     assert "wrote" in capsys.readouterr().out
     bins, bin_same = bin_file.read_bin_raw(str(out))
     aligned = tmp_path / lfw_pairs.ALIGNED_FOLDER
@@ -106,8 +114,9 @@ def test_pairs_bin_evaluates_like_the_folder_protocol(tmp_path, capsys):
     from_bin = verification.verification_metrics(
         toy_embed(images_a, False), toy_embed(images_b, False), bin_same
     )
-    folder = lfw.evaluate_lfw(toy_embed, str(tmp_path), "pairs.txt", (32,), model_size=32,
-                              thresholds="grid")  # fmt: skip
+    folder = lfw.evaluate_lfw(
+        toy_embed, str(tmp_path), "pairs.txt", (32,), model_size=32, thresholds="grid"
+    )
     row = folder["rows"]["lfw_view2@32px"]
     for key in ("accuracy", "accuracy_std", "best_threshold", "tar@far=1e-3"):
         assert row[key] == pytest.approx(from_bin[key], abs=1e-12), key

@@ -352,10 +352,8 @@ def test_fused_record_stream_equals_grain_shuffle_repeat_map_random_map():
 
 # ---- Decoding what real folders hold: every kind to uint8 RGB, against numpy references.
 
-LFW = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-    "..", "shared", "realfaces", "lfw", "aligned112",
-)  # fmt: skip
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+LFW = os.path.join(REPO, "..", "shared", "realfaces", "lfw", "aligned112")
 
 
 def colour_image(height=24, width=32, seed=0) -> np.ndarray:
@@ -380,10 +378,16 @@ def encode(ext: str, image: np.ndarray, *params) -> bytes:
 def exif_orientation_segment(orientation: int) -> bytes:
     """A JPEG APP1 segment holding an EXIF IFD with only the Orientation tag (0x0112)."""
     tiff = (
-        b"MM\x00\x2a" + (8).to_bytes(4, "big") + (1).to_bytes(2, "big")
-        + (0x0112).to_bytes(2, "big") + (3).to_bytes(2, "big") + (1).to_bytes(4, "big")
-        + orientation.to_bytes(2, "big") + b"\x00\x00" + (0).to_bytes(4, "big")
-    )  # fmt: skip
+        b"MM\x00\x2a"
+        + (8).to_bytes(4, "big")
+        + (1).to_bytes(2, "big")
+        + (0x0112).to_bytes(2, "big")
+        + (3).to_bytes(2, "big")
+        + (1).to_bytes(4, "big")
+        + orientation.to_bytes(2, "big")
+        + b"\x00\x00"
+        + (0).to_bytes(4, "big")
+    )
     payload = b"Exif\x00\x00" + tiff
     return b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload
 
@@ -408,14 +412,14 @@ def test_decode_converts_every_kind_to_8_bit_rgb_against_numpy():
             encode(".pbm", (grey > 100).astype(np.uint8) * 255),
             np.dstack([(grey > 100) * 255] * 3),
             ("greyscale",),
-        ),  # fmt: skip
+        ),
         "16-bit png": (encode(".png", deep), scaled, ("16-bit",)),
         "16-bit tiff": (encode(".tiff", deep), scaled, ("16-bit",)),
         "16-bit grey png": (
             encode(".png", deep[..., 0]),
             np.dstack([scaled[..., 0]] * 3),
             ("greyscale", "16-bit"),
-        ),  # fmt: skip
+        ),
         "alpha png": (encode(".png", alpha), rgb, ("alpha",)),  # alpha dropped, colour kept
     }
     for name, (data, want, conversions) in cases.items():

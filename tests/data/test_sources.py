@@ -94,10 +94,16 @@ def test_class_count_zero_comes_from_the_data_and_a_given_one_must_match(tmp_pat
 
 
 SHIPPED_CONFIGS = [
-    ("demo", None), ("aird", None), ("recognizability", None), ("vit_b_moe", None),
-    ("iresnet", "r50"), ("petalface", "tinyface"), ("petalface", "demo"),
-    ("swin_moe_120", "wf4m"), ("swin_moe_120", "tinyface_full"),
-]  # fmt: skip
+    ("demo", None),
+    ("aird", None),
+    ("recognizability", None),
+    ("vit_b_moe", None),
+    ("iresnet", "r50"),
+    ("petalface", "tinyface"),
+    ("petalface", "demo"),
+    ("swin_moe_120", "wf4m"),
+    ("swin_moe_120", "tinyface_full"),
+]
 
 
 @pytest.mark.parametrize("name, arg", SHIPPED_CONFIGS)

@@ -42,8 +42,11 @@ class TinyCNN(nn.Module):
 @pytest.fixture(scope="module")
 def cnn():
     model = TinyCNN()
-    variables = dict(jax.jit(lambda k, x: model.init(k, x, train=False))(
-        jax.random.key(0), jnp.zeros((2, 8, 8, 3))))  # fmt: skip
+    variables = dict(
+        jax.jit(lambda k, x: model.init(k, x, train=False))(
+            jax.random.key(0), jnp.zeros((2, 8, 8, 3))
+        )
+    )
     # Running statistics unlike any batch's, and a non-trivial scale and bias.
     variables["batch_stats"] = jax.tree.map(lambda s: s + 0.3, variables["batch_stats"])
     variables["params"] = jax.tree.map(
@@ -55,11 +58,13 @@ def cnn():
 def train_mode(variables, images):
     """Flax's training-mode forward without dropout: (outputs, batch statistics per layer)."""
     x = (jnp.asarray(images, jnp.float32) / 255.0 - 0.5) / 0.5
-    (out, _), mutated = TinyCNN(dropout=0.0).apply(variables, x, train=True,
-                                                   mutable=["batch_stats"])  # fmt: skip
+    (out, _), mutated = TinyCNN(dropout=0.0).apply(
+        variables, x, train=True, mutable=["batch_stats"]
+    )
     m = MOMENTUM
-    batch = jax.tree.map(lambda new, old: (new - m * old) / (1 - m), mutated["batch_stats"],
-                         variables["batch_stats"])  # fmt: skip
+    batch = jax.tree.map(
+        lambda new, old: (new - m * old) / (1 - m), mutated["batch_stats"], variables["batch_stats"]
+    )
     return np.asarray(out), batch
 
 
@@ -71,8 +76,9 @@ def test_per_batch_mode_is_training_mode_batch_norm_without_dropout(cnn):
     model, variables = cnn
     adaptation = adapt_bn.BatchNormAdaptation(model, "per_batch", flip_test=False)
     ours = adaptation.embed_per_batch(variables, IMAGES, batch_size=5)
-    expected = np.concatenate([train_mode(variables, IMAGES[:5])[0],
-                               train_mode(variables, IMAGES[5:])[0]])  # fmt: skip
+    expected = np.concatenate(
+        [train_mode(variables, IMAGES[:5])[0], train_mode(variables, IMAGES[5:])[0]]
+    )
     np.testing.assert_allclose(ours, expected, rtol=2e-4, atol=2e-4)
 
 
@@ -85,10 +91,14 @@ def test_cumulative_statistics_average_the_batches_and_leave_every_parameter(cnn
     expected = jax.tree.map(lambda a, b, c: (4 * a + 4 * b + 2 * c) / 10, *stats)
     assert_trees_close(adapted["batch_stats"], expected, rtol=1e-4, atol=1e-5)
     # Every parameter bit-identical; every statistic changed.
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
-                 adapted["params"], variables["params"])  # fmt: skip
-    changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), adapted["batch_stats"],
-                           variables["batch_stats"])  # fmt: skip
+    jax.tree.map(
+        lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+        adapted["params"],
+        variables["params"],
+    )
+    changed = jax.tree.map(
+        lambda a, b: not np.array_equal(a, b), adapted["batch_stats"], variables["batch_stats"]
+    )
     assert all(jax.tree.leaves(changed))
     # num_batches bounds the images used: 1 batch = the first 4 images only.
     first = adaptation.adapted_variables(variables, IMAGES, batch_size=4, num_batches=1)
@@ -101,8 +111,9 @@ def test_vit_adapts_only_its_head_batch_norms(tiny_model):
     adapted = adapt_bn.BatchNormAdaptation(model).adapted_variables(variables, images, 3)
     assert sorted(adapted["batch_stats"]) == ["feature_bn1", "feature_bn2"]
     assert adapted["params"] is variables["params"]
-    assert not np.allclose(adapted["batch_stats"]["feature_bn2"]["var"],
-                           variables["batch_stats"]["feature_bn2"]["var"])  # fmt: skip
+    assert not np.allclose(
+        adapted["batch_stats"]["feature_bn2"]["var"], variables["batch_stats"]["feature_bn2"]["var"]
+    )
 
 
 def test_face_encoder_adapt_returns_a_new_encoder(tiny_model):
@@ -142,9 +153,15 @@ def test_suite_adapts_each_embedded_set_on_its_own_images(tiny_model, tmp_path):
 
     config, model, variables = tiny_model
     config = ml_collections.ConfigDict(config.to_dict())
-    config.eval.update(synthetic_pairs=20, low_resolution_sets="", routing_map_faces=0,
-                       synthetic_tinyface_identities=0, batch_size=20, adapt_bn="cumulative",
-                       adapt_bn_batches=1)  # fmt: skip
+    config.eval.update(
+        synthetic_pairs=20,
+        low_resolution_sets="",
+        routing_map_faces=0,
+        synthetic_tinyface_identities=0,
+        batch_size=20,
+        adapt_bn="cumulative",
+        adapt_bn_batches=1,
+    )
     results = suite.run_evaluations(model, variables, config, str(tmp_path), 1, RecordingWriter())
     images_a, images_b, issame = synthetic.verification_pairs(
         num_pairs=20, image_size=48, seed=config.seed

@@ -78,30 +78,46 @@ def test_resize_matches_the_official_hq_script(tmp_path):
     # face becomes 120x120; then torch.flip over the width for the mirror embedding and
     # (x/255 - 0.5)/0.5 (the embedder's job, tested in test_tinyface.py).
     rng = np.random.default_rng(5)
-    noise = [cv2.GaussianBlur(rng.uniform(0, 255, (112, 112, 3)).astype(np.float32), (0, 0), 1.2)
-             for _ in range(4)]  # fmt: skip
+    noise = [
+        cv2.GaussianBlur(rng.uniform(0, 255, (112, 112, 3)).astype(np.float32), (0, 0), 1.2)
+        for _ in range(4)
+    ]
     faces = np.clip((np.stack(noise) - 127.5) * 4 + 128, 0, 255).astype(np.uint8)
     jpegs = [bin_lib.encode_image(f, ".jpg") for f in faces]
     path = tmp_path / "lfw.bin"
     path.write_bytes(_python2_pickle(jpegs, [True, False]))
     images_a, images_b, _ = bin_lib.load_bin(str(path), image_size=120)
     got = np.stack([images_a[0], images_b[0], images_a[1], images_b[1]])
-    decoded = [cv2.cvtColor(cv2.imdecode(np.frombuffer(j, np.uint8), 1), cv2.COLOR_BGR2RGB)
-               for j in jpegs]  # fmt: skip
+    decoded = [
+        cv2.cvtColor(cv2.imdecode(np.frombuffer(j, np.uint8), 1), cv2.COLOR_BGR2RGB) for j in jpegs
+    ]
     expected = np.stack([cv2.resize(d, (120, 120), interpolation=cv2.INTER_CUBIC) for d in decoded])
     assert int(np.abs(got.astype(int) - expected).max()) == 0
-    bilinear = np.stack([cv2.resize(d, (120, 120), interpolation=cv2.INTER_LINEAR)
-                         for d in decoded])  # fmt: skip
+    bilinear = np.stack(
+        [cv2.resize(d, (120, 120), interpolation=cv2.INTER_LINEAR) for d in decoded]
+    )
     assert np.abs(bilinear.astype(int) - expected).mean() > 1.0  # the old filter: measured 4.8
 
 
 def test_write_synthetic_creates_the_parent_folder(tmp_path):
     out = tmp_path / "runs" / "bins" / "heldout.bin"
     result = subprocess.run(
-        [sys.executable, "-m", "facemoe_jax.evaluate.bin", "--write-synthetic", str(out),
-         "--pairs", "4", "--image-size", "16"],
-        capture_output=True, text=True, cwd=REPO, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "facemoe_jax.evaluate.bin",
+            "--write-synthetic",
+            str(out),
+            "--pairs",
+            "4",
+            "--image-size",
+            "16",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     images_a, _, issame = bin_lib.load_bin(str(out))
     assert images_a.shape == (4, 16, 16, 3) and len(issame) == 4

@@ -60,9 +60,15 @@ def test_align_face_moves_landmarks_onto_the_template(alignment):
 # 112x112 ArcFace template below (float32); cv2.warpAffine to (112, 112) with the default bilinear
 # filter and borderValue 0; cv2.resize to (120, 120) with the default filter (bilinear); BGR -> RGB.
 OFFICIAL_TEMPLATE_112 = np.array(
-    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655],
-     [70.7299, 92.2041]], np.float32
-)  # fmt: skip
+    [
+        [38.2946, 51.6963],
+        [73.5318, 51.5014],
+        [56.0252, 71.7366],
+        [41.5493, 92.3655],
+        [70.7299, 92.2041],
+    ],
+    np.float32,
+)
 
 
 def _official_ijb_face(path, landmarks, size=120):

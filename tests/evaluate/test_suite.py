@@ -97,9 +97,16 @@ def test_run_evaluations_every_format(tiny_model, tmp_path, capsys):
     ):
         assert re.search(rf"^embed {label}: (\d+)/\1 images in \d+m\d\ds", out, re.M), label
     assert set(results) == {
-        "synthetic", "synthetic@8px", "synthetic@48px", "synthetic@probe8px",
-        "synthetic@probe48px", "heldout", "ijbc", "tinyface", "synthetic_tinyface",
-    }  # fmt: skip
+        "synthetic",
+        "synthetic@8px",
+        "synthetic@48px",
+        "synthetic@probe8px",
+        "synthetic@probe48px",
+        "heldout",
+        "ijbc",
+        "tinyface",
+        "synthetic_tinyface",
+    }
     assert set(results["synthetic_tinyface"]) == {"rank1", "rank5", "rank10", "hr_rank1"}
     assert results["heldout"] == results["synthetic"]
     unchanged = {k: v for k, v in results["synthetic"].items() if k != "erc_auc"}
@@ -156,15 +163,22 @@ def test_a_quality_head_gets_the_identity_pair_set(tmp_path, capsys):
 
     config = tiny_config()
     config.model.update(quality_head=True)
-    config.eval.update(synthetic_pairs=20, low_resolution_sets="", quality_identities=3,
-                       quality_images_per_identity=3, quality_resolution_faces=4,
-                       routing_map_faces=0, quality_fmr=0.1)  # fmt: skip
+    config.eval.update(
+        synthetic_pairs=20,
+        low_resolution_sets="",
+        quality_identities=3,
+        quality_images_per_identity=3,
+        quality_resolution_faces=4,
+        routing_map_faces=0,
+        quality_fmr=0.1,
+    )
     model = build_model(config.model)
     variables = jax.jit(lambda r, x: model.init(r, x, train=False))(
         jax.random.PRNGKey(0), jnp.zeros((2, 48, 48, 3))
     )
-    results = suite.run_evaluations(model, dict(variables), config, str(tmp_path), 3,
-                                    RecordingWriter())  # fmt: skip
+    results = suite.run_evaluations(
+        model, dict(variables), config, str(tmp_path), 3, RecordingWriter()
+    )
     quality_set = results[suite.QUALITY_SET]
     assert quality_set["pairs"] == 2 * 3 * 3
     for prefix in ("", "mixed_"):

@@ -11,8 +11,12 @@ from facemoe_jax.evaluate import synthetic_tinyface, tinyface
 def protocol_config(**eval_fields):
     config = common.get_base_config()
     config.model.image_size = 32
-    config.eval.update(synthetic_tinyface_identities=4, synthetic_tinyface_probes=2,
-                       synthetic_tinyface_distractors=3, **eval_fields)  # fmt: skip
+    config.eval.update(
+        synthetic_tinyface_identities=4,
+        synthetic_tinyface_probes=2,
+        synthetic_tinyface_distractors=3,
+        **eval_fields,
+    )
     return config
 
 

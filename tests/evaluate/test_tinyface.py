@@ -28,8 +28,9 @@ def test_rank_k_matches_brute_force(block_size):
     gallery = np.r_[centres, centres, rng.normal(size=(50, 8))] + rng.normal(0, 0.9, (74, 8))
     probe_labels = np.r_[np.arange(12), np.arange(6), 99]  # 99 has no match: always a miss
     probe = np.r_[centres, centres[:6], rng.normal(size=(1, 8))] + rng.normal(0, 0.9, (19, 8))
-    got = tinyface.rank_k_accuracy(probe, probe_labels, gallery, gallery_labels, (1, 5, 20),
-                                   block_size)  # fmt: skip
+    got = tinyface.rank_k_accuracy(
+        probe, probe_labels, gallery, gallery_labels, (1, 5, 20), block_size
+    )
     expected = _brute_force_rank_k(probe, probe_labels, gallery, gallery_labels, (1, 5, 20))
     assert got == pytest.approx(expected, abs=1e-12)
     assert 0 < got["rank1"] < got["rank20"] < 1
@@ -61,13 +62,17 @@ def _make_tinyface(root, mat_dir=None, wrong_id=False):
         mat_dir.mkdir(exist_ok=True)
         cells = np.empty((2, 1), object)
         cells[0, 0], cells[1, 0] = np.array(["9_1.jpg"]), np.array(["7_1.jpg"])
-        scipy.io.savemat(mat_dir / "probe_img_ID_pairs.mat",
-                         {"probe_set": cells, "probe_ids": np.array([[9], [8 if wrong_id else 7]])})  # fmt: skip
+        scipy.io.savemat(
+            mat_dir / "probe_img_ID_pairs.mat",
+            {"probe_set": cells, "probe_ids": np.array([[9], [8 if wrong_id else 7]])},
+        )
         cells = np.empty((3, 1), object)
         for i, n in enumerate(["7_2.jpg", "9_2.jpg", "7_3.jpg"]):
             cells[i, 0] = np.array([n])
-        scipy.io.savemat(mat_dir / "gallery_match_img_ID_pairs.mat",
-                         {"gallery_set": cells, "gallery_ids": np.array([[7], [9], [7]])})  # fmt: skip
+        scipy.io.savemat(
+            mat_dir / "gallery_match_img_ID_pairs.mat",
+            {"gallery_set": cells, "gallery_ids": np.array([[7], [9], [7]])},
+        )
 
 
 def test_protocol_from_mat_files(tmp_path):
@@ -75,17 +80,21 @@ def test_protocol_from_mat_files(tmp_path):
     protocol = tinyface.TinyFaceProtocol(str(tmp_path / "aligned"), str(tmp_path / "mats"))
     assert [p.split("/")[-1] for p in protocol.probe_paths] == ["9_1.png", "7_1.png"]
     np.testing.assert_array_equal(protocol.probe_labels, [9, 7])
-    assert [p.split("/")[-1] for p in protocol.gallery_paths] == [
-        "7_2.png", "9_2.png", "7_3.png", "d_0.png", "d_1.png"
-    ]  # fmt: skip
+    gallery = ["7_2.png", "9_2.png", "7_3.png", "d_0.png", "d_1.png"]
+    assert [p.split("/")[-1] for p in protocol.gallery_paths] == gallery
     np.testing.assert_array_equal(protocol.gallery_labels, [7, 9, 7, -100, -100])
     assert protocol.load(protocol.probe_paths[0], 48).shape == (48, 48, 3)
 
     # Hand-made features: probe 9 is nearest a distractor, then its match; probe 7 its match.
     feats = {
-        "9_1": [1, 0], "7_1": [0, 1], "7_2": [0.2, 1], "9_2": [1, 0.6],
-        "7_3": [-1, 0.1], "d_0": [1, 0.1], "d_1": [-1, -1],
-    }  # fmt: skip
+        "9_1": [1, 0],
+        "7_1": [0, 1],
+        "7_2": [0.2, 1],
+        "9_2": [1, 0.6],
+        "7_3": [-1, 0.1],
+        "d_0": [1, 0.1],
+        "d_1": [-1, -1],
+    }
 
     def features_of(paths):
         return np.array([feats[p.split("/")[-1][:-4]] for p in paths], float)

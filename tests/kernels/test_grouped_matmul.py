@@ -79,8 +79,7 @@ def test_chunk_sizes_and_choices():
             grouped_matmul.chunk_sizes(bad)
     # Chunks shrink as the hidden width grows (a chunk's hidden block stays cache-sized), within
     # 256..1024 rows; blocks are small where there are many rows, smaller where there are few.
-    assert [grouped_matmul.choose_chunk_rows(h) for h in (96, 384, 768, 1536, 6144)] == [
-        1024, 1024, 512, 256, 256,
-    ]  # fmt: skip
+    chunk_rows = {96: 1024, 384: 1024, 768: 512, 1536: 256, 6144: 256}  # hidden width -> rows
+    assert {h: grouped_matmul.choose_chunk_rows(h) for h in chunk_rows} == chunk_rows
     assert grouped_matmul.choose_block_size(12800, 3) == 32
     assert grouped_matmul.choose_block_size(64, 8) == 8

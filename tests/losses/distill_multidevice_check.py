@@ -45,8 +45,11 @@ def losses_report(mesh):
         sharded = float(jax.jit(fn)(s, t))
         one = jax.devices()[0]
         single = float(jax.jit(fn)(jax.device_put(student, one), jax.device_put(target, one)))
-        report[name] = {"sharded": sharded, "single": single,
-                        "spec_data_axes": len(s.sharding.device_set) == 8}  # fmt: skip
+        report[name] = {
+            "sharded": sharded,
+            "single": single,
+            "spec_data_axes": len(s.sharding.device_set) == 8,
+        }
     return report
 
 
@@ -54,9 +57,16 @@ def train_step_report(mesh):
     config = tiny_config(num_classes=8)
     config.model.update(moe_layers="none", depth=1)
     config.loss.class_rows_multiple = 8
-    config.distill = ml_collections.ConfigDict(dict(
-        teacher="unused", instance_weight=2.0, relation_weight=10.0, instance_form="cosine",
-        relation_form="mse", temperature=0.1))  # fmt: skip
+    config.distill = ml_collections.ConfigDict(
+        dict(
+            teacher="unused",
+            instance_weight=2.0,
+            relation_weight=10.0,
+            instance_form="cosine",
+            relation_form="mse",
+            temperature=0.1,
+        )
+    )
     model = build_model(config.model)
     teacher_config = tiny_config()
     teacher_config.model.update(moe_layers="none", width=16, num_heads=2, depth=1)
@@ -85,19 +95,31 @@ def train_step_report(mesh):
         mesh_batch = mesh_lib.global_batch(batch, mesh)
         mesh_teacher = jax.device_put(teacher_variables, mesh_lib.replicated(mesh))
         mesh_grads, (_, _, sharded) = grad_fn(placed.params, placed, mesh_batch, mesh_teacher)
-    diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
-               for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(mesh_grads)))  # fmt: skip
+    diff = max(
+        float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(mesh_grads))
+    )
     scale = max(float(np.max(np.abs(np.asarray(a)))) for a in jax.tree.leaves(grads))
     keys = ("train/distill_instance", "train/distill_relation", "train/loss")
-    return {"single": {k: float(single[k]) for k in keys},
-            "sharded": {k: float(sharded[k]) for k in keys},
-            "grad_diff": diff, "grad_scale": scale}  # fmt: skip
+    return {
+        "single": {k: float(single[k]) for k in keys},
+        "sharded": {k: float(sharded[k]) for k in keys},
+        "grad_diff": diff,
+        "grad_scale": scale,
+    }
 
 
 def main():
     mesh = mesh_lib.make_mesh(ml_collections.ConfigDict({"data": 8, "expert": 1}))
-    print(json.dumps({"devices": jax.device_count(), "losses": losses_report(mesh),
-                      "train_step": train_step_report(mesh)}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "devices": jax.device_count(),
+                "losses": losses_report(mesh),
+                "train_step": train_step_report(mesh),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -42,9 +42,15 @@ def main():
 
     def loss(emb, cen, axes):
         value, metrics = classifier.sharded_margin_classifier_loss(
-            emb, cen, LABELS, key, sample_rate=RATE, margin_fn=COSFACE,
-            num_classes=NUM_CLASSES, class_axes=axes,
-        )  # fmt: skip
+            emb,
+            cen,
+            LABELS,
+            key,
+            sample_rate=RATE,
+            margin_fn=COSFACE,
+            num_classes=NUM_CLASSES,
+            class_axes=axes,
+        )
         return value, metrics["partial_fc/effective_rate"]
 
     grad_fn = jax.jit(jax.value_and_grad(loss, argnums=1, has_aux=True), static_argnums=2)

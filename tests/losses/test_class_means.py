@@ -33,8 +33,9 @@ def test_class_means_average_then_forget_like_numpy():
     for step in range(6):
         labels = np.array([0, 0, 1, 2, 2, 2, 2, step % classes])  # class 2: 4 > window at once
         e = rng.normal(size=(len(labels), dim))
-        state = class_means.update(state, jnp.asarray(e, jnp.float32), labels, window,
-                                  class_axes=())  # fmt: skip
+        state = class_means.update(
+            state, jnp.asarray(e, jnp.float32), labels, window, class_axes=()
+        )
         mean, count = numpy_class_means(mean, count, e, labels, window)
         np.testing.assert_allclose(np.asarray(state["mean"]), mean, atol=1e-5)
         np.testing.assert_allclose(np.asarray(state["count"]), count)
@@ -42,7 +43,8 @@ def test_class_means_average_then_forget_like_numpy():
     first = {"mean": jnp.zeros((2, dim)), "count": jnp.zeros((2,))}
     images = rng.normal(size=(window, dim))
     for image in images:
-        first = class_means.update(first, jnp.asarray(image[None], jnp.float32),
-                                  np.array([1]), window, class_axes=())  # fmt: skip
+        first = class_means.update(
+            first, jnp.asarray(image[None], jnp.float32), np.array([1]), window, class_axes=()
+        )
     np.testing.assert_allclose(np.asarray(first["mean"][1]), unit(images).mean(0), atol=1e-6)
     np.testing.assert_allclose(np.asarray(first["mean"][0]), 0.0)  # untouched row

@@ -232,9 +232,13 @@ def test_low_rate_keeps_only_the_positives_and_warns(capfd, monkeypatch):
 
     def loss_fn(centers):
         return margin_classifier_loss(
-            jnp.asarray(emb, jnp.float32), centers, labels, jax.random.PRNGKey(0),
-            sample_rate=0.3, margin_fn=COSFACE,
-        )  # fmt: skip
+            jnp.asarray(emb, jnp.float32),
+            centers,
+            labels,
+            jax.random.PRNGKey(0),
+            sample_rate=0.3,
+            margin_fn=COSFACE,
+        )
 
     (loss, metrics), grad = jax.value_and_grad(loss_fn, has_aux=True)(
         jnp.asarray(centers, jnp.float32)

@@ -67,9 +67,12 @@ def test_train_mode_updates_batch_statistics_with_pytorch_momentum():
     @jax.jit
     def run(variables):
         (_, aux), state = model.apply(
-            variables, x, train=True, mutable=["batch_stats", "intermediates"],
+            variables,
+            x,
+            train=True,
+            mutable=["batch_stats", "intermediates"],
             capture_intermediates=lambda mdl, _: mdl.name == "fc",
-        )  # fmt: skip
+        )
         return aux, state, model.apply(variables, x)[0]
 
     aux, state, eval_out = run(variables)
@@ -93,8 +96,9 @@ def test_dropout_acts_only_in_training():
     @jax.jit
     def outputs(key):
         def train(m):
-            return m.apply(variables, x, train=True, mutable=["batch_stats"],
-                           rngs={"dropout": key})[0][0]  # fmt: skip
+            return m.apply(
+                variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": key}
+            )[0][0]
 
         return (
             model.apply(variables, x)[0],
@@ -113,10 +117,15 @@ def test_bfloat16_body_with_float32_statistics_and_head():
     model = build_model(cfg)
     x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (4, 16, 16, 3)), jnp.float32)
     variables = jax.jit(model.init)(jax.random.key(0), x)
-    (emb, _), state = jax.jit(lambda v: model.apply(
-        v, x, train=True, mutable=["batch_stats", "intermediates"],
-        capture_intermediates=lambda mdl, _: mdl.name in ("layer2_1", "bn2", "fc"),
-    ))(variables)  # fmt: skip
+    (emb, _), state = jax.jit(
+        lambda v: model.apply(
+            v,
+            x,
+            train=True,
+            mutable=["batch_stats", "intermediates"],
+            capture_intermediates=lambda mdl, _: mdl.name in ("layer2_1", "bn2", "fc"),
+        )
+    )(variables)
     inter = state["intermediates"]
     assert inter["layer2_1"]["__call__"][0].dtype == jnp.bfloat16
     assert inter["bn2"]["__call__"][0].dtype == jnp.bfloat16

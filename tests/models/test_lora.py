@@ -12,18 +12,25 @@ def numpy_reference(params, x, a, scale):
     """y = W x + b + s B1 A1 ((1 - a) x) + s B2 A2 (a x) with row-vector kernels (in, out)."""
     y = x @ params["kernel"] + params["bias"]
     a = a.reshape(-1, *([1] * (x.ndim - 1)))
-    y = y + scale * (((1 - a) * x) @ params["trainable_lora_down"]["kernel"]
-                     @ params["trainable_lora_up"]["kernel"])  # fmt: skip
-    return y + scale * ((a * x) @ params["trainable_lora_down2"]["kernel"]
-                        @ params["trainable_lora_up2"]["kernel"])  # fmt: skip
+    y = y + scale * (
+        ((1 - a) * x)
+        @ params["trainable_lora_down"]["kernel"]
+        @ params["trainable_lora_up"]["kernel"]
+    )
+    return y + scale * (
+        (a * x) @ params["trainable_lora_down2"]["kernel"] @ params["trainable_lora_up2"]["kernel"]
+    )
 
 
 @pytest.mark.parametrize("a_value", [None, 0.0, 1.0])
 def test_quality_mixed_adapters_match_numpy(a_value):
     layer = LoRADense(features=6, rank=2, scale=0.7, adapter_init="official")
     x = np.random.default_rng(0).normal(size=(3, 5, 4)).astype(np.float32)  # (B, tokens, C)
-    a = (np.array([0.1, 0.5, 1.3], np.float32) if a_value is None
-         else np.full(3, a_value, np.float32))  # fmt: skip
+    a = (
+        np.array([0.1, 0.5, 1.3], np.float32)
+        if a_value is None
+        else np.full(3, a_value, np.float32)
+    )
     params = layer.init(jax.random.key(0), x, jnp.asarray(a))["params"]
     assert params["trainable_lora_down"]["kernel"].shape == (4, 2)
     assert params["trainable_lora_up2"]["kernel"].shape == (2, 6)

@@ -39,8 +39,8 @@ def test_parameter_count_is_the_official(blocks, scale, official):
         assert params["layers_1"]["layers_0"]["kernel"].shape == (3, 3, scale, 64 * scale)
     else:  # a Residual of DepthWise blocks with 128 hidden channels
         assert len(params["layers_1"]) == blocks[0]
-        assert params["layers_1"]["layers_0"]["layers_1"]["layers_0"]["kernel"].shape == (
-            3, 3, 1, 128)  # fmt: skip
+        depthwise = params["layers_1"]["layers_0"]["layers_1"]["layers_0"]
+        assert depthwise["kernel"].shape == (3, 3, 1, 128)
     assert len(params["layers_5"]) == blocks[2]
 
 
@@ -79,9 +79,12 @@ def test_bfloat16_layers_with_float32_head_and_statistics():
     @jax.jit
     def run(v):
         return model.apply(
-            v, x, train=True, mutable=["batch_stats", "intermediates"],
+            v,
+            x,
+            train=True,
+            mutable=["batch_stats", "intermediates"],
             capture_intermediates=lambda mdl, _: mdl.name in ("layers_7", "conv_sep"),
-        )  # fmt: skip
+        )
 
     (emb, _), state = run(variables)
     inter = state["intermediates"]

@@ -28,8 +28,13 @@ def vit_config(**overrides):
 def mbf_tiny(**overrides):
     # MobileFaceNet's first layer is not linear: its quality head reads the stem's statistics.
     overrides.setdefault("quality_head_input", "patch+embedding")
-    return mbf_config(image_size=16, embed_dim=16, mobilefacenet_blocks=(1, 1, 1, 1),
-                      mobilefacenet_scale=1, **overrides)  # fmt: skip
+    return mbf_config(
+        image_size=16,
+        embed_dim=16,
+        mobilefacenet_blocks=(1, 1, 1, 1),
+        mobilefacenet_scale=1,
+        **overrides,
+    )
 
 
 # A token encoder and a feature-map one: the four encoders share `attend` / `estimate_quality`
@@ -50,8 +55,10 @@ def test_heads_off_add_nothing_and_on_start_as_the_plain_encoder(name):
     assert new == {ATTENTION_NAME, "quality_head"}
     # The plain encoder's parameters, with the heads' own added, give the plain embedding: the
     # attention starts uniform (its score layer is zero), so every token keeps scale 1.
-    merged = {"params": {**plain_vars["params"], **{k: heads_vars["params"][k] for k in new}},
-              "batch_stats": plain_vars.get("batch_stats", {})}  # fmt: skip
+    merged = {
+        "params": {**plain_vars["params"], **{k: heads_vars["params"][k] for k in new}},
+        "batch_stats": plain_vars.get("batch_stats", {}),
+    }
     want = jax.jit(plain.apply)(plain_vars, images)[0]
     got, state = jax.jit(lambda v, x: heads.apply(v, x, mutable=["intermediates"]))(merged, images)
     np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want), rtol=1e-5, atol=1e-5)
@@ -80,8 +87,7 @@ def test_patch_statistics_are_the_mean_and_std_of_the_patch_tokens():
     size, p = cfg.image_size, cfg.patch_size
     images = np.asarray(jax.random.uniform(jax.random.PRNGKey(2), (2, size, size, 3), minval=-1))
     variables = jax.jit(model.init)(jax.random.PRNGKey(0), images)
-    _, state = jax.jit(lambda v, x: model.apply(v, x, mutable=["intermediates"]))(variables,
-                                                                                 images)  # fmt: skip
+    _, state = jax.jit(lambda v, x: model.apply(v, x, mutable=["intermediates"]))(variables, images)
     got = np.asarray(state["intermediates"][PATCH_KEY][0])
     # numpy: each non-overlapping p x p patch times the patch embedding's kernel, plus its bias.
     conv = variables["params"]["patch_embed"]
@@ -100,16 +106,18 @@ def _down_up(images, k):
     out = images.copy()
     for i in range(0, images.shape[1] - k + 1, k):
         for j in range(0, images.shape[2] - k + 1, k):
-            out[:, i : i + k, j : j + k] = images[:, i : i + k, j : j + k].mean(axis=(1, 2),
-                                                                              keepdims=True)  # fmt: skip
+            out[:, i : i + k, j : j + k] = images[:, i : i + k, j : j + k].mean(
+                axis=(1, 2), keepdims=True
+            )
     return out
 
 
 def test_down_up_averages_whole_blocks_and_keeps_the_remainder():
     images = np.random.default_rng(0).normal(size=(2, 5, 7, 3)).astype(np.float32)
     for k in (2, 4):
-        np.testing.assert_allclose(np.asarray(down_up(jnp.asarray(images), k)),
-                                   _down_up(images, k), rtol=1e-6, atol=1e-6)  # fmt: skip
+        np.testing.assert_allclose(
+            np.asarray(down_up(jnp.asarray(images), k)), _down_up(images, k), rtol=1e-6, atol=1e-6
+        )
 
 
 def test_multiscale_statistics_are_log_detail_ratios_of_the_patch_embedding():
@@ -119,8 +127,7 @@ def test_multiscale_statistics_are_log_detail_ratios_of_the_patch_embedding():
     images = np.asarray(jax.random.uniform(jax.random.PRNGKey(3), (2, size, size, 3), minval=-1))
     images = images * np.array([1.0, 0.5, 2.0], np.float32)  # channels of different contrast
     variables = jax.jit(model.init)(jax.random.PRNGKey(0), images)
-    _, state = jax.jit(lambda v, x: model.apply(v, x, mutable=["intermediates"]))(variables,
-                                                                                 images)  # fmt: skip
+    _, state = jax.jit(lambda v, x: model.apply(v, x, mutable=["intermediates"]))(variables, images)
     got = np.asarray(state["intermediates"][PATCH_KEY][0])
     kernel = np.asarray(variables["params"]["patch_embed"]["kernel"]).reshape(-1, cfg.width)
     g = size // p
@@ -131,17 +138,22 @@ def test_multiscale_statistics_are_log_detail_ratios_of_the_patch_embedding():
         )
 
     spread = tokens(images).std(axis=1)
-    want = [np.log(np.sqrt((tokens(images - _down_up(images, k)) ** 2).mean(axis=1)) + 1e-6)
-            - np.log(spread + 1e-6) for k in (2, 4)]  # fmt: skip
+    want = [
+        np.log(np.sqrt((tokens(images - _down_up(images, k)) ** 2).mean(axis=1)) + 1e-6)
+        - np.log(spread + 1e-6)
+        for k in (2, 4)
+    ]
     want = np.concatenate([*want, np.log(spread + 1e-6)], axis=1)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     # A detail ratio does not change when the image's contrast does (the log spread does).
-    _, scaled = jax.jit(lambda v, x: model.apply(v, x, mutable=["intermediates"]))(variables,
-                                                                                  3.0 * images)  # fmt: skip
+    _, scaled = jax.jit(lambda v, x: model.apply(v, x, mutable=["intermediates"]))(
+        variables, 3.0 * images
+    )
     scaled = np.asarray(scaled["intermediates"][PATCH_KEY][0])
     np.testing.assert_allclose(scaled[:, : 2 * cfg.width], got[:, : 2 * cfg.width], atol=1e-4)
-    np.testing.assert_allclose(scaled[:, 2 * cfg.width :], got[:, 2 * cfg.width :] + np.log(3.0),
-                               atol=1e-4)  # fmt: skip
+    np.testing.assert_allclose(
+        scaled[:, 2 * cfg.width :], got[:, 2 * cfg.width :] + np.log(3.0), atol=1e-4
+    )
     # The log-ratios go to the head as they are: no LayerNorm, which would remove their mean.
     assert set(variables["params"]["quality_head"]) == {"fc1", "fc2"}
 
@@ -180,13 +192,15 @@ def test_quality_head_inputs_and_the_iresnet_head(head_input, parts, inputs, ste
     head = variables["params"]["quality_head"]
     assert set(head) == parts and head["fc1"]["kernel"].shape[0] == inputs
     # IResNet: the stem's 64 channels give the statistics; one score per image.
-    cfg = iresnet_config(quality_head=True, perceptibility_attention=True,
-                         quality_head_input=head_input)  # fmt: skip
+    cfg = iresnet_config(
+        quality_head=True, perceptibility_attention=True, quality_head_input=head_input
+    )
     model = build_model(cfg)
     images = jnp.zeros((2, cfg.image_size, cfg.image_size, 3))
     variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)
-    _, state = jax.eval_shape(lambda v: model.apply(v, images, mutable=["intermediates"]),
-                              variables)  # fmt: skip
+    _, state = jax.eval_shape(
+        lambda v: model.apply(v, images, mutable=["intermediates"]), variables
+    )
     assert state["intermediates"][QUALITY_KEY][0].shape == (2,)
     assert variables["params"]["quality_head"]["fc1"]["kernel"].shape[0] == stem_inputs
 
@@ -203,13 +217,20 @@ def test_the_norm_input_is_the_scaled_log_norm_of_the_embedding():
     head = QualityHead(4, 0.0, "multiscale+embedding+norm", 3.0)
     params = head.init(jax.random.PRNGKey(1), e, False, patch)["params"]
     unit_scale = (e - e.mean(1, keepdims=True)) / jnp.sqrt(e.var(1, keepdims=True) + 1e-6)
-    x = np.concatenate([np.asarray(patch), np.asarray(unit_scale) * np.asarray(
-        params["embedding_norm"]["scale"]) + np.asarray(params["embedding_norm"]["bias"]),
-        3.0 * np.log(np.linalg.norm(np.asarray(e), axis=1, keepdims=True))], axis=1)  # fmt: skip
+    x = np.concatenate(
+        [
+            np.asarray(patch),
+            np.asarray(unit_scale) * np.asarray(params["embedding_norm"]["scale"])
+            + np.asarray(params["embedding_norm"]["bias"]),
+            3.0 * np.log(np.linalg.norm(np.asarray(e), axis=1, keepdims=True)),
+        ],
+        axis=1,
+    )
     h = np.maximum(x @ params["fc1"]["kernel"] + params["fc1"]["bias"], 0)
     want = 1 / (1 + np.exp(-(h @ params["fc2"]["kernel"] + params["fc2"]["bias"])[:, 0]))
-    np.testing.assert_allclose(np.asarray(head.apply({"params": params}, e, False, patch)), want,
-                               rtol=1e-4, atol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(
+        np.asarray(head.apply({"params": params}, e, False, patch)), want, rtol=1e-4, atol=1e-5
+    )
     with pytest.raises(ValueError, match="quality_head_norm_scale=0"):
         build_model(vit_config(quality_head=True, quality_head_norm_scale=0.0))
 
