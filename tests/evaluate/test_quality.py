@@ -72,13 +72,24 @@ def test_quality_vs_resolution_pooled_and_per_face_rho():
         x = np.asarray(images, np.float64)
         return np.abs(np.diff(x, axis=2)).mean(axis=(1, 2, 3)) + x[:, 0, 0, 0]
 
-    fn = embed.EmbedFn(jax.jit(lambda v, x: jnp.abs(jnp.diff(x.astype(jnp.float32), axis=2)).mean(
-        axis=(1, 2, 3)) + x[:, 0, 0, 0].astype(jnp.float32)))  # fmt: skip
+    fn = embed.EmbedFn(
+        jax.jit(
+            lambda v, x: (
+                jnp.abs(jnp.diff(x.astype(jnp.float32), axis=2)).mean(axis=(1, 2, 3))
+                + x[:, 0, 0, 0].astype(jnp.float32)
+            )
+        )
+    )
     faces = np.random.default_rng(0).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
     metrics, curve = quality_vs_resolution(fn, {}, faces, (4, 8, 32), 16, batch_size=4)
     pixels = [4, 8, 16]  # 32 is not below the input size: only the full size stays
-    q = np.stack([roughness(np.stack([degrade.to_resolution(f, p) for f in faces]) if p < 16
-                            else faces) for p in pixels], axis=1)  # fmt: skip
+    q = np.stack(
+        [
+            roughness(np.stack([degrade.to_resolution(f, p) for f in faces]) if p < 16 else faces)
+            for p in pixels
+        ],
+        axis=1,
+    )
     assert curve["pixels"] == pixels
     np.testing.assert_allclose(curve["mean"], q.mean(axis=0), rtol=1e-5)
     assert metrics["spearman_rho"] == pytest.approx(
@@ -96,8 +107,9 @@ def test_identity_pairs_hold_every_genuine_pair_once_and_as_many_impostors():
     k = 4
     assert issame.sum() == 5 * 6 and (~issame).sum() == 5 * 6  # C(4, 2) per identity
     genuine = {(int(x), int(y)) for x, y in zip(a[issame], b[issame])}
-    assert genuine == {(i * k + p, i * k + q) for i in range(5) for p in range(k)
-                       for q in range(p + 1, k)}  # fmt: skip
+    assert genuine == {
+        (i * k + p, i * k + q) for i in range(5) for p in range(k) for q in range(p + 1, k)
+    }
     assert np.all(a[~issame] // k != b[~issame] // k)  # impostors: two identities
     assert np.all((a < 20) & (b < 20))
     np.testing.assert_array_equal(identity_pairs(5, 4, seed=0)[1], b)  # seeded
@@ -116,17 +128,31 @@ def test_quality_identity_set_with_the_norm_as_quality_equals_the_norm():
 
     def features(x):
         x = x.astype(jnp.float32) / 255.0
-        return jnp.stack([x[..., 0].mean((1, 2)), x[..., 1].std((1, 2)) * 3,
-                          jnp.abs(jnp.diff(x, axis=1)).mean((1, 2, 3)) * 5], axis=1)  # fmt: skip
+        return jnp.stack(
+            [
+                x[..., 0].mean((1, 2)),
+                x[..., 1].std((1, 2)) * 3,
+                jnp.abs(jnp.diff(x, axis=1)).mean((1, 2, 3)) * 5,
+            ],
+            axis=1,
+        )
 
     norm_fn = embed.EmbedFn(jax.jit(lambda v, x: jnp.linalg.norm(features(x), axis=1)))
     rng = np.random.default_rng(1)
     faces = rng.integers(0, 256, (12 * 3, 16, 16, 3), dtype=np.uint8)
     pairs = identity_pairs(12, 3, seed=0)
     metrics, curves = quality_identity_set(
-        norm_fn, lambda images: np.asarray(features(jnp.asarray(images))), {}, faces, pairs, 3,
-        (4, 8), 16, fmr=0.05, batch_size=8,
-    )  # fmt: skip
+        norm_fn,
+        lambda images: np.asarray(features(jnp.asarray(images))),
+        {},
+        faces,
+        pairs,
+        3,
+        (4, 8),
+        16,
+        fmr=0.05,
+        batch_size=8,
+    )
     assert metrics["pairs"] == 2 * 12 * 3
     for prefix in ("", "mixed_"):
         assert metrics[f"{prefix}fnmr_reject20_quality"] == metrics[f"{prefix}fnmr_reject20_norm"]
@@ -145,9 +171,10 @@ def test_bootstrap_interval_of_the_rejection_difference():
     scores = np.r_[rng.normal(0.5, 0.2, 600), rng.normal(0.0, 0.1, 600)]
     oracle = np.where(issame, scores, 1.0)  # rejects the weakest genuine pairs first
     noise = rng.random(1200)
-    low, high = quality.bootstrap_reject_difference(scores, issame, oracle, noise,
-                                                    np.r_[groups, groups], 0.2, fmr=0.01,
-                                                    draws=50)  # fmt: skip
+    low, high = quality.bootstrap_reject_difference(
+        scores, issame, oracle, noise, np.r_[groups, groups], 0.2, fmr=0.01, draws=50
+    )
     assert low < high < 0
-    assert quality.bootstrap_reject_difference(scores, issame, noise, noise, np.r_[groups, groups],
-                                               0.2, fmr=0.01, draws=5) == (0.0, 0.0)  # fmt: skip
+    assert quality.bootstrap_reject_difference(
+        scores, issame, noise, noise, np.r_[groups, groups], 0.2, fmr=0.01, draws=5
+    ) == (0.0, 0.0)
