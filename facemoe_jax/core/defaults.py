@@ -380,8 +380,10 @@ BEFORE_ADDED = {
     "recognizability.quality_source": "batch",
     "recognizability.quality_target": "prototype",
     "recognizability.quality_angle_power": 1.0,
-    "recognizability.quality_ui_weight": 0.5,
 }
+# ... and fields that took another field's value before they existed (the quality head's first
+# target weighed c_UI by the index's own ui_weight).
+BEFORE_ADDED_FROM = {"recognizability.quality_ui_weight": "recognizability.ui_weight"}
 
 
 def _plain(config) -> dict:
@@ -394,12 +396,25 @@ def _plain(config) -> dict:
     }
 
 
+def _section(config: dict, name: str) -> tuple[dict, str]:
+    """(the dict holding a dotted field, the field's key); {} when a section is absent."""
+    *path, key = name.split(".")
+    for part in path:
+        config = config.get(part, {})
+    return (config if isinstance(config, dict) else {}), key
+
+
 def _upgrade_values(saved: dict) -> dict:
-    """Saved values whose form changed since: train.trainable was a tuple of regexes and is a
-    comma list (a saved JSON config holds the tuple as a list)."""
+    """Saved values whose form changed since (train.trainable was a tuple of regexes and is a
+    comma list; a saved JSON config holds the tuple as a list), and BEFORE_ADDED_FROM."""
     trainable = saved.get("train", {}).get("trainable")
     if isinstance(trainable, (list, tuple)) and not any("," in str(p) for p in trainable):
         saved["train"]["trainable"] = ",".join(str(p) for p in trainable)
+    for name, source in BEFORE_ADDED_FROM.items():
+        section, key = _section(saved, name)
+        source_section, source_key = _section(saved, source)
+        if section and key not in section and source_key in source_section:
+            section[key] = source_section[source_key]
     return saved
 
 
@@ -432,9 +447,9 @@ def _fill(saved: dict, base: ml_collections.ConfigDict, prefix: str) -> ml_colle
 def upgrade(saved) -> ml_collections.ConfigDict:
     """A config saved by any earlier run (dict or ConfigDict) as a full config of today's code.
 
-    Every field it lacks is filled in, recursively: from BEFORE_ADDED where the field changes
-    what was trained and its behaviour before it existed differs from today's default, else
-    from get_base_config(). Saved values win, including sections and fields today's code no
-    longer has. `saved` is not modified.
+    Every field it lacks is filled in, recursively: from BEFORE_ADDED / BEFORE_ADDED_FROM where
+    the field changes what was trained and its behaviour before it existed differs from today's
+    default, else from get_base_config(). Saved values win, including sections and fields
+    today's code no longer has. `saved` is not modified.
     """
     return _fill(_upgrade_values(_plain(saved)), get_base_config(), "")

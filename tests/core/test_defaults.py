@@ -57,6 +57,10 @@ def test_fields_that_predate_their_default_keep_the_old_behaviour():
     config = defaults.upgrade(saved)
     assert config.model.quality_head_input == "embedding"
     assert config.recognizability.quality_target == "prototype"
+    # quality_ui_weight was the index's ui_weight.
+    saved["recognizability"]["ui_weight"] = 0.3
+    del saved["recognizability"]["quality_ui_weight"]
+    assert defaults.upgrade(saved).recognizability.quality_ui_weight == 0.3
     # A saved value is never replaced by the old behaviour.
     assert defaults.upgrade(
         {"model": {"quality_head_input": "patch"}}
