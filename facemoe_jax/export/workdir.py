@@ -21,7 +21,7 @@ from facemoe_jax.interop import convert
 from facemoe_jax.interop import load as load_lib
 from facemoe_jax.models import registry
 from facemoe_jax.models.lora import settings_from_config
-from facemoe_jax.train import writers
+from facemoe_jax.core import paths
 
 
 def export_config(model_cfg, step: int | None) -> dict:
@@ -60,15 +60,15 @@ def export_workdir(
     torch, safetensors and onnx write local files, so for a URL target (`gs://...`) the files
     are written into a local temporary folder and then copied to the URL through epath; no
     local folder is ever named after the URL."""
-    target = out_dir or str(writers.workdir_path(workdir) / "export")
-    if not writers.is_remote(target):
+    target = out_dir or str(paths.workdir_path(workdir) / "export")
+    if not paths.is_remote(target):
         return _export(workdir, target, onnx, merge_lora_alpha)
     with tempfile.TemporaryDirectory(prefix="facemoe_export_") as local:
         result = _export(workdir, local, onnx, merge_lora_alpha)
-        writers.copy_tree(local, writers.workdir_path(target))
+        paths.copy_tree(local, paths.workdir_path(target))
     for key in ("pt", "safetensors", "config", "onnx"):
         if key in result:
-            result[key] = str(writers.workdir_path(target) / os.path.basename(result[key]))
+            result[key] = str(paths.workdir_path(target) / os.path.basename(result[key]))
     print(f"copied the export to {target}", flush=True)
     return result
 

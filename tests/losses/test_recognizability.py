@@ -188,35 +188,6 @@ def test_quality_copies_span_the_sizes_in_groups():
                                atol=0.03)  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    "field, value, message",
-    [
-        ("ui_pixels", 0, "ui_pixels=0"),
-        ("centre_momentum", 1.0, "centre_momentum=1.0"),
-        ("diversion_weighting", "hard", "diversion_weighting='hard'"),
-        ("margin_angle_scale", 0.0, "margin_angle_scale=0.0"),
-        ("quality_pixels", "4,x", "quality_pixels='4,x'"),
-        ("quality_images", 1000, "quality_images=1000"),
-        ("quality_source", "raw", "quality_source='raw'"),
-        ("quality_target", "centre", "quality_target='centre'"),
-        ("quality_angle_power", 0.0, "quality_angle_power=0.0"),
-        ("quality_ui_weight", 1.5, "quality_ui_weight=1.5"),
-    ],
-)
-def test_config_errors_name_the_field(field, value, message):
-    config = common.get_base_config()
-    config.recognizability.update(enabled=True, **{field: value})
-    with pytest.raises(ValueError, match=message):
-        ri.check_config(config)
-
-
-def test_a_quality_head_without_ri_is_refused():
-    config = common.get_base_config()
-    config.model.quality_head = True
-    with pytest.raises(ValueError, match="quality_head=True needs config.recognizability"):
-        ri.check_config(config)
-
-
 @pytest.mark.slow
 def test_sharded_hardest_negative_equals_single_device_on_8_devices():
     done = run_check_script(__file__, "recognizability_sharded_check.py")

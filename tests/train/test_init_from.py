@@ -6,6 +6,7 @@ import pytest
 
 from facemoe_jax.models import build_model
 from facemoe_jax.train import checkpoint as checkpoint_lib
+from facemoe_jax.interop.load import load_variables
 from facemoe_jax.train import init_from
 from facemoe_jax.train import optimizer as optimizer_lib
 from facemoe_jax.train import state as state_lib
@@ -49,7 +50,7 @@ def test_upcycled_moe_from_a_dense_workdir_lists_new_and_unused(dense_run, capsy
     workdir, source = dense_run
     config = target_config(workdir)
     fresh = fresh_state(config)
-    state = init_from.initialize_from(fresh, config)
+    state = init_from.initialize_from(fresh, config, load_variables)
     line = capsys.readouterr().out
     assert f"initialised from {workdir} (step 5)" in line
     assert "upcycled from dense MLPs: blocks_1/moe/experts/fc1_bias" in line
@@ -84,7 +85,7 @@ def test_class_centres_come_along_when_asked_and_the_count_matches(dense_run, ca
     workdir, source = dense_run
     config = target_config(workdir + "/checkpoints/5")
     config.init_classifier = True
-    state = init_from.initialize_from(fresh_state(config), config)
+    state = init_from.initialize_from(fresh_state(config), config, load_variables)
     assert "class centres loaded (8 classes)" in capsys.readouterr().out
     np.testing.assert_array_equal(
         state.params["classifier"]["centers"], source.params["classifier"]["centers"]
@@ -92,7 +93,7 @@ def test_class_centres_come_along_when_asked_and_the_count_matches(dense_run, ca
     config = target_config(workdir)
     config.init_classifier = True
     config.data.num_classes = 5
-    init_from.initialize_from(fresh_state(config), config)
+    init_from.initialize_from(fresh_state(config), config, load_variables)
     assert "fresh classifier (source has 8 classes x 32, this run 5 x 32)" in (
         capsys.readouterr().out
     )
@@ -102,7 +103,7 @@ def test_a_shape_mismatch_names_the_parameter_and_both_shapes(dense_run):
     workdir, _ = dense_run
     config = target_config(workdir, mlp_ratio=4.0)
     with pytest.raises(ValueError) as error:
-        init_from.initialize_from(fresh_state(config), config)
+        init_from.initialize_from(fresh_state(config), config, load_variables)
     message = str(error.value)
     assert "\n" not in message
     assert "blocks_0/mlp/fc1/bias has shape (64,) there but (128,) in this model" in message
@@ -112,7 +113,7 @@ def test_missing_paths_and_steps_are_clear_errors(dense_run, tmp_path):
     workdir, _ = dense_run
     config = target_config(str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match="does not exist"):
-        init_from.initialize_from(None, config)
+        init_from.initialize_from(None, config, load_variables)
     with pytest.raises(ValueError, match=r"no checkpoint at step 9 \(steps: \[5\]\)"):
         checkpoint_lib.restore_params(workdir, 9)
 
@@ -122,9 +123,9 @@ def test_a_pytorch_hr_model_without_adapters_starts_a_petalface_run(tmp_path, ca
     layers and the adapters keep their initialisers (listed as new)."""
     import torch
 
-    from facemoe_jax.export import convert
-    from tests.export.test_convert import random_variables
-    from tests.export.test_petalface import petalface_tiny
+    from facemoe_jax.interop import convert
+    from tests.interop.test_convert import random_variables
+    from tests.interop.test_petalface import petalface_tiny
 
     cfg = petalface_tiny()
     plain = petalface_tiny()
@@ -135,7 +136,7 @@ def test_a_pytorch_hr_model_without_adapters_starts_a_petalface_run(tmp_path, ca
     config = tiny_config()
     config.model = cfg
     config.init_from = str(tmp_path / "model.pt")
-    state = init_from.initialize_from(fresh_state(config), config)
+    state = init_from.initialize_from(fresh_state(config), config, load_variables)
     line = capsys.readouterr().out
     assert "new (from their initialisers): feature_fc/trainable_lora_down/kernel" in line
     qkv = state.params["encoder"]["layers_0"]["blocks_0"]["attn"]["qkv"]
@@ -159,7 +160,7 @@ def test_an_onnx_file_starts_an_onnx_run_with_its_own_weights(tmp_path, capsys):
     state = state.replace(params={**state.params, "encoder": jax.tree.map(
         lambda p: p + 1.0, state.params["encoder"])})  # fmt: skip
     config.init_from = path
-    state = init_from.initialize_from(state, config)
+    state = init_from.initialize_from(state, config, load_variables)
     expected = onnx_graph.onnx_variables(onnx_graph.read_graph(path))
     for name, value in expected["params"].items():
         np.testing.assert_array_equal(np.asarray(state.params["encoder"][name]), value)

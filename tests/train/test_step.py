@@ -9,6 +9,7 @@ from configs import common
 from facemoe_jax.models import build_model
 from facemoe_jax.train import optimizer as optimizer_lib
 from facemoe_jax.train import state as state_lib
+from facemoe_jax.train import objectives
 from facemoe_jax.train import step as step_lib
 
 
@@ -100,7 +101,7 @@ def test_train_step_lowers_the_loss_on_a_fixed_batch(margin):
     assert int(state.step) == 15
     assert losses[-1] < 0.7 * losses[0], losses
     if margin == "adaface":
-        assert float(state.margin_state["mean"]) != 20.0  # running norm statistics moved
+        assert float(state.aux["margin"]["mean"]) != 20.0  # running norm statistics moved
 
 
 def test_overfits_a_tiny_set_to_full_train_accuracy():
@@ -148,4 +149,4 @@ def test_loss_config_errors(field, value, message):
     config = tiny_config()
     config.loss[field] = value
     with pytest.raises(ValueError, match=message):
-        step_lib.check_loss_config(config.loss)
+        objectives.check_config(config)

@@ -8,8 +8,10 @@ there and nothing lands on local disk.
 """
 
 import io
+import functools
 import json
 import os
+import types
 import subprocess
 import sys
 
@@ -18,6 +20,7 @@ from etils import epath
 from etils.epath import backend as backend_lib
 from etils.epath import gpath, register
 
+from facemoe_jax.core import paths
 from facemoe_jax.train import checkpoint as checkpoint_lib
 from facemoe_jax.train import writers
 
@@ -116,7 +119,7 @@ def test_remote_workdir_goes_through_epath_and_nothing_lands_locally(
 
     monkeypatch.chdir(tmp_path)
     workdir = "mem://bucket/runs/x"
-    assert str(writers.workdir_path(workdir)) == workdir  # a URL stays a URL (no abspath)
+    assert str(paths.workdir_path(workdir)) == workdir  # a URL stays a URL (no abspath)
     loop.check_workdir(workdir)
     assert epath.Path(workdir).is_dir()
     assert not epath.Path(workdir + "/.write_test").exists()  # the probe was removed
@@ -143,11 +146,11 @@ def test_remote_workdir_goes_through_epath_and_nothing_lands_locally(
 
 def test_checkpointer_keeps_a_url_a_url():
     # Orbax needs absolute local paths; a URL must not become <cwd>/gs:/bucket/...
-    assert str(writers.workdir_path("gs://bucket/runs/x") / "checkpoints") == (
+    assert str(paths.workdir_path("gs://bucket/runs/x") / "checkpoints") == (
         "gs://bucket/runs/x/checkpoints"
     )
-    assert writers.workdir_path("runs/x") == epath.Path(os.path.abspath("runs/x"))
-    assert writers.bucket_of("gs://my-bucket/runs/x") == "gs://my-bucket"
+    assert paths.workdir_path("runs/x") == epath.Path(os.path.abspath("runs/x"))
+    assert paths.bucket_of("gs://my-bucket/runs/x") == "gs://my-bucket"
 
 
 def test_evaluation_files_of_a_remote_workdir_land_at_the_url(mem_scheme, tmp_path, monkeypatch):
@@ -164,12 +167,13 @@ def test_evaluation_files_of_a_remote_workdir_land_at_the_url(mem_scheme, tmp_pa
             json.dump({"step": step}, f)
         return {"step": step}
 
-    monkeypatch.setattr(loop.eval_suite, "run_evaluations", fake_suite)
-    assert loop.run_evaluations(None, None, None, "mem://bucket/run", 7, None) == {"step": 7}
+    evaluations = types.SimpleNamespace(run_evaluations=fake_suite)
+    run = functools.partial(loop.run_evaluations, evaluations, None, None, None)
+    assert run("mem://bucket/run", 7, None) == {"step": 7}
     assert "://" not in seen[0] and not os.path.exists(seen[0])  # a local temporary folder
     assert json.loads(epath.Path("mem://bucket/run/eval/results.json").read_text()) == {"step": 7}
     # --mode=eval's folder beside the training run's results, not over them.
-    loop.run_evaluations(None, None, None, "mem://bucket/run", 9, None, loop.eval_outputs(9))
+    run("mem://bucket/run", 9, None, loop.eval_outputs(9))
     assert json.loads(epath.Path("mem://bucket/run/eval/step9_eval/results.json").read_text()) == {
         "step": 9
     }
@@ -226,11 +230,12 @@ logging.use_absl_handler()  # as facemoe_jax.main does
 logging.set_verbosity(logging.WARNING)
 
 @struct.dataclass
-class State:  # the shape of train/state.py's TrainState, in two fields
+class State:  # the shape of train/state.py's TrainState, in three fields
     params: dict
     step: object
+    aux: dict
 
-state = State(params={{"w": jnp.arange(6.0).reshape(2, 3)}}, step=jnp.int32(4))
+state = State(params={{"w": jnp.arange(6.0).reshape(2, 3)}}, step=jnp.int32(4), aux={{}})
 saver = Checkpointer({str(tmp_path)!r}, every_steps=1, max_to_keep=2)
 saver.save(4, state, None, {{"model": {{"name": "tiny"}}}}, {{"skipped_steps": 0}})
 saver.close()
@@ -266,9 +271,9 @@ def test_export_to_a_remote_workdir_lands_at_the_url(mem_scheme, tmp_path, monke
     import torch
     from configs import common
 
-    from facemoe_jax import encoder
     from facemoe_jax.export import workdir as export_lib
-    from tests.export.test_convert import random_variables, tiny_vit_config
+    from facemoe_jax.interop import load as load_lib
+    from tests.interop.test_convert import random_variables, tiny_vit_config
 
     monkeypatch.chdir(tmp_path)
     config = common.get_base_config()
@@ -280,7 +285,7 @@ def test_export_to_a_remote_workdir_lands_at_the_url(mem_scheme, tmp_path, monke
         seen.append(workdir)
         return config, variables, 12
 
-    monkeypatch.setattr(encoder, "restore_workdir", restore)
+    monkeypatch.setattr(load_lib, "restore_workdir", restore)
     result = export_lib.export_workdir("mem://bucket/run", onnx=False)
     assert seen == ["mem://bucket/run"]  # not made absolute: no <cwd>/mem:/bucket
     assert result["pt"] == "mem://bucket/run/export/model.pt"

@@ -11,7 +11,9 @@ import pytest
 
 from facemoe_jax.models import build_model
 from facemoe_jax.parallel import mesh as mesh_lib
-from facemoe_jax.train import distill as distill_lib
+from facemoe_jax.interop.load import load_variables
+from facemoe_jax.train import objectives
+from facemoe_jax.train.objectives.distill import DistillObjective, teacher_embeddings
 from facemoe_jax.train import optimizer as optimizer_lib
 from facemoe_jax.train import state as state_lib
 from facemoe_jax.train import step as step_lib
@@ -40,33 +42,37 @@ def student_config(teacher_dir, **distill):
     return config
 
 
+def load_teacher(config, mesh) -> DistillObjective:
+    return DistillObjective(config, objectives.Resources(mesh, load_variables))
+
+
 def test_config_errors_name_the_field(teacher_run):
     config = tiny_config()
     config.distill.instance_weight = 1.0
     with pytest.raises(ValueError, match="config.distill.teacher is empty.*pretrain_teacher"):
-        distill_lib.check_config(config)
+        DistillObjective.check_config(config)
     config.distill.teacher = "/nonexistent/run"
     with pytest.raises(ValueError, match="config.distill.teacher='/nonexistent/run'"):
-        distill_lib.check_config(config)
+        DistillObjective.check_config(config)
     config.distill.teacher = teacher_run[0]
     with pytest.raises(ValueError, match="data.acquisition_prob=1"):  # the student would see HR
-        distill_lib.check_config(config)
+        DistillObjective.check_config(config)
     config = student_config(teacher_run[0], relation_form="cka")
     with pytest.raises(ValueError, match="config.distill.relation_form='cka'"):
-        distill_lib.check_config(config)
+        DistillObjective.check_config(config)
 
 
 def test_teacher_from_a_workdir_of_another_architecture(teacher_run, capsys):
     workdir, _ = teacher_run
     mesh = mesh_lib.make_mesh(ml_collections.ConfigDict({"data": 1, "expert": 1}))
     config = student_config(workdir, relation_weight=1.0)
-    teacher, variables = distill_lib.load_teacher(config, mesh)
-    assert (teacher.image_size, teacher.embed_dim) == (32, 32)
-    assert f"distillation teacher: {workdir} (step 3) (vit_moe" in capsys.readouterr().out
+    objective = load_teacher(config, mesh)
+    assert (objective.teacher.image_size, objective.teacher.embed_dim) == (32, 32)
+    assert objective.describe().startswith(f"distillation teacher: {workdir} (step 3) (vit_moe")
     config.model.embed_dim = 16  # one-to-one instance loss across sizes: refused
     config.distill.instance_weight = 1.0
     with pytest.raises(ValueError, match="embeds in 32 dimensions.*student.*in 16"):
-        distill_lib.load_teacher(config, mesh)
+        load_teacher(config, mesh)
 
 
 @pytest.mark.slow
@@ -82,12 +88,13 @@ def test_step_adds_the_weighted_terms_and_leaves_the_teacher_alone(teacher_run):
         model = build_model(config.model)
         tx, schedule = optimizer_lib.build_optimizer(config.optimizer, 10)
         state = state_lib.create_train_state(model, tx, config)
-        teacher, variables = (
-            distill_lib.load_teacher(config, mesh) if with_teacher else (None, None)
-        )
-        step = jax.jit(step_lib.make_train_step(model, config, tx, schedule, teacher))
-        new_state, metrics = step(state, batch, variables)
-        return new_state, metrics, variables
+        if not with_teacher:
+            config.distill.teacher = ""
+        active = objectives.build(config, objectives.Resources(mesh, load_variables))
+        frozen = objectives.frozen_inputs(active)
+        step = jax.jit(step_lib.make_train_step(model, config, tx, schedule, active))
+        new_state, metrics = step(state, batch, frozen)
+        return new_state, metrics, frozen.get("distill")
 
     plain, plain_metrics, _ = one_step(0.0, 0.0, with_teacher=False)
     logged, logged_metrics, variables = one_step(0.0, 0.0)
@@ -111,7 +118,7 @@ def test_step_adds_the_weighted_terms_and_leaves_the_teacher_alone(teacher_run):
 
 @pytest.mark.slow
 def test_run_end_to_end_with_paired_data_and_resume(teacher_run, tmp_path, capsys):
-    from facemoe_jax.train.loop import train_and_evaluate
+    from facemoe_jax.pipelines import train_and_evaluate
 
     config = student_config(teacher_run[0], instance_weight=1.0, relation_weight=10.0)
     config.data.update(train="synthetic_lr_hr", num_classes=8, synthetic_images_per_identity=4)
@@ -135,8 +142,9 @@ def test_teacher_from_an_onnx_file(tmp_path, capsys):
     path = small_face_graph(tmp_path / "teacher.onnx")
     mesh = mesh_lib.make_mesh(ml_collections.ConfigDict({"data": 1, "expert": 1}))
     config = student_config(path, relation_weight=1.0)
-    teacher, variables = distill_lib.load_teacher(config, mesh)
+    objective = load_teacher(config, mesh)
+    teacher = objective.teacher
     assert (teacher.image_size, teacher.embed_dim) == (16, 16)  # read from the graph
-    assert f"distillation teacher: {path} (onnx" in capsys.readouterr().out
+    assert objective.describe().startswith(f"distillation teacher: {path} (onnx")
     images = jnp.zeros((2, 32, 32, 3), jnp.float32)  # the student's size: resized for it
-    assert distill_lib.teacher_embeddings(teacher, variables, images).shape == (2, 16)
+    assert teacher_embeddings(teacher, objective.frozen(), images).shape == (2, 16)
