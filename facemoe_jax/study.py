@@ -189,7 +189,7 @@ def ensure_pretrained(base, out: str, dense: bool, given: str | None) -> str:
     if done and done.get("fingerprint") == key:
         return workdir
     prepare_run_dir(workdir, key)
-    from facemoe_jax.train.loop import train_and_evaluate
+    from facemoe_jax.pipelines import train_and_evaluate
 
     print(
         f"[study] pre-training the {'dense' if dense else 'MoE'} HR model in {workdir} "
@@ -208,7 +208,7 @@ def evaluate_start(start_dir: str, config, row_dir: str) -> dict:
     from facemoe_jax.evaluate import suite
     from facemoe_jax.models import build_model
     from facemoe_jax.train.checkpoint import restore_params
-    from facemoe_jax.train.loop import run_evaluations
+    from facemoe_jax.pipelines import run_evaluations
     from facemoe_jax.train.writers import make_writer
 
     saved, params, batch_stats, step = restore_params(start_dir)
@@ -311,7 +311,7 @@ def run_row(base, recipe: Recipe, settings, seed: int, out: str, starts: dict) -
     prepare_run_dir(row_dir, key)
     t0 = time.perf_counter()
     if recipe.train:
-        from facemoe_jax.train.loop import train_and_evaluate
+        from facemoe_jax.pipelines import train_and_evaluate
 
         results = train_and_evaluate(config, row_dir)
         share = trainable_share(config)
@@ -525,7 +525,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     import jax
 
-    from facemoe_jax.train.loop import Preempted
+    from facemoe_jax.train.hooks import Preempted
 
     jax.config.update("jax_threefry_partitionable", True)  # as facemoe_jax.main
     try:
