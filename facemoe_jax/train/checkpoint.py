@@ -31,6 +31,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from facemoe_jax.core import messages
+from facemoe_jax.core.defaults import BEFORE_ADDED, upgrade
 from facemoe_jax.core.paths import workdir_path
 from facemoe_jax.train.state import LEGACY_AUX_FIELDS
 
@@ -46,17 +47,17 @@ FIXED_FIELDS = (
     "train.trainable",
 )
 # Switches that add leaves to the state, with the value a checkpoint written before the switch
-# existed had: turning one on over such a checkpoint is refused like an architecture change
-# (instead of failing to read the checkpoint).
+# existed had (core/defaults.BEFORE_ADDED where that differs from today's default): turning one
+# on over such a checkpoint is refused like an architecture change (instead of failing to read
+# the checkpoint).
 STATE_SWITCHES = {
     "recognizability.enabled": False,
     "model.perceptibility_attention": False,
     "model.quality_head": False,
-    # The quality head's input decides its parameters; checkpoints before the option had the
-    # embedding-only head.
-    "model.quality_head_input": "embedding",
-    # The "agreement" target keeps per-class means in the state (train/state.py `ri_classes`).
-    "recognizability.quality_target": "own_full",
+    # The quality head's input decides its parameters.
+    "model.quality_head_input": BEFORE_ADDED["model.quality_head_input"],
+    # The "agreement" target keeps per-class means in the state.
+    "recognizability.quality_target": BEFORE_ADDED["recognizability.quality_target"],
 }
 # Fields that shape the state only when another field is on: a difference is no difference
 # when both configs have that switch off (a model without a quality head has no head input).
@@ -133,29 +134,12 @@ def config_changes(saved, current) -> tuple[list[str], list[str]]:
     return fixed, knobs
 
 
-def _with_missing(saved: dict, current: dict, prefix: str = "") -> dict:
-    """`saved` with every field it lacks added: the value the field had before it existed
-    (STATE_SWITCHES) or else the current config's."""
-    out = dict(saved)
-    for key, value in current.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and isinstance(out.get(key, {}), dict):
-            out[key] = _with_missing(out.get(key, {}), value, name + ".")
-        elif key not in out:
-            out[key] = STATE_SWITCHES.get(name, copy.deepcopy(value))
-    return out
-
-
 def evaluation_config(saved, current) -> ml_collections.ConfigDict:
     """The config that evaluates or exports a checkpoint: the checkpoint's own (model, data,
     seed ...: what the weights were trained with, and what the synthetic evaluation faces
     derive from) with the current config's RUNTIME_SECTIONS. Fields the checkpoint predates
-    are filled in (`_with_missing`), so code that reads them works on old checkpoints."""
-    current_dict = current.to_dict() if isinstance(current, ml_collections.ConfigDict) else current
-    merged = _with_missing(_config_dict(saved), current_dict)
-    for section in RUNTIME_SECTIONS:
-        merged.pop(section, None)
-    config = ml_collections.ConfigDict(merged)
+    are filled in (core/defaults.upgrade), so code that reads them works on old checkpoints."""
+    config = upgrade(saved)
     for section in RUNTIME_SECTIONS:
         if section in current:
             config[section] = copy.deepcopy(current[section])
@@ -458,7 +442,7 @@ def restore_params(workdir: str, step: int | None = None):
                 f"(steps: {sorted(steps)})"
             )
         saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-        config = ml_collections.ConfigDict(saved["config"])
+        config = upgrade(saved["config"])
         model = build_model(config.model)
         optimizer, _ = optimizer_lib.build_optimizer(
             config.optimizer, config.train.num_steps, config.train.get("trainable")

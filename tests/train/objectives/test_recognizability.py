@@ -192,9 +192,10 @@ def test_switching_to_the_agreement_target_over_a_checkpoint_is_refused():
     own_full = {"model": head, "recognizability": {"quality_target": "own_full"}}
     before = {"model": head, "recognizability": {}}
     agreement = {"model": head, "recognizability": {"quality_target": "agreement"}}
-    for saved in (own_full, before):
+    # Before the option the target was the class prototype (core/defaults.BEFORE_ADDED).
+    for saved, was in ((own_full, "own_full"), (before, "prototype")):
         fixed, _ = config_changes(saved, agreement)
-        assert fixed == ["recognizability.quality_target (checkpoint 'own_full', now 'agreement')"]
+        assert fixed == [f"recognizability.quality_target (checkpoint {was!r}, now 'agreement')"]
     no_head = {"name": "vit_moe", "quality_head": False}
     assert config_changes(
         {"model": no_head, "recognizability": {"quality_target": "own_full"}},
