@@ -7,6 +7,7 @@ Prints one JSON object; tests/losses/test_distill.py asserts on it.
 import json
 import os
 import sys
+import types
 
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8 " + os.environ.get(
     "XLA_FLAGS", ""
@@ -22,7 +23,7 @@ from facemoe_jax.losses import distill  # noqa: E402
 from facemoe_jax.models import build_model  # noqa: E402
 from facemoe_jax.parallel import mesh as mesh_lib  # noqa: E402
 from facemoe_jax.parallel import sharding  # noqa: E402
-from facemoe_jax.train import distill as distill_lib  # noqa: E402
+from facemoe_jax.train import objectives  # noqa: E402
 from facemoe_jax.train import state as state_lib  # noqa: E402
 from facemoe_jax.train import step as step_lib  # noqa: E402
 from tests.train.test_step import tiny_config  # noqa: E402
@@ -57,15 +58,13 @@ def train_step_report(mesh):
     config = tiny_config(num_classes=8)
     config.model.update(moe_layers="none", depth=1)
     config.loss.class_rows_multiple = 8
-    config.distill = ml_collections.ConfigDict(
-        dict(
-            teacher="unused",
-            instance_weight=2.0,
-            relation_weight=10.0,
-            instance_form="cosine",
-            relation_form="mse",
-            temperature=0.1,
-        )
+    config.distill.update(
+        teacher="unused",
+        instance_weight=2.0,
+        relation_weight=10.0,
+        instance_form="cosine",
+        relation_form="mse",
+        temperature=0.1,
     )
     model = build_model(config.model)
     teacher_config = tiny_config()
@@ -74,7 +73,13 @@ def train_step_report(mesh):
     teacher_variables = jax.jit(lambda k, x: teacher_model.init(k, x, train=False))(
         jax.random.key(3), np.zeros((2, 24, 24, 3), np.float32)
     )
-    teacher = distill_lib.Teacher(teacher_model, 24, 32, config.distill)
+
+    def load_variables(path, config=None, **_):  # the teacher above, in place of a saved run
+        return types.SimpleNamespace(
+            origin=path, config=teacher_config, variables=teacher_variables
+        )
+
+    active = objectives.build(config, objectives.Resources(mesh, load_variables))
     import optax
 
     tx = optax.sgd(0.1)
@@ -85,16 +90,18 @@ def train_step_report(mesh):
         "image_hr": rng.integers(0, 256, (16, 24, 24, 3), dtype=np.uint8),
         "label": rng.integers(0, 8, (16,)).astype(np.int32),
     }
-    loss_fn = step_lib.make_loss_fn(model, config, teacher)
+    loss_fn = step_lib.make_loss_fn(model, config, active)
     grad_fn = jax.jit(jax.grad(loss_fn, has_aux=True))
-    grads, (_, _, single) = grad_fn(state.params, state, batch, teacher_variables)
+    grads, (_, _, single) = grad_fn(state.params, state, batch, {"distill": teacher_variables})
 
     shardings = sharding.state_shardings(state, mesh, config.sharding_rules)
     with jax.set_mesh(mesh):
         placed = jax.tree.map(jax.device_put, state, shardings)
         mesh_batch = mesh_lib.global_batch(batch, mesh)
         mesh_teacher = jax.device_put(teacher_variables, mesh_lib.replicated(mesh))
-        mesh_grads, (_, _, sharded) = grad_fn(placed.params, placed, mesh_batch, mesh_teacher)
+        mesh_grads, (_, _, sharded) = grad_fn(
+            placed.params, placed, mesh_batch, {"distill": mesh_teacher}
+        )
     diff = max(
         float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
         for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(mesh_grads))
