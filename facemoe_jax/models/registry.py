@@ -20,8 +20,8 @@ from collections.abc import Callable, Mapping
 import jax.numpy as jnp
 import ml_collections
 
-from facemoe_jax.models import onnx_graph
-from facemoe_jax.models import quality as quality_lib
+from facemoe_jax.models.onnx_graph import OnnxModel, input_normalization, load_graph
+from facemoe_jax.models.quality import QualitySettings, estimator
 from facemoe_jax.models.iresnet import STAGE_BLOCKS, IResNet
 from facemoe_jax.models.lora import settings_from_config
 from facemoe_jax.models.mobilefacenet import MobileFaceNet
@@ -80,10 +80,10 @@ def _adapters(cfg: ml_collections.ConfigDict) -> dict:
     if sign not in (1.0, -1.0):
         raise ValueError(f"config.model.lora.quality_sign={sign} must be 1 or -1")
     if lora.quality_mix:
-        quality_lib.estimator(str(fields.quality))  # fails here, by name
+        estimator(str(fields.quality))  # fails here, by name
     return {
         "lora": lora,
-        "quality": quality_lib.QualitySettings(
+        "quality": QualitySettings(
             estimator=str(fields.quality),
             threshold=float(fields.quality_threshold),
             sign=sign,
@@ -262,7 +262,7 @@ def build_mobilefacenet(cfg: ml_collections.ConfigDict) -> MobileFaceNet:
     )
 
 
-def build_onnx(cfg: ml_collections.ConfigDict) -> onnx_graph.OnnxModel:
+def build_onnx(cfg: ml_collections.ConfigDict) -> OnnxModel:
     """Any ONNX face model (config.model.onnx_path) as a Flax module whose parameters are the
     graph's initializers (models/onnx_graph.py). config.model.image_size and embed_dim must be
     the graph's; onnx_input_mean / onnx_input_std (pixel units, negative = the graph's default)
@@ -272,7 +272,7 @@ def build_onnx(cfg: ml_collections.ConfigDict) -> onnx_graph.OnnxModel:
         raise ValueError("config.model.name='onnx' needs config.model.onnx_path=/path/model.onnx")
     if not os.path.isfile(path):
         raise ValueError(f"config.model.onnx_path={path!r} does not exist")
-    graph = onnx_graph.load_graph(path)
+    graph = load_graph(path)
     for field, value in (("image_size", graph.image_size), ("embed_dim", graph.output_dim)):
         if value and int(cfg[field]) != value:
             raise ValueError(
@@ -282,15 +282,13 @@ def build_onnx(cfg: ml_collections.ConfigDict) -> onnx_graph.OnnxModel:
     order = str(cfg.onnx_channel_order)
     if order not in ("RGB", "BGR"):
         raise ValueError(f"config.model.onnx_channel_order={order!r} must be 'RGB' or 'BGR'")
-    mean, std = onnx_graph.input_normalization(
-        graph, float(cfg.onnx_input_mean), float(cfg.onnx_input_std)
-    )
-    return onnx_graph.OnnxModel(graph, input_mean=mean, input_std=std, channel_order=order)
+    mean, std = input_normalization(graph, float(cfg.onnx_input_mean), float(cfg.onnx_input_std))
+    return OnnxModel(graph, input_mean=mean, input_std=std, channel_order=order)
 
 
 def onnx_model_config(path: str, **fields) -> ml_collections.ConfigDict:
     """The config.model of an ONNX file as it is (sizes read from the graph)."""
-    graph = onnx_graph.load_graph(path)
+    graph = load_graph(path)
     if not graph.output_dim:
         raise ValueError(f"{path}: the output's embedding size is not static in the graph")
     cfg = ml_collections.ConfigDict(
