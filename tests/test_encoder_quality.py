@@ -9,7 +9,7 @@ import pytest
 
 from facemoe_jax import FaceEncoder, recipes
 from facemoe_jax.core.images import normalize_images
-from facemoe_jax.losses.recognizability import sown_quality
+from facemoe_jax.models.recognizability import sown_quality
 from facemoe_jax.models import build_model
 from tests.train.test_step import tiny_config
 

@@ -24,7 +24,7 @@ import numpy as np
 from facemoe_jax.data import degrade
 from facemoe_jax.core.images import normalize_images
 from facemoe_jax.evaluate import embed, quality
-from facemoe_jax.losses.recognizability import sown_quality
+from facemoe_jax.models.recognizability import sown_quality
 from facemoe_jax.models.recognizability import ATTENTION_NAME
 
 REJECT_FRACTION = 0.2  # the share of pairs the summary rejects

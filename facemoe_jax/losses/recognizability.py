@@ -20,7 +20,6 @@ from jax.sharding import PartitionSpec as P
 
 from facemoe_jax.losses import classifier
 from facemoe_jax.losses.classifier import l2_normalize
-from facemoe_jax.models.recognizability import QUALITY_KEY
 
 WEIGHTINGS = ("threshold", "soft")
 _NO_NEGATIVE = -2.0  # below any cosine: "no other class here"
@@ -144,13 +143,6 @@ def smooth_l1(prediction, target, beta: float = 0.75, weights=None) -> jax.Array
         return jnp.mean(loss)
     weights = jnp.asarray(weights, jnp.float32)
     return jnp.sum(weights * loss) / jnp.maximum(jnp.sum(weights), 1e-12)
-
-
-def sown_quality(intermediates) -> jax.Array | None:
-    """The quality head's (B,) prediction from a forward pass's "intermediates" collection."""
-    if not intermediates or QUALITY_KEY not in intermediates:
-        return None
-    return intermediates[QUALITY_KEY][0]
 
 
 def quality_copies(images: jax.Array, pixels: tuple[int, ...], count: int) -> jax.Array:

@@ -253,6 +253,13 @@ def has_perceptibility_attention(model) -> bool:
     return bool(heads is not None and heads.perceptibility_attention)
 
 
+def sown_quality(intermediates) -> jax.Array | None:
+    """The quality head's (B,) prediction from a forward pass's "intermediates" collection."""
+    if not intermediates or QUALITY_KEY not in intermediates:
+        return None
+    return intermediates[QUALITY_KEY][0]
+
+
 def head_quality(model, variables, x, flip_test: bool = True) -> jax.Array:
     """The quality head's score of float images in [-1, 1] (B, H, W, 3) -> (B,) float32; with
     the flip test, the mean of the image and its mirror image."""

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from facemoe_jax.losses.recognizability import sown_quality
+from facemoe_jax.models.recognizability import sown_quality
 from facemoe_jax.models import build_model
 from facemoe_jax.models.recognizability import (
     ATTENTION_NAME,
