@@ -53,7 +53,9 @@ def run(config, workdir: str, mode: str, extra_hooks: tuple = ()) -> dict:
     from facemoe_jax.parallel import multihost
 
     if mode in ("eval", "export") and "://" not in workdir and not os.path.isdir(workdir):
-        if mode == "eval" and config.model.name == "onnx":
+        from facemoe_jax.models import registry
+
+        if mode == "eval" and registry.spec(config.model.name).carries_weights:
             os.makedirs(workdir)  # an ONNX model is evaluated as its file is (no training yet)
         else:
             # Refuse before anything (Orbax, writers) could create it as a side effect.

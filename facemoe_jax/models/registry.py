@@ -344,6 +344,12 @@ class ModelSpec:
     official_constructor: str | None = None
     export: str = "twin"
 
+    @property
+    def carries_weights(self) -> bool:
+        """The architecture is a file that also holds trained weights (an imported ONNX graph):
+        its initial variables are the file's, not random."""
+        return self.export == "graph"
+
     def twin(self) -> Callable:
         """The PyTorch twin's factory (imports torch); errors when the model has none."""
         if self.torch_twin is None:

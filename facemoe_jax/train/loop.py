@@ -24,7 +24,7 @@ import ml_collections
 from facemoe_jax.core import huge_pages, messages, paths
 from facemoe_jax.data import augment as augment_lib
 from facemoe_jax.data import pipeline, sources
-from facemoe_jax.models import build_model
+from facemoe_jax.models import build_model, registry
 from facemoe_jax.parallel import mesh as mesh_lib
 from facemoe_jax.parallel import sharding
 from facemoe_jax.train import checkpoint as checkpoint_lib
@@ -149,8 +149,7 @@ def print_trainable_share(params, config) -> None:
         f"{list(trainable_lib.parse_patterns(patterns))}; frozen BatchNorm statistics {update}",
         flush=True,
     )
-    # An ONNX model's initial weights are its file's (models/onnx_graph.py), not random.
-    pretrained = config.init_from or config.model.name == "onnx"
+    pretrained = config.init_from or registry.spec(config.model.name).carries_weights
     if enc_trained < enc_total and not pretrained:
         messages.warning(
             "part of the encoder is frozen but config.init_from is empty: the frozen "
@@ -375,7 +374,8 @@ def evaluate_checkpoint(
         workdir, config.checkpoint.every_steps, config.checkpoint.max_to_keep, create=False
     )
     latest = checkpointer.latest_saved_config()
-    if latest is None and config.model.name == "onnx" and not checkpointer.steps():
+    carries_weights = registry.spec(config.model.name).carries_weights
+    if latest is None and carries_weights and not checkpointer.steps():
         return _evaluate_imported(config, workdir, services.evaluations)
     if latest is None:
         # No step, or none whose config reads: restore_latest names the unreadable steps.
@@ -408,7 +408,8 @@ def evaluate_checkpoint(
 
 
 def _evaluate_imported(config: ml_collections.ConfigDict, workdir: str, evaluations) -> dict:
-    """--mode=eval of an ONNX model before any training: the file's own weights, as step 0."""
+    """--mode=eval of a model whose file carries its weights (an ONNX graph) before any
+    training: the file's own weights, as step 0."""
     from facemoe_jax.models import onnx_graph
 
     model = build_model(config.model)
