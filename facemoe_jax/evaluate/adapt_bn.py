@@ -108,12 +108,8 @@ class BatchNormAdaptation:
         def embed(variables, images, weights, flip):
             emb = forward_with_batch_statistics(model, variables, images, weights)[0]
             if flip:
-                emb = (
-                    emb
-                    + forward_with_batch_statistics(model, variables, images[:, :, ::-1], weights)[
-                        0
-                    ]
-                )
+                flipped = images[:, :, ::-1]
+                emb = emb + forward_with_batch_statistics(model, variables, flipped, weights)[0]
             return emb
 
         self._statistics = jax.jit(statistics)

@@ -110,6 +110,7 @@ def run(capacity_factor: float) -> dict:
             for path, leaf in jax.tree.leaves_with_path(sharded_state.params)
             if "experts" in sharding.path_name(path)
         ]
+        centers = sharded_state.params["classifier"]
         results[f"{shape[0]}x{shape[1]}"] = {
             "loss_diff": abs(float(loss) - float(ref_loss)),
             "embedding_diff": max_diff(emb, ref_emb),
@@ -118,9 +119,7 @@ def run(capacity_factor: float) -> dict:
             "collectives": collectives(compiled.as_text()),
             "device0_param_bytes": sharding.bytes_per_device(sharded_state.params)[0],
             "device0_expert_bytes": sharding.bytes_per_device(experts)[0],
-            "device0_center_bytes": sharding.bytes_per_device(sharded_state.params["classifier"])[
-                0
-            ],
+            "device0_center_bytes": sharding.bytes_per_device(centers)[0],
         }
     return results
 
