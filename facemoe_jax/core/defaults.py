@@ -307,7 +307,8 @@ def get_base_config() -> ml_collections.ConfigDict:
         )
     )
 
-    # Instance-relation distillation (train/distill.py, losses/distill.py, configs/aird.py): a
+    # Instance-relation distillation (train/objectives/distill.py, losses/distill.py,
+    # configs/aird.py): a
     # frozen teacher embeds batch["image_hr"] inside the train step, the student the paired LR
     # image (data: a degradation in the augmenter, e.g. data.acquisition_prob=1).
     config.distill = ml_collections.ConfigDict(
@@ -331,6 +332,10 @@ def get_base_config() -> ml_collections.ConfigDict:
             temperature=0.1,  # relation_form="kl" only
         )
     )
+    # Cross-resolution consistency (train/objectives/cross_resolution.py): weight x (1 - cos)
+    # between the embedding of the degraded image and the model's own stop-gradient embedding of
+    # its HR copy (the paired pipeline); 0 = off.
+    config.cross_resolution = ml_collections.ConfigDict(dict(weight=0.0))
 
     config.checkpoint = ml_collections.ConfigDict(
         dict(

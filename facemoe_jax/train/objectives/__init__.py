@@ -8,6 +8,7 @@ code do not change.
 from __future__ import annotations
 
 from facemoe_jax.train.objectives.base import Forward, Objective, Resources, StepContext
+from facemoe_jax.train.objectives.cross_resolution import CrossResolutionObjective
 from facemoe_jax.train.objectives.distill import DistillObjective
 from facemoe_jax.train.objectives.margin import MarginObjective
 from facemoe_jax.train.objectives.quality import QualityObjective
@@ -22,6 +23,7 @@ REGISTERED: list[type[Objective]] = [
     DistillObjective,
     RecognizabilityObjective,
     QualityObjective,
+    CrossResolutionObjective,
 ]
 
 
