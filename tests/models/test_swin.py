@@ -60,9 +60,8 @@ def test_full_size_layout_matches_the_official_model():
     assert count == 463_981_776  # the official parameter count (spec), buffers excluded
     assert params["patch_embed"]["kernel"].shape == (6, 6, 3, 384)
     assert params["absolute_pos_embed"].shape == (1, 400, 384)
-    assert sorted(params["layers_1"]) == [f"blocks_{i}" for i in sorted(range(18), key=str)] + [
-        "downsample"
-    ]
+    blocks = [f"blocks_{i}" for i in sorted(range(18), key=str)]
+    assert sorted(params["layers_1"]) == blocks + ["downsample"]
     assert "downsample" not in params["layers_2"]
     experts = params["layers_2"]["blocks_0"]["mlp"]["experts"]
     assert experts["fc1_kernel"].shape == (3, 1536, 6144)
