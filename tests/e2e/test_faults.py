@@ -22,9 +22,9 @@ import time
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The command line with faults injected from outside the production code (a hook, an objective).
-FAULT_INJECTION = os.path.join(ROOT, "tests", "fault_injection.py")
+FAULT_INJECTION = os.path.join(ROOT, "tests", "e2e", "fault_injection.py")
 STEPS, EVERY, N = 8, 2, 4  # checkpoints every 2 steps (the last 3 kept); signals after step N
 # One persistent compilation cache for the runs of this module: the same program is compiled
 # once (about 15 s on 2 cores), later runs load it (the same executable, so bitwise the same).

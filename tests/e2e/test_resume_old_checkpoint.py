@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-FIXTURE = os.path.join(ROOT, "tests", "train", "data", "checkpoint_before_objectives")
+FIXTURE = os.path.join(ROOT, "tests", "e2e", "data", "checkpoint_before_objectives")
 TINY = [
     "--config.train.num_steps=4", "--config.train.batch_size=16",
     "--config.train.log_every_steps=1", "--config.checkpoint.every_steps=2",
