@@ -7,7 +7,7 @@ its margin loss + instance_weight * mean(1 - cos(s_i, t_i)) + relation_weight *
 mean_ij (cos(s_i, s_j) - cos(t_i, t_j))^2 over the global batch (`losses/distill.py`;
 `config.distill` also offers the MSE instance form and the KL relation form). At test time
 `--config.eval.adapt_bn=cumulative` (or `per_batch`) re-estimates the BatchNorm statistics on
-each evaluated set (`evaluate/adapt_bn.py`). The forms are our reading of the abstract (no
+each evaluated set (`train/adapt_bn.py`). The forms are our reading of the abstract (no
 official code); see the README.
 
 Defaults, self-contained (no download, nothing from another run): the teacher is the demo

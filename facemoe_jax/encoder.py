@@ -43,7 +43,7 @@ class FaceEncoder:
         self.step = step
         self.image_size = int(config.model.image_size)
         self.embed_dim = int(config.model.embed_dim)
-        self.per_batch = None  # set by adapt(mode="per_batch"): evaluate/adapt_bn.py
+        self.per_batch = None  # set by adapt(mode="per_batch"): train/adapt_bn.py
 
         def embed_fn(variables, images, flip_test):
             x = normalize_images(images)
@@ -99,7 +99,7 @@ class FaceEncoder:
         )
         return cls(loaded.config, loaded.variables, loaded.step)
 
-    # ---- test-time BatchNorm adaptation (evaluate/adapt_bn.py)
+    # ---- test-time BatchNorm adaptation (train/adapt_bn.py)
 
     def adapt(
         self, images=None, mode: str = "cumulative", batch_size: int = 64, num_batches: int = 0
@@ -109,7 +109,7 @@ class FaceEncoder:
         them, or the first `num_batches` batches of `batch_size`); "per_batch": its `embed`
         normalises each batch with that batch's own statistics (`images` not needed). Every
         parameter stays the same array; only BatchNorm statistics change."""
-        from facemoe_jax.evaluate.adapt_bn import BatchNormAdaptation
+        from facemoe_jax.train.adapt_bn import BatchNormAdaptation
 
         adaptation = BatchNormAdaptation(self.model, mode, num_batches)
         adapted = FaceEncoder(self.config, self.variables, self.step)

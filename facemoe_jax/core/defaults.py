@@ -298,7 +298,7 @@ def get_base_config() -> ml_collections.ConfigDict:
             every_steps=0,  # also evaluate every N training steps (0 = only at the end)
             flip_test=True,
             batch_size=256,
-            # Test-time BatchNorm adaptation (evaluate/adapt_bn.py): before each set of images
+            # Test-time BatchNorm adaptation (train/adapt_bn.py): before each set of images
             # is embedded, "cumulative" re-estimates every BatchNorm's mean and variance on its
             # first adapt_bn_batches batches (unlabelled); "per_batch" normalises each batch with
             # its own statistics (FaceBN); "off" uses the trained running statistics.

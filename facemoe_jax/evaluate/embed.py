@@ -1,6 +1,6 @@
 """Embedding images with a trained encoder, with the flip test used by the field's evaluators.
 
-`embed_images` / `embed_loaded` take an optional `facemoe_jax.progress.Progress` and count the
+`embed_images` / `embed_loaded` take an optional `facemoe_jax.core.progress.Progress` and count the
 images into it batch by batch (the evaluation suite opens one per set: name, done/total, ETA).
 
 Bounded memory: the function `make_embed_fn` returns compiles ahead of time per batch shape, and
@@ -108,14 +108,20 @@ class EmbedFn:
 
 
 def embed_images(
-    embed_fn, variables, images: np.ndarray, batch_size: int, progress=None
+    embed_fn, variables, images: np.ndarray, batch_size: int, progress=None, adaptation=None
 ) -> np.ndarray:
     """(N, H, W, 3) uint8 -> (N, D) float32, in fixed-size (padded) batches: one compilation.
 
     The batch is `batch_size` or, for an `EmbedFn`, the largest smaller one that fits in memory.
+    With a `train.adapt_bn.BatchNormAdaptation`, the set is embedded with BatchNorm statistics
+    from these images ("cumulative") or from each batch ("per_batch").
     """
     if isinstance(embed_fn, EmbedFn):
         batch_size = embed_fn.fit_batch_size(variables, images.shape[1:], batch_size)
+    if adaptation is not None:
+        if adaptation.mode == "per_batch":
+            return adaptation.embed_per_batch(variables, images, batch_size, progress)
+        variables = adaptation.adapted_variables(variables, images, batch_size)
     out = []
     for batch, num_valid in eval_batches(images, batch_size):
         out.append(np.asarray(embed_fn(variables, batch))[:num_valid])
@@ -125,15 +131,26 @@ def embed_images(
 
 
 def embed_loaded(
-    embed_fn, variables, load, count: int, batch_size: int, progress=None
+    embed_fn, variables, load, count: int, batch_size: int, progress=None, adaptation=None
 ) -> np.ndarray:
     """Embeds `count` images produced one at a time by `load(index)`, a batch at a time.
 
     For sets too large to hold as pixels (IJB-C's 469k faces, TinyFace's 153k distractors):
-    only one batch of images and the (count, D) features are in memory.
+    only one batch of images and the (count, D) features are in memory. A "cumulative"
+    `adaptation` estimates its statistics on the first `adaptation.num_batches` batches.
     """
-    out = []
-    for start in range(0, count, batch_size):
-        images = np.stack([load(i) for i in range(start, min(start + batch_size, count))])
-        out.append(embed_images(embed_fn, variables, images, batch_size, progress))
-    return np.concatenate(out)
+
+    def batches():
+        for start in range(0, count, batch_size):
+            yield np.stack([load(i) for i in range(start, min(start + batch_size, count))])
+
+    if adaptation is not None and adaptation.mode == "per_batch":
+        return np.concatenate(
+            [adaptation.embed_per_batch(variables, b, batch_size, progress) for b in batches()]
+        )
+    if adaptation is not None:
+        sample = np.stack([load(i) for i in range(min(count, adaptation.num_batches * batch_size))])
+        variables = adaptation.adapted_variables(variables, sample, batch_size)
+    return np.concatenate(
+        [embed_images(embed_fn, variables, b, batch_size, progress) for b in batches()]
+    )

@@ -22,7 +22,7 @@ a checkpoint. From ``config.eval`` it runs, in order:
    resolution of ``quality_resolution_faces`` faces degraded to ``quality_resolutions`` pixels
    (quality_vs_resolution.png), and the perceptibility attention map (perceptibility_map.png).
 
-With ``adapt_bn`` ("cumulative" or "per_batch", `adapt_bn.py`) every set of images is embedded
+With ``adapt_bn`` ("cumulative" or "per_batch", `train/adapt_bn.py`) every set of images is embedded
 with BatchNorm statistics estimated on that set (test-time adaptation); the routing map is not.
 
 A set named in ``bin_sets`` whose file is missing is skipped with a note; a configured folder that
@@ -46,8 +46,8 @@ import numpy as np
 from facemoe_jax.data import synthetic
 from facemoe_jax.core.progress import Progress
 from facemoe_jax.evaluate import bin as bin_lib
+from facemoe_jax.train import adapt_bn
 from facemoe_jax.evaluate import (
-    adapt_bn,
     embed,
     ijb,
     lfw,
@@ -181,19 +181,21 @@ def run_evaluations(
     ev, size = config.eval, config.model.image_size
     embed_fn = embed.make_embed_fn(model, flip_test=ev.flip_test)
     adaptation = adapt_bn.from_eval_config(model, ev)  # None: the trained BatchNorm statistics
-    embed_images = embed.embed_images if adaptation is None else adaptation.embed_array
-    embed_loaded = embed.embed_loaded if adaptation is None else adaptation.embed_loaded
 
     # Progress (name, images done/total, ETA): one line per set; a call without one gets its own.
     def embed_array(images, progress=None):
         if progress is not None:
-            return embed_images(embed_fn, variables, images, ev.batch_size, progress)
+            return embed.embed_images(
+                embed_fn, variables, images, ev.batch_size, progress, adaptation
+            )
         with Progress("embed", len(images)) as own:
-            return embed_images(embed_fn, variables, images, ev.batch_size, own)
+            return embed.embed_images(embed_fn, variables, images, ev.batch_size, own, adaptation)
 
     def embed_files(load, count, label="embed"):
         with Progress(label, count) as progress:
-            return embed_loaded(embed_fn, variables, load, count, ev.batch_size, progress)
+            return embed.embed_loaded(
+                embed_fn, variables, load, count, ev.batch_size, progress, adaptation
+            )
 
     results, roc_curves, erc_curves, resolution_curves = {}, {}, {}, {}
     routing_faces = None

@@ -159,7 +159,7 @@ def test_a_quality_head_gets_the_identity_pair_set(tmp_path, capsys):
     import jax.numpy as jnp
 
     from facemoe_jax.models import build_model
-    from tests.evaluate.conftest import tiny_config
+    from tests.conftest import tiny_config
 
     config = tiny_config()
     config.model.update(quality_head=True)

@@ -154,31 +154,6 @@ class BatchNormAdaptation:
                 progress.update(valid)
         return np.concatenate(out)
 
-    # ---- the evaluation suite's two ways of embedding a set
-
-    def embed_array(self, embed_fn, variables, images, batch_size: int, progress=None):
-        from facemoe_jax.evaluate import embed
-
-        if hasattr(embed_fn, "fit_batch_size"):  # the same memory cap as plain embedding
-            batch_size = embed_fn.fit_batch_size(variables, images.shape[1:], batch_size)
-        if self.mode == "per_batch":
-            return self.embed_per_batch(variables, images, batch_size, progress)
-        adapted = self.adapted_variables(variables, images, batch_size)
-        return embed.embed_images(embed_fn, adapted, images, batch_size, progress)
-
-    def embed_loaded(self, embed_fn, variables, load, count: int, batch_size: int, progress=None):
-        from facemoe_jax.evaluate import embed
-
-        if self.mode == "per_batch":
-            out = []
-            for start in range(0, count, batch_size):
-                images = np.stack([load(i) for i in range(start, min(start + batch_size, count))])
-                out.append(self.embed_per_batch(variables, images, batch_size, progress))
-            return np.concatenate(out)
-        sample = np.stack([load(i) for i in range(min(count, self.num_batches * batch_size))])
-        adapted = self.adapted_variables(variables, sample, batch_size)
-        return embed.embed_loaded(embed_fn, adapted, load, count, batch_size, progress)
-
 
 def from_eval_config(model, eval_cfg) -> BatchNormAdaptation | None:
     """The adaptation config.eval asks for, or None ("off")."""

@@ -15,7 +15,7 @@ import pytest
 
 from facemoe_jax.core import defaults
 from facemoe_jax.encoder import FaceEncoder
-from facemoe_jax.evaluate import adapt_bn
+from facemoe_jax.train import adapt_bn
 
 RNG = np.random.default_rng(0)
 IMAGES = RNG.integers(0, 256, (10, 8, 8, 3), dtype=np.uint8)
