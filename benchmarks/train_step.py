@@ -10,7 +10,7 @@ the official router losses with lambda_aux = 10, gradient clipping at 5) of the 
 and of a ViT-MoE (small: 112 px, patch 9, width 192, depth 6, 4 heads, MoE every 2nd block, E=8,
 k=2), ours (dropless, the official semantics, and capacity factor 1.5) against PyTorch models of
 the same architecture that route as the official FaceMoE code does (top-k on the gate logits,
-then a loop over the experts with boolean indexing; `export/torch_models.py`, the twins our
+then a loop over the experts with boolean indexing; `interop/torch_models.py`, the twins our
 exports load into) with torch's AdamW, the same batch, the same threads. Drop-path is 0 on both
 sides (the PyTorch twins have none). Ours and PyTorch each run alone in a process of their own,
 one after the other (`--repeats` times, alternating; ours measures the dropless path first, then

@@ -8,7 +8,7 @@ mean_ij (cos(s_i, s_j) - cos(t_i, t_j))^2 over the global batch (`losses/distill
 `config.distill` also offers the MSE instance form and the KL relation form). At test time
 `--config.eval.adapt_bn=cumulative` (or `per_batch`) re-estimates the BatchNorm statistics on
 each evaluated set (`train/adapt_bn.py`). The forms are our reading of the abstract (no
-official code); see the README.
+official code); see docs/distillation.md.
 
 Defaults, self-contained (no download, nothing from another run): the teacher is the demo
 ViT-MoE (configs/demo.py), trained first at HR into WORKDIR/teacher (700 steps; reused when the

@@ -15,7 +15,8 @@ about 96 % at full resolution, about 92 % and 86 % with both faces degraded to 8
 the synthetic TinyFace-like identification (LR probes captured at 8-16 px against an HR gallery
 with 1,000 distractors: rank-1 about 10 %, against about 62 % for the same probes at full
 resolution), and two lines summarising the expert routing map (eval/routing_map.png and its
-siblings). `python -m facemoe_jax.study` adapts this model to low resolution (README).
+siblings). `python -m facemoe_jax.study` adapts this model to low resolution
+(docs/low_resolution_adaptation.md).
 On your own faces (one sub-folder per identity; the class count comes from the data), add
 `--config.data.train=folder:DIR`.
 """

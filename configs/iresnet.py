@@ -6,7 +6,7 @@ mobilefacenet_large (`mbf_large`: blocks 2/8/12/4, scale 4, 6.31M). 112x112 inpu
 embedding, PReLU, BN-Dropout-FC-BN head (`--config.model.dropout`, 0 as arcface_torch's default);
 `fp16=True` of the official configs = `config.model.dtype="bfloat16"` (bf16 body, float32
 BatchNorm statistics, float32 fc/features head). Exports load with `strict=True` into the
-official definitions and arcface_torch checkpoints load here (README, "insightface CNNs"):
+official definitions and arcface_torch checkpoints load here (docs/insightface_cnns.md):
   --config.init_from=backbone.pth              start a run from an insightface checkpoint
   FaceEncoder.from_checkpoint("backbone.pth", config=get_config("r100"))   embed with it
 

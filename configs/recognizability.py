@@ -26,7 +26,7 @@ error-versus-reject summary of the quality head, the embedding norm and random r
 verification pairs and on 56,000 pairs of 1,000 held-out identities x 8 images (with a bootstrap
 interval of head minus norm) (eval/error_vs_reject.png, eval/quality_vs_resolution.png,
 eval/perceptibility_map.png). An optional second stage trains the quality head alone on the
-frozen encoder (README, "Recognizability index"):
+frozen encoder (docs/recognizability.md):
   python -m facemoe_jax.main --config configs/recognizability.py --workdir runs/ri_head \
     --config.init_from=runs/ri --config.init_classifier=True --config.train.trainable=quality_head
 """

@@ -4,7 +4,7 @@ Model: 120x120 RGB input, patch 6 (20x20 tokens), widths 384/768/1536, depths 2/
 8/16/16, window 5; every block's MLP is an MoE with 3 GELU experts, top-2 on the raw router
 logits, combined with the raw logits (no softmax), every token processed; head BatchNorm ->
 Dropout(0.25) -> Linear(38400 -> 512) -> BatchNorm. 464M parameters; exports load with
-`strict=True` into the official PyTorch model (see README, "Export and import").
+`strict=True` into the official PyTorch model (docs/export.md).
 `--config.model.moe_layers=none` gives the dense Swin (the model before upcycling, PETALface's
 base); blocks are numbered 0..21 over the stages.
 

@@ -7,7 +7,7 @@ wd 0.1, global batch 1024 (128 x 8 GPUs in the PyTorch recipe), 26 epochs of Web
 (4,235,242 images, 205,990 identities): 107,535 steps with one warm-up epoch (4,136 steps), linear
 decay to 0, gradient-norm clip 5.
 
-Until a real training set is given (`--config.data.train=...`, see README), the run uses the
+Until a real training set is given (`--config.data.train=...`, docs/data.md), the run uses the
 procedural synthetic identities with the same number of classes, so the command runs anywhere
 (`config.data.synthetic_identities`; a real set's class count comes from the data).
 

@@ -18,38 +18,14 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from facemoe_jax.data import degrade
 from facemoe_jax.core.images import normalize_images
 from facemoe_jax.evaluate import embed, quality
-from facemoe_jax.models.recognizability import sown_quality
-from facemoe_jax.models.recognizability import ATTENTION_NAME
+from facemoe_jax.models.recognizability import ATTENTION_NAME, head_quality
 
 REJECT_FRACTION = 0.2  # the share of pairs the summary rejects
-
-
-def has_quality_head(model) -> bool:
-    heads = getattr(model, "heads", None)
-    return bool(heads is not None and heads.quality_head)
-
-
-def has_perceptibility_attention(model) -> bool:
-    heads = getattr(model, "heads", None)
-    return bool(heads is not None and heads.perceptibility_attention)
-
-
-def head_quality(model, variables, x, flip_test: bool = True) -> jax.Array:
-    """The quality head's score of float images in [-1, 1] (B, H, W, 3) -> (B,) float32; with
-    the flip test, the mean of the image and its mirror image."""
-
-    def predict(x):
-        _, state = model.apply(variables, x, train=False, mutable=["intermediates"])
-        return sown_quality(state["intermediates"]).astype(jnp.float32)
-
-    q = predict(x)
-    return 0.5 * (q + predict(x[:, :, ::-1])) if flip_test else q
 
 
 def make_quality_fn(model, flip_test: bool = True) -> embed.EmbedFn:

@@ -46,6 +46,7 @@ import numpy as np
 from facemoe_jax.data import synthetic
 from facemoe_jax.core.progress import Progress
 from facemoe_jax.evaluate import bin as bin_lib
+from facemoe_jax.models.recognizability import has_perceptibility_attention, has_quality_head
 from facemoe_jax.train import adapt_bn
 from facemoe_jax.evaluate import (
     embed,
@@ -199,9 +200,7 @@ def run_evaluations(
 
     results, roc_curves, erc_curves, resolution_curves = {}, {}, {}, {}
     routing_faces = None
-    quality_fn = (
-        ri_eval.make_quality_fn(model, ev.flip_test) if ri_eval.has_quality_head(model) else None
-    )
+    quality_fn = ri_eval.make_quality_fn(model, ev.flip_test) if has_quality_head(model) else None
     quality_faces, ri_pictures = None, {}
     sweep_sets = {s.strip() for s in ev.low_resolution_sets.split(",") if s.strip()}
     sizes = sweep.parse_sizes(ev.low_resolutions)
@@ -340,7 +339,7 @@ def run_evaluations(
                 ev.batch_size,
             )
         )
-    if routing_faces is not None and ri_eval.has_perceptibility_attention(model):
+    if routing_faces is not None and has_perceptibility_attention(model):
         ri_pictures["attention"] = ri_eval.perceptibility_weights(
             model, variables, routing_faces, ev.batch_size
         )

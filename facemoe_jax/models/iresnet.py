@@ -1,7 +1,7 @@
 """IResNet face encoders (insightface arcface_torch `iresnet18` ... `iresnet200`) in Flax.
 
 The layout is arcface_torch's, so that its checkpoints (MS1MV3/Glint360K r50, r100, ...) load
-through `export/convert.py` and our exports load back into the official definition:
+through `interop/convert.py` and our exports load back into the official definition:
 
   stem     conv1 3x3 (stride 1, no bias) -> bn1 -> prelu
   layer1..layer4 (64, 128, 256, 512 channels, each starting with stride 2), blocks per stage:

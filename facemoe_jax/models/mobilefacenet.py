@@ -2,7 +2,7 @@
 
 arcface_torch's MobileFaceNet(blocks, scale): `mbf` = blocks (1, 4, 6, 2), scale 2; `mbf_large`
 = blocks (2, 8, 12, 4), scale 4 (`config.model.mobilefacenet_blocks` / `mobilefacenet_scale`).
-Module names follow its state_dict, so checkpoints move both ways through `export/convert.py`:
+Module names follow its state_dict, so checkpoints move both ways through `interop/convert.py`:
 
   ConvBlock   layers_0 conv (no bias) -> layers_1 BatchNorm -> layers_2 PReLU
   LinearBlock layers_0 conv (no bias) -> layers_1 BatchNorm

@@ -17,7 +17,7 @@ combines the chosen experts with their *raw* logits and processes every token (d
 is `router_combine="raw_logits"`, `capacity_factor=0` in the config.
 
 The window geometry (relative-position index, shift masks) is fixed by the shapes, so it is plain
-numpy computed at trace time, not model state; `export/convert.py` writes the same arrays into
+numpy computed at trace time, not model state; `interop/convert.py` writes the same arrays into
 the PyTorch buffers `relative_position_index` and `attn_mask`. Everything is parametric (widths,
 depths, heads, window, experts, image size) so tests run a tiny variant of the same code.
 """

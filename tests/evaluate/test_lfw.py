@@ -501,7 +501,7 @@ def test_real_view1_test_file_against_a_brute_force_protocol():
     12 px, against every step spelled out here. A cheap fixed embedding (grey thumbnails) takes all
     4,992 images of both files through in seconds; the real recognizer's figures on this file
     (98.6 % at 112 px) follow from its ONNX parity (tests/test_encoder_onnx.py) and are measured
-    with the CLI (README, "Real faces")."""
+    with the CLI (docs/real_faces.md)."""
     result = lfw.evaluate_lfw(toy_embed, REAL_LFW, "pairsDevTest.txt", (112, 12))
     assert result["pairs"] == 1000 and result["images"] == 4992
     grid = np.arange(0, 4, 0.01)

@@ -4,7 +4,7 @@ The official key lists (tests/interop/data/insightface_*_state_dict.tsv: name, s
 were written by instantiating deepinsight/insightface recognition/arcface_torch/backbones
 (iresnet.py, mobilefacenet.py; FaceMoE's backbones/ copies are identical) on the meta device;
 the official code is not in this repository, so a clean clone checks our export's names and
-shapes against those lists and its numbers against our PyTorch twin (export/torch_cnn.py), whose
+shapes against those lists and its numbers against our PyTorch twin (interop/torch_cnn.py), whose
 state_dict is the official one entry for entry, in order.
 
 Random JAX variables with non-trivial BatchNorm statistics and PReLU slopes are exported, loaded
