@@ -150,10 +150,22 @@ def test_config_whose_get_config_raises(tmp_path):
 def test_gs_workdir_without_network_names_the_bucket_and_creates_nothing_local(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="", PYTHONPATH=ROOT)
     proc = subprocess.run(
-        [sys.executable, "-m", "facemoe_jax.main", "--config", os.path.join(ROOT, "configs/demo.py"),
-         "--workdir", "gs://facemoe-no-such-bucket-14/runs/x", "--config.train.num_steps=1"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "facemoe_jax.main",
+            "--config",
+            os.path.join(ROOT, "configs/demo.py"),
+            "--workdir",
+            "gs://facemoe-no-such-bucket-14/runs/x",
+            "--config.train.num_steps=1",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert_one_line_error(proc, "gs://facemoe-no-such-bucket-14")
     assert os.listdir(tmp_path) == []  # no local gs:/ folder
 
@@ -242,10 +254,15 @@ def test_a_folder_run_takes_the_class_count_from_the_data(tmp_path):
     # The demo's command line with a folder and no class count (12 images: a batch of 8).
     dropped = ("--config.data.num_classes", "--config.train.batch_size", "--config.eval.")
     fast = [a for a in tiny_run_args(workdir, 2) if not a.startswith(dropped)]
-    proc = run_main(*fast, f"--config.data.train=folder:{faces}", "--config.train.batch_size=8",
-                    "--config.eval.synthetic_pairs=0", "--config.eval.low_resolutions=",
-                    "--config.eval.routing_map_faces=0",
-                    "--config.eval.synthetic_tinyface_identities=0")  # fmt: skip
+    proc = run_main(
+        *fast,
+        f"--config.data.train=folder:{faces}",
+        "--config.train.batch_size=8",
+        "--config.eval.synthetic_pairs=0",
+        "--config.eval.low_resolutions=",
+        "--config.eval.routing_map_faces=0",
+        "--config.eval.synthetic_tinyface_identities=0",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     saved = checkpoint_lib.Checkpointer(str(workdir), 2, 1, create=False).saved_config(2)
     assert saved["data"]["num_classes"] == 3

@@ -119,14 +119,17 @@ class QualityHead(nn.Module):
     norm_scale: float = 8.0
 
     @nn.compact
-    def __call__(self, embeddings: jax.Array, train: bool,
-                 patch: jax.Array | None = None) -> jax.Array:  # fmt: skip
+    def __call__(
+        self, embeddings: jax.Array, train: bool, patch: jax.Array | None = None
+    ) -> jax.Array:
         if self.input == "embedding":  # the first version's head, parameters unchanged
             x = embeddings.astype(jnp.float32)
         else:
             if patch is None:
-                raise ValueError(f"a quality head with input {self.input!r} needs the patch "
-                                 "statistics (`patch_statistics`)")  # fmt: skip
+                raise ValueError(
+                    f"a quality head with input {self.input!r} needs the patch "
+                    "statistics (`patch_statistics`)"
+                )
             patch = patch.astype(jnp.float32)
             # The two inputs differ in scale by orders of magnitude: each is normalised alone.
             # The detail statistics are log-ratios, of order one, and their mean over channels
@@ -185,8 +188,10 @@ def detail_ratios(tokens: jax.Array, details: list[jax.Array], eps: float = 1e-6
     log(rms_N(detail_k) + eps) - log(std_N(tokens) + eps) for each k, then log(std_N(tokens) +
     eps)."""
     log_spread = jnp.log(jnp.std(tokens.astype(jnp.float32), axis=1) + eps)
-    ratios = [jnp.log(jnp.sqrt(jnp.mean(jnp.square(d.astype(jnp.float32)), axis=1)) + eps)
-              - log_spread for d in details]  # fmt: skip
+    ratios = [
+        jnp.log(jnp.sqrt(jnp.mean(jnp.square(d.astype(jnp.float32)), axis=1)) + eps) - log_spread
+        for d in details
+    ]
     return jnp.concatenate([*ratios, log_spread], axis=-1)
 
 
@@ -206,8 +211,13 @@ def multiscale_statistics(embed, images: jax.Array) -> jax.Array:
     return detail_ratios(tokens, details)
 
 
-def patch_statistics(settings: HeadSettings, module: nn.Module, tokens: jax.Array,
-                     embed=None, images: jax.Array | None = None) -> jax.Array | None:  # fmt: skip
+def patch_statistics(
+    settings: HeadSettings,
+    module: nn.Module,
+    tokens: jax.Array,
+    embed=None,
+    images: jax.Array | None = None,
+) -> jax.Array | None:
     """Called inside an encoder's compact __call__ on the tokens right after the patch embedding
     (B, N, C) or the stem's map (B, H, W, C): the quality head's patch input, without gradient,
     sown as PATCH_KEY; None when the head does not read it. (B, 2C) `pool_positions`, or for a
@@ -231,12 +241,22 @@ def patch_statistics(settings: HeadSettings, module: nn.Module, tokens: jax.Arra
 
 
 def make_quality_head(settings: HeadSettings) -> QualityHead:
-    return QualityHead(settings.quality_hidden, settings.quality_dropout, settings.quality_input,
-                       settings.quality_norm_scale, name=QUALITY_NAME)  # fmt: skip
+    return QualityHead(
+        settings.quality_hidden,
+        settings.quality_dropout,
+        settings.quality_input,
+        settings.quality_norm_scale,
+        name=QUALITY_NAME,
+    )
 
 
-def estimate_quality(settings: HeadSettings, module: nn.Module, embeddings: jax.Array,
-                     train: bool, patch: jax.Array | None = None) -> None:  # fmt: skip
+def estimate_quality(
+    settings: HeadSettings,
+    module: nn.Module,
+    embeddings: jax.Array,
+    train: bool,
+    patch: jax.Array | None = None,
+) -> None:
     """Called inside an encoder's compact __call__: sows the quality prediction (B,)."""
     if settings.quality_head:
         quality = make_quality_head(settings)(embeddings, train, patch)

@@ -69,9 +69,13 @@ def run_child(**env_changes):
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", huge_pages.OPT_OUT)}
     env.update(env_changes)
     return subprocess.run(
-        [sys.executable, "-c", CHILD, "--config", "x y"], cwd=ROOT, env=env,
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [sys.executable, "-c", CHILD, "--config", "x y"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_restart_happens_once_with_the_same_arguments():

@@ -47,32 +47,54 @@ def env_for(devices=1, **extra):
 
 def args_for(workdir, steps=STEPS, *more):
     return [
-        sys.executable, FAULT_INJECTION, "--config", "configs/demo.py",
-        "--workdir", str(workdir), f"--config.train.num_steps={steps}",
-        "--config.train.batch_size=16", "--config.train.log_every_steps=1",
-        f"--config.checkpoint.every_steps={EVERY}", "--config.checkpoint.max_to_keep=3",
-        "--config.data.num_classes=16", "--config.data.synthetic_images_per_identity=4",
-        "--config.loss.class_rows_multiple=8", "--config.model.image_size=32",
-        "--config.model.width=32", "--config.model.depth=2", "--config.model.num_heads=2",
-        "--config.model.embed_dim=32", "--config.optimizer.warmup_steps=1",
-        "--config.eval.synthetic_pairs=0", "--config.eval.low_resolutions=",
-        "--config.eval.routing_map_faces=0", "--config.eval.synthetic_tinyface_identities=0",
+        sys.executable,
+        FAULT_INJECTION,
+        "--config",
+        "configs/demo.py",
+        "--workdir",
+        str(workdir),
+        f"--config.train.num_steps={steps}",
+        "--config.train.batch_size=16",
+        "--config.train.log_every_steps=1",
+        f"--config.checkpoint.every_steps={EVERY}",
+        "--config.checkpoint.max_to_keep=3",
+        "--config.data.num_classes=16",
+        "--config.data.synthetic_images_per_identity=4",
+        "--config.loss.class_rows_multiple=8",
+        "--config.model.image_size=32",
+        "--config.model.width=32",
+        "--config.model.depth=2",
+        "--config.model.num_heads=2",
+        "--config.model.embed_dim=32",
+        "--config.optimizer.warmup_steps=1",
+        "--config.eval.synthetic_pairs=0",
+        "--config.eval.low_resolutions=",
+        "--config.eval.routing_map_faces=0",
+        "--config.eval.synthetic_tinyface_identities=0",
         *more,
-    ]  # fmt: skip
+    ]
 
 
 def run(workdir, steps=STEPS, *more, devices=1, **env):
     return subprocess.run(
-        args_for(workdir, steps, *more), cwd=ROOT, env=env_for(devices, **env),
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        args_for(workdir, steps, *more),
+        cwd=ROOT,
+        env=env_for(devices, **env),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def start(workdir, steps=STEPS, *more, **env):
     return subprocess.Popen(
-        args_for(workdir, steps, *more), cwd=ROOT, env=env_for(1, **env),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        args_for(workdir, steps, *more),
+        cwd=ROOT,
+        env=env_for(1, **env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def losses(workdir) -> dict:
@@ -363,7 +385,7 @@ def test_sigterm_to_one_host_of_two_saves_the_same_step_on_both(tmp_path):
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-        )  # fmt: skip
+        )
         for i in range(2)
     ]
     try:

@@ -13,16 +13,25 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIXTURE = os.path.join(ROOT, "tests", "e2e", "data", "checkpoint_before_objectives")
 TINY = [
-    "--config.train.num_steps=4", "--config.train.batch_size=16",
-    "--config.train.log_every_steps=1", "--config.checkpoint.every_steps=2",
-    "--config.checkpoint.max_to_keep=3", "--config.data.num_classes=16",
-    "--config.data.synthetic_images_per_identity=4", "--config.loss.class_rows_multiple=8",
-    "--config.model.image_size=32", "--config.model.width=32", "--config.model.depth=2",
-    "--config.model.num_heads=2", "--config.model.embed_dim=32",
-    "--config.optimizer.warmup_steps=1", "--config.eval.synthetic_pairs=0",
-    "--config.eval.low_resolutions=", "--config.eval.routing_map_faces=0",
+    "--config.train.num_steps=4",
+    "--config.train.batch_size=16",
+    "--config.train.log_every_steps=1",
+    "--config.checkpoint.every_steps=2",
+    "--config.checkpoint.max_to_keep=3",
+    "--config.data.num_classes=16",
+    "--config.data.synthetic_images_per_identity=4",
+    "--config.loss.class_rows_multiple=8",
+    "--config.model.image_size=32",
+    "--config.model.width=32",
+    "--config.model.depth=2",
+    "--config.model.num_heads=2",
+    "--config.model.embed_dim=32",
+    "--config.optimizer.warmup_steps=1",
+    "--config.eval.synthetic_pairs=0",
+    "--config.eval.low_resolutions=",
+    "--config.eval.routing_map_faces=0",
     "--config.eval.synthetic_tinyface_identities=0",
-]  # fmt: skip
+]
 EXTRA = {
     "demo": [],
     "recognizability": [
@@ -40,8 +49,17 @@ def test_pre_objectives_checkpoint_resumes_with_the_same_losses(name, tmp_path):
     workdir = tmp_path / name
     shutil.copytree(os.path.join(FIXTURE, name), workdir)
     env = dict(os.environ, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
-    command = [sys.executable, "-m", "facemoe_jax.main", "--config", f"configs/{name}.py",
-               "--workdir", str(workdir), *TINY, *EXTRA[name]]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "facemoe_jax.main",
+        "--config",
+        f"configs/{name}.py",
+        "--workdir",
+        str(workdir),
+        *TINY,
+        *EXTRA[name],
+    ]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from checkpoint at step 2" in result.stdout
@@ -53,5 +71,6 @@ def test_pre_objectives_checkpoint_resumes_with_the_same_losses(name, tmp_path):
     for step, values in expected.items():
         for key, value in values.items():
             # Bitwise on the machine that wrote them; other core counts change the last bits.
-            np.testing.assert_allclose(logged[step][key], value, rtol=2e-5, atol=1e-6,
-                                       err_msg=f"step {step} {key}")  # fmt: skip
+            np.testing.assert_allclose(
+                logged[step][key], value, rtol=2e-5, atol=1e-6, err_msg=f"step {step} {key}"
+            )

@@ -31,12 +31,17 @@ def main():
     # Labels on every shard, among them the last real class (next to the padding rows).
     labels = np.concatenate([rng.integers(0, NUM_CLASSES, BATCH - 2), [NUM_CLASSES - 1, 0]])
     embeddings = centers[labels] + rng.normal(size=(BATCH, DIM))
-    args = (jnp.asarray(embeddings, jnp.float32), jnp.asarray(centers, jnp.float32),
-            jnp.asarray(labels, jnp.int32))  # fmt: skip
+    args = (
+        jnp.asarray(embeddings, jnp.float32),
+        jnp.asarray(centers, jnp.float32),
+        jnp.asarray(labels, jnp.int32),
+    )
     single = ri.prototype_cosines(*args, num_classes=NUM_CLASSES, class_axes=())
-    for shape, names, class_axes in [((8,), ("classes",), ("classes",)),
-                                     ((2, 4), ("data", "expert"), ("expert",)),
-                                     ((2, 4), ("data", "expert"), ("data", "expert"))]:  # fmt: skip
+    for shape, names, class_axes in [
+        ((8,), ("classes",), ("classes",)),
+        ((2, 4), ("data", "expert"), ("expert",)),
+        ((2, 4), ("data", "expert"), ("data", "expert")),
+    ]:
         mesh = Mesh(np.asarray(jax.devices()).reshape(shape), names)
         fn = jax.jit(
             lambda e, c, y, axes=class_axes: ri.prototype_cosines(
@@ -63,12 +68,18 @@ def main():
 def check_class_means(rng):
     """Lookup and update of the per-class means, split over the class axes, equal one device
     (labels repeat, so some rows take several images in one update)."""
-    means = {"mean": jnp.asarray(np.concatenate([rng.normal(size=(NUM_CLASSES, DIM)) * 0.1,
-                                                  np.zeros((3, DIM))]), jnp.float32),
-             "count": jnp.asarray(np.concatenate([rng.integers(0, 5, NUM_CLASSES), np.zeros(3)]),
-                                  jnp.float32)}  # fmt: skip
-    labels = jnp.asarray(np.concatenate([rng.integers(0, NUM_CLASSES, BATCH - 3), [5, 5, 36]]),
-                         jnp.int32)  # fmt: skip
+    means = {
+        "mean": jnp.asarray(
+            np.concatenate([rng.normal(size=(NUM_CLASSES, DIM)) * 0.1, np.zeros((3, DIM))]),
+            jnp.float32,
+        ),
+        "count": jnp.asarray(
+            np.concatenate([rng.integers(0, 5, NUM_CLASSES), np.zeros(3)]), jnp.float32
+        ),
+    }
+    labels = jnp.asarray(
+        np.concatenate([rng.integers(0, NUM_CLASSES, BATCH - 3), [5, 5, 36]]), jnp.int32
+    )
     embeddings = jnp.asarray(rng.normal(size=(BATCH, DIM)), jnp.float32)
 
     def both(m, e, y, axes):
@@ -76,8 +87,10 @@ def check_class_means(rng):
         return looked_up, class_means.update(m, e, y, 3, class_axes=axes)
 
     single = both(means, embeddings, labels, ())
-    for shape, names, class_axes in [((8,), ("classes",), ("classes",)),
-                                     ((2, 4), ("data", "expert"), ("data", "expert"))]:  # fmt: skip
+    for shape, names, class_axes in [
+        ((8,), ("classes",), ("classes",)),
+        ((2, 4), ("data", "expert"), ("data", "expert")),
+    ]:
         mesh = Mesh(np.asarray(jax.devices()).reshape(shape), names)
         with jax.set_mesh(mesh):
             split = jax.device_put(means, NamedSharding(mesh, P(class_axes)))

@@ -40,11 +40,16 @@ def test_recognizability_index_matches_numpy():
     centre = unit(rng.normal(size=dim))
     e[:4] = centre + 0.1 * rng.normal(size=(4, dim))
     cos_ui = unit(e) @ centre
-    own, hardest = ri.prototype_cosines(jnp.asarray(e, jnp.float32), jnp.asarray(centers),
-                                        jnp.asarray(labels), num_classes=num_classes,
-                                        class_axes=())  # fmt: skip
-    got = ri.recognizability_index(cos_ui, own, hardest, ui_weight=0.3, ui_angle_scale=1.2,
-                                   margin_angle_scale=0.4)  # fmt: skip
+    own, hardest = ri.prototype_cosines(
+        jnp.asarray(e, jnp.float32),
+        jnp.asarray(centers),
+        jnp.asarray(labels),
+        num_classes=num_classes,
+        class_axes=(),
+    )
+    got = ri.recognizability_index(
+        cos_ui, own, hardest, ui_weight=0.3, ui_angle_scale=1.2, margin_angle_scale=0.4
+    )
     want = numpy_ri(e, centers, labels, num_classes, centre, 0.3, 1.2, 0.4)
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-5)
     assert 0.0 <= want.min() < 0.3 and want.max() > 0.7  # the test spans the range
@@ -78,8 +83,14 @@ def test_copy_target_against_the_own_full_size_embedding_matches_numpy():
     cfg = common.get_base_config().recognizability
     cfg.update(quality_ui_weight=0.25, quality_angle_power=0.5)  # pi scales (the defaults)
     args = (jnp.asarray(centers), jnp.asarray(labels), jnp.asarray(centre, jnp.float32))
-    got = ri.copy_index(cfg, jnp.asarray(copies, jnp.float32), *args,
-                        jnp.asarray(reference, jnp.float32), num_classes, ())  # fmt: skip
+    got = ri.copy_index(
+        cfg,
+        jnp.asarray(copies, jnp.float32),
+        *args,
+        jnp.asarray(reference, jnp.float32),
+        num_classes,
+        (),
+    )
     want = numpy_copy_target(copies, reference, centers, labels, centre, 0.25, 0.5)
     np.testing.assert_allclose(np.asarray(got)[1:], want[1:], atol=1e-4)
     # At angle 0 the square root magnifies float32's arccos(1 - 6e-8) = 3e-4 rad: 0.005 of RI.
@@ -126,24 +137,37 @@ def test_ema_centre_matches_numpy_from_zero():
 def test_agreement_target_matches_numpy():
     rng = np.random.default_rng(4)
     copies, reference = rng.normal(size=(7, 8)), rng.normal(size=(7, 8))
-    means = {"mean": jnp.asarray(rng.normal(size=(5, 8)) * 0.2, jnp.float32),
-             "count": jnp.asarray([0, 2, 1, 9, 0], jnp.float32)}  # fmt: skip
+    means = {
+        "mean": jnp.asarray(rng.normal(size=(5, 8)) * 0.2, jnp.float32),
+        "count": jnp.asarray([0, 2, 1, 9, 0], jnp.float32),
+    }
     labels = np.array([0, 1, 2, 3, 3, 1, 4])
-    agreement, count = class_means.lookup(means, jnp.asarray(copies, jnp.float32), labels,
-                                          class_axes=())  # fmt: skip
+    agreement, count = class_means.lookup(
+        means, jnp.asarray(copies, jnp.float32), labels, class_axes=()
+    )
     expected = np.sum(unit(copies) * np.asarray(means["mean"])[labels], axis=1)
     np.testing.assert_allclose(np.asarray(agreement), expected, atol=1e-6)
     np.testing.assert_allclose(np.asarray(count), [0, 2, 1, 9, 9, 2, 0])
-    target = ri.agreement_index(jnp.asarray(copies, jnp.float32),
-                                jnp.asarray(reference, jnp.float32), agreement,
-                                agreement_weight=0.3, angle_power=0.5)  # fmt: skip
+    target = ri.agreement_index(
+        jnp.asarray(copies, jnp.float32),
+        jnp.asarray(reference, jnp.float32),
+        agreement,
+        agreement_weight=0.3,
+        angle_power=0.5,
+    )
     theta = np.arccos(np.clip(np.sum(unit(copies) * unit(reference), axis=1), -1, 1))
     resolution = 1 - (theta / np.pi) ** 0.5
-    np.testing.assert_allclose(np.asarray(target),
-                               0.7 * resolution + 0.3 * np.clip(expected, 0, 1), atol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(
+        np.asarray(target), 0.7 * resolution + 0.3 * np.clip(expected, 0, 1), atol=1e-5
+    )
     # A copy of its own full-size image (angle 0) with full agreement scores 1.
-    same = ri.agreement_index(jnp.asarray(copies[:1]), jnp.asarray(copies[:1]),
-                              jnp.ones((1,)), agreement_weight=0.5, angle_power=0.5)  # fmt: skip
+    same = ri.agreement_index(
+        jnp.asarray(copies[:1]),
+        jnp.asarray(copies[:1]),
+        jnp.ones((1,)),
+        agreement_weight=0.5,
+        angle_power=0.5,
+    )
     np.testing.assert_allclose(np.asarray(same), [1.0], atol=1e-3)
 
 
@@ -184,8 +208,9 @@ def test_quality_copies_span_the_sizes_in_groups():
     roughness = [float(np.mean(np.abs(np.diff(copies[[i, i + 3]], axis=1)))) for i in (0, 1, 2)]
     assert roughness[0] < roughness[1] < roughness[2]  # fewer pixels, smoother copy
     # A resize down and back averages pixels: each copy keeps its face's mean colour.
-    np.testing.assert_allclose(copies.mean(axis=(1, 2)), np.asarray(images[:6]).mean(axis=(1, 2)),
-                               atol=0.03)  # fmt: skip
+    np.testing.assert_allclose(
+        copies.mean(axis=(1, 2)), np.asarray(images[:6]).mean(axis=(1, 2)), atol=0.03
+    )
 
 
 @pytest.mark.slow

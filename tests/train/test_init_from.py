@@ -69,9 +69,10 @@ def test_upcycled_moe_from_a_dense_workdir_lists_new_and_unused(dense_run, capsy
         np.testing.assert_array_equal(
             enc["blocks_1"]["moe"]["experts"]["fc2_bias"][e], src["blocks_1"]["mlp"]["fc2"]["bias"]
         )
-    np.testing.assert_array_equal(enc["blocks_1"]["moe"]["router"]["gate"]["kernel"],
-                                  fresh.params["encoder"]["blocks_1"]["moe"]["router"]["gate"]
-                                  ["kernel"])  # fmt: skip
+    np.testing.assert_array_equal(
+        enc["blocks_1"]["moe"]["router"]["gate"]["kernel"],
+        fresh.params["encoder"]["blocks_1"]["moe"]["router"]["gate"]["kernel"],
+    )
     np.testing.assert_array_equal(
         state.batch_stats["feature_bn1"]["mean"], source.batch_stats["feature_bn1"]["mean"]
     )
@@ -131,8 +132,10 @@ def test_a_pytorch_hr_model_without_adapters_starts_a_petalface_run(tmp_path, ca
     plain = petalface_tiny()
     plain.lora.rank = 0
     _, hr = random_variables(plain)
-    torch.save({k: torch.from_numpy(v.copy()) for k, v in convert.jax_to_torch(plain, hr).items()},
-               tmp_path / "model.pt")  # fmt: skip
+    torch.save(
+        {k: torch.from_numpy(v.copy()) for k, v in convert.jax_to_torch(plain, hr).items()},
+        tmp_path / "model.pt",
+    )
     config = tiny_config()
     config.model = cfg
     config.init_from = str(tmp_path / "model.pt")
@@ -140,8 +143,9 @@ def test_a_pytorch_hr_model_without_adapters_starts_a_petalface_run(tmp_path, ca
     line = capsys.readouterr().out
     assert "new (from their initialisers): feature_fc/trainable_lora_down/kernel" in line
     qkv = state.params["encoder"]["layers_0"]["blocks_0"]["attn"]["qkv"]
-    np.testing.assert_array_equal(qkv["kernel"], hr["params"]["layers_0"]["blocks_0"]["attn"]
-                                  ["qkv"]["kernel"])  # fmt: skip
+    np.testing.assert_array_equal(
+        qkv["kernel"], hr["params"]["layers_0"]["blocks_0"]["attn"]["qkv"]["kernel"]
+    )
     assert "trainable_lora_up2" in qkv
 
 
@@ -157,8 +161,9 @@ def test_an_onnx_file_starts_an_onnx_run_with_its_own_weights(tmp_path, capsys):
     optimizer, _ = optimizer_lib.build_optimizer(config.optimizer, 2)
     state = state_lib.init_train_state(model, optimizer, config, jax.random.key(0))
     # Perturb, then init_from the file: every array comes back to the file's values.
-    state = state.replace(params={**state.params, "encoder": jax.tree.map(
-        lambda p: p + 1.0, state.params["encoder"])})  # fmt: skip
+    state = state.replace(
+        params={**state.params, "encoder": jax.tree.map(lambda p: p + 1.0, state.params["encoder"])}
+    )
     config.init_from = path
     state = init_from.initialize_from(state, config, load_variables)
     expected = onnx_graph.onnx_variables(onnx_graph.read_graph(path))

@@ -69,9 +69,12 @@ def test_config_changes_split_fixed_fields_from_knobs():
     now.data.worker_count = 4
     assert checkpoint_lib.config_changes(saved, now) == (
         [],
-        ["data.worker_count 0 -> 4", "optimizer.learning_rate 0.002 -> 0.0001",
-         "train.num_steps 700 -> 900"],
-    )  # fmt: skip
+        [
+            "data.worker_count 0 -> 4",
+            "optimizer.learning_rate 0.002 -> 0.0001",
+            "train.num_steps 700 -> 900",
+        ],
+    )
     now.model.num_experts = 8
     now.data.train = "folder:/faces"
     now.seed = 1
@@ -137,8 +140,10 @@ def test_remote_workdir_goes_through_epath_and_nothing_lands_locally(
     # A resume from step 1 drops step 2 in the bucket too.
     writers.JsonlWriter(epath.Path(workdir, "metrics.jsonl"), resume_step=1).close()
     assert json.loads(epath.Path(workdir, "metrics.jsonl").read_text()) == {
-        "step": 1, "train/loss": 2.0, "train/accuracy": 0.25,
-    }  # fmt: skip
+        "step": 1,
+        "train/loss": 2.0,
+        "train/accuracy": 0.25,
+    }
     assert os.listdir(tmp_path) == []  # no local `mem:` folder, no probe, no metrics
     assert not os.path.exists("/mem")
     assert sorted(mem_scheme.store) == ["mem://bucket/runs/x/metrics.jsonl"]

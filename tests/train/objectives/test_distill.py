@@ -83,8 +83,9 @@ def test_step_adds_the_weighted_terms_and_leaves_the_teacher_alone(teacher_run):
     batch["image_hr"] = jnp.asarray(np.asarray(batch["image"])[:, ::-1])  # another image
 
     def one_step(instance_weight, relation_weight, with_teacher=True):
-        config = student_config(workdir, instance_weight=instance_weight,
-                                relation_weight=relation_weight)  # fmt: skip
+        config = student_config(
+            workdir, instance_weight=instance_weight, relation_weight=relation_weight
+        )
         model = build_model(config.model)
         tx, schedule = optimizer_lib.build_optimizer(config.optimizer, 10)
         state = state_lib.create_train_state(model, tx, config)
@@ -101,11 +102,15 @@ def test_step_adds_the_weighted_terms_and_leaves_the_teacher_alone(teacher_run):
     # Weight 0: the terms are logged, the update is the plain one.
     assert {"train/distill_instance", "train/distill_relation"} <= set(logged_metrics)
     assert "train/distill_instance" not in plain_metrics
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
-                 logged.params, plain.params)  # fmt: skip
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+        logged.params,
+        plain.params,
+    )
     # The teacher's variables are an argument, not state: untouched by the step.
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(variables["params"]),
-                 saved.params["encoder"])  # fmt: skip
+    jax.tree.map(
+        np.testing.assert_array_equal, jax.device_get(variables["params"]), saved.params["encoder"]
+    )
     _, metrics, _ = one_step(2.0, 30.0)
     expected = (
         metrics["train/margin_ce"]
