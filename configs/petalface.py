@@ -74,7 +74,6 @@ def get_config(arg=None):
     config.model.stage_heads = (8, 16, 16)
     config.model.window_size = 5
     config.model.head_dropout = 0.25
-    config.model.absolute_pos_embed = True
     config.model.apply_shift_mask = False
     recipes.petalface(config, rank=32 if recipe == "briar_r32" else 8, head=True)
     config.loss.scale = 64.0

@@ -49,6 +49,10 @@ def get_base_config() -> ml_collections.ConfigDict:
             dropout=0.0,  # IResNet: dropout before the fc layer of the head (arcface_torch's)
             mobilefacenet_blocks=(1, 4, 6, 2),  # arcface_torch mbf; mbf_large: (2, 8, 12, 4)
             mobilefacenet_scale=2,  # width multiplier: mbf 2, mbf_large 4
+            # Swin (name="swin_moe"; its stage fields are set by its configs): PETALface's Swin
+            # computes the shifted-window mask but never applies it.
+            absolute_pos_embed=True,
+            apply_shift_mask=True,
             # Any ONNX face model (name="onnx"; models/onnx_graph.py): its file, and how its
             # input is normalised, (pixel - mean) / std in its channel order; negative = the
             # graph's default (raw pixels when it normalises inside, else 127.5 / 127.5).

@@ -489,8 +489,8 @@ def swin_twin(cfg) -> SwinMoETorch:
         capacity_factor=cfg.capacity_factor or None,
         head_dropout=cfg.head_dropout,
         moe_layers=parse_moe_layers(cfg.moe_layers, sum(cfg.depths)),
-        absolute_pos_embed=bool(cfg.get("absolute_pos_embed", True)),
-        apply_shift_mask=bool(cfg.get("apply_shift_mask", True)),
+        absolute_pos_embed=bool(cfg.absolute_pos_embed),
+        apply_shift_mask=bool(cfg.apply_shift_mask),
         lora=settings_from_config(cfg),
     )
 

@@ -98,8 +98,7 @@ def _heads(cfg: ml_collections.ConfigDict) -> dict:
         perceptibility_attention=bool(cfg.perceptibility_attention),
         quality_head=bool(cfg.quality_head),
         quality_dropout=float(cfg.quality_head_dropout),
-        # Not the default of a new config: what a config from before the field computed.
-        quality_input=str(cfg.get("quality_head_input", "embedding")),
+        quality_input=str(cfg.quality_head_input),
         quality_norm_scale=float(cfg.quality_head_norm_scale),
     )
     if heads.quality_input not in QUALITY_INPUTS:
@@ -202,8 +201,8 @@ def build_swin(cfg: ml_collections.ConfigDict) -> SwinMoE:
         drop_path_rate=cfg.drop_path_rate,
         head_dropout=cfg.head_dropout,
         dtype=DTYPES[cfg.dtype],
-        absolute_pos_embed=bool(cfg.get("absolute_pos_embed", True)),
-        apply_shift_mask=bool(cfg.get("apply_shift_mask", True)),
+        absolute_pos_embed=bool(cfg.absolute_pos_embed),
+        apply_shift_mask=bool(cfg.apply_shift_mask),
         **_adapters(cfg),
         **_heads(cfg),
     )

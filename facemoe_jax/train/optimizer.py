@@ -58,7 +58,7 @@ def build_optimizer(
         raise ValueError(f"config.optimizer.name={cfg.name!r} is not 'adamw' or 'sgd'")
     if cfg.grad_clip_norm < 0:
         raise ValueError(f"config.optimizer.grad_clip_norm={cfg.grad_clip_norm} must be >= 0")
-    scope = cfg.get("clip_scope", "all")
+    scope = cfg.clip_scope
     if scope not in CLIP_SCOPES:
         raise ValueError(f"config.optimizer.clip_scope={scope!r} is not one of {CLIP_SCOPES}")
     if cfg.grad_clip_norm > 0:
