@@ -445,7 +445,7 @@ def restore_params(workdir: str, step: int | None = None):
         config = upgrade(saved["config"])
         model = build_model(config.model)
         optimizer, _ = optimizer_lib.build_optimizer(
-            config.optimizer, config.train.num_steps, config.train.get("trainable")
+            config.optimizer, config.train.num_steps, config.train.trainable
         )
         abstract = state_lib.abstract_train_state(model, optimizer, config)
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
