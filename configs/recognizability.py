@@ -12,7 +12,7 @@ with everything of the method on (facemoe_jax/recipes.recognizability):
     "agreement" target of the batch's geometry-only images copied at 4, 6, 8, 12, 16, 24, 32 px
     and full size: half how close each copy is to its own full-size embedding, half its mean
     cosine to the other full-size images of its class (per-class means in the train state;
-    losses/recognizability.py, item 5), from the stop-gradient embedding, its log norm and the
+    docs/recognizability.md, design note 5), from the stop-gradient embedding, its log norm and the
     detail statistics of the patch embedding (the share of its response that comes from the
     input's 2 and 4 px detail, per channel).
 Training images are degraded to 8-32 px half of the time (target_res_prob=0.5), so the batch

@@ -1,6 +1,6 @@
 """Per-class running means of normalised embeddings, split over devices like the class centres.
 
-The recognizability quality head's "agreement" target (losses/recognizability.py, item 5)
+The recognizability quality head's "agreement" target (docs/recognizability.md, design note 5)
 scores a face by its cosine to the mean of its class's other images. The means live in the train
 state as {"mean": (rows, D), "count": (rows,)}, one row per class-centre row, so under the
 class-sharded classifier each device holds the rows of the classes it holds
