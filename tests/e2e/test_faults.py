@@ -22,6 +22,8 @@ import time
 import numpy as np
 import pytest
 
+from tests.e2e.tiny_run import tiny_run_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The command line with faults injected from outside the production code (a hook, an objective).
 FAULT_INJECTION = os.path.join(ROOT, "tests", "e2e", "fault_injection.py")
@@ -53,24 +55,7 @@ def args_for(workdir, steps=STEPS, *more):
         "configs/demo.py",
         "--workdir",
         str(workdir),
-        f"--config.train.num_steps={steps}",
-        "--config.train.batch_size=16",
-        "--config.train.log_every_steps=1",
-        f"--config.checkpoint.every_steps={EVERY}",
-        "--config.checkpoint.max_to_keep=3",
-        "--config.data.num_classes=16",
-        "--config.data.synthetic_images_per_identity=4",
-        "--config.loss.class_rows_multiple=8",
-        "--config.model.image_size=32",
-        "--config.model.width=32",
-        "--config.model.depth=2",
-        "--config.model.num_heads=2",
-        "--config.model.embed_dim=32",
-        "--config.optimizer.warmup_steps=1",
-        "--config.eval.synthetic_pairs=0",
-        "--config.eval.low_resolutions=",
-        "--config.eval.routing_map_faces=0",
-        "--config.eval.synthetic_tinyface_identities=0",
+        *tiny_run_flags(steps, EVERY),
         *more,
     ]
 

@@ -1,5 +1,5 @@
 """A checkpoint written before the training objectives were split out still resumes, and the
-steps after it log what the old code logged (tests/train/data/checkpoint_before_objectives)."""
+steps after it log what the old code logged (tests/e2e/data/checkpoint_before_objectives)."""
 
 import json
 import os
@@ -10,28 +10,11 @@ import sys
 import numpy as np
 import pytest
 
+from tests.e2e.tiny_run import tiny_run_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIXTURE = os.path.join(ROOT, "tests", "e2e", "data", "checkpoint_before_objectives")
-TINY = [
-    "--config.train.num_steps=4",
-    "--config.train.batch_size=16",
-    "--config.train.log_every_steps=1",
-    "--config.checkpoint.every_steps=2",
-    "--config.checkpoint.max_to_keep=3",
-    "--config.data.num_classes=16",
-    "--config.data.synthetic_images_per_identity=4",
-    "--config.loss.class_rows_multiple=8",
-    "--config.model.image_size=32",
-    "--config.model.width=32",
-    "--config.model.depth=2",
-    "--config.model.num_heads=2",
-    "--config.model.embed_dim=32",
-    "--config.optimizer.warmup_steps=1",
-    "--config.eval.synthetic_pairs=0",
-    "--config.eval.low_resolutions=",
-    "--config.eval.routing_map_faces=0",
-    "--config.eval.synthetic_tinyface_identities=0",
-]
+TINY = tiny_run_flags(steps=4, checkpoint_every=2)  # the flags the fixture was written with
 EXTRA = {
     "demo": [],
     "recognizability": [
