@@ -27,7 +27,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from facemoe_jax.core import huge_pages, messages  # noqa: E402
+from facemoe_jax.core import cli, huge_pages, messages  # noqa: E402
 
 # Config files import their shared builder as `configs.common`: make the project root importable
 # whatever the current directory is.
@@ -88,9 +88,9 @@ def run(config, workdir: str, mode: str, extra_hooks: tuple = ()) -> dict:
 
 def main(argv, extra_hooks: tuple = ()):
     if len(argv) > 1:
-        _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+        cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
     if _CONFIG.value is None or _WORKDIR.value is None:
-        _fail("both --config and --workdir are required")
+        cli.fail("both --config and --workdir are required")
     logging.set_verbosity(logging.WARNING)
     from facemoe_jax.data.pipeline import BadDataError
     from facemoe_jax.train.hooks import NumericalFault, Preempted, PREEMPTED_EXIT_CODE
@@ -101,58 +101,16 @@ def main(argv, extra_hooks: tuple = ()):
         messages.say(messages.one_line(e))
         sys.exit(PREEMPTED_EXIT_CODE)
     except (BadDataError, NumericalFault) as e:
-        _fail(str(e.args[0]) if e.args else repr(e), status=1)
+        cli.fail(str(e.args[0]) if e.args else repr(e), status=1)
     except (ValueError, KeyError, OSError) as e:
-        _fail(str(e.args[0]) if e.args else repr(e))
-
-
-def _fail(message: str, status: int = 2):
-    message = messages.one_line(message)
-    if len(message) > 1000:  # e.g. TFDS lists every dataset it knows
-        message = f"{message[:1000]} ... ({len(message) - 1000} more characters)"
-    messages.error(message)
-    sys.exit(status)
-
-
-def _config_file_error(argv: list[str], detail: str) -> str:
-    """ml_collections wraps a config file's own exception in a traceback text: keep its last
-    line (the exception) and name the file."""
-    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    if path is None and "--config" in argv and argv.index("--config") + 1 < len(argv):
-        path = argv[argv.index("--config") + 1]
-    lines = [line.strip() for line in detail.strip().splitlines() if line.strip()]
-    cause = lines[-1] if lines else detail
-    where = next((line for line in reversed(lines) if line.startswith("File ")), "")
-    if "Traceback" in detail:
-        # ' '.join(...) below flattens newlines; keep the file/line of the failure.
-        return f"--config={path}: get_config failed ({where}): {cause}"
-    return f"--config={path}: {cause}"
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-    """Parses flags and config overrides; a mistake ends in one line naming the flag."""
-    try:
-        return flags.FLAGS(argv)
-    except SyntaxError as e:  # raised by the config file itself
-        _fail(f"--config={e.filename} line {e.lineno}: {e.msg}: {(e.text or '').strip()}")
-    except flags.Error as e:
-        if "Error whilst parsing config file" in str(e):
-            _fail(_config_file_error(argv, str(e).split("Error whilst parsing config file:", 1)[1]))
-        _fail(str(e))
-    except (KeyError, AttributeError) as e:  # ml_collections: an override names no field
-        while e.args and isinstance(e.args[0], Exception):  # AttributeError(KeyError(...))
-            e = e.args[0]
-        detail = str(e.args[0]) if e.args else ""
-        missing = detail.split("\n")[0].strip("'\"")
-        culprit = next((a for a in argv if a.startswith("--config.") and missing in a), None)
-        _fail(f"unknown config field in {culprit or 'a --config override'}: {detail}")
+        cli.fail(str(e.args[0]) if e.args else repr(e))
 
 
 def _run_cli(extra_hooks: tuple = ()):
     """The command line; extra_hooks (train/hooks.py) run after every train step, first."""
     # Before JAX starts: XLA:CPU's step buffers in 2 MiB pages (15-20 % off a CPU train step).
     huge_pages.restart_with_huge_pages()
-    argv = _parse_flags(sys.argv)
+    argv = cli.parse_flags(sys.argv)
     logging.use_absl_handler()
     main(argv, extra_hooks)
 
