@@ -3,11 +3,11 @@
 `flops_per_device(compiled)` is XLA's cost analysis of the compiled (SPMD-partitioned) step, so
 it counts the FLOPs *one device* runs per step (the same step compiles to 6.60 GFLOP on one
 device and about an eighth of it per device on eight). XLA counts a loop body once whatever its
-trip count, so the dropless MoE experts (`models/grouped_matmul.py`, loops over row blocks) are
+trip count, so the dropless MoE experts (`kernels/grouped_matmul.py`, loops over row blocks) are
 mostly missing from it: for the dropless path the figure and the MFU are lower bounds.
 
-Peaks are dense bf16 matrix FLOP/s per device from the vendors' data sheets (the usual MFU
-convention, whatever dtype the step uses); on CPU, where there is no data sheet for a share of a
+Peaks are dense bf16 matrix FLOP/s per device from the vendors' data sheets
+(`parallel/chips.py`; the usual MFU convention, whatever dtype the step uses); on CPU, where there is no data sheet for a share of a
 shared host, the peak is measured once: the best float32 matmul rate XLA reaches on this host,
 divided over the (fake) CPU devices.
 """
@@ -20,20 +20,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-# device_kind prefix -> dense bf16 FLOP/s per device (data sheets; without sparsity).
-PEAK_FLOPS = {
-    "NVIDIA H200": 989e12,
-    "NVIDIA H100": 989e12,  # SXM; the PCIe card is 756e12
-    "NVIDIA A100": 312e12,
-    "NVIDIA L4": 121e12,
-    "NVIDIA A10": 125e12,
-    "TPU v6": 918e12,
-    "TPU v5p": 459e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v4": 275e12,
-    "TPU v3": 123e12,
-}
+from facemoe_jax.parallel import chips
 
 
 def flops_per_device(compiled) -> float | None:
@@ -57,15 +44,18 @@ def measured_cpu_peak(size: int = 1024, repeats: int = 5) -> float:
     return 2 * size**3 / best / max(1, len(jax.devices("cpu")))
 
 
-def peak_flops_per_device(device=None) -> tuple[float, str]:
-    """(peak FLOP/s of one device, where the figure comes from)."""
+def peak_flops_per_device(device=None, devices=None) -> tuple[float, str]:
+    """(peak FLOP/s of one device, where the figure comes from); `devices`: the device's
+    platform's devices (default: all of them), to tell whether chips are split into devices."""
     device = device or jax.devices()[0]
     if device.platform == "cpu":
         return measured_cpu_peak(), "measured float32 matmul peak of this host, per CPU device"
-    for prefix, peak in PEAK_FLOPS.items():
-        if device.device_kind.startswith(prefix):
-            return peak, f"{prefix} data-sheet bf16 peak"
-    return 0.0, f"no peak known for {device.device_kind!r}"
+    chip = chips.chip_of(device.device_kind)
+    if chip is None:
+        return 0.0, f"no peak known for {device.device_kind!r}"
+    shared = chips.devices_per_chip(jax.devices(device.platform) if devices is None else devices)
+    per = f", shared by {shared} devices per chip" if shared > 1 else ""
+    return chip.peak_bf16_flops / shared, f"{chip.name} data-sheet bf16 peak{per}"
 
 
 def mfu(flops_per_device_per_step: float | None, steps_per_sec: float, peak: float) -> float:
