@@ -26,18 +26,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import argparse  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
-import math  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
-from facemoe_jax.models import build_model  # noqa: E402
+from facemoe_jax import aot  # noqa: E402
 from facemoe_jax.parallel import mesh as mesh_lib  # noqa: E402
-from facemoe_jax.parallel import sharding  # noqa: E402
-from facemoe_jax.train import optimizer as optimizer_lib  # noqa: E402
-from facemoe_jax.train import state as state_lib  # noqa: E402
-from facemoe_jax.train import step as step_lib  # noqa: E402
 
 MESHES = ((8, 1), (4, 2), (2, 4), (1, 8))
 GB = 2**30
@@ -55,61 +49,20 @@ def vit_b_config(num_classes: int, depth: int | None, mesh: tuple[int, int]):
     return config
 
 
-def abstract_sharded_state(config, mesh):
-    model = build_model(config.model)
-    tx, schedule = optimizer_lib.build_optimizer(config.optimizer, config.train.num_steps)
-    abstract = state_lib.abstract_train_state(model, tx, config)
-    shardings = sharding.state_shardings(abstract, mesh, config.sharding_rules)
-    state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-    )
-    return model, tx, schedule, state, shardings
-
-
-def shard_bytes(leaf) -> int:
-    shape = leaf.sharding.shard_shape(leaf.shape)
-    return math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
+def compiled_memory(config, mesh, batch_size) -> tuple[dict[str, float], float]:
+    """GiB per device of the compiled train step (arguments, outputs, temporaries, aliased)."""
+    start = time.perf_counter()
+    compiled = aot.compile_train_step(config, mesh, batch_size)[0]
+    seconds = time.perf_counter() - start
+    memory = aot.compiled_memory(compiled)
+    keys = ("arguments", "outputs", "temporaries", "aliased")
+    return {k: memory[k] / GB for k in keys}, seconds
 
 
 def state_bytes_per_device(state) -> dict[str, float]:
     """GiB per device of params + optimiser state, by kind (centres, experts, rest)."""
-    kinds = {"centres": 0, "experts": 0, "rest": 0}
-    for path, leaf in jax.tree.leaves_with_path(state):
-        if not hasattr(leaf, "sharding"):
-            continue
-        name = sharding.path_name(path)
-        kind = "centres" if "centers" in name else "experts" if "experts" in name else "rest"
-        kinds[kind] += shard_bytes(leaf)
-    return {k: v / GB for k, v in kinds.items()}
-
-
-def compiled_memory(config, mesh, batch_size) -> tuple[dict[str, float], float]:
-    model, tx, schedule, state, shardings = abstract_sharded_state(config, mesh)
-    size = config.model.image_size
-    batch = {
-        "image": jax.ShapeDtypeStruct(
-            (batch_size, size, size, 3), jnp.uint8, sharding=mesh_lib.batch_sharding(mesh)
-        ),
-        "label": jax.ShapeDtypeStruct(
-            (batch_size,), jnp.int32, sharding=mesh_lib.batch_sharding(mesh)
-        ),
-    }
-    step = jax.jit(
-        step_lib.make_train_step(model, config, tx, schedule),
-        donate_argnums=0,
-        out_shardings=(shardings, mesh_lib.replicated(mesh)),
-    )
-    start = time.perf_counter()
-    with jax.set_mesh(mesh):
-        compiled = step.lower(state, batch).compile()
-    seconds = time.perf_counter() - start
-    m = compiled.memory_analysis()
-    return {
-        "arguments": m.argument_size_in_bytes / GB,
-        "outputs": m.output_size_in_bytes / GB,
-        "temporaries": m.temp_size_in_bytes / GB,
-        "aliased": m.alias_size_in_bytes / GB,
-    }, seconds
+    split = aot.state_bytes_by_kind(state)
+    return {k: (split["params"][k] + split["optimizer"][k]) / GB for k in split["params"]}
 
 
 def main():
@@ -127,7 +80,7 @@ def main():
         for shape in MESHES:
             full = vit_b_config(classes, None, shape)
             mesh = mesh_lib.make_mesh(full.mesh)
-            state = abstract_sharded_state(full, mesh)[3]
+            state = aot.abstract_sharded_state(full, mesh)[3]
             params = state_bytes_per_device(state)
             cut = vit_b_config(classes, args.depth, shape)
             memory, seconds = compiled_memory(cut, mesh, args.batch)

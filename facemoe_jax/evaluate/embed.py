@@ -68,6 +68,11 @@ class EmbedFn:
         self._compiled = {}
         self._fits = {}
 
+    @property
+    def jitted(self):
+        """The jitted function itself (to lower for other shardings or devices)."""
+        return self._jitted
+
     def compiled(self, variables, shape, dtype=np.uint8):
         if shape not in self._compiled:
             spec = jax.ShapeDtypeStruct(shape, dtype)
