@@ -466,7 +466,13 @@ def format_report(r: dict) -> str:
         f"ms at {chip['hbm_bytes_per_second'] / 1e9:.0f} GB/s -> step >= "
         f"{rf['bound_seconds'] * 1e3:.2f} ms, <= {rf['images_per_second_bound']:,.0f} images/s; "
         f"{rf['images_per_second_at_mfu']:,.0f} images/s at "
-        f"{r['mfu_for_throughput']:.0%} MFU ({chip['source']})",
+        f"{r['mfu_for_throughput']:.0%} MFU"
+        + (
+            " (beyond the memory bound: not reachable)"
+            if rf["images_per_second_at_mfu"] > rf["images_per_second_bound"]
+            else ""
+        )
+        + f" ({chip['source']})",
         f"embedding step (batch {r['embed']['batch']}): "
         f"{r['embed']['flops_per_chip'] / 1e9:.1f} GFLOP per chip, "
         f"{_gib(r['embed']['memory_bytes_per_chip']['total'])} per chip, <= "
