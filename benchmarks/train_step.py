@@ -125,8 +125,9 @@ def make_ours(config, batch_size, state=None):
     return run, compile_s, float(cost.get("flops", 0.0)) / 1e9, initial
 
 
-def make_torch(config, batch_size, threads):
-    """The same architecture in PyTorch, routing as the official code, trained the same way."""
+def make_torch(config, batch_size, threads, device="cpu"):
+    """The same architecture in PyTorch, routing as the official code, trained the same way, on
+    `device` ("cpu" or "cuda")."""
     import torch
     from torch.nn import functional as F
 
@@ -166,19 +167,20 @@ def make_torch(config, batch_size, threads):
             router_combine=m.router_combine,
             capacity_factor=None,
         )
-    model.train()
+    model.to(device).train()
     # The official router computes its losses from the gate logits: collect them with hooks.
     gate_logits = []
     for module in model.modules():
         if isinstance(module, torch_models.MoEMlp):
             module.router.gate.register_forward_hook(lambda mod, inp, out: gate_logits.append(out))
-    centres = torch.nn.Parameter(torch.randn(NUM_CLASSES, m.embed_dim) * 0.01)
+    centres = torch.nn.Parameter(torch.randn(NUM_CLASSES, m.embed_dim, device=device) * 0.01)
     opt = torch.optim.AdamW(
         list(model.parameters()) + [centres], lr=1e-4, weight_decay=0.1, eps=1e-8
     )
     gen = torch.Generator().manual_seed(0)
     images = torch.rand(batch_size, 3, m.image_size, m.image_size, generator=gen) * 2 - 1
     labels = torch.randint(0, NUM_CLASSES, (batch_size,), generator=gen)
+    images, labels = images.to(device), labels.to(device)
     k = m.top_k
 
     def aux_loss():
@@ -192,7 +194,11 @@ def make_torch(config, batch_size, threads):
             total = total + z + 1e-2 * e * torch.sum(p.sum(0) * mask.sum(0)) / (t * t)
         return total
 
-    autocast = torch.autocast("cpu", torch.bfloat16, enabled=config.model.dtype == "bfloat16")
+    autocast = torch.autocast(
+        "cuda" if device == "cuda" else "cpu",
+        torch.bfloat16,
+        enabled=config.model.dtype == "bfloat16",
+    )
 
     def run():
         gate_logits.clear()
@@ -206,6 +212,8 @@ def make_torch(config, batch_size, threads):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         opt.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
 
     run()
     return run
