@@ -45,19 +45,13 @@ def test_the_script_runs_every_part_on_cpu_and_ends_with_its_json():
 
 
 def test_bad_flags_are_refused_with_their_value():
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.accelerator", "--skip", "demo,warp"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
+    def refused(*flags):
+        command = [sys.executable, "-m", "benchmarks.accelerator", *flags]
+        return subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+
+    done = refused("--skip", "demo,warp")
     assert done.returncode == 2 and "warp" in done.stderr
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.accelerator", "--steps", "0"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
+    done = refused("--steps", "0")
     assert done.returncode == 2 and "--steps 0" in done.stderr
 
 
