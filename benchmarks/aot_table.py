@@ -17,6 +17,7 @@ import argparse
 import concurrent.futures
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -92,6 +93,19 @@ def render(out: str) -> str:
                 continue
             with open(path) as f:
                 r = json.load(f)
+            if "compile_error" in r:  # XLA refused the program: larger than a device's HBM
+                needed = re.search(r"required for HLO temporaries \(([^)]+)\)", r["compile_error"])
+                verdict = "**no**: XLA refused it" + (
+                    f" (temporaries {needed.group(1)} per device)" if needed else ""
+                )
+                if "fitting_mesh" in r:
+                    m = r["fitting_mesh"]
+                    verdict += f"; fits at data={m['data']} x expert={m['expert']}"
+                rows.append(
+                    f"| {LABELS[config]} | {slice_name} ({r['chips']}) | {verdict} | "
+                    f"> {r['hbm_bytes_per_chip'] / GiB:.0f} GiB | | | | | |"
+                )
+                continue
             rf = r["roofline"]
             total = r["memory_bytes_per_chip"]["total"]
             verdict = "yes" if r["fits"] else "**no**"

@@ -293,6 +293,15 @@ def compile_embed_step(config, mesh, model, state, batch_size: int):
         return jitted.lower(variables, images).compile()
 
 
+def out_of_memory(error: Exception) -> str | None:
+    """XLA's refusal to compile a program too large for a device's HBM, as one line (the
+    TPU compiler checks this itself); None for any other error."""
+    text = str(error)
+    if "RESOURCE_EXHAUSTED" not in text or "memory" not in text.lower():
+        return None
+    return messages.one_line(text[text.index("RESOURCE_EXHAUSTED") :])
+
+
 def compiled_memory(compiled) -> dict[str, int]:
     m = compiled.memory_analysis()
     total = (
@@ -354,8 +363,69 @@ def report(config, topology: str, embed_batch: int = 0, search: bool = True) -> 
         compiled, state, model = compile_train_step(candidate, mesh)
         return compiled, state, model, mesh, time.perf_counter() - start
 
+    def search_meshes(skip) -> tuple[list, dict | None]:
+        """Every other data x expert split, compiled until one fits: (what each gave, the
+        fitting mesh or None)."""
+        tried = []
+        dense = config.model.moe_layers == "none"
+        for shape in mesh_candidates(len(devices), int(config.model.num_experts), dense):
+            if shape == tuple(skip):
+                continue
+            try:
+                candidate = compile_on(shape)[0]
+            except ValueError as e:  # the batch or the experts do not split this way
+                tried.append({"mesh": shape, "error": messages.one_line(e)})
+                continue
+            except Exception as e:  # noqa: BLE001 - XLA's refusal is a verdict, not a failure
+                refused = out_of_memory(e)
+                if refused is None:
+                    raise
+                tried.append({"mesh": shape, "error": refused})
+                continue
+            total = compiled_memory(candidate)["total"] * per_chip
+            tried.append({"mesh": shape, "total_bytes_per_chip": total})
+            if total <= chip.hbm_bytes:
+                return tried, {"data": shape[0], "expert": shape[1]}
+        return tried, None
+
     mesh_shape = mesh_lib.mesh_shape(config.mesh, len(devices))
-    compiled, state, model, mesh, seconds = compile_on(mesh_shape)
+    try:
+        compiled, state, model, mesh, seconds = compile_on(mesh_shape)
+    except Exception as e:  # noqa: BLE001
+        refused = out_of_memory(e)
+        if refused is None:
+            raise
+        # XLA will not build a program that cannot fit one device: that is the verdict.
+        refused_config = config.copy_and_resolve_references()
+        refused_config.mesh.update(data=mesh_shape[0], expert=mesh_shape[1])
+        mesh = mesh_lib.make_mesh(refused_config.mesh, devices=devices)
+        state = abstract_sharded_state(refused_config, mesh)[3]
+        out = {
+            "config": {
+                "model": config.model.name,
+                "classes": int(config.data.num_classes),
+                "batch": int(config.train.batch_size),
+                "dtype": config.model.dtype,
+            },
+            "topology": topology,
+            "chip": dataclasses.asdict(chip),
+            "chips": num_chips,
+            "devices_per_chip": per_chip,
+            "mesh": {"data": mesh_shape[0], "expert": mesh_shape[1]},
+            "state_bytes_per_chip": {
+                part: {k: v * per_chip for k, v in kinds.items()}
+                for part, kinds in state_bytes_by_kind(state).items()
+            },
+            "hbm_bytes_per_chip": chip.hbm_bytes,
+            "fits": False,
+            "compile_error": refused,
+            "search": [],
+        }
+        if search:
+            out["search"], fitting = search_meshes(mesh_shape)
+            if fitting:
+                out["fitting_mesh"] = fitting
+        return out
     memory = compiled_memory(compiled)
     total_chip = memory["total"] * per_chip
     fits = total_chip <= chip.hbm_bytes
@@ -417,20 +487,9 @@ def report(config, topology: str, embed_batch: int = 0, search: bool = True) -> 
     }
     out["search"] = []
     if not fits and search:
-        dense = config.model.moe_layers == "none"
-        for shape in mesh_candidates(len(devices), int(config.model.num_experts), dense):
-            if shape == tuple(mesh_shape):
-                continue
-            try:
-                candidate = compile_on(shape)[0]
-            except ValueError as e:  # the batch or the experts do not split this way
-                out["search"].append({"mesh": shape, "error": messages.one_line(e)})
-                continue
-            total = compiled_memory(candidate)["total"] * per_chip
-            out["search"].append({"mesh": shape, "total_bytes_per_chip": total})
-            if total <= chip.hbm_bytes:
-                out["fitting_mesh"] = {"data": shape[0], "expert": shape[1]}
-                break
+        out["search"], fitting = search_meshes(mesh_shape)
+        if fitting:
+            out["fitting_mesh"] = fitting
     return out
 
 
@@ -442,19 +501,11 @@ def _gib(value: float) -> str:
     return f"{value / GiB:.2f} GiB" if value >= GiB else f"{value / 2**20:.1f} MiB"
 
 
-def format_report(r: dict) -> str:
-    c, chip, m = r["config"], r["chip"], r["memory_bytes_per_chip"]
-    state = r["state_bytes_per_chip"]
+def _compiled_lines(r: dict) -> list[str]:
+    """The report's memory, FLOPs, roofline and embedding lines of a compiled train step."""
+    chip, m = r["chip"], r["memory_bytes_per_chip"]
     rf, ef = r["roofline"], r["embed"]["roofline"]
-    kinds = ("centres", "experts", "rest")
-    lines = [
-        f"{c['model']} ({c['classes']:,} classes, global batch {c['batch']}, {c['dtype']}) on "
-        f"{r['topology']}: {r['chips']} x {chip['name']} ({r['devices_per_chip']} device(s) per "
-        f"chip), mesh data={r['mesh']['data']} x expert={r['mesh']['expert']}; train step "
-        f"compiled in {r['compile_seconds']:.0f} s",
-        "HBM per chip:",
-        "  parameters   " + ", ".join(f"{k} {_gib(state['params'][k])}" for k in kinds),
-        "  optimiser    " + ", ".join(f"{k} {_gib(state['optimizer'][k])}" for k in kinds),
+    return [
         f"  compiled     arguments {_gib(m['arguments'])}, outputs {_gib(m['outputs'])} "
         f"({_gib(m['aliased'])} of them donated), temporaries {_gib(m['temporaries'])}",
         f"  total        {_gib(m['total'])} of {_gib(r['hbm_bytes_per_chip'])}: "
@@ -481,6 +532,28 @@ def format_report(r: dict) -> str:
         f"{_gib(r['embed']['memory_bytes_per_chip']['total'])} per chip, <= "
         f"{ef['images_per_second_bound']:,.0f} images/s",
     ]
+
+
+def format_report(r: dict) -> str:
+    c, chip, state = r["config"], r["chip"], r["state_bytes_per_chip"]
+    kinds = ("centres", "experts", "rest")
+    refused = r.get("compile_error")
+    lines = [
+        f"{c['model']} ({c['classes']:,} classes, global batch {c['batch']}, {c['dtype']}) on "
+        f"{r['topology']}: {r['chips']} x {chip['name']} ({r['devices_per_chip']} device(s) per "
+        f"chip), mesh data={r['mesh']['data']} x expert={r['mesh']['expert']}; train step "
+        + ("not compiled" if refused else f"compiled in {r['compile_seconds']:.0f} s"),
+        "HBM per chip:",
+        "  parameters   " + ", ".join(f"{k} {_gib(state['params'][k])}" for k in kinds),
+        "  optimiser    " + ", ".join(f"{k} {_gib(state['optimizer'][k])}" for k in kinds),
+    ]
+    if refused:
+        lines += [
+            f"  compiled     XLA refused the program: {refused}",
+            f"  total        more than {_gib(r['hbm_bytes_per_chip'])}: DOES NOT FIT",
+        ]
+    else:
+        lines += _compiled_lines(r)
     for tried in r["search"]:
         data, expert = tried["mesh"]
         if "error" in tried:

@@ -221,3 +221,54 @@ def test_missing_flags_and_a_missing_libtpu_are_one_line_each(tmp_path):
     )
     assert done.returncode == 2
     assert done.stderr.strip() == f"error: {aot.LIBTPU_DIR_ENV}={tmp_path} holds no libtpu package"
+
+
+OOM = (
+    "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+    "temporaries (17.43G) exceeds available HBM (15.25G)."
+)
+
+
+def test_out_of_memory_is_read_from_xlas_refusal_only():
+    error = jax.errors.JaxRuntimeError(f"some prefix\n{OOM}\nmore")
+    assert aot.out_of_memory(error).startswith("RESOURCE_EXHAUSTED: Ran out of memory on HBM")
+    assert "(17.43G)" in aot.out_of_memory(error)
+    assert aot.out_of_memory(ValueError("shapes do not match")) is None
+    assert aot.out_of_memory(RuntimeError("RESOURCE_EXHAUSTED: too many threads")) is None
+
+
+def test_a_program_xla_refuses_for_memory_is_a_does_not_fit_verdict(monkeypatch):
+    """What the Swin-MoE on v4-8 met: the TPU compiler refuses a program larger than a device's
+    HBM. The report says it does not fit, with the state it would hold, and searches on."""
+    from facemoe_jax.parallel import chips
+
+    from .conftest import tiny_config
+
+    config = tiny_config()
+    config.data.num_classes = 64
+    config.train.batch_size = 8
+    chip = chips.Chip("TPU test", 1e14, 16 * 2**30, 1e12, "test")
+    monkeypatch.setattr(aot, "topology_devices", lambda name: jax.devices()[:1])
+    monkeypatch.setattr(chips, "chip_of", lambda kind: chip)
+    calls = []
+
+    def refuse(candidate, mesh, batch_size=0):
+        calls.append(dict(candidate.mesh))
+        raise jax.errors.JaxRuntimeError(OOM)
+
+    monkeypatch.setattr(aot, "compile_train_step", refuse)
+    r = aot.report(config, "test:1x1")
+    assert r["fits"] is False and r["compile_error"].startswith("RESOURCE_EXHAUSTED")
+    assert r["state_bytes_per_chip"]["params"]["experts"] > 0
+    assert "fitting_mesh" not in r and len(calls) == 1 + len(r["search"])
+    text = aot.format_report(r)
+    assert "train step not compiled" in text
+    assert "XLA refused the program: RESOURCE_EXHAUSTED" in text
+    assert "more than 16.00 GiB: DOES NOT FIT" in text
+
+    def other_error(candidate, mesh, batch_size=0):
+        raise jax.errors.JaxRuntimeError("INTERNAL: something else")
+
+    monkeypatch.setattr(aot, "compile_train_step", other_error)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="something else"):
+        aot.report(config, "test:1x1")

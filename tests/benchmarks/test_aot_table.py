@@ -74,3 +74,24 @@ def test_unknown_cells_are_refused_by_name(capsys):
     with pytest.raises(SystemExit):
         aot_table.main(["--cells", "vit_b_206k@v5p-9"])
     assert "'vit_b_206k@v5p-9'" in capsys.readouterr().err
+
+
+def test_a_cell_xla_refused_says_so_with_the_bytes_it_asked_for(tmp_path):
+    refused = {
+        "chips": 4,
+        "fits": False,
+        "hbm_bytes_per_chip": 32 * GiB,
+        "compile_error": "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory "
+        "required for HLO temporaries (17.43G) exceeds available HBM (15.25G).",
+        "search": [],
+    }
+    write(tmp_path, "swin_moe_120", "v4-8", refused)
+    row = next(
+        r for r in aot_table.render(str(tmp_path)).splitlines() if "Swin" in r and "v4-8" in r
+    )
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1:4] == [
+        "v4-8 (4)",
+        "**no**: XLA refused it (temporaries 17.43G per device)",
+        "> 32 GiB",
+    ]
