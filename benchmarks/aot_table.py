@@ -7,7 +7,7 @@ r"""The AOT table of docs/scale_out.md: `python -m facemoe_jax.aot` over configs
 Each cell (a config at a class count, on a slice) is compiled by the aot command in a process of
 its own and its report kept as `<out>/<config>@<slice>.json` next to its printed text; a cell
 whose JSON exists is not compiled again, so the table fills over several runs (a full-depth
-compile takes 10-15 minutes on 2 CPU cores). `--render` prints the markdown table from whatever
+compile took 8-24 minutes on 2 CPU cores). `--render` prints the markdown table from whatever
 cells exist, the missing ones marked as such. Every cell trains in bf16 at global batch 1024.
 """
 

@@ -406,6 +406,7 @@ def report(config, topology: str, embed_batch: int = 0, search: bool = True) -> 
                 "classes": int(config.data.num_classes),
                 "batch": int(config.train.batch_size),
                 "dtype": config.model.dtype,
+                "experts": int(config.model.num_experts),
             },
             "topology": topology,
             "chip": dataclasses.asdict(chip),
@@ -420,6 +421,7 @@ def report(config, topology: str, embed_batch: int = 0, search: bool = True) -> 
             "fits": False,
             "compile_error": refused,
             "search": [],
+            "searched": bool(search),
         }
         if search:
             out["search"], fitting = search_meshes(mesh_shape)
@@ -445,6 +447,7 @@ def report(config, topology: str, embed_batch: int = 0, search: bool = True) -> 
             "classes": int(config.data.num_classes),
             "batch": int(config.train.batch_size),
             "dtype": config.model.dtype,
+            "experts": int(config.model.num_experts),
         },
         "topology": topology,
         "chip": dataclasses.asdict(chip),
@@ -485,7 +488,7 @@ def report(config, topology: str, embed_batch: int = 0, search: bool = True) -> 
         "flops_per_chip": embed_flops * per_chip,
         "roofline": dataclasses.asdict(embed_bound),
     }
-    out["search"] = []
+    out["search"], out["searched"] = [], bool(search and not fits)
     if not fits and search:
         out["search"], fitting = search_meshes(mesh_shape)
         if fitting:
@@ -567,6 +570,11 @@ def format_report(r: dict) -> str:
         lines.append(f"fits with --config.mesh.data={f['data']} --config.mesh.expert={f['expert']}")
     elif not r["fits"] and r["search"]:
         lines.append("no data x expert mesh of these chips fits: more chips or a smaller batch")
+    elif not r["fits"] and r.get("searched"):
+        lines.append(
+            "no other data x expert split of these devices (the expert axis must divide "
+            f"{r['config'].get('experts', 'the')} experts): more chips or a smaller batch"
+        )
     return "\n".join(lines)
 
 

@@ -265,6 +265,7 @@ def test_a_program_xla_refuses_for_memory_is_a_does_not_fit_verdict(monkeypatch)
     assert "train step not compiled" in text
     assert "XLA refused the program: RESOURCE_EXHAUSTED" in text
     assert "more than 16.00 GiB: DOES NOT FIT" in text
+    assert text.endswith("must divide 4 experts): more chips or a smaller batch")
 
     def other_error(candidate, mesh, batch_size=0):
         raise jax.errors.JaxRuntimeError("INTERNAL: something else")
