@@ -389,18 +389,10 @@ def report(config, topology: str, embed_batch: int = 0, search: bool = True) -> 
         return tried, None
 
     mesh_shape = mesh_lib.mesh_shape(config.mesh, len(devices))
-    try:
-        compiled, state, model, mesh, seconds = compile_on(mesh_shape)
-    except Exception as e:  # noqa: BLE001
-        refused = out_of_memory(e)
-        if refused is None:
-            raise
-        # XLA will not build a program that cannot fit one device: that is the verdict.
-        refused_config = config.copy_and_resolve_references()
-        refused_config.mesh.update(data=mesh_shape[0], expert=mesh_shape[1])
-        mesh = mesh_lib.make_mesh(refused_config.mesh, devices=devices)
-        state = abstract_sharded_state(refused_config, mesh)[3]
-        out = {
+
+    def described(state) -> dict:
+        """What was compiled, for what, and the state each chip holds."""
+        return {
             "config": {
                 "model": config.model.name,
                 "classes": int(config.data.num_classes),
@@ -418,6 +410,21 @@ def report(config, topology: str, embed_batch: int = 0, search: bool = True) -> 
                 for part, kinds in state_bytes_by_kind(state).items()
             },
             "hbm_bytes_per_chip": chip.hbm_bytes,
+        }
+
+    try:
+        compiled, state, model, mesh, seconds = compile_on(mesh_shape)
+    except Exception as e:  # noqa: BLE001
+        refused = out_of_memory(e)
+        if refused is None:
+            raise
+        # XLA will not build a program that cannot fit one device: that is the verdict.
+        refused_config = config.copy_and_resolve_references()
+        refused_config.mesh.update(data=mesh_shape[0], expert=mesh_shape[1])
+        mesh = mesh_lib.make_mesh(refused_config.mesh, devices=devices)
+        state = abstract_sharded_state(refused_config, mesh)[3]
+        out = {
+            **described(state),
             "fits": False,
             "compile_error": refused,
             "search": [],
@@ -442,25 +449,9 @@ def report(config, topology: str, embed_batch: int = 0, search: bool = True) -> 
         config.train.batch_size,
     )
     out = {
-        "config": {
-            "model": config.model.name,
-            "classes": int(config.data.num_classes),
-            "batch": int(config.train.batch_size),
-            "dtype": config.model.dtype,
-            "experts": int(config.model.num_experts),
-        },
-        "topology": topology,
-        "chip": dataclasses.asdict(chip),
-        "chips": num_chips,
-        "devices_per_chip": per_chip,
-        "mesh": {"data": mesh_shape[0], "expert": mesh_shape[1]},
+        **described(state),
         "compile_seconds": round(seconds, 1),
-        "state_bytes_per_chip": {
-            part: {k: v * per_chip for k, v in kinds.items()}
-            for part, kinds in state_bytes_by_kind(state).items()
-        },
         "memory_bytes_per_chip": {k: v * per_chip for k, v in memory.items()},
-        "hbm_bytes_per_chip": chip.hbm_bytes,
         "fits": fits,
         "flops_per_chip_xla": xla_flops * per_chip,
         "flops_per_chip": flops_chip,
