@@ -138,16 +138,21 @@ def part_embed(model_name: str, size: str, steps: int) -> dict:
         start = time.perf_counter()
         encoder.embed(images, flip_test=False, normalize=False, batch_size=batch)
         times.append(time.perf_counter() - start)
-    best = float(np.median(times))
+    median = float(np.median(times))
     return {
         "batch": batch,
-        "img_s": round(batch / best, 1),
+        "img_s": round(batch / median, 1),
         "first_call_s": round(compile_s, 1),
         "device": jax.devices()[0].device_kind,
     }
 
 
 PARTS = {"ours": part_ours, "pytorch": part_pytorch, "embed": part_embed}
+
+
+def failure(done: subprocess.CompletedProcess) -> str:
+    """A failed child process as one line: its exit status and its last three stderr lines."""
+    return f"exit {done.returncode}: " + " | ".join(done.stderr.strip().splitlines()[-3:])
 
 
 def run_part(kind: str, model_name: str, size: str, steps: int) -> dict:
@@ -157,8 +162,7 @@ def run_part(kind: str, model_name: str, size: str, steps: int) -> dict:
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
-        tail = done.stderr.strip().splitlines()[-3:]
-        return {"error": f"exit {done.returncode}: " + " | ".join(tail)}
+        return {"error": failure(done)}
     out = json.loads(done.stdout.strip().splitlines()[-1])
     out["wall_s"] = round(time.perf_counter() - start, 1)
     return out
@@ -174,8 +178,7 @@ def run_demo(size: str, demo_steps: int, workdir: str) -> dict:
     done = subprocess.run(command, capture_output=True, text=True)
     wall = round(time.perf_counter() - start, 1)
     if done.returncode != 0:
-        tail = done.stderr.strip().splitlines()[-3:]
-        return {"error": f"exit {done.returncode}: " + " | ".join(tail), "wall_s": wall}
+        return {"error": failure(done), "wall_s": wall}
     out = {"wall_s": wall, "steps": demo_steps if size == "small" else "config"}
     results_path = os.path.join(workdir, "eval", "results.json")
     try:

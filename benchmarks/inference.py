@@ -20,7 +20,6 @@ one JSON line. "demo": configs/demo.py's ViT-MoE (48 px, capacity path); "r50": 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -30,19 +29,13 @@ import time
 import jax
 import numpy as np
 
+from benchmarks.train_step import load_config
 from facemoe_jax.encoder import FaceEncoder
 from facemoe_jax.interop import convert
 from facemoe_jax.interop import onnx as onnx_export
 from facemoe_jax.models import build_model
 
 MODELS = {"demo": ("configs/demo.py", None), "r50": ("configs/iresnet.py", "r50")}
-
-
-def load_config(path, arg=None):
-    spec = importlib.util.spec_from_file_location("benchmark_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
 
 
 def random_variables(config, seed: int = 0) -> dict:
