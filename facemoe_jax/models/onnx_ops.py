@@ -73,7 +73,9 @@ def _conv(context, node, inputs):
     dilations = tuple(node.attrs.get("dilations", (1,) * spatial))
     padding = _auto_pad(node, x.shape, w.shape[2:], strides, dilations)
     groups = int(node.attrs.get("group", 1))
-    if spatial == 2 and groups == x.shape[1] and w.shape[1] == 1:
+    if groups == 1 and all(k == 1 for k in w.shape[2:]) and _unit_window(strides, padding):
+        y = _pointwise_conv(x, w)
+    elif spatial == 2 and groups == x.shape[1] and w.shape[1] == 1:
         y = _depthwise_conv(x, w, strides, padding, dilations)
     else:
         spec = ("NCH", "OIH", "NCH") if spatial == 1 else ("NCHW", "OIHW", "NCHW")
@@ -90,6 +92,19 @@ def _conv(context, node, inputs):
     if len(inputs) > 2 and inputs[2] is not None:
         y = y + inputs[2].reshape((1, -1) + (1,) * spatial)
     return (y,)
+
+
+def _unit_window(strides, padding) -> bool:
+    return all(s == 1 for s in strides) and all(p == (0, 0) for p in padding)
+
+
+def _pointwise_conv(x, w):
+    """A 1x1 conv as a matrix product over the channels. Why: XLA:CPU's convolution is slower
+    than its dot (measured on MobileFaceNet's 56x56 64->128 layer, batch 64: 1.3x forward, 4.7x
+    gradient), and 1x1 convolutions hold most of a mobile network's FLOPs."""
+    return jnp.einsum(
+        "nc...,oc->no...", x, w.reshape(w.shape[:2]), precision=jax.lax.Precision.HIGHEST
+    )
 
 
 def _depthwise_conv(x, w, strides, padding, dilations):

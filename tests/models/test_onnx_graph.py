@@ -132,6 +132,25 @@ def test_conv_batchnorm_prelu_and_pools(tmp_path):
     assert set(graph.statistics) == {"m", "v"} and set(graph.constants) == {"axes"}
 
 
+def test_pointwise_convolutions_match_onnxruntime(tmp_path):
+    # 1x1 convs take the matrix-product path (with and without bias); a strided or padded 1x1
+    # does not, and must still match.
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], kernel_shape=[1, 1]),
+        helper.make_node("Conv", ["c1", "w2"], ["c2"]),
+        helper.make_node("Conv", ["c2", "w3"], ["c3"], strides=[2, 2]),
+        helper.make_node("Conv", ["c2", "w3"], ["c4"], pads=[1, 0, 0, 1]),
+        helper.make_node("Flatten", ["c3"], ["f3"]),
+        helper.make_node("Flatten", ["c4"], ["f4"]),
+        helper.make_node("Concat", ["f3", "f4"], ["y"], axis=1),
+    ]
+    inits = [_weight("w1", 8, 3, 1, 1), _weight("b1", 8), _weight("w2", 5, 8, 1, 1)]
+    inits.append(_weight("w3", 4, 5, 1, 1))
+    path = write_graph(tmp_path / "g.onnx", nodes, inits, size=7)
+    x = images(size=7)
+    np.testing.assert_allclose(ours(path, x), reference(path, x), rtol=1e-5, atol=1e-5)
+
+
 def test_elementwise_activations_and_matmuls(tmp_path):
     nodes = [
         helper.make_node("GlobalAveragePool", ["x"], ["g"]),
