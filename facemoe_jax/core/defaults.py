@@ -267,8 +267,9 @@ def get_base_config() -> ml_collections.ConfigDict:
             low_resolution_sides="both",  # "both", "probe" (second face only) or "both,probe"
             low_resolution_sets="synthetic",  # pair sets to sweep, e.g. "synthetic,lfw" or "all"
             # LFW from its aligned folder and pairs files (evaluate/lfw.py): the folder holding
-            # aligned112/ ("" = skip), the pairs file (pairsDevTest.txt: View 1, threshold from
-            # pairsDevTrain.txt; pairs.txt: View 2, 10-fold), sizes, "both" faces or "probe".
+            # aligned112/ ("" = skip), the pairs files, comma-separated (pairsDevTest.txt: View 1,
+            # threshold from pairsDevTrain.txt; pairs.txt: View 2, 10-fold; FILE@PEOPLE: only
+            # the pairs among those people), sizes, "both" faces, "probe" or "both,probe".
             lfw_dir="",
             lfw_pairs="pairsDevTest.txt",
             lfw_resolutions="112,24,16,12,8",

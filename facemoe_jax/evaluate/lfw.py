@@ -47,6 +47,7 @@ import ml_collections
 import numpy as np
 
 from facemoe_jax.core import messages
+from facemoe_jax.data.folder import read_people_file
 from facemoe_jax.data.lfw_pairs import PairsList, find_pairs_file, lfw_folders, read_pairs
 from facemoe_jax.evaluate import sweep, verification
 from facemoe_jax.core.progress import Progress
@@ -87,10 +88,14 @@ def degrade(images: np.ndarray, size: int, model_size: int) -> np.ndarray:
     return out
 
 
+PEOPLE_SEPARATOR = "@"  # "pairs.txt@peopleDevTest.txt": the pairs whose two people it lists
+
+
 class Protocol(NamedTuple):
     """What `evaluate_lfw` will evaluate, checked (files exist) before anything is embedded."""
 
     name: str  # "view2" (k-fold on the file's sets) or "view1" (threshold from the train file)
+    label: str  # row prefix: the name, plus "_" and the people file's stem when filtered
     pairs_path: str
     test: PairsList
     train_path: str | None  # View 1: pairsDevTrain.txt beside the pairs file
@@ -99,11 +104,39 @@ class Protocol(NamedTuple):
     paths: list[str]  # every image of the test (and train) pairs once, in first-use order
 
 
+def _people_only(pairs_list: PairsList, people_path: str, pairs_path: str) -> PairsList:
+    """The pairs whose two people are both in the people file (their folds kept)."""
+    people = set(read_people_file(people_path))
+    keep = np.array([a.split("/")[0] in people and b.split("/")[0] in people for a, b in pairs_list.pairs])
+    kept_same = pairs_list.issame[keep]
+    if kept_same.all() or not kept_same.any():
+        raise ValueError(
+            f"{pairs_path}: {int(keep.sum())} pairs have both people in {people_path}, "
+            f"{int(kept_same.sum())} of them same-person; verification needs both kinds"
+        )
+    pairs = [pair for pair, kept in zip(pairs_list.pairs, keep) if kept]
+    return PairsList(pairs, kept_same, pairs_list.folds[keep])
+
+
 def load_protocol(lfw_dir: str, pairs_file: str) -> Protocol:
-    """Reads the pairs file (and View 1's train file) and checks that every image exists."""
+    """Reads the pairs file (and View 1's train file) and checks that every image exists.
+
+    `pairs_file` "FILE@PEOPLE" keeps the pairs of FILE whose two people PEOPLE lists (an LFW
+    people file, e.g. "pairs.txt@peopleDevTest.txt": the View 2 pairs among View 1's test
+    people). Only the pairs of FILE are filtered: View 1's threshold still comes from all of
+    pairsDevTrain.txt; View 2's from the other folds of the filtered pairs."""
     images_dir, root = lfw_folders(lfw_dir)
+    spec = pairs_file
+    pairs_file, _, people_file = spec.partition(PEOPLE_SEPARATOR)
     pairs_path = find_pairs_file(root, pairs_file)
     test = read_pairs(pairs_path)
+    people_path = None
+    if people_file:
+        people_path = people_file if os.path.isabs(people_file) else os.path.join(root, people_file)
+        if not os.path.isfile(people_path):
+            raise ValueError(f"people file {people_path} (of {spec!r}) does not exist")
+    if people_path:
+        test = _people_only(test, people_path, pairs_path)
     train_path = train = None
     name = "view2" if len(np.unique(test.folds)) > 1 else "view1"
     if name == "view1":
@@ -127,7 +160,10 @@ def load_protocol(lfw_dir: str, pairs_file: str) -> Protocol:
                     )
                 seen.add(path)
                 paths.append(path)
-    return Protocol(name, pairs_path, test, train_path, train, images_dir, paths)
+    label = name
+    if people_path:
+        label += "_" + os.path.splitext(os.path.basename(people_path))[0]
+    return Protocol(name, label, pairs_path, test, train_path, train, images_dir, paths)
 
 
 def _read_image(path: str) -> np.ndarray:
@@ -179,6 +215,7 @@ def evaluate_lfw(
     flip_test: bool = False,
     model_size: int = 112,
     thresholds: str = "grid",
+    cache: dict | None = None,
 ) -> dict:
     """LFW verification at each resolution (see the module docstring for the protocols).
 
@@ -186,12 +223,15 @@ def evaluate_lfw(
       embed: ``embed(images uint8 (N, model_size, model_size, 3), flip_test) -> (N, D)``, e.g.
         `FaceEncoder.embed`; normalised or not.
       lfw_dir: the LFW folder (holding aligned112/) or the aligned folder itself.
-      pairs_file: absolute, or relative to the LFW folder ("pairs.txt", "pairsDevTest.txt").
+      pairs_file: absolute, or relative to the LFW folder ("pairs.txt", "pairsDevTest.txt"),
+        optionally "@PEOPLE" (`load_protocol`: only the pairs among those people).
       resolutions: pixel sizes; >= the crop size means the crop as it is.
       degrade_mode: "both" faces of every pair, or the second ("probe") only.
       thresholds: "exact" (the best cut between the training pairs' distances) or "grid".
+      cache: a dict shared by calls with the same `embed` and `flip_test` ({(size, image
+        path): embedding}): each image is embedded once per size across them.
     Returns:
-      {"protocol", "pairs_file", "threshold_pairs_file" (View 1), "pairs", "folds", "images",
+      {"protocol", "label" (the rows' prefix), "pairs_file", "threshold_pairs_file" (View 1), "pairs", "folds", "images",
        "degrade", "thresholds", "flip_test", "model_size", "rows": {row_name: metrics}}; View 2:
       accuracy, accuracy_std, best_threshold (mean of the folds'), tar@far=1e-2, tar@far=1e-3;
       View 1: accuracy, best_threshold (chosen on the train pairs), train_accuracy, the TARs.
@@ -214,9 +254,17 @@ def evaluate_lfw(
     seconds = np.unique(np.concatenate([b for _, b in sets.values()]))
 
     embeddings = {}  # effective size -> (U, D) rows filled for the images embedded at that size
+    shared = {} if cache is None else cache
 
     def embedded(size: int, wanted: np.ndarray, label: str) -> np.ndarray:
         table, done = embeddings.get(size, (None, np.zeros(len(images), bool)))
+        for k in wanted[~done[wanted]]:
+            row = shared.get((size, protocol.paths[k]))
+            if row is not None:
+                if table is None:
+                    table = np.zeros((len(images), len(row)), np.float64)
+                table[k], done[k] = row, True
+        embeddings[size] = (table, done)
         todo = wanted[~done[wanted]]
         if not len(todo):
             return table
@@ -228,13 +276,14 @@ def evaluate_lfw(
                     table = np.zeros((len(images), rows.shape[1]), np.float64)
                 table[chunk] = rows
                 done[chunk] = True
+                shared.update(((size, protocol.paths[k]), row) for k, row in zip(chunk, rows))
                 progress.update(len(chunk))
         embeddings[size] = (table, done)
         return table
 
     rows = {}
     for size in resolutions:
-        name = row_name(protocol.name, size, degrade_mode)
+        name = row_name(protocol.label, size, degrade_mode)
         effective = min(size, crop_size)  # every size >= the crop is the crop as it is
         if degrade_mode == "both":
             first = second = embedded(effective, np.arange(len(images)), name)
@@ -269,6 +318,7 @@ def evaluate_lfw(
         rows[name] = {"resolution": size, **metrics, **_tars(distances["test"], test_same)}
     return {
         "protocol": protocol.name,
+        "label": protocol.label,
         "pairs_file": protocol.pairs_path,
         "threshold_pairs_file": protocol.train_path,
         "pairs": len(protocol.test.pairs),
@@ -282,6 +332,16 @@ def evaluate_lfw(
     }
 
 
+def config_pairs(ev) -> list[str]:
+    """config.eval.lfw_pairs as a list: one or more pairs files, comma-separated."""
+    return [p.strip() for p in ev.lfw_pairs.split(",") if p.strip()]
+
+
+def config_degrade_modes(ev) -> list[str]:
+    """config.eval.lfw_degrade as a list: "both", "probe" or "both,probe"."""
+    return [m.strip() for m in ev.lfw_degrade.split(",") if m.strip()]
+
+
 def check_config(ev) -> None:
     """config.eval's LFW fields (lfw_dir, lfw_pairs, lfw_resolutions, lfw_degrade): fails fast,
     naming the field, on values that can never work; reads the pairs files, stats the images."""
@@ -293,14 +353,19 @@ def check_config(ev) -> None:
     spec = ev.lfw_resolutions
     if not sweep.parse_sizes(spec, field="config.eval.lfw_resolutions"):
         raise ValueError(f"config.eval.lfw_resolutions={spec!r} names no size")
-    if ev.lfw_degrade not in DEGRADE_MODES:
+    modes = config_degrade_modes(ev)
+    if not modes or any(mode not in DEGRADE_MODES for mode in modes):
         raise ValueError(
-            f"config.eval.lfw_degrade={ev.lfw_degrade!r} is not one of {DEGRADE_MODES}"
+            f"config.eval.lfw_degrade={ev.lfw_degrade!r}: give one or more of {DEGRADE_MODES}, "
+            f"comma-separated"
         )
-    try:
-        load_protocol(lfw_dir, ev.lfw_pairs)
-    except ValueError as e:
-        raise ValueError(f"config.eval.lfw_dir / lfw_pairs: {e}") from None
+    if not config_pairs(ev):
+        raise ValueError(f"config.eval.lfw_pairs={ev.lfw_pairs!r} names no pairs file")
+    for pairs in config_pairs(ev):
+        try:
+            load_protocol(lfw_dir, pairs)
+        except ValueError as e:
+            raise ValueError(f"config.eval.lfw_dir / lfw_pairs: {e}") from None
 
 
 def format_table(result: dict) -> str:

@@ -269,23 +269,28 @@ def run_evaluations(
 
     if ev.lfw_dir:
         quiet = Progress("embed lfw", 0, enabled=False)  # evaluate_lfw shows its own progress
-        degrade_mode = ev.lfw_degrade
         lfw_sizes = sweep.parse_sizes(ev.lfw_resolutions, field="config.eval.lfw_resolutions")
-        lfw_result = lfw.evaluate_lfw(
-            lambda images, _flip_test: embed_array(images, quiet),
-            ev.lfw_dir,
-            ev.lfw_pairs,
-            lfw_sizes,
-            degrade_mode,
-            ev.flip_test,
-            size,
-        )
-        results.update(lfw_result["rows"])
-        points = {min(m["resolution"], size): m["accuracy"] for m in lfw_result["rows"].values()}
-        resolution_curves[f"lfw_{lfw_result['protocol']} ({degrade_mode})"] = (
-            list(points),
-            list(points.values()),
-        )
+        lfw_cache = {}  # each image embedded once per size across the pairs files and modes
+        for pairs_file in lfw.config_pairs(ev):
+            for degrade_mode in lfw.config_degrade_modes(ev):
+                lfw_result = lfw.evaluate_lfw(
+                    lambda images, _flip_test: embed_array(images, quiet),
+                    ev.lfw_dir,
+                    pairs_file,
+                    lfw_sizes,
+                    degrade_mode,
+                    ev.flip_test,
+                    size,
+                    cache=lfw_cache,
+                )
+                results.update(lfw_result["rows"])
+                points = {
+                    min(m["resolution"], size): m["accuracy"] for m in lfw_result["rows"].values()
+                }
+                resolution_curves[f"lfw_{lfw_result['label']} ({degrade_mode})"] = (
+                    list(points),
+                    list(points.values()),
+                )
 
     if quality_fn is not None and ev.quality_identities > 0:
         faces, pairs = _quality_identities(config)

@@ -290,6 +290,55 @@ def test_view1_threshold_comes_from_the_train_file(fake_lfw):
     )
 
 
+def write_people_file(path, names):
+    lines = [str(len(names))] + [f"{name}\t4" for name in names]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_people_filter_keeps_the_pairs_among_those_people(fake_lfw):
+    root, names = fake_lfw
+    write_pairs_file(root / "pairs.txt", random_sets(names, num_sets=4, per_class=6))
+    write_people_file(root / "some.txt", names[:4])
+    pairs, issame, folds = lfw_pairs.read_pairs(str(root / "pairs.txt"))
+    kept = [
+        k
+        for k, (a, b) in enumerate(pairs)
+        if a.split("/")[0] in names[:4] and b.split("/")[0] in names[:4]
+    ]
+    assert 0 < len(kept) < len(pairs)
+    result = lfw.evaluate_lfw(
+        toy_embed, str(root), "pairs.txt@some.txt", (112,), thresholds="exact", model_size=64
+    )
+    assert result["label"] == "view2_some" and result["pairs"] == len(kept)
+    row = result["rows"]["lfw_view2_some@112px"]
+    d = reference_distances(root, [pairs[k] for k in kept], 112, 64, toy_embed)
+    expected = verification.ten_fold_accuracy(
+        d, issame[kept], thresholds="exact", folds=folds[kept]
+    )
+    assert row["accuracy"] == pytest.approx(expected["accuracy"], abs=1e-12)
+    with pytest.raises(ValueError, match="missing.txt"):
+        lfw.load_protocol(str(root), "pairs.txt@missing.txt")
+    write_people_file(root / "one.txt", names[:1])  # only same-person pairs among one person
+    with pytest.raises(ValueError, match="needs both kinds"):
+        lfw.load_protocol(str(root), "pairs.txt@one.txt")
+
+
+def test_a_shared_cache_embeds_each_image_once_per_size(fake_lfw):
+    root, names = fake_lfw
+    write_pairs_file(root / "pairs.txt", random_sets(names, num_sets=2, per_class=4))
+    write_people_file(root / "some.txt", names[:4])
+    embed, cache = CountingEmbed(), {}
+    runs = [("pairs.txt", "both"), ("pairs.txt", "probe"), ("pairs.txt@some.txt", "both")]
+    results = [
+        lfw.evaluate_lfw(embed, str(root), f, (112, 12), m, model_size=64, cache=cache)
+        for f, m in runs
+    ]
+    unique = results[0]["images"]
+    assert embed.images == 2 * unique  # the later calls found every embedding in the cache
+    alone = lfw.evaluate_lfw(toy_embed, str(root), "pairs.txt", (112, 12), "probe", model_size=64)
+    assert results[1]["rows"] == alone["rows"]
+
+
 def test_missing_files_are_named(fake_lfw):
     root, names = fake_lfw
     write_pairs_file(root / "pairs.txt", [([("P0", 1, 9)], [("P0", 1, "P1", 1)])] * 2)
@@ -444,6 +493,17 @@ def test_suite_adds_the_lfw_rows(fake_lfw, tiny_model, tmp_path):
     workdir = tmp_path / "run"
     results = suite.run_evaluations(model, variables, config, str(workdir), 7, RecordingWriter())
     assert set(results) == {"lfw_view1@probe112px", "lfw_view1@probe8px"}
+    # Several pairs files and both modes in one evaluation.
+    write_pairs_file(root / "pairs.txt", random_sets(names, num_sets=2, per_class=3))
+    write_people_file(root / "some.txt", names[:4])
+    config.eval.update(lfw_pairs="pairsDevTest.txt, pairs.txt@some.txt", lfw_degrade="both,probe")
+    suite.check_eval_config(config)
+    many = suite.run_evaluations(model, variables, config, str(workdir), 8, RecordingWriter())
+    assert many["lfw_view1@probe8px"] == results["lfw_view1@probe8px"]
+    assert {"lfw_view1@8px", "lfw_view2_some@112px", "lfw_view2_some@probe8px"} <= set(many)
+    config.eval.lfw_degrade = "both,side"
+    with pytest.raises(ValueError, match="config.eval.lfw_degrade"):
+        suite.check_eval_config(config)
     saved = json.loads((workdir / "eval" / "results.json").read_text())
     assert saved["lfw_view1@probe8px"] == results["lfw_view1@probe8px"]
     assert (workdir / "eval" / "accuracy_vs_resolution.png").exists()
