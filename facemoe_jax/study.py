@@ -38,6 +38,7 @@ import json
 import os
 import sys
 import time
+from typing import Any, Callable
 
 import ml_collections
 import numpy as np
@@ -45,6 +46,7 @@ from etils import epath
 
 from facemoe_jax.core import messages
 from facemoe_jax.core.progress import format_duration
+from facemoe_jax import study_lfw
 from facemoe_jax.study_rows import DENSE_PRETRAINED, PRETRAINED, RECIPES, Recipe
 from facemoe_jax.core.paths import workdir_path
 
@@ -146,6 +148,26 @@ def adaptation_config(
     return config
 
 
+@dataclasses.dataclass(frozen=True)
+class Suite:
+    """One study: its rows, columns, plot, and how a row's run config is made.
+
+    adaptation_config(base, recipe, settings, seed, start, used) -> the row's run config.
+    starts(base, out, rows, pretrained, settings) -> {PRETRAINED (and DENSE_PRETRAINED when a
+      row starts there): the run or model file rows start from}.
+    plot: ((x metric key, x label), (y metric key, y label)) of the trade-off picture.
+    """
+
+    name: str
+    recipes: dict
+    columns: tuple
+    plot: tuple
+    adaptation_config: Callable
+    starts: Callable
+    settings: Any
+    title: str
+
+
 def fingerprint(*parts) -> str:
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -203,19 +225,24 @@ def ensure_pretrained(base, out: str, dense: bool, given: str | None) -> str:
     return workdir
 
 
-def evaluate_start(start_dir: str, config, row_dir: str) -> dict:
-    """The "no adaptation" row: the starting checkpoint under the study's evaluation."""
+def evaluate_start(start: str, config, row_dir: str) -> dict:
+    """The "no adaptation" row: the starting checkpoint (or model file: ONNX, PyTorch, whose
+    architecture is `config.model`) under the study's evaluation."""
     from facemoe_jax.evaluate import suite
+    from facemoe_jax.interop.load import is_run_directory, load_variables
     from facemoe_jax.models import build_model
     from facemoe_jax.train.checkpoint import restore_params
     from facemoe_jax.pipelines import run_evaluations
     from facemoe_jax.train.writers import make_writer
 
-    saved, params, batch_stats, step = restore_params(start_dir)
     config = ml_collections.ConfigDict(config.to_dict())
-    config.model = saved.model
+    if is_run_directory(start):
+        saved, params, batch_stats, step = restore_params(start)
+        config.model = saved.model
+        variables = {"params": params["encoder"], "batch_stats": batch_stats}
+    else:
+        variables, step = load_variables(start, config, field="the study's start").variables, 0
     suite.check_eval_config(config)
-    variables = {"params": params["encoder"], "batch_stats": batch_stats}
     writer = make_writer(row_dir)
     results = run_evaluations(build_model(config.model), variables, config, row_dir, step, writer)
     writer.flush()
@@ -237,9 +264,9 @@ def trainable_share(config) -> float:
     return trained / total
 
 
-def pick_columns(results: dict) -> dict[str, float]:
+def pick_columns(results: dict, columns=COLUMNS) -> dict[str, float]:
     row = {}
-    for entry, metric, _ in COLUMNS:
+    for entry, metric, _ in columns:
         value = results.get(entry, {}).get(metric)
         if value is not None:
             row[f"{entry}/{metric}"] = float(value)
@@ -279,8 +306,11 @@ def run_dir(out: str, seed: int, name: str) -> str:
     return os.path.join(out, f"seed{seed}", name)
 
 
-def run_row(base, recipe: Recipe, settings, seed: int, out: str, starts: dict) -> dict:
+def run_row(
+    base, recipe: Recipe, settings, seed: int, out: str, starts: dict, suite: Suite = None
+) -> dict:
     """Trains (or evaluates) one row; returns its record (also in row_dir/row.json)."""
+    suite = suite or SYNTHETIC
     row_dir = run_dir(out, seed, recipe.name)
     start_dir = (
         starts[recipe.start]
@@ -288,7 +318,7 @@ def run_row(base, recipe: Recipe, settings, seed: int, out: str, starts: dict) -
         else run_dir(out, seed, recipe.start)
     )
     used = {name: run_dir(out, seed, name) for name in recipe.uses}
-    config = adaptation_config(base, recipe, settings, seed, start_dir, used)
+    config = suite.adaptation_config(base, recipe, settings, seed, start_dir, used)
 
     def run_key(directory):  # what identifies the run a row reads: its own fingerprint
         key = (
@@ -325,7 +355,7 @@ def run_row(base, recipe: Recipe, settings, seed: int, out: str, starts: dict) -
         "start": recipe.start,
         "steps": settings.steps if recipe.train else 0,
         "trainable_share": share,
-        "metrics": pick_columns(results),
+        "metrics": pick_columns(results, suite.columns),
         "seconds": time.perf_counter() - t0,
         "fingerprint": key,
     }
@@ -335,18 +365,19 @@ def run_row(base, recipe: Recipe, settings, seed: int, out: str, starts: dict) -
     return record
 
 
-def order_rows(names: list[str]) -> list[Recipe]:
+def order_rows(names: list[str], registry: dict | None = None) -> list[Recipe]:
     """The requested recipes plus the rows they start from, each after its start."""
     ordered: list[Recipe] = []
+    registry = RECIPES if registry is None else registry
 
     def add(name: str, chain: tuple = ()):
-        if name in (PRETRAINED, DENSE_PRETRAINED) and name not in RECIPES:
+        if name in (PRETRAINED, DENSE_PRETRAINED) and name not in registry:
             return
-        if name not in RECIPES:
-            raise ValueError(f"--recipes: {name!r} is not a registered recipe ({sorted(RECIPES)})")
+        if name not in registry:
+            raise ValueError(f"--recipes: {name!r} is not a registered recipe ({sorted(registry)})")
         if name in chain:
             raise ValueError(f"study recipes start from each other in a loop: {chain + (name,)}")
-        recipe = RECIPES[name]
+        recipe = registry[name]
         for needed in (recipe.start, *recipe.uses):
             if needed not in (PRETRAINED, DENSE_PRETRAINED):
                 add(needed, chain + (name,))
@@ -365,31 +396,32 @@ def run_study(
     seeds: int = 1,
     recipes=None,
     pretrained: str | None = None,
-    settings: StudySettings = StudySettings(),
+    settings=None,
+    suite: Suite | None = None,
 ) -> dict:
     """Runs (or reads back) every row; writes table.md, results.json, hr_vs_lr.png."""
+    suite = suite or SYNTHETIC
+    settings = suite.settings if settings is None else settings
     if seeds < 1:
         raise ValueError(f"--seeds={seeds} must be >= 1")
     if settings.steps < 1:
         raise ValueError(f"--steps={settings.steps} must be >= 1")
     out = str(workdir_path(out))  # a URL (gs://...) stays a URL: files go through epath
     epath.Path(out).mkdir(parents=True, exist_ok=True)
-    rows = order_rows(list(recipes or RECIPES))
+    rows = order_rows(list(recipes or suite.recipes), suite.recipes)
     t0 = time.perf_counter()
-    starts = {PRETRAINED: ensure_pretrained(base, out, dense=False, given=pretrained)}
-    if any(r.start == DENSE_PRETRAINED for r in rows):
-        starts[DENSE_PRETRAINED] = ensure_pretrained(base, out, dense=True, given=None)
+    starts = suite.starts(base, out, rows, pretrained, settings)
     plan = [(seed, recipe) for seed in range(seeds) for recipe in rows]
     progress = Progress([(s, r) for s, r in plan], settings.steps)
     records = []
     for index, (seed, recipe) in enumerate(plan, 1):
         row_dir = run_dir(out, seed, recipe.name)
         progress.start(index, seed, recipe, epath.Path(row_dir, "row.json").is_file())
-        record = run_row(base, recipe, settings, seed, out, starts)
+        record = run_row(base, recipe, settings, seed, out, starts, suite)
         progress.finish(recipe, settings.steps, record["seconds"], record["reused"])
         records.append(record)
     summary = summarise(records, rows)
-    write_outputs(out, summary, records, settings, base, time.perf_counter() - t0)
+    write_outputs(out, summary, records, settings, base, time.perf_counter() - t0, suite)
     return summary
 
 
@@ -412,15 +444,15 @@ def summarise(records: list[dict], rows: list[Recipe]) -> dict:
     return summary
 
 
-def format_table(summary: dict) -> str:
-    titles = [title for _, _, title in COLUMNS]
+def format_table(summary: dict, columns=COLUMNS) -> str:
+    titles = [title for _, _, title in columns]
     lines = [
         "| recipe | encoder trained | " + " | ".join(titles) + " | min/row |",
         "|---" * (len(titles) + 3) + "|",
     ]
     for name, entry in summary.items():
         cells = []
-        for entry_name, metric, _ in COLUMNS:
+        for entry_name, metric, _ in columns:
             value = entry.get(f"{entry_name}/{metric}")
             if value is None:
                 cells.append("-")
@@ -434,11 +466,12 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(out, summary, records, settings, base, seconds: float) -> None:
-    table = format_table(summary)
+def write_outputs(out, summary, records, settings, base, seconds: float, suite=None) -> None:
+    suite = suite or SYNTHETIC
+    table = format_table(summary, suite.columns)
     seeds = max(entry["seeds"] for entry in summary.values())
     header = (
-        f"Low-resolution adaptation study ({seeds} seed{'s' if seeds > 1 else ''}; "
+        f"{suite.title} ({seeds} seed{'s' if seeds > 1 else ''}; "
         f"{settings.steps} adaptation steps per row; values in %"
         f"{', mean ± std over seeds' if seeds > 1 else ''}).\n\n"
     )
@@ -448,6 +481,7 @@ def write_outputs(out, summary, records, settings, base, seconds: float) -> None
     with epath.Path(out, "results.json").open("w") as f:
         json.dump(
             {
+                "suite": suite.name,
                 "settings": dataclasses.asdict(settings),
                 "pretraining_config": base.to_dict(),
                 "summary": summary,
@@ -458,7 +492,7 @@ def write_outputs(out, summary, records, settings, base, seconds: float) -> None
             indent=2,
             default=str,
         )
-    plot_trade_off(summary, os.path.join(out, "hr_vs_lr.png"))
+    plot_trade_off(summary, os.path.join(out, "hr_vs_lr.png"), suite.plot)
     print(header + table, flush=True)
     print(
         f"[study] done in {format_duration(seconds)}; table.md, results.json and hr_vs_lr.png in {out}",
@@ -466,7 +500,13 @@ def write_outputs(out, summary, records, settings, base, seconds: float) -> None
     )
 
 
-def plot_trade_off(summary: dict, path: str) -> None:
+SYNTHETIC_PLOT = (
+    ("synthetic_tinyface/rank1", "LR identification rank-1 (%)"),
+    ("synthetic/accuracy", "HR verification accuracy (%)"),
+)
+
+
+def plot_trade_off(summary: dict, path: str, axes=SYNTHETIC_PLOT) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -474,16 +514,16 @@ def plot_trade_off(summary: dict, path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for name, entry in summary.items():
-        hr = entry.get("synthetic/accuracy")
-        lr = entry.get("synthetic_tinyface/rank1")
+        hr = entry.get(axes[1][0])
+        lr = entry.get(axes[0][0])
         if hr is None or lr is None:
             continue
         ax.errorbar(
             100 * lr[0], 100 * hr[0], xerr=100 * lr[1], yerr=100 * hr[1], fmt="o", capsize=3
         )
         ax.annotate(name, (100 * lr[0], 100 * hr[0]), textcoords="offset points", xytext=(5, 5))
-    ax.set_xlabel("LR identification rank-1 (%)")
-    ax.set_ylabel("HR verification accuracy (%)")
+    ax.set_xlabel(axes[0][1])
+    ax.set_ylabel(axes[1][1])
     ax.set_title("Low-resolution adaptation: LR gain vs HR kept")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -496,6 +536,45 @@ def plot_trade_off(summary: dict, path: str) -> None:
 # ---- Command line.
 
 
+def _synthetic_starts(base, out, rows, pretrained, settings) -> dict:
+    del settings
+    starts = {PRETRAINED: ensure_pretrained(base, out, dense=False, given=pretrained)}
+    if any(r.start == DENSE_PRETRAINED for r in rows):
+        starts[DENSE_PRETRAINED] = ensure_pretrained(base, out, dense=True, given=None)
+    return starts
+
+
+def _lfw_starts(base, out, rows, pretrained, settings) -> dict:
+    del base, out, rows
+    if pretrained:
+        raise ValueError("--pretrained: the lfw suite starts from --teacher")
+    study_lfw.check_paths(settings)
+    return {PRETRAINED: os.path.abspath(settings.teacher)}
+
+
+SYNTHETIC = Suite(
+    name="synthetic",
+    recipes=RECIPES,
+    columns=COLUMNS,
+    plot=SYNTHETIC_PLOT,
+    adaptation_config=adaptation_config,
+    starts=_synthetic_starts,
+    settings=StudySettings(),
+    title="Low-resolution adaptation study",
+)
+LFW = Suite(
+    name="lfw",
+    recipes=study_lfw.RECIPES,
+    columns=study_lfw.COLUMNS,
+    plot=study_lfw.PLOT,
+    adaptation_config=study_lfw.adaptation_config,
+    starts=_lfw_starts,
+    settings=study_lfw.LfwSettings(),
+    title="Low-resolution adaptation on real faces (LFW)",
+)
+SUITES = {suite.name: suite for suite in (SYNTHETIC, LFW)}
+
+
 def main(argv=None) -> int:
     import argparse
 
@@ -506,30 +585,59 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--out", required=True, help="study folder (rows are reused from it)")
     parser.add_argument(
+        "--suite",
+        default="synthetic",
+        choices=sorted(SUITES),
+        help="synthetic: the embedded identities, nothing downloaded (default); lfw: real "
+        "faces, the ONNX --teacher adapted on LFW View 1's training people",
+    )
+    parser.add_argument(
         "--config",
         default="configs/demo.py",
-        help="pre-training config file (default: configs/demo.py)",
+        help="synthetic suite: the pre-training config file (default: configs/demo.py)",
     )
     parser.add_argument(
         "--pretrained",
         default=None,
-        help="an existing HR run (workdir) to adapt instead of pre-training",
+        help="synthetic suite: an existing HR run (workdir) to adapt instead of pre-training",
+    )
+    parser.add_argument(
+        "--lfw",
+        default=study_lfw.DEFAULT_LFW,
+        help="lfw suite: the LFW folder (aligned112/, "
+        "the pairs and people files; default ../shared/realfaces/lfw)",
+    )
+    parser.add_argument(
+        "--teacher",
+        default=study_lfw.DEFAULT_TEACHER,
+        help="lfw suite: the HR model, an ONNX "
+        "face recognizer taking (pixel - 127) / 128 (default: the real one in ../shared)",
     )
     parser.add_argument("--seeds", type=int, default=1, help="adaptation seeds (mean ± std)")
     parser.add_argument(
-        "--steps", type=int, default=StudySettings.steps, help="adaptation steps per row"
+        "--steps",
+        type=int,
+        default=None,
+        help=f"adaptation steps per row (default: synthetic {StudySettings.steps}, lfw "
+        f"{study_lfw.LfwSettings.steps})",
     )
-    parser.add_argument(
-        "--recipes", default="", help=f"comma list (default: all of {', '.join(RECIPES)})"
-    )
+    parser.add_argument("--recipes", default="", help="comma list (default: all of the suite's)")
     args = parser.parse_args(argv)
     import jax
 
     from facemoe_jax.train.hooks import Preempted
 
     jax.config.update("jax_threefry_partitionable", True)  # as facemoe_jax.main
+    suite = SUITES[args.suite]
     try:
-        base = load_config(args.config)
+        if suite is LFW:
+            settings = study_lfw.LfwSettings(lfw_dir=args.lfw, teacher=args.teacher)
+            study_lfw.check_paths(settings)
+            base = study_lfw.base_config(settings)
+        else:
+            settings, base = StudySettings(), load_config(args.config)
+        if args.steps is not None:
+            settings = dataclasses.replace(settings, steps=args.steps)
         recipes = [r.strip() for r in args.recipes.split(",") if r.strip()] or None
         run_study(
             base,
@@ -537,7 +645,8 @@ def main(argv=None) -> int:
             seeds=args.seeds,
             recipes=recipes,
             pretrained=args.pretrained,
-            settings=StudySettings(steps=args.steps),
+            settings=settings,
+            suite=suite,
         )
     except (ValueError, OSError) as e:
         messages.error(e)

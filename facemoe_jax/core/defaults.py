@@ -150,6 +150,11 @@ def get_base_config() -> ml_collections.ConfigDict:
             adaface_margin=0.4,
             adaface_h=0.333,
             sample_rate=1.0,  # Partial FC: share of class centres per step (1 = all)
+            # How a fresh classifier's centres start: "random" (the initialiser) or "imprint"
+            # (train/imprint.py: each class's normalised mean embedding by the start model, from
+            # up to imprint_images_per_class of its training images, undegraded).
+            centre_init="random",
+            imprint_images_per_class=4,
             # Centre rows = num_classes rounded up to this, so the class axis splits evenly over
             # any device count dividing it (and checkpoints move between meshes).
             class_rows_multiple=1024,

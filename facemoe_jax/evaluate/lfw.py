@@ -107,7 +107,9 @@ class Protocol(NamedTuple):
 def _people_only(pairs_list: PairsList, people_path: str, pairs_path: str) -> PairsList:
     """The pairs whose two people are both in the people file (their folds kept)."""
     people = set(read_people_file(people_path))
-    keep = np.array([a.split("/")[0] in people and b.split("/")[0] in people for a, b in pairs_list.pairs])
+    keep = np.array(
+        [a.split("/")[0] in people and b.split("/")[0] in people for a, b in pairs_list.pairs]
+    )
     kept_same = pairs_list.issame[keep]
     if kept_same.all() or not kept_same.any():
         raise ValueError(

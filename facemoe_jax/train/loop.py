@@ -191,6 +191,7 @@ def train_and_evaluate(
     abstract_state = state_lib.abstract_train_state(model, optimizer, config)
     if config.init_from and not os.path.exists(str(config.init_from)):
         raise ValueError(f"config.init_from={config.init_from!r} does not exist")
+    _check_centre_init(config)
     sources.check_images(source, config)  # image folders: every file decodes, before compiling
     # The active objectives, with their frozen inputs (a teacher: reloaded at every start, never
     # saved).
@@ -242,6 +243,11 @@ def train_and_evaluate(
             from facemoe_jax.train.init_from import initialize_from
 
             state = initialize_from(state, config, services.load_variables)
+        if config.loss.centre_init == "imprint":
+            from facemoe_jax.train.imprint import imprint_centres
+
+            with jax.set_mesh(mesh):
+                state = imprint_centres(state, model, source, config)
     start = int(state.step)
     writer = make_writer(workdir, resume_step=start)
     encoder_params = state_lib.count_params(state.params["encoder"])
@@ -334,6 +340,22 @@ def train_and_evaluate(
     writer.flush()
     checkpointer.close()
     return results
+
+
+def _check_centre_init(config) -> None:
+    mode = config.loss.centre_init
+    if mode not in ("random", "imprint"):
+        raise ValueError(f"config.loss.centre_init={mode!r} is not 'random' or 'imprint'")
+    if mode == "imprint" and config.init_classifier:
+        raise ValueError(
+            "config.loss.centre_init='imprint' and config.init_classifier both set the class "
+            "centres: choose one"
+        )
+    if mode == "imprint" and int(config.loss.imprint_images_per_class) < 1:
+        raise ValueError(
+            f"config.loss.imprint_images_per_class={config.loss.imprint_images_per_class} "
+            f"must be >= 1"
+        )
 
 
 def _print_save_times(checkpointer) -> None:
