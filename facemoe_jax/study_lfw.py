@@ -48,6 +48,7 @@ class LfwSettings:
     lr_prob: float = 0.75  # share of training views captured small (the rest stay HR)
     min_pixels: int = 8
     max_pixels: int = 32
+    adapter_learning_rate: float = 5e-4  # PETALface's (configs/petalface.py)
     instance_weight: float = 20.0
     relation_weight: float = 40.0
 
@@ -193,6 +194,22 @@ def _distilled(instance: bool, relation: bool):
     return configure
 
 
+def _adapters(config, settings):
+    # PETALface's idea on this network: the teacher frozen, adapters on its pointwise
+    # convolutions (the head included), trained with the margin loss at PETALface's lr.
+    config.model.lora.update(
+        rank=8,
+        scale=1.0,
+        dropout=0.0,
+        where="pointwise",
+        init="zero_up",  # B = 0: the adapted model starts as the teacher
+        quality_mix=False,
+        head=False,
+    )
+    config.train.update(trainable="lora,^classifier/")
+    config.optimizer.learning_rate = settings.adapter_learning_rate
+
+
 register(Recipe("teacher", "the HR recognizer as it is", configure=lambda c, s: None, train=False))
 register(
     Recipe(
@@ -213,6 +230,13 @@ register(
         "aird",
         "aird_instance + relation distillation (batch cosine matrices)",
         configure=_distilled(True, True),
+    )
+)
+register(
+    Recipe(
+        "adapters",
+        "teacher frozen; LoRA (rank 8) on its pointwise (1x1) convolutions, the head included, margin loss",
+        configure=_adapters,
     )
 )
 assert all(r.start == PRETRAINED for r in RECIPES.values())

@@ -106,7 +106,7 @@ def test_the_suite_against_onnxruntime(fake_suite, tmp_path, capsys):
     settings = fake_suite
     base = study_lfw.base_config(settings)
     out = str(tmp_path / "study")
-    recipes = ["teacher", "aird"]
+    recipes = ["teacher", "aird", "adapters"]
     summary = study.run_study(base, out, recipes=recipes, settings=settings, suite=study.LFW)
     assert list(summary) == recipes
     rows = json.load(open(os.path.join(out, "results.json")))["rows"]
@@ -127,9 +127,10 @@ def test_the_suite_against_onnxruntime(fake_suite, tmp_path, capsys):
         view2["rows"]["lfw_view2_peopleDevTest@16px"]["accuracy"]
     )
     assert rows[1]["trainable_share"] == 1.0 and rows[1]["steps"] == 2
+    assert 0 < rows[2]["trainable_share"] < 0.5  # adapters only: the teacher stays frozen
     table = open(os.path.join(out, "table.md")).read()
     assert "| aird | 100.0 % |" in table and "V1 both 12" in table and "V2 test people 8" in table
     assert os.path.getsize(os.path.join(out, "hr_vs_lr.png")) > 1000
     capsys.readouterr()
     again = study.run_study(base, out, recipes=recipes, settings=settings, suite=study.LFW)
-    assert capsys.readouterr().out.count(" reused;") == 2 and again == summary
+    assert capsys.readouterr().out.count(" reused;") == 3 and again == summary

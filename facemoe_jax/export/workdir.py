@@ -181,6 +181,7 @@ def _export_onnx_model(config, variables, step, out_dir: str, paths: dict, t0: f
     and config.json; the new file is checked in onnxruntime against the JAX model."""
     from facemoe_jax.encoder import FaceEncoder
     from facemoe_jax.interop import onnx as onnx_export
+    from facemoe_jax.models import lora as lora_lib
     from facemoe_jax.models import onnx_graph
 
     source = str(config.model.onnx_path)
@@ -190,7 +191,9 @@ def _export_onnx_model(config, variables, step, out_dir: str, paths: dict, t0: f
             "the export writes the trained weights into that graph"
         )
     graph = onnx_graph.load_graph(source)
-    state = onnx_graph.onnx_state_dict(graph, variables)
+    state = onnx_graph.onnx_state_dict(
+        graph, variables, lora_lib.settings_from_config(config.model)
+    )
     os.makedirs(out_dir, exist_ok=True)
     convert.save_torch(state, paths["pt"])
     convert.save_safetensors(state, paths["safetensors"], metadata={"format": "onnx-names"})

@@ -115,7 +115,7 @@ class LoRASettings:
     head: bool = False  # one plain adapter on the embedding projection (PETALface's feature_fc)
 
 
-TARGETS = ("qkv", "proj", "mlp")
+TARGETS = ("qkv", "proj", "mlp", "pointwise")  # pointwise: an ONNX graph's 1x1 convolutions
 
 
 def settings_from_config(cfg) -> LoRASettings | None:

@@ -41,7 +41,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from facemoe_jax.models.lora import LoRASettings, adapter_initializers
 from facemoe_jax.models.onnx_ops import OPS, OnnxImportError, Context
+from facemoe_jax.models.quality import QualitySettings
 
 Array = jax.Array
 
@@ -265,16 +267,55 @@ def input_normalization(graph: OnnxGraph, mean: float = -1.0, std: float = -1.0)
     return float(mean), float(std)
 
 
+def adapted_nodes(graph: OnnxGraph) -> dict[str, Node]:
+    """{weight initializer: node} of the convolutions LoRA adapts (`lora.where="pointwise"`):
+    1x1, one group, stride 1, no padding, a learnt weight. In a mobile network these hold most
+    parameters and the embedding head (MobileFaceNet's final 512x512 linear conv)."""
+    out = {}
+    for node in graph.nodes:
+        if node.op != "Conv" or node.inputs[1] not in graph.params:
+            continue
+        w = graph.params[node.inputs[1]]
+        plain = int(node.attrs.get("group", 1)) == 1 and not any(node.attrs.get("pads", ()))
+        plain = plain and all(int(v) == 1 for v in node.attrs.get("strides", (1,)))
+        if w.ndim >= 3 and all(k == 1 for k in w.shape[2:]) and plain:
+            out[node.inputs[1]] = node
+    return out
+
+
 class OnnxModel(nn.Module):
-    """images (B, S, S, 3) in [-1, 1] -> ((B, D) float32 graph output, {})."""
+    """images (B, S, S, 3) in [-1, 1] -> ((B, D) float32 graph output, {}).
+
+    `lora` adds adapters to the pointwise convolutions (`adapted_nodes`): y = W x + s B A x,
+    or PETALface's quality-mixed pair (1 - a) s B1 A1 x + a s B2 A2 x with the per-image
+    `quality` a (models/lora.py; dropout on the adapter output in training)."""
 
     graph: OnnxGraph
     input_mean: float = DEFAULT_MEAN
     input_std: float = DEFAULT_STD
     channel_order: str = "RGB"
+    lora: LoRASettings | None = None
+    quality: QualitySettings = QualitySettings()
+
+    def _adapter(self, weight_name: str, x: Array, quality, train: bool) -> Array:
+        lora, w = self.lora, self.graph.params[weight_name]
+        down_init, up_init = adapter_initializers(lora.init, lora.rank)
+        base = self.graph.flax_names[weight_name]
+        pairs = [("", None)] if not lora.quality_mix else [("", 1.0 - quality), ("2", quality)]
+        out = 0.0
+        for suffix, mix in pairs:
+            down = self.param(f"{base}_lora_down{suffix}", down_init, (w.shape[1], lora.rank))
+            up = self.param(f"{base}_lora_up{suffix}", up_init, (lora.rank, w.shape[0]))
+            h = jnp.einsum("nc...,cr->nr...", x, down)
+            h = jnp.einsum("nr...,ro->no...", h, up)
+            h = nn.Dropout(lora.dropout, deterministic=not train)(h)
+            if mix is not None:
+                h = h * mix.reshape((-1,) + (1,) * (h.ndim - 1))
+            out = out + lora.scale * h
+        return out
 
     @nn.compact
-    def __call__(self, x: Array, train: bool = False):
+    def __call__(self, x: Array, train: bool = False, quality: Array | None = None):
         graph = self.graph
         if x.shape[1:3] != (graph.image_size, graph.image_size):
             raise ValueError(
@@ -299,8 +340,13 @@ class OnnxModel(nn.Module):
             (pixels - self.input_mean) / self.input_std, (0, 3, 1, 2)
         )
         values[""] = None  # an omitted optional input
+        adapted = adapted_nodes(graph) if self.lora is not None else {}
+        quality = self.quality.resolve(x, quality, self.lora)
         for node in graph.nodes:
             outputs = OPS[node.op](context, node, [values[name] for name in node.inputs])
+            if node.op == "Conv" and node.inputs[1] in adapted:
+                adapter = self._adapter(node.inputs[1], values[node.inputs[0]], quality, train)
+                outputs = (outputs[0] + adapter,)
             values.update(zip(node.outputs, outputs))
         out = values[graph.output_name]
         return out.reshape(out.shape[0], -1).astype(jnp.float32), {}
@@ -315,12 +361,34 @@ def onnx_variables(graph: OnnxGraph) -> dict:
     }
 
 
-def onnx_state_dict(graph: OnnxGraph, variables: dict) -> dict[str, np.ndarray]:
+def onnx_state_dict(
+    graph: OnnxGraph, variables: dict, lora: LoRASettings | None = None
+) -> dict[str, np.ndarray]:
     """{ONNX initializer name: value} of `variables` (the inverse of `onnx_variables`), in the
-    file's dtypes: what an export writes back into the graph."""
+    file's dtypes: what an export writes back into the graph. Plain LoRA adapters are merged
+    into their convolution (W + s (A B)^T: the same function, the graph unchanged); a
+    quality-mixed pair depends on each image's `a` and cannot be, so it is refused."""
     names = graph.flax_names
+    params = variables["params"]
     out = {}
     for collection, source in (("params", graph.params), ("batch_stats", graph.statistics)):
         for name, original in source.items():
             out[name] = np.asarray(variables[collection][names[name]]).astype(original.dtype)
+    adapters = [k for k in params if "_lora_" in k and k not in set(names.values())]
+    if not adapters:
+        return out
+    if lora is None or lora.quality_mix:
+        raise ValueError(
+            f"the ONNX export writes the graph's own initializers; this model has "
+            f"{'quality-mixed ' if lora is not None else ''}adapters ({adapters[0]}, ...), which "
+            f"depend on each image's quality and cannot be merged into them"
+        )
+    for weight in adapted_nodes(graph):
+        base = names[weight]
+        down, up = np.asarray(params[f"{base}_lora_down"]), np.asarray(params[f"{base}_lora_up"])
+        delta = (lora.scale * (down @ up)).T  # (out, in)
+        shape = out[weight].shape
+        out[weight] = (out[weight].astype(np.float64) + delta.reshape(shape)).astype(
+            out[weight].dtype
+        )
     return out

@@ -70,11 +70,23 @@ def _check_routing(cfg: ml_collections.ConfigDict) -> None:
         )
 
 
-def _adapters(cfg: ml_collections.ConfigDict) -> dict:
-    """The LoRA and quality fields every encoder takes (config.model.lora)."""
+def _adapters(cfg: ml_collections.ConfigDict, allowed=("qkv", "proj", "mlp")) -> dict:
+    """The LoRA and quality fields every encoder takes (config.model.lora); `allowed`: the
+    adapter places this model has."""
     lora = settings_from_config(cfg)
     if lora is None:
         return {}
+    other = [t for t in lora.targets if t not in allowed]
+    if other:
+        raise ValueError(
+            f"config.model.lora.where={cfg.lora.where!r}: {other} are not places of a "
+            f"model.name={cfg.name!r} ({', '.join(allowed)})"
+        )
+    if lora.head and "pointwise" in allowed:
+        raise ValueError(
+            "config.model.lora.head=True: an ONNX graph's head is adapted as one of its "
+            "pointwise convolutions (where='pointwise')"
+        )
     fields = cfg.lora
     sign = float(fields.quality_sign)
     if sign not in (1.0, -1.0):
@@ -282,7 +294,8 @@ def build_onnx(cfg: ml_collections.ConfigDict) -> OnnxModel:
     if order not in ("RGB", "BGR"):
         raise ValueError(f"config.model.onnx_channel_order={order!r} must be 'RGB' or 'BGR'")
     mean, std = input_normalization(graph, float(cfg.onnx_input_mean), float(cfg.onnx_input_std))
-    return OnnxModel(graph, input_mean=mean, input_std=std, channel_order=order)
+    adapters = _adapters(cfg, allowed=("pointwise",))
+    return OnnxModel(graph, input_mean=mean, input_std=std, channel_order=order, **adapters)
 
 
 def onnx_model_config(path: str, **fields) -> ml_collections.ConfigDict:

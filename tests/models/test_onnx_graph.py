@@ -151,6 +151,78 @@ def test_pointwise_convolutions_match_onnxruntime(tmp_path):
     np.testing.assert_allclose(ours(path, x), reference(path, x), rtol=1e-5, atol=1e-5)
 
 
+def _adapter_graph(tmp_path, initializers=None):
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"]),
+        helper.make_node("PRelu", ["c1", "slope"], ["p1"]),
+        helper.make_node("Conv", ["p1", "wd"], ["d1"], group=6, pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["d1", "w2"], ["c2"], strides=[2, 2]),  # strided: not adapted
+        helper.make_node("Conv", ["c2", "w3"], ["c3"]),
+        helper.make_node("Flatten", ["c3"], ["y"]),
+    ]
+    inits = initializers or {
+        "w1": _weight("w1", 6, 3, 1, 1),
+        "b1": _weight("b1", 6),
+        "slope": _weight("slope", 6, 1, 1),
+        "wd": _weight("wd", 6, 1, 3, 3),
+        "w2": _weight("w2", 5, 6, 1, 1),
+        "w3": _weight("w3", 4, 5, 1, 1),
+    }
+    return write_graph(tmp_path / "g.onnx", nodes, list(inits.values()), size=6), inits
+
+
+def test_lora_on_pointwise_convolutions_merges_into_an_equal_graph(tmp_path):
+    from facemoe_jax.models.lora import LoRASettings
+
+    path, inits = _adapter_graph(tmp_path)
+    graph = onnx_graph.read_graph(path)
+    assert set(onnx_graph.adapted_nodes(graph)) == {"w1", "w3"}
+    lora = LoRASettings(rank=2, scale=0.7, dropout=0.0, init="zero_up", quality_mix=False)
+    model = onnx_graph.OnnxModel(graph, 127.5, 127.5, lora=lora)
+    x = (jnp.asarray(images(size=6), jnp.float32) / 255.0 - 0.5) / 0.5
+    variables = model.init(jax.random.key(0), x)
+    plain = onnx_graph.OnnxModel(graph, 127.5, 127.5)
+    base = np.asarray(plain.apply(onnx_graph.onnx_variables(graph), x)[0])
+    # B = 0 at the start: the adapted model is the graph.
+    np.testing.assert_allclose(np.asarray(model.apply(variables, x)[0]), base, atol=1e-6)
+    params = dict(variables["params"])
+    for name in params:
+        if "_lora_up" in name:
+            params[name] = RNG.normal(0, 0.3, params[name].shape).astype(np.float32)
+    adapted = np.asarray(model.apply({"params": params}, x)[0])
+    assert np.abs(adapted - base).max() > 1e-2
+    # Merged into the weights, the graph itself (run by onnxruntime) gives the same output.
+    merged = onnx_graph.onnx_state_dict(graph, {"params": params, "batch_stats": {}}, lora)
+    new = {
+        k: numpy_helper.from_array(merged.get(k, numpy_helper.to_array(v)), k)
+        for k, v in inits.items()
+    }
+    merged_path, _ = _adapter_graph(tmp_path, new)
+    x_uint8 = images(size=6)
+    np.testing.assert_allclose(reference(merged_path, x_uint8, 127.5, 127.5), adapted, atol=1e-4)
+    mixed = LoRASettings(rank=2, dropout=0.0, init="zero_up", quality_mix=True)
+    with pytest.raises(ValueError, match="quality-mixed"):
+        onnx_graph.onnx_state_dict(graph, {"params": params, "batch_stats": {}}, mixed)
+
+
+def test_lora_where_is_checked_per_model(tmp_path):
+    from configs import common
+    from facemoe_jax.models import build_model
+
+    path, _ = _adapter_graph(tmp_path)
+    config = common.get_base_config()
+    config.model.update(name="onnx", onnx_path=path, image_size=6, embed_dim=4 * 3 * 3)
+    config.model.lora.update(rank=2, where="qkv", quality_mix=False)
+    with pytest.raises(ValueError, match="config.model.lora.where"):
+        build_model(config.model)
+    config.model.lora.where = "pointwise"
+    assert build_model(config.model).lora.rank == 2
+    vit = common.get_base_config()
+    vit.model.lora.update(rank=2, where="pointwise")
+    with pytest.raises(ValueError, match="config.model.lora.where"):
+        build_model(vit.model)
+
+
 def test_elementwise_activations_and_matmuls(tmp_path):
     nodes = [
         helper.make_node("GlobalAveragePool", ["x"], ["g"]),
