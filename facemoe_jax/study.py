@@ -156,6 +156,7 @@ class Suite:
     starts(base, out, rows, pretrained, settings) -> {PRETRAINED (and DENSE_PRETRAINED when a
       row starts there): the run or model file rows start from}.
     plot: ((x metric key, x label), (y metric key, y label)) of the trade-off picture.
+    time_guess: the ETA's first guesses until a row has run.
     """
 
     name: str
@@ -166,6 +167,7 @@ class Suite:
     starts: Callable
     settings: Any
     title: str
+    time_guess: tuple[float, float] = (0.35, 30.0)  # seconds per step, per evaluation (2 CPUs)
 
 
 def fingerprint(*parts) -> str:
@@ -276,12 +278,12 @@ def pick_columns(results: dict, columns=COLUMNS) -> dict[str, float]:
 class Progress:
     """Which row runs, and an ETA from the seconds per training step measured so far."""
 
-    def __init__(self, rows: list[tuple[int, Recipe]], steps: int):
+    def __init__(self, rows: list[tuple[int, Recipe]], steps: int, guess=(0.35, 30.0)):
         self.total = len(rows)
         self.remaining_steps = sum(steps for _, r in rows if r.train)
         self.remaining_evals = len(rows)
-        self.step_seconds = 0.35  # a first guess (demo model, 2 CPU cores), replaced by data
-        self.eval_seconds = 30.0
+        # First guesses (seconds per step, per evaluation on 2 CPU cores), replaced by data.
+        self.step_seconds, self.eval_seconds = guess
         self.t0 = time.perf_counter()
 
     def start(self, index: int, seed: int, recipe: Recipe, reused: bool):
@@ -412,7 +414,7 @@ def run_study(
     t0 = time.perf_counter()
     starts = suite.starts(base, out, rows, pretrained, settings)
     plan = [(seed, recipe) for seed in range(seeds) for recipe in rows]
-    progress = Progress([(s, r) for s, r in plan], settings.steps)
+    progress = Progress([(s, r) for s, r in plan], settings.steps, suite.time_guess)
     records = []
     for index, (seed, recipe) in enumerate(plan, 1):
         row_dir = run_dir(out, seed, recipe.name)
@@ -571,6 +573,7 @@ LFW = Suite(
     starts=_lfw_starts,
     settings=study_lfw.LfwSettings(),
     title="Low-resolution adaptation on real faces (LFW)",
+    time_guess=(3.5, 480.0),
 )
 SUITES = {suite.name: suite for suite in (SYNTHETIC, LFW)}
 

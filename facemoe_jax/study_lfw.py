@@ -19,11 +19,12 @@ No training image belongs to a test person: View 1's training and test people ar
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import ml_collections
 
-from facemoe_jax import recipes
+from facemoe_jax import recipes, study_rows
 from facemoe_jax.study_rows import PRETRAINED, Recipe
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -168,13 +169,7 @@ def adaptation_config(base, recipe: Recipe, settings: LfwSettings, seed: int, st
 # ---- The rows.
 
 RECIPES: dict[str, Recipe] = {}
-
-
-def register(recipe: Recipe) -> Recipe:
-    if recipe.name in RECIPES:
-        raise ValueError(f"an lfw study recipe named {recipe.name!r} is already registered")
-    RECIPES[recipe.name] = recipe
-    return recipe
+register = functools.partial(study_rows.register, registry=RECIPES)
 
 
 def _lr_fine_tuning(config, settings):

@@ -43,10 +43,12 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {}
 
 
-def register(recipe: Recipe) -> Recipe:
-    if recipe.name in RECIPES:
+def register(recipe: Recipe, registry: dict[str, Recipe] | None = None) -> Recipe:
+    """Adds `recipe` to `registry` (default: the synthetic suite's RECIPES)."""
+    registry = RECIPES if registry is None else registry
+    if recipe.name in registry:
         raise ValueError(f"a study recipe named {recipe.name!r} is already registered")
-    RECIPES[recipe.name] = recipe
+    registry[recipe.name] = recipe
     return recipe
 
 
