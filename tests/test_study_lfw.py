@@ -134,3 +134,17 @@ def test_the_suite_against_onnxruntime(fake_suite, tmp_path, capsys):
     capsys.readouterr()
     again = study.run_study(base, out, recipes=recipes, settings=settings, suite=study.LFW)
     assert capsys.readouterr().out.count(" reused;") == 3 and again == summary
+
+
+def test_the_teacher_row_is_evaluated_once_for_every_seed(fake_suite, tmp_path):
+    settings = fake_suite
+    base = study_lfw.base_config(settings)
+    out = tmp_path / "study"
+    summary = study.run_study(
+        base, str(out), seeds=2, recipes=["teacher"], settings=settings, suite=study.LFW
+    )
+    rows = json.load(open(out / "results.json"))["rows"]
+    assert [r["seed"] for r in rows] == [0, 1] and rows[0]["metrics"] == rows[1]["metrics"]
+    assert not (out / "seed1").exists()
+    assert summary["teacher"]["seeds"] == 2
+    assert summary["teacher"]["lfw_view1@12px/accuracy"][1] == 0.0
