@@ -311,13 +311,20 @@ def run_dir(out: str, seed: int, name: str) -> str:
     return os.path.join(out, f"seed{seed}", name)
 
 
+def row_seed(recipe: Recipe, seed: int, suite: Suite, starts: dict) -> int:
+    """The seed whose run serves `seed`: 0 for a row that evaluates a start as it is under a
+    seedless evaluation (the same numbers for every seed, computed once), else `seed`."""
+    if not recipe.train and suite.seedless_evaluation and recipe.start in starts:
+        return 0
+    return seed
+
+
 def run_row(
     base, recipe: Recipe, settings, seed: int, out: str, starts: dict, suite: Suite = None
 ) -> dict:
     """Trains (or evaluates) one row; returns its record (also in row_dir/row.json)."""
     suite = suite or SYNTHETIC
-    if seed > 0 and not recipe.train and suite.seedless_evaluation and recipe.start in starts:
-        # The start evaluated as it is: the same numbers for every seed, computed once.
+    if row_seed(recipe, seed, suite, starts) != seed:
         return dict(run_row(base, recipe, settings, 0, out, starts, suite), seed=seed)
     row_dir = run_dir(out, seed, recipe.name)
     start_dir = (
@@ -423,7 +430,7 @@ def run_study(
     progress = Progress([(s, r) for s, r in plan], settings.steps, suite.time_guess)
     records = []
     for index, (seed, recipe) in enumerate(plan, 1):
-        row_dir = run_dir(out, seed, recipe.name)
+        row_dir = run_dir(out, row_seed(recipe, seed, suite, starts), recipe.name)
         progress.start(index, seed, recipe, epath.Path(row_dir, "row.json").is_file())
         record = run_row(base, recipe, settings, seed, out, starts, suite)
         progress.finish(recipe, settings.steps, record["seconds"], record["reused"])
