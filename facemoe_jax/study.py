@@ -236,17 +236,14 @@ def evaluate_start(start: str, config, row_dir: str) -> dict:
     from facemoe_jax.evaluate import suite
     from facemoe_jax.interop.load import is_run_directory, load_variables
     from facemoe_jax.models import build_model
-    from facemoe_jax.train.checkpoint import restore_params
     from facemoe_jax.pipelines import run_evaluations
     from facemoe_jax.train.writers import make_writer
 
     config = ml_collections.ConfigDict(config.to_dict())
+    loaded = load_variables(start, config, field="the study's start")
     if is_run_directory(start):
-        saved, params, batch_stats, step = restore_params(start)
-        config.model = saved.model
-        variables = {"params": params["encoder"], "batch_stats": batch_stats}
-    else:
-        variables, step = load_variables(start, config, field="the study's start").variables, 0
+        config.model = loaded.config.model  # a run names its own architecture
+    variables, step = loaded.variables, loaded.step or 0
     suite.check_eval_config(config)
     writer = make_writer(row_dir)
     results = run_evaluations(build_model(config.model), variables, config, row_dir, step, writer)

@@ -208,7 +208,7 @@ def _jpeg_components(buffer: np.ndarray) -> int:
     return 3
 
 
-class _DecodeAndResize:
+class DecodeAndResize:
     """grain map: decode a record's image to RGB and resize it to (size, size) if needed.
 
     Shrinking uses area averaging (no aliasing), enlarging bilinear (the official training
@@ -302,7 +302,7 @@ class _TrainRecords(grain.MapDataset):
         source,
         *,
         shuffle_seed: int,
-        decode: _DecodeAndResize,
+        decode: DecodeAndResize,
         augment: _AugmentImage | None,
         augment_seed: int,
     ):
@@ -519,7 +519,7 @@ def train_iterator(
     dataset = _TrainRecords(
         source,
         shuffle_seed=shuffle_seed,
-        decode=_DecodeAndResize(image_size),
+        decode=DecodeAndResize(image_size),
         augment=None if augment is None else _AugmentImage(augment),
         augment_seed=augment_seed,
     )

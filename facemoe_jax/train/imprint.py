@@ -7,7 +7,8 @@ imprinted weights", CVPR 2018) sets each new class's centre to the normalised me
 model's L2-normalised embeddings of that class's images, so the margin loss starts where the
 pre-trained features already separate the classes.
 
-The images are the training records as stored (decoded, resized to the model input, no
+The images are the training records as stored (decoded and resized to the model input as the
+training pipeline does, no
 augmentation and no degradation: the HR view), up to `config.loss.imprint_images_per_class`
 per class, in record order; classes with no readable image keep their initialiser.
 """
@@ -16,22 +17,12 @@ from __future__ import annotations
 
 import time
 
-import cv2
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from facemoe_jax.core.images import normalize_images
-from facemoe_jax.data.pipeline import BadRecordError, decode_image
-
-
-def _resized(image: np.ndarray, size: int) -> np.ndarray:
-    if image.shape[:2] == (size, size):
-        return image
-    shrink = image.shape[0] > size
-    return cv2.resize(
-        image, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC
-    )
+from facemoe_jax.data.pipeline import BadRecordError, DecodeAndResize
 
 
 def class_mean_embeddings(
@@ -50,6 +41,7 @@ def class_mean_embeddings(
     if per_class < 1:
         raise ValueError(f"config.loss.imprint_images_per_class={per_class} must be >= 1")
     embed = jax.jit(lambda v, x: model.apply(v, normalize_images(x), train=False)[0])
+    decode = DecodeAndResize(image_size)  # as the training pipeline feeds the model
     counts = np.zeros(num_classes, np.int64)
     sums = None
     images, labels = [], []
@@ -74,10 +66,10 @@ def class_mean_embeddings(
             label = int(record["label"])
             if not 0 <= label < num_classes or counts[label] >= per_class:
                 continue
-            image = decode_image(record["image"], str(record.get("key", index)))
+            image = decode(record)["image"]
         except BadRecordError:
             continue
-        images.append(_resized(image, image_size))
+        images.append(image)
         labels.append(label)
         counts[label] += 1
         if len(images) == batch_size:

@@ -319,7 +319,7 @@ def test_fused_record_stream_equals_grain_shuffle_repeat_map_random_map():
     fused = pipeline._TrainRecords(
         source,
         shuffle_seed=shuffle_seed,
-        decode=pipeline._DecodeAndResize(16),
+        decode=pipeline.DecodeAndResize(16),
         augment=pipeline._AugmentImage(augmenter),
         augment_seed=augment_seed,
     )
@@ -327,7 +327,7 @@ def test_fused_record_stream_equals_grain_shuffle_repeat_map_random_map():
         grain.MapDataset.source(source)
         .shuffle(seed=shuffle_seed)
         .repeat(None)
-        .map(pipeline._DecodeAndResize(16))
+        .map(pipeline.DecodeAndResize(16))
     )
 
     def good(position):  # the next good record, as the module doc specifies
@@ -489,7 +489,7 @@ def test_decoded_arrays_are_converted_too_and_floats_refused():
 
 def test_decode_and_resize_takes_any_size_to_the_model_size():
     big, small = colour_image(50, 40), colour_image(10, 12)
-    resize = pipeline._DecodeAndResize(16)
+    resize = pipeline.DecodeAndResize(16)
     got = resize({"image": encode(".png", big), "label": 0})["image"]
     np.testing.assert_array_equal(got, cv2.resize(big, (16, 16), interpolation=cv2.INTER_AREA))
     got = resize({"image": encode(".png", small), "label": 0})["image"]
