@@ -340,6 +340,11 @@ def get_base_config() -> ml_collections.ConfigDict:
             instance_form="cosine",  # "cosine": 1 - cos(s_i, t_i); "mse": of L2-normalised rows
             relation_form="mse",  # "mse": of the B x B cosine matrices; "kl": row softmaxes
             temperature=0.1,  # relation_form="kl" only
+            # "" = the teacher runs in the step on batch["image_hr"]; "auto" or a folder = its
+            # flip-test embedding of every training record computed once and kept there
+            # ("auto": ~/.cache/facemoe_jax/teacher_embeddings), looked up per record
+            # (train/teacher_cache.py); for students trained over many epochs.
+            teacher_cache="",
         )
     )
     # Cross-resolution consistency (train/objectives/cross_resolution.py): weight x (1 - cos)

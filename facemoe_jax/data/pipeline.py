@@ -305,6 +305,7 @@ class _TrainRecords(grain.MapDataset):
         decode: DecodeAndResize,
         augment: _AugmentImage | None,
         augment_seed: int,
+        record_index: bool = False,
     ):
         super().__init__()
         if not 0 <= shuffle_seed < 2**32:
@@ -315,6 +316,7 @@ class _TrainRecords(grain.MapDataset):
         self._decode = decode
         self._augment = augment
         self._rngs = _RngPool(augment_seed)
+        self._record_index = record_index
 
     def __len__(self) -> int:
         return sys.maxsize
@@ -330,7 +332,10 @@ class _TrainRecords(grain.MapDataset):
             seed=(self._shuffle_seed + epoch) % 2**32,
             rounds=4,
         )
-        return self._decode(self._source[index])
+        record = self._decode(self._source[index])
+        if self._record_index:
+            record["record"] = int(index)
+        return record
 
     def _good_record(self, position: int) -> dict:
         try:
@@ -365,7 +370,8 @@ class _TrainRecords(grain.MapDataset):
 def _stack_records(records) -> dict:
     """Batches records into {"image": uint8 (b, H, W, 3), "label": int32 (b,), "skipped": keys}.
 
-    ``"image_hr"`` is stacked too when present (paired mode); ``"skipped"`` is the tuple of bad
+    ``"image_hr"`` is stacked too when present (paired mode), and ``"record"`` (the source
+    index of each record, int32) when asked for; ``"skipped"`` is the tuple of bad
     records' messages replaced within this batch (usually empty).
     """
     batch = {
@@ -374,6 +380,8 @@ def _stack_records(records) -> dict:
     }
     if "image_hr" in records[0]:
         batch["image_hr"] = np.stack([record["image_hr"] for record in records])
+    if "record" in records[0]:
+        batch["record"] = np.asarray([record["record"] for record in records], np.int32)
     batch["skipped"] = tuple(record["skipped"] for record in records if "skipped" in record)
     return batch
 
@@ -461,6 +469,7 @@ def train_iterator(
     worker_count: int = 0,
     prefetch: int = 2,
     max_bad_share: float = 0.001,
+    record_index: bool = False,
 ) -> TrainIterator:
     """An endless, resumable iterator over this host's training batches.
 
@@ -481,6 +490,8 @@ def train_iterator(
       prefetch: batches computed ahead: the thread prefetch buffer of the reading process and,
         with workers, each worker's output buffer. 0 reads synchronously.
       max_bad_share: the largest tolerated share of unreadable records (see the module doc).
+      record_index: add ``"record"``, each image's index in ``source`` (a replaced bad record
+        gives its replacement's), for per-record tables such as cached teacher embeddings.
 
     Returns:
       A ``TrainIterator`` yielding ``{"image": uint8 (b, H, W, 3), "label": int32 (b,)}``
@@ -522,6 +533,7 @@ def train_iterator(
         decode=DecodeAndResize(image_size),
         augment=None if augment is None else _AugmentImage(augment),
         augment_seed=augment_seed,
+        record_index=record_index,
     )
     dataset = dataset[shard_index::shard_count]
     dataset = dataset.batch(

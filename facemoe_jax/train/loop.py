@@ -195,7 +195,9 @@ def train_and_evaluate(
     sources.check_images(source, config)  # image folders: every file decodes, before compiling
     # The active objectives, with their frozen inputs (a teacher: reloaded at every start, never
     # saved).
-    resources = objectives_lib.Resources(mesh=mesh, load_variables=services.load_variables)
+    resources = objectives_lib.Resources(
+        mesh=mesh, load_variables=services.load_variables, source=source
+    )
     objectives = objectives_lib.build(config, resources)
     for objective in objectives:
         line = objective.describe()
@@ -203,10 +205,11 @@ def train_and_evaluate(
             print(line, flush=True)
     frozen = objectives_lib.frozen_inputs(objectives)
     extra_keys = objectives_lib.batch_keys(objectives)
-    unknown = set(extra_keys) - {"image_hr"}
+    unknown = set(extra_keys) - {"image_hr", "record"}
     if unknown:
         raise ValueError(f"objectives need batch entries the pipeline cannot give: {unknown}")
-    # Paired batches ("image_hr": the geometry-only images) for a teacher or the quality copies.
+    # Paired batches ("image_hr": the geometry-only images) for a teacher or the quality copies;
+    # "record": each image's source index, for per-record tables (cached teacher embeddings).
     paired = "image_hr" in extra_keys
     check_workdir(workdir)
     data_iter = pipeline.train_iterator(
@@ -217,6 +220,7 @@ def train_and_evaluate(
         image_size=config.model.image_size,
         worker_count=config.data.worker_count,
         max_bad_share=config.data.max_bad_share,
+        record_index="record" in extra_keys,
     )
     checkpointer = checkpoint_lib.Checkpointer(
         workdir, config.checkpoint.every_steps, config.checkpoint.max_to_keep
@@ -273,6 +277,8 @@ def train_and_evaluate(
     }
     if paired:
         batch_spec["image_hr"] = images
+    if "record" in extra_keys:
+        batch_spec["record"] = batch_spec["label"]
     train_step = jax.jit(
         step_lib.make_train_step(model, config, optimizer, schedule, objectives),
         donate_argnums=0,

@@ -5,7 +5,7 @@ losses. An objective states what it needs beyond that forward pass, and the step
 state and the checkpoint serve it without knowing what it is:
 
 - `batch_keys`: batch entries besides "image" and "label" (e.g. "image_hr", the geometry-only
-  copy of each image that the paired pipeline adds);
+  copy of each image that the paired pipeline adds, or "record", each image's source index);
 - `frozen`: arrays the step takes as an argument but never trains or saves (a distillation
   teacher), placed on the mesh once per start;
 - `init_aux`: its persistent state, kept in `TrainState.aux[name]` and checkpointed with the
@@ -55,6 +55,7 @@ class Resources:
     # path, config=None, *, field=... -> an object with .origin, .config, .variables: the one
     # loader (interop/load.py), passed in from above train/ (train/ never imports it).
     load_variables: Callable | None = None
+    source: Any = None  # the run's training source (random access), for per-record tables
 
 
 class Objective:

@@ -13,6 +13,10 @@ no optimiser state, checkpoints stay the student's size, and any student checkpo
 the teacher reloaded at every start. The teacher runs in eval mode on inputs that do not depend
 on the student's parameters, behind `stop_gradient`, so none of its activations are kept for
 the backward pass.
+
+With `config.distill.teacher_cache` the teacher does not run in the step: its flip-test
+embedding of every training record is computed once (train/teacher_cache.py) and the step's
+frozen input is that table, indexed by each image's source index (`batch["record"]`).
 """
 
 from __future__ import annotations
@@ -29,7 +33,9 @@ from facemoe_jax.core.images import normalize_images
 from facemoe_jax.data.augment import Augmenter
 from facemoe_jax.losses import distill as distill_losses
 from facemoe_jax.models import build_model
+from facemoe_jax.parallel import mesh as mesh_lib
 from facemoe_jax.parallel import sharding
+from facemoe_jax.train import teacher_cache
 from facemoe_jax.train.objectives.base import Objective
 
 PRODUCE_TEACHER = "python -m facemoe_jax.main --config configs/demo.py --workdir runs/demo"
@@ -89,6 +95,12 @@ class DistillObjective(Objective):
             return
         if not os.path.exists(teacher):
             raise ValueError(f"config.distill.teacher={teacher!r} does not exist")
+        if cfg.teacher_cache and config.data.crop_prob > 0:
+            raise ValueError(
+                f"config.distill.teacher_cache={cfg.teacher_cache!r} keeps one HR target per "
+                f"record, but config.data.crop_prob={config.data.crop_prob} crops the HR image "
+                "differently at every draw: set crop_prob=0 or teacher_cache=''"
+            )
         if not Augmenter(config.data).degrade_steps:
             raise ValueError(
                 "config.distill.teacher is set but no degradation is switched on in config.data, "
@@ -132,24 +144,48 @@ class DistillObjective(Objective):
             "params": loaded.variables["params"],
             "batch_stats": loaded.variables.get("batch_stats", {}),
         }
+        self.cached = bool(cfg.teacher_cache)
+        if self.cached:
+            if resources.source is None:
+                raise ValueError(
+                    f"config.distill.teacher_cache={cfg.teacher_cache!r}: this run was started "
+                    "without its training source, so there is nothing to cache"
+                )
+            model = self.teacher.model
+            table = teacher_cache.load_or_build(
+                lambda v, x: model.apply(v, x, train=False)[0],
+                variables,
+                self.teacher.image_size,
+                resources.source,
+                teacher_cache.cache_dir(str(cfg.teacher_cache)),
+                f"the teacher {self.origin}",
+            )
+            self._frozen = {"table": jax.device_put(table, mesh_lib.replicated(resources.mesh))}
+            return
         # Expert weights of an MoE teacher follow the run's sharding rules; the rest is replicated.
         shardings = sharding.state_shardings(variables, resources.mesh, config.sharding_rules)
-        self._variables = jax.tree.map(jax.device_put, variables, shardings)
+        self._frozen = jax.tree.map(jax.device_put, variables, shardings)
 
     @property
     def batch_keys(self):
-        return ("image_hr",)
+        return ("record",) if self.cached else ("image_hr",)
 
     def frozen(self):
-        return self._variables
+        return self._frozen
 
     def describe(self):
         cfg = self.config.distill
-        size = sum(int(x.size) for x in jax.tree.leaves(self._variables["params"]))
         tau = f", tau {cfg.temperature:g}" if cfg.relation_form == "kl" else ""
+        if self.cached:
+            how = f"{self.teacher.image_size} px, flip-test embeddings cached per record"
+        else:
+            size = sum(int(x.size) for x in jax.tree.leaves(self._frozen["params"]))
+            how = (
+                f"{size / 1e6:.2f}M parameters, {self.teacher.image_size} px, frozen, eval-mode "
+                "BatchNorm"
+            )
         return (
-            f"distillation teacher: {self.origin} ({self.teacher_name}, {size / 1e6:.2f}M "
-            f"parameters, {self.teacher.image_size} px, frozen, eval-mode BatchNorm); instance "
+            f"distillation teacher: {self.origin} ({self.teacher_name}, {how}); instance "
             f"x{cfg.instance_weight:g} ({cfg.instance_form}), relation x{cfg.relation_weight:g} "
             f"({cfg.relation_form}{tau})"
         )
@@ -157,7 +193,10 @@ class DistillObjective(Objective):
     def loss(self, ctx, params, state, batch, forward, frozen):
         cfg = self.config.distill
         student = forward.embeddings
-        target = teacher_embeddings(self.teacher, frozen, batch["image_hr"])
+        if self.cached:
+            target = frozen["table"][batch["record"]]
+        else:
+            target = teacher_embeddings(self.teacher, frozen, batch["image_hr"])
         if target.shape[-1] == student.shape[-1]:
             instance = distill_losses.instance_loss(student, target, cfg.instance_form)
         else:  # logged only when comparable; the constructor refuses a weight on it
