@@ -61,6 +61,13 @@ def get_base_config() -> ml_collections.ConfigDict:
             onnx_input_mean=-1.0,
             onnx_input_std=-1.0,
             onnx_channel_order="RGB",
+            # "every_conv": a BatchNorm after every convolution of the graph, for test-time
+            # BatchNorm adaptation (config.eval.adapt_bn) of a graph whose BatchNorms were folded
+            # into its convolutions. Each is the identity at its statistics, estimated from
+            # onnx_batchnorm_images undegraded training images (config.data.train, seeded by
+            # config.seed) when the loaded weights lack them (train/calibrate_bn.py).
+            onnx_batchnorm="off",
+            onnx_batchnorm_images=512,
             # Recognizability heads (models/recognizability.py; configs/recognizability.py):
             # attention over tokens / feature-map positions before the embedding head, and a
             # head regressing the recognizability index (needs config.recognizability.enabled).
@@ -304,6 +311,13 @@ def get_base_config() -> ml_collections.ConfigDict:
             # threshold is the single highest impostor score).
             quality_identities=0,
             quality_images_per_identity=8,
+            # ... and on the test pairs of this LFW pairs file under lfw_dir ("" = off; e.g.
+            # "pairsDevTest.txt"): error-versus-reject at quality_fmr as given and with the
+            # second faces at sizes drawn from quality_resolutions and full size, and quality
+            # vs resolution over quality_resolution_faces of its faces (results.json entry
+            # "lfw_quality", curves in lfw_quality.json). lfw_pairs may then be "" (no
+            # accuracy rows).
+            lfw_quality="",
             routing_map_faces=256,  # faces averaged for the expert routing map (0 = off)
             every_steps=0,  # also evaluate every N training steps (0 = only at the end)
             flip_test=True,

@@ -129,6 +129,18 @@ def _check_folder_options(data_cfg, kind: str) -> None:
         )
 
 
+def _reads_every_label(ri: ml_collections.ConfigDict) -> bool:
+    """Whether the recognizability objectives use every training image's class: the index and
+    its diversion loss compare an image with its class prototype, as the quality head's
+    "prototype" and "own_full" targets do; the "agreement" target leaves images of no class out
+    of its loss (losses/class_means.py: no class mean, weight 0), so with the diversion loss off
+    (a quality head trained on a frozen encoder) unlabelled images do no harm."""
+    if not ri.enabled:
+        return False
+    quality_reads = ri.quality_weight > 0 and ri.quality_target != "agreement"
+    return ri.diversion_weight > 0 or quality_reads
+
+
 def check_source(source, config: ml_collections.ConfigDict) -> None:
     """Raises a ValueError naming both numbers if the data and the config disagree."""
     spec = config.data.train
@@ -143,9 +155,10 @@ def check_source(source, config: ml_collections.ConfigDict) -> None:
             f"{config.data.min_images_per_identity} leaves every one out"
         )
     unlabelled = getattr(source, "num_unlabelled_images", 0)
-    if unlabelled and config.recognizability.enabled:
+    if unlabelled and _reads_every_label(config.recognizability):
         raise ValueError(
-            f"config.recognizability.enabled needs a class for every image, but "
+            f"config.recognizability.enabled needs a class for every image (its diversion "
+            f"loss, its quality target {config.recognizability.quality_target!r}), but "
             f"config.data.min_images_per_identity={config.data.min_images_per_identity} leaves "
             f"{unlabelled} images of {spec!r} without one"
         )

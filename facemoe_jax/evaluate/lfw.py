@@ -191,6 +191,31 @@ def _load_images(protocol: Protocol) -> np.ndarray:
     return np.stack(images)
 
 
+class PairFaces(NamedTuple):
+    """The faces of one pairs file's test pairs, each image once (`pair_faces`)."""
+
+    label: str  # the protocol's row prefix ("view1", "view2_peopleDevTest")
+    faces: np.ndarray  # uint8 (U, model_size, model_size, 3), first-use order
+    index_a: np.ndarray  # (N,) the first face of each pair, into `faces`
+    index_b: np.ndarray
+    issame: np.ndarray  # (N,) bool
+
+
+def pair_faces(lfw_dir: str, pairs_file: str, model_size: int) -> PairFaces:
+    """The test pairs of `pairs_file` (anything `load_protocol` reads) with their faces read
+    once and resized to the model input as the 112 px rows are (`degrade` at the crop size);
+    View 1's threshold pairs are not read."""
+    protocol = load_protocol(lfw_dir, pairs_file)
+    paths = list(dict.fromkeys(path for pair in protocol.test.pairs for path in pair))
+    index = {path: k for k, path in enumerate(paths)}
+    test_only = protocol._replace(paths=paths)
+    faces = _load_images(test_only)
+    a, b = _pair_indices(protocol.test, index)
+    return PairFaces(
+        protocol.label, degrade(faces, faces.shape[1], model_size), a, b, protocol.test.issame
+    )
+
+
 def row_name(protocol_name: str, size: int, degrade_mode: str) -> str:
     """results.json key of one row: 'lfw_view1@12px' (both faces) or 'lfw_view1@probe12px'."""
     return sweep.entry_name(f"lfw_{protocol_name}", size, degrade_mode)
@@ -231,7 +256,10 @@ def evaluate_lfw(
       degrade_mode: "both" faces of every pair, or the second ("probe") only.
       thresholds: "exact" (the best cut between the training pairs' distances) or "grid".
       cache: a dict shared by calls with the same `embed` and `flip_test` ({(size, image
-        path): embedding}): each image is embedded once per size across them.
+        path): embedding}): each image is embedded once per size across them. An `embed` with
+        test-time BatchNorm adaptation adapts to each call's images (one size, the images no
+        earlier call embedded, at most 1,024): share a cache only between calls that all adapt
+        or all do not (evaluate/suite.py: one cache per evaluation, one adaptation setting).
     Returns:
       {"protocol", "label" (the rows' prefix), "pairs_file", "threshold_pairs_file" (View 1), "pairs", "folds", "images",
        "degrade", "thresholds", "flip_test", "model_size", "rows": {row_name: metrics}}; View 2:
@@ -361,7 +389,7 @@ def check_config(ev) -> None:
             f"config.eval.lfw_degrade={ev.lfw_degrade!r}: give one or more of {DEGRADE_MODES}, "
             f"comma-separated"
         )
-    if not config_pairs(ev):
+    if not config_pairs(ev) and not ev.get("lfw_quality"):  # only the quality evaluation
         raise ValueError(f"config.eval.lfw_pairs={ev.lfw_pairs!r} names no pairs file")
     for pairs in config_pairs(ev):
         try:

@@ -12,6 +12,8 @@
 - `quality_vs_resolution`: held-out faces degraded to each of `sizes` pixels (and at full
   size, `data/degrade.to_resolution`), the mean predicted quality per size and the Spearman rho
   between quality and resolution over all of them (and per face, averaged).
+- `lfw_pair_quality`: `pair_set_quality` on the test pairs of an LFW pairs file and
+  `quality_vs_resolution` on its faces (config.eval.lfw_quality).
 - `perceptibility_weights`: the attention's mean weight per position over some faces.
 """
 
@@ -219,6 +221,55 @@ def quality_vs_resolution(
         "spearman_rho": rho,
     }
     return metrics, curve
+
+
+def spread_subset(count: int, total: int) -> np.ndarray:
+    """`count` indices spread evenly over range(total) (all of them when count >= total): a
+    pairs file lists people alphabetically, so its first faces would be a few people's."""
+    if count >= total:
+        return np.arange(total)
+    return np.unique(np.linspace(0, total - 1, count).round().astype(int))
+
+
+def lfw_pair_quality(
+    quality_fn,
+    embed_fn,
+    variables,
+    pairs,
+    sizes,
+    image_size: int,
+    fmr: float,
+    batch_size: int,
+    resolution_faces: int,
+    seed: int = 0,
+):
+    """(metrics, {curve name: ERC}, quality-vs-resolution curve) of LFW test pairs
+    (`lfw.pair_faces`): `pair_set_quality` on the pairs as given and with their second faces
+    at mixed resolutions drawn from `sizes`, and `quality_vs_resolution` over
+    `resolution_faces` of their faces (spread over the file) degraded to every size. The
+    degradations are this module's (`data/degrade.to_resolution`: area down, bilinear up), as
+    for the other pair sets; the LFW accuracy rows resize back with cubic instead."""
+    faces = pairs.faces
+    metrics, curves = pair_set_quality(
+        quality_fn,
+        embed_fn,
+        variables,
+        faces[pairs.index_a],
+        faces[pairs.index_b],
+        pairs.issame,
+        sizes,
+        image_size,
+        fmr,
+        batch_size,
+        seed,
+    )
+    picked = faces[spread_subset(resolution_faces, len(faces))]
+    by_resolution, curve = quality_vs_resolution(
+        quality_fn, variables, picked, sizes, image_size, batch_size
+    )
+    metrics.update(by_resolution)
+    metrics.update(pairs=float(len(pairs.issame)), fmr=float(fmr), faces=float(len(picked)))
+    return metrics, curves, curve
 
 
 def perceptibility_weights(model, variables, images: np.ndarray, batch_size: int) -> np.ndarray:

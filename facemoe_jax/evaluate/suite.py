@@ -20,7 +20,10 @@ a checkpoint. From ``config.eval`` it runs, in order:
 7. with the recognizability heads (evaluate/recognizability.py): error-versus-reject of every
    pair set by the quality head beside the norm and random rejection, the quality against the
    resolution of ``quality_resolution_faces`` faces degraded to ``quality_resolutions`` pixels
-   (quality_vs_resolution.png), and the perceptibility attention map (perceptibility_map.png).
+   (quality_vs_resolution.png), and the perceptibility attention map (perceptibility_map.png);
+   with ``lfw_quality`` (a pairs file under ``lfw_dir``) the same error-versus-reject on its
+   test pairs and quality against resolution over its faces (entry 'lfw_quality', the curves
+   in lfw_quality.json).
 
 With ``adapt_bn`` ("cumulative" or "per_batch", `train/adapt_bn.py`) every set of images is embedded
 with BatchNorm statistics estimated on that set (test-time adaptation); the routing map is not.
@@ -77,6 +80,7 @@ def check_eval_config(config) -> None:
     synthetic_tinyface.check_config(config)
     adapt_bn.check_config(ev)
     lfw.check_config(ev)
+    _check_lfw_quality(config)
     sweep.parse_sizes(ev.quality_resolutions)
     identities = ev.quality_identities
     per_identity = ev.quality_images_per_identity
@@ -87,6 +91,28 @@ def check_eval_config(config) -> None:
         )
     if ev.every_steps < 0:
         raise ValueError(f"config.eval.every_steps={ev.every_steps} must be >= 0 (0 = at the end)")
+
+
+def _check_lfw_quality(config) -> None:
+    """config.eval.lfw_quality: one pairs file under lfw_dir, for a model with a quality head."""
+    ev = config.eval
+    spec = str(ev.lfw_quality)
+    if not spec:
+        return
+    field = f"config.eval.lfw_quality={spec!r}"
+    if not ev.lfw_dir:
+        raise ValueError(f"{field} needs config.eval.lfw_dir (the LFW folder holding aligned112/)")
+    if not config.model.quality_head:
+        raise ValueError(
+            f"{field} rejects pairs by the quality head's score, and config.model.quality_head "
+            "is False"
+        )
+    if "," in spec:
+        raise ValueError(f"{field}: name one pairs file (e.g. 'pairsDevTest.txt')")
+    try:
+        lfw.load_protocol(ev.lfw_dir, spec)
+    except ValueError as e:
+        raise ValueError(f"{field}: {e}") from None
 
 
 def is_periodic_eval_step(config, step: int, num_steps: int) -> bool:
@@ -134,6 +160,7 @@ def _quality_lines(name: str, metrics: dict) -> list[str]:
 
 
 QUALITY_SET = "synthetic_quality"  # results.json entry of `_quality_identities`' pairs
+LFW_QUALITY_SET = "lfw_quality"  # ... and of config.eval.lfw_quality's pairs
 
 
 def _quality_identities(config):
@@ -165,6 +192,9 @@ def _format(name: str, metrics: dict) -> str:
         return "\n".join([line, *_quality_lines(name, metrics)])
     if name == QUALITY_SET:
         return "\n".join(_quality_lines(f"{int(metrics['pairs'])} pairs", metrics))
+    if name == LFW_QUALITY_SET:
+        lines = _quality_lines(f"lfw {int(metrics['pairs'])} pairs", metrics)
+        return "\n".join(lines + [f"lfw {_format('quality_vs_resolution', metrics)}"])
     if name == "quality_vs_resolution":
         means = ", ".join(f"{k.split('@')[1]} {v:.3f}" for k, v in metrics.items() if "@" in k)
         return (
@@ -198,7 +228,7 @@ def run_evaluations(
                 embed_fn, variables, load, count, ev.batch_size, progress, adaptation
             )
 
-    results, roc_curves, erc_curves, resolution_curves = {}, {}, {}, {}
+    results, roc_curves, erc_curves, resolution_curves, files = {}, {}, {}, {}, {}
     routing_faces = None
     quality_fn = ri_eval.make_quality_fn(model, ev.flip_test) if has_quality_head(model) else None
     quality_faces, ri_pictures = None, {}
@@ -292,6 +322,32 @@ def run_evaluations(
                     list(points.values()),
                 )
 
+    if quality_fn is not None and ev.lfw_quality:
+        pairs = lfw.pair_faces(ev.lfw_dir, ev.lfw_quality, size)
+        results[LFW_QUALITY_SET], curves, ri_pictures["quality_curve"] = ri_eval.lfw_pair_quality(
+            quality_fn,
+            embed_array,
+            variables,
+            pairs,
+            sweep.parse_sizes(ev.quality_resolutions),
+            size,
+            ev.quality_fmr,
+            ev.batch_size,
+            ev.quality_resolution_faces,
+            config.seed,
+        )
+        erc_curves.update({f"{LFW_QUALITY_SET}: {kind}": erc for kind, erc in curves.items()})
+        files[f"{LFW_QUALITY_SET}.json"] = {
+            "pairs_file": ev.lfw_quality,
+            "fmr": float(ev.quality_fmr),
+            "metrics": results[LFW_QUALITY_SET],
+            "error_versus_reject": {
+                kind: {k: np.asarray(v).tolist() for k, v in erc.items()}
+                for kind, erc in curves.items()
+            },
+            "quality_vs_resolution": ri_pictures["quality_curve"],
+        }
+
     if quality_fn is not None and ev.quality_identities > 0:
         faces, pairs = _quality_identities(config)
         results[QUALITY_SET], curves = ri_eval.quality_identity_set(
@@ -366,6 +422,7 @@ def run_evaluations(
         ev.quality_fmr,
         size,
         ri_pictures,
+        files,
     )
     return results
 
@@ -383,7 +440,10 @@ def _write_outputs(
     fmr,
     size,
     ri_pictures=None,
+    files=None,
 ):
+    """results.json, the pictures and `files` ({name: JSON-able data}) into `out`; the scalars
+    and pictures to `writer`."""
     for name, metrics in results.items():
         print(_format(name, metrics), flush=True)
     scalars = {f"eval/{name}/{k}": v for name, m in results.items() for k, v in m.items()}
@@ -401,6 +461,9 @@ def _write_outputs(
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"step": int(step), **results}, f, indent=2)
+    for name, data in (files or {}).items():
+        with open(os.path.join(out, name), "w") as f:
+            json.dump({"step": int(step), **data}, f, indent=2)
     images = {}
     if roc_curves:
         images["roc"] = plots.plot_roc(roc_curves, os.path.join(out, "roc.png"))

@@ -44,6 +44,7 @@ import numpy as np
 from facemoe_jax.models.lora import LoRASettings, adapter_initializers
 from facemoe_jax.models.onnx_ops import OPS, OnnxImportError, Context
 from facemoe_jax.models.quality import QualitySettings
+from facemoe_jax.models.recognizability import HeadSettings, estimate_quality, patch_statistics
 
 Array = jax.Array
 
@@ -59,6 +60,9 @@ STATISTIC_SLOTS = {"BatchNormalization": (3, 4)}
 ELEMENTWISE = ("Add", "Sub", "Mul", "Div")
 # Insightface's ArcFaceONNX default for graphs that do not normalise inside.
 DEFAULT_MEAN, DEFAULT_STD = 127.5, 127.5
+# config.model.onnx_batchnorm: "every_conv" inserts a BatchNorm after every Conv (OnnxModel).
+BATCHNORM_MODES = ("off", "every_conv")
+BATCHNORM_EPSILON = 1e-5  # PyTorch's BatchNorm2d default, the layers the export folded away
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,12 +287,68 @@ def adapted_nodes(graph: OnnxGraph) -> dict[str, Node]:
     return out
 
 
+def stem_nodes(graph: OnnxGraph) -> tuple[Node, ...]:
+    """The nodes from the image input to its first convolution, that convolution last.
+
+    The quality head's "patch" and "multiscale" inputs (models/recognizability.py) read the
+    response of an encoder's first linear layer; in a graph that is its first Conv, provided
+    the image reaches it through affine preprocessing only (Add/Sub/Mul/Div with a constant:
+    insightface's (x - 127.5) / 127.5, or none). Then the response is linear in the image up to
+    a constant, which the "multiscale" detail ratios need (`multiscale_statistics` takes the
+    constant off as the response to a zero image). Raises ValueError naming the node that
+    stands in the way."""
+    image, constant = {graph.input_name}, set(graph.constants) | set(graph.params)
+    stem = []
+    for node in graph.nodes:
+        if node.op == "Constant":
+            constant.update(node.outputs)
+        elif node.op == "Conv" and node.inputs[0] in image:
+            return tuple(stem + [node])
+        else:
+            operands = [name in image for name in node.inputs]
+            affine = (
+                node.op in ELEMENTWISE
+                and sum(operands) == 1
+                and all(f or name in constant for f, name in zip(operands, node.inputs))
+                and not (node.op == "Div" and not operands[0])  # c / x is not affine
+            )
+            if not affine:
+                raise ValueError(
+                    f"{graph.path}: node {node.name!r} ({node.op}) comes before the first "
+                    "convolution of the image, and is not an affine preprocessing step"
+                )
+            image.update(node.outputs)
+        stem.append(node)
+    raise ValueError(f"{graph.path}: the image reaches no convolution")
+
+
+def batchnorm_name(node: Node) -> str:
+    """The module name of the BatchNorm inserted after `node` ("bn_" and its output's name:
+    output names are unique in a graph)."""
+    return "bn_" + re.sub(r"[^0-9A-Za-z_]", "_", node.outputs[0])
+
+
+def inserted_batchnorm_names(graph: OnnxGraph) -> tuple[str, ...]:
+    """The module names of the BatchNorms `OnnxModel(batchnorm="every_conv")` inserts."""
+    return tuple(batchnorm_name(node) for node in graph.nodes if node.op == "Conv")
+
+
 class OnnxModel(nn.Module):
     """images (B, S, S, 3) in [-1, 1] -> ((B, D) float32 graph output, {}).
 
     `lora` adds adapters to the pointwise convolutions (`adapted_nodes`): y = W x + s B A x,
     or PETALface's quality-mixed pair (1 - a) s B1 A1 x + a s B2 A2 x with the per-image
-    `quality` a (models/lora.py; dropout on the adapter output in training)."""
+    `quality` a (models/lora.py; dropout on the adapter output in training).
+
+    `heads.quality_head` adds the recognizability quality head on the graph's output (sown as
+    intermediates "quality"; the embedding itself is unchanged), reading the response of the
+    graph's first convolution (`stem_nodes`) for its "patch" / "multiscale" inputs. The
+    perceptibility attention needs the feature map before the embedding head, which an
+    arbitrary graph does not name: build_onnx refuses it.
+
+    `batchnorm="every_conv"` inserts an nn.BatchNorm after every Conv (after its adapter), for
+    test-time BatchNorm adaptation of graphs exported with their BatchNorms folded into the
+    convolutions (MobileFaceNet had one after each of them); see `_inserted_batchnorm`."""
 
     graph: OnnxGraph
     input_mean: float = DEFAULT_MEAN
@@ -296,6 +356,24 @@ class OnnxModel(nn.Module):
     channel_order: str = "RGB"
     lora: LoRASettings | None = None
     quality: QualitySettings = QualitySettings()
+    heads: HeadSettings = HeadSettings()  # the quality head (off)
+    batchnorm: str = "off"  # BATCHNORM_MODES: "every_conv" inserts the BatchNorms below
+
+    def _inserted_batchnorm(self, node: Node, x: Array) -> Array:
+        """The BatchNorm after convolution `node` (x: its output, NCHW), for test-time
+        adaptation (train/adapt_bn.py) of a graph whose BatchNorms were folded into its
+        convolutions. It always normalises with its stored statistics, also in training: they
+        are set by calibration (train/calibrate_bn.py: mean mu and variance var of x on HR
+        images, scale sqrt(var + eps), bias mu, so the layer is the identity there) and by
+        the adaptation, never by a training step. Its initial values (0, 1, sqrt(1 + eps),
+        0) make it the identity too, so an uncalibrated model is the plain graph."""
+        return nn.BatchNorm(
+            use_running_average=True,
+            axis=1,
+            epsilon=BATCHNORM_EPSILON,
+            scale_init=nn.initializers.constant(float(np.sqrt(1.0 + BATCHNORM_EPSILON))),
+            name=batchnorm_name(node),
+        )(x)
 
     def _adapter(self, weight_name: str, x: Array, quality, train: bool) -> Array:
         lora, w = self.lora, self.graph.params[weight_name]
@@ -333,12 +411,7 @@ class OnnxModel(nn.Module):
         for name, variable in statistics.items():
             values[name] = variable.value
         context = Context(train, graph.fixed_batch, statistics, self.is_initializing())
-        pixels = (x.astype(jnp.float32) * 0.5 + 0.5) * 255.0
-        if self.channel_order == "BGR":
-            pixels = pixels[..., ::-1]
-        values[graph.input_name] = jnp.transpose(
-            (pixels - self.input_mean) / self.input_std, (0, 3, 1, 2)
-        )
+        values[graph.input_name] = self._graph_input(x)
         values[""] = None  # an omitted optional input
         adapted = adapted_nodes(graph) if self.lora is not None else {}
         quality = self.quality.resolve(x, quality, self.lora)
@@ -347,9 +420,37 @@ class OnnxModel(nn.Module):
             if node.op == "Conv" and node.inputs[1] in adapted:
                 adapter = self._adapter(node.inputs[1], values[node.inputs[0]], quality, train)
                 outputs = (outputs[0] + adapter,)
+            if node.op == "Conv" and self.batchnorm == "every_conv":
+                outputs = (self._inserted_batchnorm(node, outputs[0]),)
             values.update(zip(node.outputs, outputs))
         out = values[graph.output_name]
-        return out.reshape(out.shape[0], -1).astype(jnp.float32), {}
+        out = out.reshape(out.shape[0], -1).astype(jnp.float32)
+        if self.heads.quality_head:
+            patch = None
+            if self.heads.reads_patches:
+                stem = stem_nodes(graph)
+                tokens = jnp.transpose(values[stem[-1].outputs[0]], (0, 2, 3, 1))
+                embed = functools.partial(self._stem_response, stem, values)
+                patch = patch_statistics(self.heads, self, tokens, embed, x)
+            estimate_quality(self.heads, self, out, train, patch)
+        return out, {}
+
+    def _graph_input(self, x: Array) -> Array:
+        """Our images (B, S, S, 3) in [-1, 1] -> the graph's input, normalised, NCHW."""
+        pixels = (x.astype(jnp.float32) * 0.5 + 0.5) * 255.0
+        if self.channel_order == "BGR":
+            pixels = pixels[..., ::-1]
+        return jnp.transpose((pixels - self.input_mean) / self.input_std, (0, 3, 1, 2))
+
+    def _stem_response(self, stem, values: dict, x: Array) -> Array:
+        """The first convolution's response (B, H', W', C) to images x in [-1, 1], run again
+        on other images (the detail x - U_k(x)) with the same weights and constants."""
+        local = {**values, self.graph.input_name: self._graph_input(x)}
+        context = Context(False, self.graph.fixed_batch, {}, self.is_initializing())
+        for node in stem:
+            outputs = OPS[node.op](context, node, [local[name] for name in node.inputs])
+            local.update(zip(node.outputs, outputs))
+        return jnp.transpose(local[stem[-1].outputs[0]], (0, 2, 3, 1))
 
 
 def onnx_variables(graph: OnnxGraph) -> dict:
@@ -374,6 +475,13 @@ def onnx_state_dict(
     for collection, source in (("params", graph.params), ("batch_stats", graph.statistics)):
         for name, original in source.items():
             out[name] = np.asarray(variables[collection][names[name]]).astype(original.dtype)
+    inserted = [k for k in inserted_batchnorm_names(graph) if k in params]
+    if inserted:
+        raise ValueError(
+            f"the ONNX export writes the graph's own initializers; this model has BatchNorms "
+            f"inserted for test-time adaptation ({inserted[0]}, ...: config.model."
+            f"onnx_batchnorm), which are not part of the graph: export it with 'off'"
+        )
     adapters = [k for k in params if "_lora_" in k and k not in set(names.values())]
     if not adapters:
         return out

@@ -229,8 +229,8 @@ def patch_statistics(
         if embed is None:
             raise ValueError(
                 f"config.model.quality_head_input={settings.quality_input!r} needs an encoder "
-                f"whose first layer is linear (vit_moe, swin_moe, iresnet); {type(module).__name__} "
-                "has none: use 'patch+embedding'"
+                "whose first layer is linear (vit_moe, swin_moe, iresnet, onnx); "
+                f"{type(module).__name__} has none: use 'patch+embedding'"
             )
         statistics = multiscale_statistics(embed, images)
     else:

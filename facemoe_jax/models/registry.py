@@ -20,7 +20,13 @@ from collections.abc import Callable, Mapping
 import jax.numpy as jnp
 import ml_collections
 
-from facemoe_jax.models.onnx_graph import OnnxModel, input_normalization, load_graph
+from facemoe_jax.models.onnx_graph import (
+    BATCHNORM_MODES,
+    OnnxModel,
+    input_normalization,
+    load_graph,
+    stem_nodes,
+)
 from facemoe_jax.models.quality import QualitySettings, estimator
 from facemoe_jax.models.iresnet import STAGE_BLOCKS, IResNet
 from facemoe_jax.models.lora import settings_from_config
@@ -277,7 +283,8 @@ def build_onnx(cfg: ml_collections.ConfigDict) -> OnnxModel:
     """Any ONNX face model (config.model.onnx_path) as a Flax module whose parameters are the
     graph's initializers (models/onnx_graph.py). config.model.image_size and embed_dim must be
     the graph's; onnx_input_mean / onnx_input_std (pixel units, negative = the graph's default)
-    and onnx_channel_order say how it wants its input."""
+    and onnx_channel_order say how it wants its input; onnx_batchnorm inserts BatchNorms after
+    its convolutions (OnnxModel.batchnorm)."""
     path = str(cfg.onnx_path)
     if not path:
         raise ValueError("config.model.name='onnx' needs config.model.onnx_path=/path/model.onnx")
@@ -294,8 +301,50 @@ def build_onnx(cfg: ml_collections.ConfigDict) -> OnnxModel:
     if order not in ("RGB", "BGR"):
         raise ValueError(f"config.model.onnx_channel_order={order!r} must be 'RGB' or 'BGR'")
     mean, std = input_normalization(graph, float(cfg.onnx_input_mean), float(cfg.onnx_input_std))
+    batchnorm = str(cfg.onnx_batchnorm)
+    if batchnorm not in BATCHNORM_MODES:
+        raise ValueError(
+            f"config.model.onnx_batchnorm={batchnorm!r} is not one of {BATCHNORM_MODES}"
+        )
+    if batchnorm != "off" and int(cfg.onnx_batchnorm_images) < 1:
+        raise ValueError(
+            f"config.model.onnx_batchnorm_images={cfg.onnx_batchnorm_images} must be >= 1 (the "
+            f"HR images the inserted BatchNorms are calibrated on)"
+        )
     adapters = _adapters(cfg, allowed=("pointwise",))
-    return OnnxModel(graph, input_mean=mean, input_std=std, channel_order=order, **adapters)
+    heads = _heads(cfg)
+    _check_onnx_heads(heads["heads"], graph, cfg)
+    return OnnxModel(
+        graph,
+        input_mean=mean,
+        input_std=std,
+        channel_order=order,
+        batchnorm=batchnorm,
+        **adapters,
+        **heads,
+    )
+
+
+def _check_onnx_heads(heads: HeadSettings, graph, cfg: ml_collections.ConfigDict) -> None:
+    """What of the recognizability heads an arbitrary graph can carry: the quality head on its
+    output; its "patch" / "multiscale" inputs only where the image reaches the first
+    convolution through affine preprocessing (`stem_nodes`); no perceptibility attention (it
+    re-weights the feature map before the embedding head, which a graph does not name)."""
+    if heads.perceptibility_attention:
+        raise ValueError(
+            f"config.model.perceptibility_attention=True: not available for "
+            f"config.model.name='onnx' ({cfg.onnx_path}): the graph does not say which of its "
+            "tensors is the feature map before the embedding head"
+        )
+    if heads.reads_patches:
+        try:
+            stem_nodes(graph)
+        except ValueError as e:
+            raise ValueError(
+                f"config.model.quality_head_input={heads.quality_input!r} reads the response "
+                f"of the model's first convolution, which {cfg.onnx_path} does not offer ({e}); "
+                "use 'embedding'"
+            ) from None
 
 
 def onnx_model_config(path: str, **fields) -> ml_collections.ConfigDict:
@@ -303,17 +352,19 @@ def onnx_model_config(path: str, **fields) -> ml_collections.ConfigDict:
     graph = load_graph(path)
     if not graph.output_dim:
         raise ValueError(f"{path}: the output's embedding size is not static in the graph")
-    cfg = ml_collections.ConfigDict(
-        dict(
-            name="onnx",
-            onnx_path=os.path.abspath(path),
-            image_size=graph.image_size,
-            embed_dim=graph.output_dim,
-            onnx_input_mean=-1.0,
-            onnx_input_std=-1.0,
-            onnx_channel_order="RGB",
-            dtype="float32",
-        )
+    from facemoe_jax.core import defaults
+
+    # Every model field at its default (no adapters, no heads), so any builder option reads.
+    cfg = defaults.get_base_config().model
+    cfg.update(
+        name="onnx",
+        onnx_path=os.path.abspath(path),
+        image_size=graph.image_size,
+        embed_dim=graph.output_dim,
+        onnx_input_mean=-1.0,
+        onnx_input_std=-1.0,
+        onnx_channel_order="RGB",
+        dtype="float32",
     )
     cfg.update(fields)
     return cfg

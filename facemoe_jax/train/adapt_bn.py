@@ -19,7 +19,10 @@ parameter is the same array. Variances are the biased batch variances (Flax's co
 The mechanism is model-independent: a Flax method interceptor replaces each `nn.BatchNorm` call
 by batch-statistics normalisation with the layer's own scale and bias, and records the
 statistics under the layer's `batch_stats` path. Padded rows of the last batch are weighted 0.
-The CNNs have BatchNorm everywhere; the ViT and the Swin in their embedding heads.
+The CNNs have BatchNorm everywhere; the ViT and the Swin in their embedding heads; an imported
+ONNX graph whose BatchNorms were folded into its convolutions none, unless
+`config.model.onnx_batchnorm` puts them back (nn.BatchNorm layers, calibrated by
+train/calibrate_bn.py, which reuses this interceptor with `pass_through`).
 
 What a "set" is in the evaluation suite: every array of images the suite embeds on its own (one
 side of a verification pair set, a degraded probe set of the resolution sweep, the probes, the
@@ -29,6 +32,7 @@ gallery and the HR probes of the TinyFace-like protocol, an IJB or TinyFace file
 from __future__ import annotations
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,9 +52,13 @@ def check_config(eval_cfg) -> None:
         raise ValueError(f"config.eval.adapt_bn_batches={batches} must be >= 1")
 
 
-def _batch_statistics_interceptor(weights: jax.Array):
+def _batch_statistics_interceptor(weights: jax.Array, pass_through: bool = False):
     """Every nn.BatchNorm normalises with the (weighted) statistics of the current batch and
-    stores them as its batch_stats (mean, var); every other call runs unchanged."""
+    stores them as its batch_stats (mean, var); every other call runs unchanged.
+
+    pass_through: the layer only records the statistics of its input and returns that input
+    unchanged (calibration, train/calibrate_bn.py: the statistics of the network without its
+    BatchNorms, whatever their current values)."""
 
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
@@ -70,6 +78,8 @@ def _batch_statistics_interceptor(weights: jax.Array):
         if module.is_mutable_collection("batch_stats"):
             module.put_variable("batch_stats", "mean", mean)
             module.put_variable("batch_stats", "var", var)
+        if pass_through:
+            return x
         y = centred * jax.lax.rsqrt(var + module.epsilon).reshape(shape)
         if module.use_scale:
             y = y * module.get_variable("params", "scale").astype(jnp.float32).reshape(shape)
@@ -80,16 +90,47 @@ def _batch_statistics_interceptor(weights: jax.Array):
     return interceptor
 
 
-def forward_with_batch_statistics(model, variables, images, weights=None):
+def forward_with_batch_statistics(model, variables, images, weights=None, pass_through=False):
     """uint8 images (B, H, W, 3) -> (raw float32 embeddings, batch_stats of this batch), every
-    BatchNorm normalising with the batch's statistics (rows weighted by `weights`, default 1)."""
+    BatchNorm normalising with the batch's statistics (rows weighted by `weights`, default 1);
+    with `pass_through`, every BatchNorm the identity (its input's statistics recorded)."""
     if weights is None:
         weights = jnp.ones((images.shape[0],), jnp.float32)
-    with nn.intercept_methods(_batch_statistics_interceptor(weights)):
+    with nn.intercept_methods(_batch_statistics_interceptor(weights, pass_through)):
         (embeddings, _), mutated = model.apply(
             variables, normalize_images(images), train=False, mutable=["batch_stats"]
         )
     return embeddings.astype(jnp.float32), mutated.get("batch_stats", {})
+
+
+def _weighted_batches(images, batch_size):
+    for batch, valid in eval_batches(images, batch_size):
+        yield batch, valid, (np.arange(len(batch)) < valid).astype(np.float32)
+
+
+def average_statistics(statistics, variables, images, batch_size: int) -> dict:
+    """The batch_stats tree `statistics(variables, batch, weights)` gives per batch, averaged
+    over the batches of `images` weighted by their image counts (float64)."""
+    if len(images) == 0:
+        raise ValueError("BatchNorm adaptation needs at least one image")
+    total, count = None, 0
+    for batch, valid, weights in _weighted_batches(np.asarray(images), batch_size):
+        stats = statistics(variables, batch, weights)
+        scaled = jax.tree.map(lambda s, n=valid: np.asarray(s, np.float64) * n, stats)
+        total = scaled if total is None else jax.tree.map(np.add, total, scaled)
+        count += valid
+    return jax.tree.map(lambda s: s / count, total)
+
+
+def with_statistics(variables: dict, statistics: dict) -> dict:
+    """`variables` whose batch_stats entries in `statistics` are replaced (in their dtype,
+    float32 for new ones); the others kept, e.g. the statistics of an ONNX graph's own
+    BatchNormalization nodes, which run as graph operators, not as nn.BatchNorm."""
+    flat = traverse_util.flatten_dict(dict(variables.get("batch_stats", {})))
+    for path, value in traverse_util.flatten_dict(dict(statistics)).items():
+        dtype = np.asarray(flat[path]).dtype if path in flat else np.float32
+        flat[path] = np.asarray(value, dtype)
+    return {**variables, "batch_stats": traverse_util.unflatten_dict(flat)}
 
 
 class BatchNormAdaptation:
@@ -115,11 +156,6 @@ class BatchNormAdaptation:
         self._statistics = jax.jit(statistics)
         self._embed = jax.jit(embed, static_argnums=3)
 
-    @staticmethod
-    def _weighted_batches(images, batch_size):
-        for batch, valid in eval_batches(images, batch_size):
-            yield batch, valid, (np.arange(len(batch)) < valid).astype(np.float32)
-
     def adapted_variables(self, variables, images, batch_size: int, num_batches=None) -> dict:
         """`variables` with every BatchNorm's statistics re-estimated on `images`: the first
         `num_batches` batches (None: this adaptation's number; 0: all). The cumulative mode."""
@@ -127,20 +163,8 @@ class BatchNormAdaptation:
             return variables  # no BatchNorm layer: nothing to adapt
         limit = self.num_batches if num_batches is None else num_batches
         images = np.asarray(images)[: limit * batch_size] if limit else np.asarray(images)
-        if len(images) == 0:
-            raise ValueError("BatchNorm adaptation needs at least one image")
-        total, count = None, 0
-        for batch, valid, weights in self._weighted_batches(images, batch_size):
-            stats = self._statistics(variables, batch, weights)
-            scaled = jax.tree.map(lambda s, n=valid: np.asarray(s, np.float64) * n, stats)
-            total = scaled if total is None else jax.tree.map(np.add, total, scaled)
-            count += valid
-        averaged = jax.tree.map(
-            lambda s, old: np.asarray(s / count, np.asarray(old).dtype),
-            total,
-            variables["batch_stats"],
-        )
-        return {**variables, "batch_stats": averaged}
+        averaged = average_statistics(self._statistics, variables, images, batch_size)
+        return with_statistics(variables, averaged)
 
     def embed_per_batch(
         self, variables, images, batch_size: int, progress=None, flip_test: bool | None = None
@@ -148,7 +172,7 @@ class BatchNormAdaptation:
         """(N, D) raw embeddings, each batch normalised with its own statistics."""
         flip = self.flip_test if flip_test is None else bool(flip_test)
         out = []
-        for batch, valid, weights in self._weighted_batches(np.asarray(images), batch_size):
+        for batch, valid, weights in _weighted_batches(np.asarray(images), batch_size):
             out.append(np.asarray(self._embed(variables, batch, weights, flip))[:valid])
             if progress is not None:
                 progress.update(valid)

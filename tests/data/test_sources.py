@@ -153,6 +153,12 @@ def test_unlabelled_images_are_refused_with_recognizability(tmp_path):
     config.recognizability.enabled = True
     with pytest.raises(ValueError, match="recognizability.enabled needs a class for every image"):
         sources.train_source(config)
+    # Without the diversion loss, the "agreement" target leaves bo's image out of its loss.
+    config.recognizability.update(diversion_weight=0.0, quality_target="agreement")
+    assert sources.train_source(config).num_unlabelled_images == 1
+    config.recognizability.quality_target = "own_full"
+    with pytest.raises(ValueError, match="its quality target 'own_full'"):
+        sources.train_source(config)
     config.data.min_images_per_identity = 3
     config.recognizability.enabled = False
     with pytest.raises(ValueError, match="no labelled identity"):

@@ -48,3 +48,16 @@ def test_class_means_average_then_forget_like_numpy():
         )
     np.testing.assert_allclose(np.asarray(first["mean"][1]), unit(images).mean(0), atol=1e-6)
     np.testing.assert_allclose(np.asarray(first["mean"][0]), 0.0)  # untouched row
+
+
+def test_images_of_no_class_are_neither_entered_nor_looked_up():
+    # Label -1 (an identity with too few images, data/folder.py): the "agreement" target gives
+    # such a copy count 0, i.e. weight 0 in the quality loss (data/sources.py relies on it).
+    state = {"mean": jnp.ones((3, 4)), "count": jnp.full((3,), 2.0)}
+    e = jnp.asarray(np.random.default_rng(0).normal(size=(2, 4)), jnp.float32)
+    labels = np.array([-1, 1])
+    agreement, count = class_means.lookup(state, e, labels, class_axes=())
+    assert float(agreement[0]) == 0.0 and float(count[0]) == 0.0 and float(count[1]) == 2.0
+    new = class_means.update(state, e, labels, 8, class_axes=())
+    np.testing.assert_array_equal(np.asarray(new["count"]), [2.0, 3.0, 2.0])
+    np.testing.assert_array_equal(np.asarray(new["mean"])[[0, 2]], 1.0)

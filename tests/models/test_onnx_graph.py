@@ -397,3 +397,99 @@ def test_other_activations_and_shape_operators(tmp_path):
     path = write_graph(tmp_path / "g.onnx", nodes, inits)
     x = images()
     np.testing.assert_allclose(ours(path, x), reference(path, x), rtol=1e-5, atol=1e-6)
+
+
+# ---- the recognizability quality head on a graph
+
+
+def _quality_graph(tmp_path, first=("Sub", "Mul")):
+    """insightface-like: affine preprocessing inside the graph (or `first` other nodes on the
+    image), then a strided padded 3x3 conv, PRelu, a 1x1 conv, pooling: 16 px -> 4-d."""
+    scalar = lambda name, v: numpy_helper.from_array(np.array([v], np.float32), name)  # noqa: E731
+    nodes, inits, source = [], [], "x"
+    for k, op in enumerate(first):
+        operand = {"Sub": ("mean", 127.5), "Mul": ("scale", 1 / 127.5)}.get(op)
+        inputs = [source] if operand is None else [source, operand[0]]
+        nodes.append(helper.make_node(op, inputs, [f"pre{k}"]))
+        if operand is not None:
+            inits.append(scalar(*operand))
+        source = f"pre{k}"
+    nodes += [
+        helper.make_node("Conv", [source, "w1", "b1"], ["c1"], strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node("PRelu", ["c1", "slope"], ["p1"]),
+        helper.make_node("Conv", ["p1", "w2"], ["c2"]),
+        helper.make_node("GlobalAveragePool", ["c2"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["y"]),
+    ]
+    inits += [_weight("w1", 6, 3, 3, 3), _weight("b1", 6), _weight("slope", 6, 1, 1)]
+    inits.append(_weight("w2", 4, 6, 1, 1))
+    return write_graph(tmp_path / "q.onnx", nodes, inits, size=16, out_dim=4)
+
+
+def _onnx_config(path, **model):
+    from configs import common
+
+    config = common.get_base_config()
+    config.model.update(name="onnx", onnx_path=path, image_size=16, embed_dim=4, **model)
+    return config
+
+
+@pytest.mark.parametrize("head_input", ["embedding", "patch", "multiscale+embedding+norm"])
+def test_a_quality_head_keeps_the_embedding_and_reads_the_first_convolution(tmp_path, head_input):
+    from facemoe_jax.models import build_model
+    from facemoe_jax.models import recognizability as heads
+
+    path = _quality_graph(tmp_path)
+    plain = build_model(_onnx_config(path).model)
+    model = build_model(_onnx_config(path, quality_head=True, quality_head_input=head_input).model)
+    assert [n.op for n in onnx_graph.stem_nodes(model.graph)] == ["Sub", "Mul", "Conv"]
+    x = (jnp.asarray(images(n=4, size=16), jnp.float32) / 255.0 - 0.5) / 0.5
+    variables = model.init(jax.random.key(0), x)
+    # The graph's parameters are the file's; the head's are new, under "quality_head".
+    graph_params = onnx_graph.onnx_variables(model.graph)["params"]
+    assert set(variables["params"]) == set(graph_params) | {heads.QUALITY_NAME}
+    (embeddings, _), sown = model.apply(variables, x, mutable=["intermediates"])
+    np.testing.assert_array_equal(
+        np.asarray(embeddings), np.asarray(plain.apply({"params": graph_params}, x)[0])
+    )
+    quality = np.asarray(sown["intermediates"][heads.QUALITY_KEY][0])
+    assert quality.shape == (4,) and np.all((quality > 0) & (quality < 1))
+    np.testing.assert_array_equal(
+        quality, np.asarray(heads.head_quality(model, variables, x, False))
+    )
+    if head_input == "embedding":
+        assert heads.PATCH_KEY not in sown["intermediates"]
+        return
+
+    # The first convolution, by hand: the graph's (x - 127.5) / 127.5 on raw pixels.
+    def first_conv(images):
+        pixels = (images * 0.5 + 0.5) * 255.0
+        normalised = jnp.transpose((pixels - 127.5) / 127.5, (0, 3, 1, 2))
+        w = jnp.asarray(graph_params["w1"])
+        out = jax.lax.conv_general_dilated(normalised, w, (2, 2), ((1, 1), (1, 1)))
+        return jnp.transpose(out + graph_params["b1"][None, :, None, None], (0, 2, 3, 1))
+
+    if head_input == "patch":
+        expected = heads.pool_positions(first_conv(x).reshape(4, -1, 6))
+    else:
+        expected = heads.multiscale_statistics(first_conv, x)
+    patch = sown["intermediates"][heads.PATCH_KEY][0]
+    assert patch.shape == (4, 18 if head_input != "patch" else 12)
+    np.testing.assert_allclose(np.asarray(patch), np.asarray(expected), rtol=1e-4, atol=1e-4)
+
+
+def test_what_a_graph_cannot_offer_its_heads_is_refused_by_name(tmp_path):
+    from facemoe_jax.models import build_model
+
+    path = _quality_graph(tmp_path, first=("Relu",))  # not affine: no detail statistics
+    with pytest.raises(ValueError, match=r"quality_head_input='multiscale\+embedding\+norm'.*Relu"):
+        build_model(_onnx_config(path, quality_head=True).model)
+    with pytest.raises(ValueError, match="quality_head_input='patch'"):
+        build_model(_onnx_config(path, quality_head=True, quality_head_input="patch").model)
+    assert build_model(
+        _onnx_config(path, quality_head=True, quality_head_input="embedding").model
+    ).heads.quality_head
+    with pytest.raises(ValueError, match="config.model.perceptibility_attention=True.*onnx"):
+        build_model(_onnx_config(path, perceptibility_attention=True).model)
+    graph = onnx_graph.read_graph(_quality_graph(tmp_path, first=()))
+    assert [n.op for n in onnx_graph.stem_nodes(graph)] == ["Conv"]
