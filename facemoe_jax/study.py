@@ -47,7 +47,7 @@ from etils import epath
 from facemoe_jax.core import messages
 from facemoe_jax.core.progress import format_duration
 from facemoe_jax import study_lfw
-from facemoe_jax.study_rows import DENSE_PRETRAINED, PRETRAINED, RECIPES, Recipe
+from facemoe_jax.study_rows import DENSE_PRETRAINED, PRETRAINED, RECIPES, SCRATCH, Recipe
 from facemoe_jax.core.paths import workdir_path
 
 # What a study row reports, in table order: (results.json entry, metric, column title).
@@ -171,11 +171,38 @@ class Suite:
     title: str
     time_guess: tuple[float, float] = (0.35, 30.0)  # seconds per step, per evaluation (2 CPUs)
     seedless_evaluation: bool = False  # the columns draw nothing from config.seed
+    # Smaller tables after the main one: (heading, columns); a table lists the rows that have
+    # any of its metrics (the quality head's, which only some rows evaluate).
+    tables: tuple = ()
+
+    @property
+    def all_columns(self) -> tuple:
+        return self.columns + tuple(c for _, columns in self.tables for c in columns)
 
 
 def fingerprint(*parts) -> str:
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def settings_changed(config: ml_collections.ConfigDict) -> dict:
+    """The config's fields that differ from the project's defaults (or that the defaults lack),
+    as {"section.field": value}: what a run's fingerprint hashes, so a setting added later at
+    its default leaves finished rows reusable."""
+    from facemoe_jax.core import defaults
+
+    def flat(tree, prefix=""):
+        out = {}
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    given, default = flat(config.to_dict()), flat(defaults.get_base_config().to_dict())
+    missing = object()
+    return {k: v for k, v in given.items() if default.get(k, missing) != v}
 
 
 # ---- Running rows.
@@ -212,7 +239,7 @@ def ensure_pretrained(base, out: str, dense: bool, given: str | None) -> str:
     workdir = os.path.join(out, "pretrain_dense" if dense else "pretrain_moe")
     config = pretraining_config(base, dense)
     done = _read_json(os.path.join(workdir, "done.json"))
-    key = fingerprint(config.to_dict())
+    key = fingerprint(settings_changed(config))
     if done and done.get("fingerprint") == key:
         return workdir
     prepare_run_dir(workdir, key)
@@ -237,16 +264,26 @@ def evaluate_start(start: str, config, row_dir: str) -> dict:
     from facemoe_jax.interop.load import is_run_directory, load_variables
     from facemoe_jax.models import build_model
     from facemoe_jax.pipelines import run_evaluations
+    from facemoe_jax.train.calibrate_bn import calibrate_if_needed
     from facemoe_jax.train.writers import make_writer
 
     config = ml_collections.ConfigDict(config.to_dict())
     loaded = load_variables(start, config, field="the study's start")
     if is_run_directory(start):
+        row_model = config.model
         config.model = loaded.config.model  # a run names its own architecture
+        if row_model.get("onnx_batchnorm", "off") != "off":
+            # ... except the BatchNorms the row inserts for test-time adaptation (aird_adapt_bn)
+            config.model.update(
+                onnx_batchnorm=row_model.onnx_batchnorm,
+                onnx_batchnorm_images=row_model.onnx_batchnorm_images,
+            )
     variables, step = loaded.variables, loaded.step or 0
     suite.check_eval_config(config)
+    model = build_model(config.model)
+    variables = calibrate_if_needed(model, variables, config)  # inserted BatchNorms: from HR
     writer = make_writer(row_dir)
-    results = run_evaluations(build_model(config.model), variables, config, row_dir, step, writer)
+    results = run_evaluations(model, variables, config, row_dir, step, writer)
     writer.flush()
     return results
 
@@ -268,7 +305,7 @@ def trainable_share(config) -> float:
 
 def pick_columns(results: dict, columns=COLUMNS) -> dict[str, float]:
     row = {}
-    for entry, metric, _ in columns:
+    for entry, metric, *_ in columns:
         value = results.get(entry, {}).get(metric)
         if value is not None:
             row[f"{entry}/{metric}"] = float(value)
@@ -324,15 +361,18 @@ def run_row(
     if row_seed(recipe, seed, suite, starts) != seed:
         return dict(run_row(base, recipe, settings, 0, out, starts, suite), seed=seed)
     row_dir = run_dir(out, seed, recipe.name)
-    start_dir = (
-        starts[recipe.start]
-        if recipe.start in (PRETRAINED, DENSE_PRETRAINED)
-        else run_dir(out, seed, recipe.start)
-    )
+    if recipe.start == SCRATCH:
+        start_dir = ""
+    elif recipe.start in (PRETRAINED, DENSE_PRETRAINED):
+        start_dir = starts[recipe.start]
+    else:
+        start_dir = run_dir(out, seed, recipe.start)
     used = {name: run_dir(out, seed, name) for name in recipe.uses}
     config = suite.adaptation_config(base, recipe, settings, seed, start_dir, used)
 
     def run_key(directory):  # what identifies the run a row reads: its own fingerprint
+        if not directory:
+            return SCRATCH
         key = (
             _read_json(os.path.join(directory, "row.json"))
             or _read_json(os.path.join(directory, "done.json"))
@@ -341,7 +381,7 @@ def run_row(
         return key.get("fingerprint", key)
 
     key = fingerprint(
-        config.to_dict(),
+        settings_changed(config),
         recipe.train,
         run_key(start_dir),
         *[run_key(used[name]) for name in recipe.uses],
@@ -365,9 +405,9 @@ def run_row(
         "description": recipe.description,
         "seed": seed,
         "start": recipe.start,
-        "steps": settings.steps if recipe.train else 0,
+        "steps": int(config.train.num_steps) if recipe.train else 0,
         "trainable_share": share,
-        "metrics": pick_columns(results, suite.columns),
+        "metrics": pick_columns(results, suite.all_columns),
         "seconds": time.perf_counter() - t0,
         "fingerprint": key,
     }
@@ -391,7 +431,7 @@ def order_rows(names: list[str], registry: dict | None = None) -> list[Recipe]:
             raise ValueError(f"study recipes start from each other in a loop: {chain + (name,)}")
         recipe = registry[name]
         for needed in (recipe.start, *recipe.uses):
-            if needed not in (PRETRAINED, DENSE_PRETRAINED):
+            if needed not in (PRETRAINED, DENSE_PRETRAINED, SCRATCH):
                 add(needed, chain + (name,))
         if recipe not in ordered:
             ordered.append(recipe)
@@ -446,6 +486,7 @@ def summarise(records: list[dict], rows: list[Recipe]) -> dict:
             "description": recipe.description,
             "trainable_share": mine[0]["trainable_share"],
             "trained": recipe.train,
+            "steps": int(mine[0].get("steps", 0)),
             "seeds": len(mine),
             "minutes": float(np.mean([r["seconds"] for r in mine])) / 60,
         }
@@ -457,24 +498,30 @@ def summarise(records: list[dict], rows: list[Recipe]) -> dict:
 
 
 def format_table(summary: dict, columns=COLUMNS) -> str:
-    titles = [title for _, _, title in columns]
+    """Columns are (entry, metric, title), shown in % with one decimal, or (entry, metric,
+    title, "ratio") for a number shown as it is with three (a rank correlation)."""
+    titles = [column[2] for column in columns]
     lines = [
-        "| recipe | encoder trained | " + " | ".join(titles) + " | min/row |",
-        "|---" * (len(titles) + 3) + "|",
+        "| recipe | encoder trained | steps | " + " | ".join(titles) + " | min/row |",
+        "|---" * (len(titles) + 4) + "|",
     ]
     for name, entry in summary.items():
         cells = []
-        for entry_name, metric, _ in columns:
-            value = entry.get(f"{entry_name}/{metric}")
+        for column in columns:
+            value = entry.get(f"{column[0]}/{column[1]}")
+            scale, digits = (1, 3) if tuple(column[3:]) == ("ratio",) else (100, 1)
             if value is None:
                 cells.append("-")
             elif entry["seeds"] > 1:
-                cells.append(f"{100 * value[0]:.1f} ± {100 * value[1]:.1f}")
+                cells.append(f"{scale * value[0]:.{digits}f} ± {scale * value[1]:.{digits}f}")
             else:
-                cells.append(f"{100 * value[0]:.1f}")
+                cells.append(f"{scale * value[0]:.{digits}f}")
         share = entry["trainable_share"]
         trains = f"{100 * share:.1f} %" if entry["trained"] else "-"
-        lines.append(f"| {name} | {trains} | " + " | ".join(cells) + f" | {entry['minutes']:.1f} |")
+        steps = entry.get("steps", 0) or "-"
+        lines.append(
+            f"| {name} | {trains} | {steps} | " + " | ".join(cells) + f" | {entry['minutes']:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -484,9 +531,14 @@ def write_outputs(out, summary, records, settings, base, seconds: float, suite=N
     seeds = max(entry["seeds"] for entry in summary.values())
     header = (
         f"{suite.title} ({seeds} seed{'s' if seeds > 1 else ''}; "
-        f"{settings.steps} adaptation steps per row; values in %"
+        f"values in %"
         f"{', mean ± std over seeds' if seeds > 1 else ''}).\n\n"
     )
+    for heading, columns in suite.tables:
+        keys = {f"{entry}/{metric}" for entry, metric, *_ in columns}
+        having = {name: entry for name, entry in summary.items() if keys & set(entry)}
+        if having:
+            table += f"\n\n{heading}\n\n" + format_table(having, columns)
     with epath.Path(out, "table.md").open("w") as f:
         f.write(header + table + "\n")
         f.write("\n" + "\n".join(f"- {n}: {e['description']}" for n, e in summary.items()) + "\n")
@@ -585,8 +637,17 @@ LFW = Suite(
     title="Low-resolution adaptation on real faces (LFW)",
     time_guess=(3.5, 480.0),
     seedless_evaluation=True,
+    tables=study_lfw.TABLES,
 )
-SUITES = {suite.name: suite for suite in (SYNTHETIC, LFW)}
+LFW_VALIDATION = dataclasses.replace(
+    LFW,
+    name="lfw-validation",
+    columns=study_lfw.VALIDATION_COLUMNS,
+    plot=study_lfw.VALIDATION_PLOT,
+    title="Choosing settings on held-out training people (LFW View 1)",
+    time_guess=(3.5, 150.0),
+)
+SUITES = {suite.name: suite for suite in (SYNTHETIC, LFW, LFW_VALIDATION)}
 
 
 def main(argv=None) -> int:
@@ -603,7 +664,10 @@ def main(argv=None) -> int:
         default="synthetic",
         choices=sorted(SUITES),
         help="synthetic: the embedded identities, nothing downloaded (default); lfw: real "
-        "faces, the ONNX --teacher adapted on LFW View 1's training people",
+        "faces, the ONNX --teacher adapted on LFW View 1's training people; lfw-validation: "
+        "the same rows without 20 %% of the training people who have two or more images, "
+        "scored on pairs among them "
+        "(for choosing settings)",
     )
     parser.add_argument(
         "--config",
@@ -636,6 +700,14 @@ def main(argv=None) -> int:
         f"{study_lfw.LfwSettings.steps})",
     )
     parser.add_argument("--recipes", default="", help="comma list (default: all of the suite's)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="change one of the suite's settings (repeatable), e.g. --set learning_rate=5e-4 "
+        "(the lfw suites' fields: study_lfw.LfwSettings)",
+    )
     args = parser.parse_args(argv)
     import jax
 
@@ -644,14 +716,18 @@ def main(argv=None) -> int:
     jax.config.update("jax_threefry_partitionable", True)  # as facemoe_jax.main
     suite = SUITES[args.suite]
     try:
-        if suite is LFW:
+        if suite in (LFW, LFW_VALIDATION):
             settings = study_lfw.LfwSettings(lfw_dir=args.lfw, teacher=args.teacher)
+            if suite is LFW_VALIDATION:
+                split = os.path.join(str(workdir_path(args.out)), "validation_split")
+                settings = dataclasses.replace(settings, validation_dir=split)
             study_lfw.check_paths(settings)
             base = study_lfw.base_config(settings)
         else:
             settings, base = StudySettings(), load_config(args.config)
         if args.steps is not None:
             settings = dataclasses.replace(settings, steps=args.steps)
+        settings = with_settings(settings, args.set)
         recipes = [r.strip() for r in args.recipes.split(",") if r.strip()] or None
         run_study(
             base,
@@ -669,6 +745,30 @@ def main(argv=None) -> int:
         messages.say(f"{messages.one_line(e)} (study: run the same study command to continue)")
         return 75
     return 0
+
+
+def with_settings(settings, assignments: list[str]):
+    """`settings` (a dataclass) with each "FIELD=VALUE" applied, VALUE read as the field's
+    type; an unknown field or a value of the wrong type fails, naming them."""
+    fields = {f.name: f for f in dataclasses.fields(settings)}
+    changes = {}
+    for assignment in assignments:
+        name, sep, text = assignment.partition("=")
+        if not sep or name not in fields:
+            raise ValueError(
+                f"--set {assignment!r}: expected FIELD=VALUE with FIELD one of {sorted(fields)}"
+            )
+        kind = type(getattr(settings, name))
+        try:
+            if kind is bool:
+                if text.lower() not in ("true", "false"):
+                    raise ValueError(text)
+                changes[name] = text.lower() == "true"
+            else:
+                changes[name] = kind(text)
+        except ValueError:
+            raise ValueError(f"--set {assignment!r}: {text!r} is not a {kind.__name__}") from None
+    return dataclasses.replace(settings, **changes)
 
 
 def load_config(path: str) -> ml_collections.ConfigDict:

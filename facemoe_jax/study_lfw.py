@@ -25,7 +25,7 @@ import os
 import ml_collections
 
 from facemoe_jax import recipes, study_rows
-from facemoe_jax.study_rows import PRETRAINED, Recipe
+from facemoe_jax.study_rows import PRETRAINED, SCRATCH, Recipe
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_LFW = os.path.join(_REPO, "..", "shared", "realfaces", "lfw")
@@ -52,6 +52,17 @@ class LfwSettings:
     adapter_learning_rate: float = 5e-4  # PETALface's (configs/petalface.py)
     instance_weight: float = 20.0
     relation_weight: float = 40.0
+    quality_learning_rate: float = 1e-3  # the `ri` row's fresh quality head (the project default)
+    # The ViT students, trained from scratch (`_student`): more steps at a higher lr than the
+    # adaptation rows, on their own input size; the teacher's targets are cached per record.
+    student_steps: int = 300
+    student_batch_size: int = 128
+    student_learning_rate: float = 1e-3
+    student_image_size: int = 64
+    # Validation (`--suite lfw-validation`): rows train without a held-out share of the
+    # training people and are scored on pairs among them (data/validation_split.py).
+    validation_dir: str = ""  # where the split's files are written; "" = the test columns
+    validation_share: float = 0.2
 
 
 def _columns():
@@ -66,6 +77,44 @@ def _columns():
 
 
 COLUMNS = _columns()
+# The `ri` row's quality head on pairsDevTest.txt (config.eval.lfw_quality), a second table:
+# FNMR at FMR QUALITY_FMR with nothing rejected and after rejecting the 20 % lowest-quality
+# pairs by the head, the embedding norm and at random, the area under each error-versus-reject
+# curve, as given (both faces at 112 px) and with the second faces at mixed resolutions; the
+# Spearman rho of the head's score with the resolution of faces degraded to every size.
+QUALITY_COLUMNS = tuple(
+    ("lfw_quality", f"{prefix}{metric}", f"{label} {title}")
+    for prefix, label in (("", "HR"), ("mixed_", "mixed"))
+    for metric, title in (
+        ("fnmr_reject0", "FNMR"),
+        ("fnmr_reject20_quality", "-20 % head"),
+        ("fnmr_reject20_norm", "-20 % norm"),
+        ("fnmr_reject20_random", "-20 % random"),
+        ("erc_auc_quality", "AUC head"),
+        ("erc_auc_norm", "AUC norm"),
+    )
+) + (
+    ("lfw_quality", "spearman_rho", "rho(q, px)", "ratio"),
+    ("lfw_quality", "spearman_rho_per_face", "rho per face", "ratio"),
+)
+# pairsDevTest.txt has 500 impostor pairs: at FMR 1e-3 the threshold would be the single
+# highest impostor score (one pair decides it); at 1e-2 it is the 6th highest.
+QUALITY_FMR = 1e-2
+TABLES = (
+    (
+        f"Quality head (`ri`) on pairsDevTest.txt: FNMR at FMR={QUALITY_FMR:g} after rejecting "
+        "pairs (%; a pair's quality is the lower of its two faces'), and rank correlations",
+        QUALITY_COLUMNS,
+    ),
+)
+VALIDATION_PAIRS = "view2"  # the split's pairs file is k-fold (View 2's layout)
+VALIDATION_COLUMNS = tuple(
+    (f"lfw_{VALIDATION_PAIRS}@{size}px", "accuracy", f"val both {size}") for size in SIZES
+)
+VALIDATION_PLOT = (
+    (f"lfw_{VALIDATION_PAIRS}@12px/accuracy", "validation pairs, both faces at 12 px (%)"),
+    (f"lfw_{VALIDATION_PAIRS}@112px/accuracy", "validation pairs at 112 px (%)"),
+)
 PLOT = (
     ("lfw_view1@12px/accuracy", "LFW View 1, both faces at 12 px (%)"),
     ("lfw_view1@112px/accuracy", "LFW View 1 at 112 px (%)"),
@@ -86,8 +135,10 @@ def check_paths(settings: LfwSettings) -> None:
         raise ValueError(f"--teacher={settings.teacher!r} is not a file")
 
 
-def base_config(settings: LfwSettings) -> ml_collections.ConfigDict:
-    """The ONNX recognizer as a JAX model, with the suite's data and columns."""
+def base_config(settings: LfwSettings, split: tuple[str, str] | None = None):
+    """The ONNX recognizer as a JAX model, with the suite's data and columns; with
+    settings.validation_dir, the validation split's (`split`: its (people, pairs) files, else
+    written by `validation_split`)."""
     from facemoe_jax.core import defaults
 
     config = defaults.get_base_config()
@@ -120,6 +171,29 @@ def base_config(settings: LfwSettings) -> ml_collections.ConfigDict:
         acquisition_max_pixels=settings.max_pixels,
         worker_count=0,
     )
+    _columns_of_every_row(config, settings)
+    if settings.validation_dir:
+        people, pairs = split or validation_split(settings)
+        config.data.people_file = people
+        config.eval.update(lfw_pairs=pairs, lfw_degrade="both")
+    return config
+
+
+def validation_split(settings: LfwSettings) -> tuple[str, str]:
+    """(people file, pairs file) of the validation split of the training people, written to
+    settings.validation_dir (the same files for the same settings)."""
+    from facemoe_jax.data import folder, validation_split as split
+
+    people = folder.read_people_file(os.path.join(settings.lfw_dir, TRAIN_PEOPLE))
+    return split.write_split(
+        os.path.join(settings.lfw_dir, "aligned112"),
+        people,
+        os.path.abspath(settings.validation_dir),
+        share=settings.validation_share,
+    )
+
+
+def _columns_of_every_row(config, settings: LfwSettings) -> None:
     config.eval.update(
         lfw_dir=os.path.abspath(settings.lfw_dir),
         lfw_pairs=f"{VIEW1_TEST},{VIEW2_TEST_PEOPLE}",
@@ -133,7 +207,6 @@ def base_config(settings: LfwSettings) -> ml_collections.ConfigDict:
         every_steps=0,
         batch_size=64,
     )
-    return config
 
 
 def adaptation_config(base, recipe: Recipe, settings: LfwSettings, seed: int, start: str, used):
@@ -205,6 +278,108 @@ def _adapters(config, settings):
     config.optimizer.learning_rate = settings.adapter_learning_rate
 
 
+def student_model(config, settings, moe: bool) -> None:
+    """The ViT student: 64 px in 8 px patches (64 tokens), width 96, depth 4, MLP x2, a
+    512-d embedding (the teacher's, for the instance term). The MoE twin replaces the MLP of
+    blocks 1 and 3 by 4 experts of the same size with top-1 routing (Switch's: the expert's
+    output times its softmax probability, so the router learns), so a token meets the same
+    FLOPs in either (plus the router's 96 x 4); the capacity path (factor 1.5) because
+    XLA:CPU runs the dropless grouped matmul densely (E/K = 4x the expert FLOPs)."""
+    from facemoe_jax.core import defaults
+
+    config.model = defaults.get_base_config().model
+    config.model.update(
+        image_size=settings.student_image_size,
+        patch_size=8,
+        width=96,
+        depth=4,
+        num_heads=4,
+        mlp_ratio=2.0,
+        embed_dim=512,
+        moe_layers="every:2" if moe else "none",
+        num_experts=4,
+        top_k=1,
+        router_combine="softmax_all",  # Switch: top-1 weighted by its softmax probability
+        capacity_factor=1.5,
+        drop_path_rate=0.0,
+    )
+
+
+def _student(moe: bool):
+    def configure(config, settings):
+        from facemoe_jax.core import defaults
+
+        student_model(config, settings, moe)
+        config.init_from = ""
+        recipes.distillation(
+            config,
+            settings.instance_weight,
+            settings.relation_weight,
+            teacher=os.path.abspath(settings.teacher),
+        )
+        config.distill.teacher_cache = "auto"
+        config.data.acquisition_prob = settings.lr_prob
+        loss = defaults.get_base_config().loss
+        # A fresh model has nothing to imprint; the router losses at the project's weights.
+        config.loss.update(
+            centre_init="random",
+            z_coef=loss.z_coef if moe else 0.0,
+            balance_coef=loss.balance_coef if moe else 0.0,
+        )
+        steps = settings.student_steps
+        config.train.update(
+            num_steps=steps,
+            batch_size=settings.student_batch_size,
+            log_every_steps=max(steps // 6, 1),
+        )
+        config.optimizer.update(
+            learning_rate=settings.student_learning_rate, warmup_steps=max(steps // 10, 1)
+        )
+        config.checkpoint.update(every_steps=steps)
+        config.eval.batch_size = 256
+
+    return configure
+
+
+def _adapt_bn(config, settings):
+    # The graph's BatchNorms are folded into its convolutions: nothing to adapt. One is inserted
+    # after every convolution, the identity at its statistics on HR training images
+    # (train/calibrate_bn.py), then adapted to each evaluated set's own images (train/adapt_bn.py:
+    # the first adapt_bn_batches batches of the set).
+    del settings
+    config.model.onnx_batchnorm = "every_conv"
+    config.eval.adapt_bn = "cumulative"
+
+
+def _quality_head(config, settings):
+    # The recognizability index's quality head (recipes.recognizability; our reading of the
+    # paper: docs/recognizability.md) on the best LR row: aird's encoder frozen, so the head
+    # learns to predict how recognizable a face is to that very encoder, and only the fresh
+    # head trains (init_from leaves what aird lacks at its initialiser). Its target is the
+    # project's default ("agreement": each copy of the batch's clean faces at 4-32 px against
+    # its own full-size embedding and its class's mean); no diversion loss and no attention,
+    # both of which would change the encoder. The training people with one image have no
+    # class: their copies carry no agreement target (data/sources.py allows them here).
+    recipes.recognizability(config, attention=False, diversion=False)
+    config.train.trainable = "^encoder/quality_head/"
+    # aird's class centres (the index's prototypes, in the logged ri/* metrics) come with the
+    # start; imprinting, which excludes that, would only recompute them from the same encoder.
+    config.init_classifier = True
+    config.loss.centre_init = "random"
+    # c_UI only feeds the logged index here (the agreement target does not use it): a few
+    # degraded faces a step keep it moving at a quarter of the default's forward passes.
+    config.recognizability.ui_images = min(8, settings.batch_size)
+    config.optimizer.learning_rate = settings.quality_learning_rate
+    # The encoder is aird's, unchanged (frozen BatchNorm statistics kept), so the accuracy
+    # columns would be aird's: only the quality evaluation runs.
+    config.eval.update(
+        lfw_pairs="",
+        lfw_quality=VIEW1_TEST,
+        quality_fmr=QUALITY_FMR,
+        quality_resolutions=",".join(str(s) for s in SIZES[1:]),
+    )
+
+
 register(Recipe("teacher", "the HR recognizer as it is", configure=lambda c, s: None, train=False))
 register(
     Recipe(
@@ -229,9 +404,47 @@ register(
 )
 register(
     Recipe(
+        "aird_adapt_bn",
+        "aird evaluated with test-time BatchNorm adaptation (BatchNorms inserted after its "
+        "convolutions, calibrated on HR training images)",
+        start="aird",
+        configure=_adapt_bn,
+        train=False,
+    )
+)
+register(
+    Recipe(
         "adapters",
         "teacher frozen; LoRA (rank 8) on its pointwise (1x1) convolutions, the head included, margin loss",
         configure=_adapters,
     )
 )
-assert all(r.start == PRETRAINED for r in RECIPES.values())
+register(
+    Recipe(
+        "student_dense",
+        "ViT from scratch at 64 px, distilled from the teacher (instance + relation) on LR and "
+        "HR views",
+        start=SCRATCH,
+        configure=_student(moe=False),
+    )
+)
+register(
+    Recipe(
+        "student_moe",
+        "student_dense with 4 top-1 experts in blocks 1 and 3 (the same active FLOPs)",
+        start=SCRATCH,
+        configure=_student(moe=True),
+    )
+)
+register(
+    Recipe(
+        "ri",
+        "aird frozen + a fresh recognizability quality head, the only part trained (its "
+        "accuracy is aird's: not re-measured)",
+        start="aird",
+        configure=_quality_head,
+    )
+)
+# Every row starts from the teacher, from scratch, or from another row of this suite (which
+# study.order_rows runs first).
+assert all(r.start in (PRETRAINED, SCRATCH) or r.start in RECIPES for r in RECIPES.values())

@@ -17,6 +17,7 @@ from facemoe_jax.models import quality as quality_lib
 
 PRETRAINED = "pretrained"  # the HR MoE pre-training run
 DENSE_PRETRAINED = "dense_pretrained"  # its dense twin (for upcycling)
+SCRATCH = "scratch"  # no start: the row's model is initialised from its seed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,7 +25,8 @@ class Recipe:
     """One row of the study.
 
     name: the row's name; description: one line for the table.
-    start: PRETRAINED, DENSE_PRETRAINED or another recipe's name (its run is the starting point).
+    start: PRETRAINED, DENSE_PRETRAINED, SCRATCH (a fresh model) or another recipe's name (its
+      run is the starting point).
     configure: changes the adaptation config in place (trainable set, losses, lr, ...); called
       as configure(config), or configure(config, workdirs) when the row `uses` other rows.
     train: False = evaluate the starting point as it is (the "no adaptation" row).

@@ -148,3 +148,256 @@ def test_the_teacher_row_is_evaluated_once_for_every_seed(fake_suite, tmp_path):
     assert not (out / "seed1").exists()
     assert summary["teacher"]["seeds"] == 2
     assert summary["teacher"]["lfw_view1@12px/accuracy"][1] == 0.0
+
+
+def test_the_aird_adapt_bn_row_config(fake_suite):
+    settings = fake_suite
+    recipe = study_lfw.RECIPES["aird_adapt_bn"]
+    assert recipe.start == "aird" and not recipe.train
+    order = study.order_rows(["aird_adapt_bn"], study_lfw.RECIPES)
+    assert [r.name for r in order] == ["aird", "aird_adapt_bn"]  # its start runs first
+    base = study_lfw.base_config(settings)
+    config = study_lfw.adaptation_config(base, recipe, settings, 2, "/runs/aird", {})
+    assert config.model.onnx_batchnorm == "every_conv" and config.eval.adapt_bn == "cumulative"
+    assert config.model.onnx_batchnorm_images == 512 and config.seed == 2
+    assert config.init_from == "/runs/aird"
+    # Calibrated on the training people's images, evaluated on the others.
+    assert config.data.people_file.endswith(study_lfw.TRAIN_PEOPLE)
+    assert base.model.onnx_batchnorm == "off" and base.eval.adapt_bn == "off"
+
+
+@pytest.mark.slow
+def test_the_aird_adapt_bn_row_calibrates_and_adapts_the_aird_run(
+    fake_suite, tmp_path, monkeypatch
+):
+    from facemoe_jax.evaluate import embed
+    from facemoe_jax.interop.load import load_variables
+    from facemoe_jax.models import build_model
+    from facemoe_jax.models.onnx_graph import BATCHNORM_EPSILON
+    from facemoe_jax.train import adapt_bn, calibrate_bn
+
+    settings = fake_suite
+    base = study_lfw.base_config(settings)
+    base.eval.update(lfw_resolutions="112,12")
+    caches = []  # each evaluation's shared LFW embedding cache {(size, path): embedding}
+    evaluate_lfw = lfw.evaluate_lfw
+
+    def recording(*args, cache=None, **kwargs):
+        if not caches or caches[-1] is not cache:
+            caches.append(cache)
+        return evaluate_lfw(*args, cache=cache, **kwargs)
+
+    monkeypatch.setattr(lfw, "evaluate_lfw", recording)
+    out = str(tmp_path / "study")
+    study.run_study(base, out, recipes=["aird_adapt_bn"], settings=settings, suite=study.LFW)
+    rows = {r["recipe"]: r for r in json.load(open(os.path.join(out, "results.json")))["rows"]}
+    assert rows["aird_adapt_bn"]["start"] == "aird" and rows["aird_adapt_bn"]["steps"] == 0
+    plain, ours = caches  # the aird row's evaluation, then aird_adapt_bn's
+
+    # The reference: the aird run's weights, BatchNorms inserted and calibrated on every
+    # training person's image (18 < 512), each set of LFW images (one size, one call of the
+    # evaluation's `embed`) adapted on its own images, with one shared cache as the suite's.
+    recipe = study_lfw.RECIPES["aird_adapt_bn"]
+    aird_dir = study.run_dir(out, 0, "aird")
+    config = study_lfw.adaptation_config(base, recipe, settings, 0, aird_dir, {})
+    loaded = load_variables(aird_dir, config)
+    model = build_model(config.model)
+    hr = calibrate_bn.hr_images(config, 512, seed=0)
+    assert len(hr) == TRAIN_PEOPLE * 3
+    variables = calibrate_bn.calibrated_variables(
+        model, loaded.variables, hr, 64, BATCHNORM_EPSILON
+    )
+    adaptation = adapt_bn.BatchNormAdaptation(model, "cumulative", 8, flip_test=False)
+    embed_fn = embed.make_embed_fn(model, flip_test=False)
+
+    def adapted(images, flip_test):
+        own = adaptation.adapted_variables(variables, images, 64)
+        return embed.embed_images(embed_fn, own, images, 64)
+
+    expected = {}
+    for pairs in lfw.config_pairs(config.eval):
+        for mode in ("both", "probe"):
+            evaluate_lfw(adapted, settings.lfw_dir, pairs, (112, 12), mode, cache=expected)
+    assert set(ours) == set(expected) == set(plain)
+    for key, row in expected.items():
+        np.testing.assert_allclose(ours[key], row, rtol=1e-4, atol=1e-5, err_msg=str(key))
+
+    # Every embedding, adapted (it equals the reference), differs from the aird row's.
+    assert min(1 - cosine(ours[k], plain[k]) for k in plain if k[0] == 12) > 1e-4
+
+
+def cosine(a, b):
+    return float(np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def test_the_student_rows_share_every_setting_but_the_experts(fake_suite):
+    import jax
+
+    from facemoe_jax.models import build_model
+
+    settings = fake_suite
+    base = study_lfw.base_config(settings)
+    dense, moe = (
+        study_lfw.adaptation_config(base, study_lfw.RECIPES[name], settings, 1, "", {})
+        for name in ("student_dense", "student_moe")
+    )
+    for config in (dense, moe):
+        assert config.init_from == "" and config.loss.centre_init == "random"
+        assert config.model.name == "vit_moe" and config.model.image_size == 64
+        assert config.distill.teacher == os.path.abspath(settings.teacher)
+        assert config.distill.teacher_cache == "auto"
+        assert config.distill.instance_weight == settings.instance_weight
+        assert config.train.num_steps == settings.student_steps
+        assert config.optimizer.learning_rate == settings.student_learning_rate
+        assert config.data.people_file.endswith("peopleDevTrain.txt")
+    assert (dense.model.moe_layers, moe.model.moe_layers) == ("none", "every:2")
+    assert moe.model.top_k == 1 and moe.loss.balance_coef > 0 and dense.loss.balance_coef == 0
+    a, b = study.settings_changed(dense), study.settings_changed(moe)
+    assert {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)} == {
+        "model.moe_layers",
+        "loss.z_coef",
+        "loss.balance_coef",
+    }
+    # The same active FLOPs: an expert is the dense MLP's shape, and a token meets one expert.
+    shapes = {}
+    for name, config in (("dense", dense), ("moe", moe)):
+        model = build_model(config.model)
+        images = jax.ShapeDtypeStruct((1, 64, 64, 3), np.float32)
+        params = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)["params"]
+        shapes[name] = {
+            jax.tree_util.keystr(p): v.shape for p, v in jax.tree_util.tree_leaves_with_path(params)
+        }
+    dense_mlp = sorted(
+        v for k, v in shapes["dense"].items() if "blocks_1" in k and "mlp" in k.lower()
+    )
+    experts = sorted(v[1:] for k, v in shapes["moe"].items() if "blocks_1" in k and "expert" in k)
+    assert dense_mlp and experts == dense_mlp
+    assert {v[0] for k, v in shapes["moe"].items() if "blocks_1" in k and "expert" in k} == {4}
+
+
+def test_the_validation_suite_trains_without_the_held_out_people(fake_suite, tmp_path):
+    import dataclasses
+
+    from facemoe_jax.data.folder import read_people_file
+    from facemoe_jax.data.lfw_pairs import read_pairs
+
+    names = [f"P{k}" for k in range(TRAIN_PEOPLE)]
+    settings = dataclasses.replace(
+        fake_suite, validation_dir=str(tmp_path / "split"), validation_share=0.7
+    )
+    # 6 training people x 3 images: 4 held out, pairs in 2 folds of 2 people
+    from facemoe_jax.data import validation_split
+
+    people, pairs = validation_split.write_split(
+        os.path.join(settings.lfw_dir, "aligned112"),
+        names,
+        settings.validation_dir,
+        share=0.7,
+        folds=2,
+        per_class=2,
+    )
+    train = read_people_file(people)
+    held = {p.split("/")[0] for pair in read_pairs(pairs).pairs for p in pair}
+    assert len(train) == 2 and not held & set(train) and held <= set(names)
+    config = study_lfw.adaptation_config(
+        study_lfw.base_config(settings, split=(people, pairs)),
+        study_lfw.RECIPES["aird"],
+        settings,
+        0,
+        settings.teacher,
+        {},
+    )
+    assert config.data.people_file == people and config.eval.lfw_pairs == pairs
+    assert config.eval.lfw_degrade == "both" and config.data.num_classes == 2
+
+
+def test_set_changes_settings_by_their_type():
+    settings = study_lfw.LfwSettings()
+    changed = study.with_settings(settings, ["learning_rate=5e-4", "steps=7"])
+    assert (changed.learning_rate, changed.steps) == (5e-4, 7)
+    with pytest.raises(ValueError, match="--set 'rate=1'.*learning_rate"):
+        study.with_settings(settings, ["rate=1"])
+    with pytest.raises(ValueError, match="'x' is not a int"):
+        study.with_settings(settings, ["steps=x"])
+
+
+def test_a_setting_at_its_default_does_not_change_a_fingerprint(fake_suite):
+    config = study_lfw.base_config(fake_suite)
+    changed = study.settings_changed(config)
+    assert changed["model.name"] == "onnx" and "distill.teacher_cache" not in changed
+    assert "model.num_experts" not in changed  # at its default
+    config.distill.teacher_cache = "auto"
+    assert study.settings_changed(config)["distill.teacher_cache"] == "auto"
+
+
+# ---- the `ri` row: a quality head on aird's frozen encoder
+
+
+def test_the_ri_row_trains_only_a_quality_head_on_aird(fake_suite):
+    import jax
+
+    from facemoe_jax.models import build_model
+    from facemoe_jax.parallel.sharding import path_name
+    from facemoe_jax.train import optimizer as optimizer_lib
+    from facemoe_jax.train import state as state_lib
+    from facemoe_jax.train import trainable
+
+    settings = fake_suite
+    recipe = study_lfw.RECIPES["ri"]
+    assert recipe.start == "aird" and recipe.train
+    assert [r.name for r in study.order_rows(["ri"], study_lfw.RECIPES)] == ["aird", "ri"]
+    base = study_lfw.base_config(settings)
+    config = study_lfw.adaptation_config(base, recipe, settings, 1, "/runs/aird", {})
+    assert config.init_from == "/runs/aird" and config.init_classifier  # aird's centres
+    assert config.loss.centre_init == "random"  # not imprinted (exclusive with the above)
+    assert config.model.quality_head and not config.model.perceptibility_attention
+    assert config.recognizability.enabled and config.recognizability.diversion_weight == 0
+    assert config.recognizability.ui_images == settings.batch_size == 4
+    assert config.optimizer.learning_rate == settings.quality_learning_rate
+    assert config.eval.lfw_quality == "pairsDevTest.txt" and config.eval.lfw_pairs == ""
+    assert config.eval.quality_fmr == study_lfw.QUALITY_FMR
+    model = build_model(config.model)
+    optimizer, _ = optimizer_lib.build_optimizer(config.optimizer, 1)
+    params = state_lib.abstract_train_state(model, optimizer, config).params
+    mask = trainable.trainable_mask(params, config.train.trainable)
+    trained = {path_name(p) for p, m in jax.tree_util.tree_leaves_with_path(mask) if m}
+    assert trained and all(p.startswith("encoder/quality_head/") for p in trained)
+    assert 0 < study.trainable_share(config) < 1  # the tiny graph is smaller than the head
+
+
+def test_the_quality_table_shows_ratios_as_they_are():
+    entry = {
+        "trainable_share": 0.1,
+        "trained": True,
+        "seeds": 1,
+        "minutes": 2.0,
+        "lfw_quality/fnmr_reject0": (0.05, 0.0),
+        "lfw_quality/spearman_rho": (0.8123, 0.0),
+    }
+    table = study.format_table({"ri": entry}, study_lfw.QUALITY_COLUMNS)
+    assert "| ri | 10.0 % | 5.0 | - |" in table and "| 0.812 | - | 2.0 |" in table
+    assert "rho(q, px)" in table.splitlines()[0]
+
+
+@pytest.mark.slow
+def test_the_ri_row_end_to_end(fake_suite, tmp_path):
+    from facemoe_jax.interop.load import load_variables
+
+    settings = fake_suite
+    base = study_lfw.base_config(settings)
+    out = tmp_path / "study"
+    summary = study.run_study(base, str(out), recipes=["ri"], settings=settings, suite=study.LFW)
+    assert list(summary) == ["aird", "ri"]
+    ri = summary["ri"]
+    assert 0 < ri["trainable_share"] < 1 and "lfw_view1@12px/accuracy" not in ri
+    assert {f"lfw_quality/{m}" for m in ("fnmr_reject20_quality", "spearman_rho")} <= set(ri)
+    # aird's encoder, unchanged; a trained head beside it.
+    aird = load_variables(str(out / "seed0" / "aird")).variables["params"]
+    trained = load_variables(str(out / "seed0" / "ri")).variables["params"]
+    assert set(trained) == set(aird) | {"quality_head"}
+    for name, value in aird.items():
+        np.testing.assert_array_equal(np.asarray(trained[name]), np.asarray(value), name)
+    assert (out / "seed0" / "ri" / "eval" / "lfw_quality.json").is_file()
+    table = (out / "table.md").read_text()
+    main, quality_table = table.split("Quality head (`ri`)")
+    assert "| ri |" in main and "| aird |" not in quality_table and "| ri |" in quality_table
