@@ -380,7 +380,7 @@ def test_the_quality_table_shows_ratios_as_they_are():
 
 
 @pytest.mark.slow
-def test_the_ri_row_end_to_end(fake_suite, tmp_path):
+def test_the_ri_row_end_to_end(fake_suite, tmp_path, capsys):
     from facemoe_jax.interop.load import load_variables
 
     settings = fake_suite
@@ -401,3 +401,9 @@ def test_the_ri_row_end_to_end(fake_suite, tmp_path):
     table = (out / "table.md").read_text()
     main, quality_table = table.split("Quality head (`ri`)")
     assert "| ri |" in main and "| aird |" not in quality_table and "| ri |" in quality_table
+    # The export writes the graph (the embedding) and says that the head is not in it.
+    from facemoe_jax.export.workdir import export_workdir
+
+    export_workdir(str(out / "seed0" / "ri"), str(tmp_path / "export"))
+    assert "quality head (quality_head) is not written" in capsys.readouterr().out
+    assert (tmp_path / "export" / "model.onnx").is_file()

@@ -183,6 +183,7 @@ def _export_onnx_model(config, variables, step, out_dir: str, paths: dict, t0: f
     from facemoe_jax.interop import onnx as onnx_export
     from facemoe_jax.models import lora as lora_lib
     from facemoe_jax.models import onnx_graph
+    from facemoe_jax.models.recognizability import QUALITY_NAME
 
     source = str(config.model.onnx_path)
     if not os.path.isfile(source):
@@ -194,6 +195,14 @@ def _export_onnx_model(config, variables, step, out_dir: str, paths: dict, t0: f
     state = onnx_graph.onnx_state_dict(
         graph, variables, lora_lib.settings_from_config(config.model)
     )
+    if QUALITY_NAME in variables["params"]:
+        # The graph computes the embedding only; the head stays in the run's checkpoint.
+        print(
+            f"note: the quality head ({QUALITY_NAME}) is not written to model.onnx, "
+            "model.safetensors or model.pt: the graph has no output for it; its weights stay "
+            "in the run's checkpoint",
+            flush=True,
+        )
     os.makedirs(out_dir, exist_ok=True)
     convert.save_torch(state, paths["pt"])
     convert.save_safetensors(state, paths["safetensors"], metadata={"format": "onnx-names"})
