@@ -375,7 +375,7 @@ def test_the_quality_table_shows_ratios_as_they_are():
         "lfw_quality/spearman_rho": (0.8123, 0.0),
     }
     table = study.format_table({"ri": entry}, study_lfw.QUALITY_COLUMNS)
-    assert "| ri | 10.0 % | 5.0 | - |" in table and "| 0.812 | - | 2.0 |" in table
+    assert "| ri | 10.0 % | - | 5.0 | - |" in table and "| 0.812 | - | 2.0 |" in table
     assert "rho(q, px)" in table.splitlines()[0]
 
 
