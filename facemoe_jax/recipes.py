@@ -1,5 +1,5 @@
 """Method set-ups shared by the config files and the low-resolution study: each changes a run
-config in place, so `configs/*.py` and `study_rows.py` rows apply exactly the same recipe."""
+config in place, so `configs/*.py` and `study/` rows apply exactly the same recipe."""
 
 from __future__ import annotations
 

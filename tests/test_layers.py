@@ -18,7 +18,7 @@ LAYERS = (
     ("encoder",),
     ("evaluate",),
     ("export",),
-    ("pipelines", "recipes", "study_rows", "study_lfw", "study", "aot", "main"),
+    ("pipelines", "recipes", "study", "aot", "main"),
 )
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 

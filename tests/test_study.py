@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from facemoe_jax import study, study_rows
+from facemoe_jax.study import rows, runner, synthetic
 from tests.train.test_step import tiny_config
 
-SETTINGS = study.StudySettings(
+SETTINGS = synthetic.StudySettings(
     steps=4,
     warmup_steps=1,
     lr_classes=12,
@@ -19,6 +19,7 @@ SETTINGS = study.StudySettings(
     tinyface_identities=6,
     tinyface_distractors=10,
 )
+SUITE = synthetic.SYNTHETIC
 
 
 def base_config():
@@ -39,17 +40,23 @@ def rows_of(out):
 @pytest.mark.slow
 def test_rows_are_deterministic_reused_and_tabled(tmp_path, capsys):
     recipes = ["pretrained", "facemoe"]  # facemoe starts from classifier_only: 3 rows
-    first = study.run_study(base_config(), str(tmp_path / "a"), recipes=recipes, settings=SETTINGS)
+    first = runner.run_study(
+        base_config(), str(tmp_path / "a"), recipes=recipes, settings=SETTINGS, suite=SUITE
+    )
     assert list(first) == ["pretrained", "classifier_only", "facemoe"]
-    study.run_study(base_config(), str(tmp_path / "b"), recipes=recipes, settings=SETTINGS)
+    runner.run_study(
+        base_config(), str(tmp_path / "b"), recipes=recipes, settings=SETTINGS, suite=SUITE
+    )
     a, b = rows_of(tmp_path / "a"), rows_of(tmp_path / "b")
     assert [r["metrics"] for r in a] == [r["metrics"] for r in b]  # bitwise the same numbers
     for row in a:
-        assert set(row["metrics"]) == {f"{e}/{m}" for e, m, _ in study.COLUMNS}, row["recipe"]
+        assert set(row["metrics"]) == {f"{e}/{m}" for e, m, _ in synthetic.COLUMNS}, row["recipe"]
     assert a[1]["trainable_share"] == 0.0 and a[2]["trainable_share"] == 1.0
     # The classifier-only stage leaves the encoder's weights as they were.
     capsys.readouterr()
-    again = study.run_study(base_config(), str(tmp_path / "a"), recipes=recipes, settings=SETTINGS)
+    again = runner.run_study(
+        base_config(), str(tmp_path / "a"), recipes=recipes, settings=SETTINGS, suite=SUITE
+    )
     out = capsys.readouterr().out
     assert out.count(" reused;") == 3 and "running" not in out
     assert again == first
@@ -59,28 +66,28 @@ def test_rows_are_deterministic_reused_and_tabled(tmp_path, capsys):
 
 
 def test_a_registered_recipe_is_a_row_after_its_start():
-    recipe = study_rows.Recipe("test_head", "test only", start="classifier_only")
-    study_rows.register(recipe)
+    recipe = rows.Recipe("test_head", "test only", start="classifier_only")
+    synthetic.register(recipe)
     try:
-        names = [r.name for r in study.order_rows(["test_head", "pretrained"])]
+        names = [r.name for r in runner.order_rows(["test_head", "pretrained"], synthetic.RECIPES)]
         assert names == ["classifier_only", "test_head", "pretrained"]
         with pytest.raises(ValueError, match="already registered"):
-            study_rows.register(recipe)
+            synthetic.register(recipe)
     finally:
-        del study_rows.RECIPES["test_head"]
+        del synthetic.RECIPES["test_head"]
     with pytest.raises(ValueError, match="'nope' is not a registered recipe"):
-        study.order_rows(["nope"])
+        runner.order_rows(["nope"], synthetic.RECIPES)
 
 
 def test_a_row_that_uses_another_runs_after_it_and_is_configured_with_its_run():
-    names = [r.name for r in study.order_rows(["petalface_ri", "pretrained"])]
+    names = [r.name for r in runner.order_rows(["petalface_ri", "pretrained"], synthetic.RECIPES)]
     assert names == ["ri", "petalface_ri", "pretrained"]
-    recipe = study_rows.RECIPES["petalface_ri"]
-    config = study.adaptation_config(base_config(), recipe, SETTINGS, 0, "/x", {"ri": "/s/ri"})
+    recipe = synthetic.RECIPES["petalface_ri"]
+    config = synthetic.adaptation_config(base_config(), recipe, SETTINGS, 0, "/x", {"ri": "/s/ri"})
     assert config.model.lora.quality == "recognizability:/s/ri"
     assert config.model.lora.quality_mix and config.train.trainable == "lora,^classifier/"
     with pytest.raises(ValueError, match="'petalface_ri' needs the runs of \\['ri'\\]"):
-        study.adaptation_config(base_config(), recipe, SETTINGS, 0, "/x")
+        synthetic.adaptation_config(base_config(), recipe, SETTINGS, 0, "/x")
 
 
 def test_a_row_is_rerun_when_a_run_it_uses_changes(tmp_path, monkeypatch):
@@ -89,39 +96,41 @@ def test_a_row_is_rerun_when_a_run_it_uses_changes(tmp_path, monkeypatch):
     def configure(config, workdirs):
         seen.append(workdirs)
 
-    recipe = study_rows.Recipe(
+    recipe = rows.Recipe(
         "test_user", "test only", uses=("full_ft",), configure=configure, train=False
     )
-    monkeypatch.setattr(study, "evaluate_start", lambda start, config, row_dir: {})
+    monkeypatch.setattr(runner, "evaluate_start", lambda start, config, row_dir: {})
     out = str(tmp_path)
     used = tmp_path / "seed0" / "full_ft"
     used.mkdir(parents=True)
     (used / "row.json").write_text(json.dumps({"fingerprint": "first"}))
-    starts = {study.PRETRAINED: str(tmp_path / "pre")}
-    first = study.run_row(base_config(), recipe, SETTINGS, 0, out, starts)
+    starts = {rows.PRETRAINED: str(tmp_path / "pre")}
+    first = runner.run_row(base_config(), recipe, SETTINGS, 0, out, starts, SUITE)
     assert seen[-1] == {"full_ft": str(used)} and not first["reused"]
-    assert study.run_row(base_config(), recipe, SETTINGS, 0, out, starts)["reused"]
+    assert runner.run_row(base_config(), recipe, SETTINGS, 0, out, starts, SUITE)["reused"]
     (used / "row.json").write_text(json.dumps({"fingerprint": "second"}))
-    again = study.run_row(base_config(), recipe, SETTINGS, 0, out, starts)
+    again = runner.run_row(base_config(), recipe, SETTINGS, 0, out, starts, SUITE)
     assert not again["reused"] and again["fingerprint"] != first["fingerprint"]
 
 
 def test_adaptation_config_is_the_lr_set_with_the_recipe_applied():
-    config = study.adaptation_config(
-        base_config(), study_rows.RECIPES["classifier_only"], SETTINGS, seed=2, start_dir="/x"
+    config = synthetic.adaptation_config(
+        base_config(), synthetic.RECIPES["classifier_only"], SETTINGS, seed=2, start_dir="/x"
     )
     assert config.data.train == "synthetic_lr" and config.data.num_classes == 12
     assert config.seed == 2 and config.init_from == "/x" and not config.init_classifier
     assert config.train.trainable == "^classifier/" and config.train.update_batch_stats
     assert config.eval.synthetic_tinyface_identities == 6
-    facemoe = study.adaptation_config(
-        base_config(), study_rows.RECIPES["facemoe"], SETTINGS, 0, "/y"
+    facemoe = synthetic.adaptation_config(
+        base_config(), synthetic.RECIPES["facemoe"], SETTINGS, 0, "/y"
     )
     assert facemoe.init_classifier and facemoe.loss.z_coef == pytest.approx(10 * 1e-3)
     # The RI rows train on lr_student's paired captures: the quality head's clean copies are
     # then the full-size renders, not the 8-16 px captures.
     for name in ("ri", "lr_student"):
-        paired = study.adaptation_config(base_config(), study_rows.RECIPES[name], SETTINGS, 0, "/y")
+        paired = synthetic.adaptation_config(
+            base_config(), synthetic.RECIPES[name], SETTINGS, 0, "/y"
+        )
         assert paired.data.train == "synthetic_lr_hr" and paired.data.acquisition_prob == 1.0
 
 
@@ -147,10 +156,10 @@ def test_command_line_errors_are_one_line(tmp_path):
 
 def test_an_interrupted_run_folder_is_kept_for_the_same_settings_only(tmp_path):
     folder = tmp_path / "row"
-    study.prepare_run_dir(str(folder), "key-a")
+    runner.prepare_run_dir(str(folder), "key-a")
     (folder / "checkpoints").mkdir()
-    study.prepare_run_dir(str(folder), "key-a")  # the same settings: continue from checkpoints
+    runner.prepare_run_dir(str(folder), "key-a")  # the same settings: continue from checkpoints
     assert (folder / "checkpoints").is_dir()
-    study.prepare_run_dir(str(folder), "key-b")  # other settings: start again
+    runner.prepare_run_dir(str(folder), "key-b")  # other settings: start again
     assert not (folder / "checkpoints").exists()
     assert json.load(open(folder / "pending.json")) == {"fingerprint": "key-b"}

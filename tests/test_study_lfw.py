@@ -12,7 +12,8 @@ ort = pytest.importorskip("onnxruntime")
 
 from onnx import helper  # noqa: E402
 
-from facemoe_jax import study, study_lfw  # noqa: E402
+from facemoe_jax.study import cli, runner  # noqa: E402
+from facemoe_jax.study import lfw as study_lfw  # noqa: E402
 from facemoe_jax.evaluate import lfw  # noqa: E402
 from tests.evaluate.test_lfw import make_fake_lfw, random_sets, write_pairs_file  # noqa: E402
 from tests.models.test_onnx_graph import _weight, write_graph  # noqa: E402
@@ -86,7 +87,7 @@ def test_missing_paths_are_named(fake_suite, tmp_path):
         study_lfw.check_paths(settings)
     with pytest.raises(ValueError, match="aligned112"):
         study_lfw.check_paths(study_lfw.LfwSettings(lfw_dir=str(tmp_path)))
-    code = study.main(["--suite", "lfw", "--out", str(tmp_path / "o"), "--lfw", str(tmp_path)])
+    code = cli.main(["--suite", "lfw", "--out", str(tmp_path / "o"), "--lfw", str(tmp_path)])
     assert code == 2
 
 
@@ -107,7 +108,7 @@ def test_the_suite_against_onnxruntime(fake_suite, tmp_path, capsys):
     base = study_lfw.base_config(settings)
     out = str(tmp_path / "study")
     recipes = ["teacher", "aird", "adapters"]
-    summary = study.run_study(base, out, recipes=recipes, settings=settings, suite=study.LFW)
+    summary = runner.run_study(base, out, recipes=recipes, settings=settings, suite=study_lfw.LFW)
     assert list(summary) == recipes
     rows = json.load(open(os.path.join(out, "results.json")))["rows"]
     expected_keys = {f"{entry}/{metric}" for entry, metric, _ in study_lfw.COLUMNS}
@@ -132,7 +133,7 @@ def test_the_suite_against_onnxruntime(fake_suite, tmp_path, capsys):
     assert "| aird | 100.0 % |" in table and "V1 both 12" in table and "V2 test people 8" in table
     assert os.path.getsize(os.path.join(out, "hr_vs_lr.png")) > 1000
     capsys.readouterr()
-    again = study.run_study(base, out, recipes=recipes, settings=settings, suite=study.LFW)
+    again = runner.run_study(base, out, recipes=recipes, settings=settings, suite=study_lfw.LFW)
     assert capsys.readouterr().out.count(" reused;") == 3 and again == summary
 
 
@@ -140,8 +141,8 @@ def test_the_teacher_row_is_evaluated_once_for_every_seed(fake_suite, tmp_path):
     settings = fake_suite
     base = study_lfw.base_config(settings)
     out = tmp_path / "study"
-    summary = study.run_study(
-        base, str(out), seeds=2, recipes=["teacher"], settings=settings, suite=study.LFW
+    summary = runner.run_study(
+        base, str(out), seeds=2, recipes=["teacher"], settings=settings, suite=study_lfw.LFW
     )
     rows = json.load(open(out / "results.json"))["rows"]
     assert [r["seed"] for r in rows] == [0, 1] and rows[0]["metrics"] == rows[1]["metrics"]
@@ -154,7 +155,7 @@ def test_the_aird_adapt_bn_row_config(fake_suite):
     settings = fake_suite
     recipe = study_lfw.RECIPES["aird_adapt_bn"]
     assert recipe.start == "aird" and not recipe.train
-    order = study.order_rows(["aird_adapt_bn"], study_lfw.RECIPES)
+    order = runner.order_rows(["aird_adapt_bn"], study_lfw.RECIPES)
     assert [r.name for r in order] == ["aird", "aird_adapt_bn"]  # its start runs first
     base = study_lfw.base_config(settings)
     config = study_lfw.adaptation_config(base, recipe, settings, 2, "/runs/aird", {})
@@ -189,7 +190,7 @@ def test_the_aird_adapt_bn_row_calibrates_and_adapts_the_aird_run(
 
     monkeypatch.setattr(lfw, "evaluate_lfw", recording)
     out = str(tmp_path / "study")
-    study.run_study(base, out, recipes=["aird_adapt_bn"], settings=settings, suite=study.LFW)
+    runner.run_study(base, out, recipes=["aird_adapt_bn"], settings=settings, suite=study_lfw.LFW)
     rows = {r["recipe"]: r for r in json.load(open(os.path.join(out, "results.json")))["rows"]}
     assert rows["aird_adapt_bn"]["start"] == "aird" and rows["aird_adapt_bn"]["steps"] == 0
     plain, ours = caches  # the aird row's evaluation, then aird_adapt_bn's
@@ -198,7 +199,7 @@ def test_the_aird_adapt_bn_row_calibrates_and_adapts_the_aird_run(
     # training person's image (18 < 512), each set of LFW images (one size, one call of the
     # evaluation's `embed`) adapted on its own images, with one shared cache as the suite's.
     recipe = study_lfw.RECIPES["aird_adapt_bn"]
-    aird_dir = study.run_dir(out, 0, "aird")
+    aird_dir = runner.run_dir(out, 0, "aird")
     config = study_lfw.adaptation_config(base, recipe, settings, 0, aird_dir, {})
     loaded = load_variables(aird_dir, config)
     model = build_model(config.model)
@@ -252,7 +253,7 @@ def test_the_student_rows_share_every_setting_but_the_experts(fake_suite):
         assert config.data.people_file.endswith("peopleDevTrain.txt")
     assert (dense.model.moe_layers, moe.model.moe_layers) == ("none", "every:2")
     assert moe.model.top_k == 1 and moe.loss.balance_coef > 0 and dense.loss.balance_coef == 0
-    a, b = study.settings_changed(dense), study.settings_changed(moe)
+    a, b = runner.settings_changed(dense), runner.settings_changed(moe)
     assert {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)} == {
         "model.moe_layers",
         "loss.z_coef",
@@ -313,21 +314,21 @@ def test_the_validation_suite_trains_without_the_held_out_people(fake_suite, tmp
 
 def test_set_changes_settings_by_their_type():
     settings = study_lfw.LfwSettings()
-    changed = study.with_settings(settings, ["learning_rate=5e-4", "steps=7"])
+    changed = runner.with_settings(settings, ["learning_rate=5e-4", "steps=7"])
     assert (changed.learning_rate, changed.steps) == (5e-4, 7)
     with pytest.raises(ValueError, match="--set 'rate=1'.*learning_rate"):
-        study.with_settings(settings, ["rate=1"])
+        runner.with_settings(settings, ["rate=1"])
     with pytest.raises(ValueError, match="'x' is not a int"):
-        study.with_settings(settings, ["steps=x"])
+        runner.with_settings(settings, ["steps=x"])
 
 
 def test_a_setting_at_its_default_does_not_change_a_fingerprint(fake_suite):
     config = study_lfw.base_config(fake_suite)
-    changed = study.settings_changed(config)
+    changed = runner.settings_changed(config)
     assert changed["model.name"] == "onnx" and "distill.teacher_cache" not in changed
     assert "model.num_experts" not in changed  # at its default
     config.distill.teacher_cache = "auto"
-    assert study.settings_changed(config)["distill.teacher_cache"] == "auto"
+    assert runner.settings_changed(config)["distill.teacher_cache"] == "auto"
 
 
 # ---- the `ri` row: a quality head on aird's frozen encoder
@@ -345,7 +346,7 @@ def test_the_ri_row_trains_only_a_quality_head_on_aird(fake_suite):
     settings = fake_suite
     recipe = study_lfw.RECIPES["ri"]
     assert recipe.start == "aird" and recipe.train
-    assert [r.name for r in study.order_rows(["ri"], study_lfw.RECIPES)] == ["aird", "ri"]
+    assert [r.name for r in runner.order_rows(["ri"], study_lfw.RECIPES)] == ["aird", "ri"]
     base = study_lfw.base_config(settings)
     config = study_lfw.adaptation_config(base, recipe, settings, 1, "/runs/aird", {})
     assert config.init_from == "/runs/aird" and config.init_classifier  # aird's centres
@@ -362,7 +363,7 @@ def test_the_ri_row_trains_only_a_quality_head_on_aird(fake_suite):
     mask = trainable.trainable_mask(params, config.train.trainable)
     trained = {path_name(p) for p, m in jax.tree_util.tree_leaves_with_path(mask) if m}
     assert trained and all(p.startswith("encoder/quality_head/") for p in trained)
-    assert 0 < study.trainable_share(config) < 1  # the tiny graph is smaller than the head
+    assert 0 < runner.trainable_share(config) < 1  # the tiny graph is smaller than the head
 
 
 def test_the_quality_table_shows_ratios_as_they_are():
@@ -374,7 +375,7 @@ def test_the_quality_table_shows_ratios_as_they_are():
         "lfw_quality/fnmr_reject0": (0.05, 0.0),
         "lfw_quality/spearman_rho": (0.8123, 0.0),
     }
-    table = study.format_table({"ri": entry}, study_lfw.QUALITY_COLUMNS)
+    table = runner.format_table({"ri": entry}, study_lfw.QUALITY_COLUMNS)
     assert "| ri | 10.0 % | - | 5.0 | - |" in table and "| 0.812 | - | 2.0 |" in table
     assert "rho(q, px)" in table.splitlines()[0]
 
@@ -386,7 +387,9 @@ def test_the_ri_row_end_to_end(fake_suite, tmp_path, capsys):
     settings = fake_suite
     base = study_lfw.base_config(settings)
     out = tmp_path / "study"
-    summary = study.run_study(base, str(out), recipes=["ri"], settings=settings, suite=study.LFW)
+    summary = runner.run_study(
+        base, str(out), recipes=["ri"], settings=settings, suite=study_lfw.LFW
+    )
     assert list(summary) == ["aird", "ri"]
     ri = summary["ri"]
     assert 0 < ri["trainable_share"] < 1 and "lfw_view1@12px/accuracy" not in ri

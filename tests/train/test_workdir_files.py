@@ -260,14 +260,14 @@ print("restored")
 
 
 def test_study_files_go_through_epath(mem_scheme, tmp_path, monkeypatch):
-    from facemoe_jax import study
+    from facemoe_jax.study import runner, synthetic
 
     monkeypatch.chdir(tmp_path)
-    assert study._read_json("mem://bucket/study/row.json") is None
+    assert runner.read_json("mem://bucket/study/row.json") is None
     epath.Path("mem://bucket/study").mkdir(parents=True, exist_ok=True)
     epath.Path("mem://bucket/study/row.json").write_text('{"fingerprint": "abc"}')
-    assert study._read_json("mem://bucket/study/row.json") == {"fingerprint": "abc"}
-    study.plot_trade_off({}, "mem://bucket/study/hr_vs_lr.png")
+    assert runner.read_json("mem://bucket/study/row.json") == {"fingerprint": "abc"}
+    runner.plot_trade_off({}, "mem://bucket/study/hr_vs_lr.png", synthetic.PLOT)
     assert epath.Path("mem://bucket/study/hr_vs_lr.png").read_bytes()[:4] == b"\x89PNG"
     assert os.listdir(tmp_path) == []
 

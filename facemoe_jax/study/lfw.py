@@ -24,10 +24,12 @@ import os
 
 import ml_collections
 
-from facemoe_jax import recipes, study_rows
-from facemoe_jax.study_rows import PRETRAINED, SCRATCH, Recipe
+from facemoe_jax import recipes
+from facemoe_jax.study import rows as rows_lib
+from facemoe_jax.study import runner
+from facemoe_jax.study.rows import PRETRAINED, SCRATCH, Recipe
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_LFW = os.path.join(_REPO, "..", "shared", "realfaces", "lfw")
 DEFAULT_TEACHER = os.path.join(
     _REPO, "..", "shared", "realfaces", "models", "faceplugin_fr_feature.onnx"
@@ -242,7 +244,7 @@ def adaptation_config(base, recipe: Recipe, settings: LfwSettings, seed: int, st
 # ---- The rows.
 
 RECIPES: dict[str, Recipe] = {}
-register = functools.partial(study_rows.register, registry=RECIPES)
+register = functools.partial(rows_lib.register, registry=RECIPES)
 
 
 def _lr_fine_tuning(config, settings):
@@ -446,5 +448,36 @@ register(
     )
 )
 # Every row starts from the teacher, from scratch, or from another row of this suite (which
-# study.order_rows runs first).
+# runner.order_rows runs first).
 assert all(r.start in (PRETRAINED, SCRATCH) or r.start in RECIPES for r in RECIPES.values())
+
+
+def _starts(base, out, rows, pretrained, settings) -> dict:
+    del base, out, rows
+    if pretrained:
+        raise ValueError("--pretrained: the lfw suite starts from --teacher")
+    check_paths(settings)
+    return {PRETRAINED: os.path.abspath(settings.teacher)}
+
+
+LFW = runner.Suite(
+    name="lfw",
+    recipes=RECIPES,
+    columns=COLUMNS,
+    plot=PLOT,
+    adaptation_config=adaptation_config,
+    starts=_starts,
+    settings=LfwSettings(),
+    title="Low-resolution adaptation on real faces (LFW)",
+    time_guess=(3.5, 480.0),
+    seedless_evaluation=True,
+    tables=TABLES,
+)
+LFW_VALIDATION = dataclasses.replace(
+    LFW,
+    name="lfw-validation",
+    columns=VALIDATION_COLUMNS,
+    plot=VALIDATION_PLOT,
+    title="Choosing settings on held-out training people (LFW View 1)",
+    time_guess=(3.5, 150.0),
+)
