@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from facemoe_jax.core.images import normalize_images
-from facemoe_jax.data.pipeline import DecodeAndResize, eval_batches
+from facemoe_jax.data.pipeline import BadRecordError, DecodeAndResize, eval_batches
 
 DEFAULT_DIR = os.path.join("~", ".cache", "facemoe_jax", "teacher_embeddings")
 AUTO = "auto"  # config.distill.teacher_cache: DEFAULT_DIR, or $FACEMOE_CACHE_DIR/teacher_embeddings
@@ -72,7 +72,8 @@ def embed_records(
 ) -> np.ndarray:
     """(len(indices), D) float32: normalise(f(x) + f(mirror x)) of those records' images,
     decoded and resized to `image_size` as the training pipeline does; `embed(variables,
-    images in [-1, 1]) -> (B, D)`."""
+    images in [-1, 1]) -> (B, D)`. An unreadable record gets a zero row: the pipeline replaces
+    it by the next readable one, whose own index it reports, so the row is never looked up."""
     decode = DecodeAndResize(image_size)
 
     @jax.jit
@@ -86,9 +87,17 @@ def embed_records(
     out = []
     for start in range(0, len(indices), batch_size):
         chunk = indices[start : start + batch_size]
-        images = np.stack([decode(source[int(i)])["image"] for i in chunk])
-        for batch, valid in eval_batches(images, batch_size):
-            out.append(np.asarray(flip_test(variables, batch))[:valid])
+        images, readable = [], []
+        for i in chunk:
+            try:
+                images.append(decode(source[int(i)])["image"])
+                readable.append(True)
+            except BadRecordError:
+                images.append(np.zeros((image_size, image_size, 3), np.uint8))
+                readable.append(False)
+        for batch, valid in eval_batches(np.stack(images), batch_size):
+            rows = np.asarray(flip_test(variables, batch))[:valid]
+            out.append(np.where(np.asarray(readable)[:, None], rows, 0.0).astype(np.float32))
     return np.concatenate(out)
 
 

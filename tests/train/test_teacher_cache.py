@@ -61,6 +61,24 @@ def test_table_is_the_normalised_sum_of_each_image_and_its_mirror(teacher):
         np.testing.assert_allclose(table[i], raw / np.linalg.norm(raw), atol=2e-6)
 
 
+def test_an_unreadable_record_gets_a_zero_row_and_the_rest_their_own(teacher):
+    from facemoe_jax.data.pipeline import BadRecordError
+
+    class WithABadRecord(ArraySource):
+        def __getitem__(self, index):
+            if index == 1:
+                raise BadRecordError("img1: truncated")
+            return super().__getitem__(index)
+
+    model, variables = teacher
+    embed = lambda v, x: model.apply(v, x, train=False)[0]  # noqa: E731
+    images = _images(3)
+    table = teacher_cache.embed_records(embed, variables, WithABadRecord(images), [0, 1, 2], 32)
+    direct = teacher_cache.embed_records(embed, variables, ArraySource(images), [0, 2], 32)
+    np.testing.assert_array_equal(table[1], 0.0)
+    np.testing.assert_allclose(table[[0, 2]], direct, atol=1e-6)
+
+
 def test_file_follows_the_teacher_and_grows_with_new_records(teacher, tmp_path, capsys):
     model, variables = teacher
     key = teacher_cache.teacher_key(variables, 32)
