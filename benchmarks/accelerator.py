@@ -79,13 +79,13 @@ def part_ours(model_name: str, size: str, steps: int) -> dict:
     import jax
 
     from benchmarks import train_step
-    from facemoe_jax import aot
+    from facemoe_jax.aot import cost
 
     config = train_config(model_name, size)
     batch = BATCH[size]["train"]
     run, compile_s, gflop, _ = train_step.make_ours(config, batch)
     step_s = train_step._time_steps(run, steps)
-    flops = gflop * 1e9 + aot.dropless_expert_flops(config.model, batch)
+    flops = gflop * 1e9 + cost.dropless_expert_flops(config.model, batch)
     figures = step_figures(step_s, batch, flops)
     figures.update(compile_s=round(compile_s, 1), device=jax.devices()[0].device_kind)
     return figures

@@ -30,7 +30,8 @@ import time  # noqa: E402
 
 import jax  # noqa: E402
 
-from facemoe_jax import aot  # noqa: E402
+from facemoe_jax.aot import compile as aot_compile  # noqa: E402
+from facemoe_jax.aot import cost  # noqa: E402
 from facemoe_jax.parallel import mesh as mesh_lib  # noqa: E402
 
 MESHES = ((8, 1), (4, 2), (2, 4), (1, 8))
@@ -52,16 +53,16 @@ def vit_b_config(num_classes: int, depth: int | None, mesh: tuple[int, int]):
 def compiled_memory(config, mesh, batch_size) -> tuple[dict[str, float], float]:
     """GiB per device of the compiled train step (arguments, outputs, temporaries, aliased)."""
     start = time.perf_counter()
-    compiled = aot.compile_train_step(config, mesh, batch_size)[0]
+    compiled = aot_compile.compile_train_step(config, mesh, batch_size)[0]
     seconds = time.perf_counter() - start
-    memory = aot.compiled_memory(compiled)
+    memory = cost.compiled_memory(compiled)
     keys = ("arguments", "outputs", "temporaries", "aliased")
     return {k: memory[k] / GB for k in keys}, seconds
 
 
 def state_bytes_per_device(state) -> dict[str, float]:
     """GiB per device of params + optimiser state, by kind (centres, experts, rest)."""
-    split = aot.state_bytes_by_kind(state)
+    split = cost.state_bytes_by_kind(state)
     return {k: (split["params"][k] + split["optimizer"][k]) / GB for k in split["params"]}
 
 
@@ -80,7 +81,7 @@ def main():
         for shape in MESHES:
             full = vit_b_config(classes, None, shape)
             mesh = mesh_lib.make_mesh(full.mesh)
-            state = aot.abstract_sharded_state(full, mesh)[3]
+            state = aot_compile.abstract_sharded_state(full, mesh)[3]
             params = state_bytes_per_device(state)
             cut = vit_b_config(classes, args.depth, shape)
             memory, seconds = compiled_memory(cut, mesh, args.batch)

@@ -1,4 +1,4 @@
-"""The AOT report (facemoe_jax/aot.py): its arithmetic by hand, and, where libtpu is at hand
+"""The AOT report (facemoe_jax/aot/): its arithmetic by hand, and, where libtpu is at hand
 ($FACEMOE_LIBTPU_DIR or installed), the demo config compiled for a 4-chip TPU v5e topology."""
 
 import importlib.util
@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 from configs import common, demo, swin_moe_120
-from facemoe_jax import aot
+from facemoe_jax.aot import compile as aot_compile
+from facemoe_jax.aot import cost, topology
+from facemoe_jax.aot import report as aot_report
 from facemoe_jax.models import build_model
 from facemoe_jax.parallel import mesh as mesh_lib
 from facemoe_jax.train import state as state_lib
@@ -22,22 +24,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_roofline_is_the_slower_of_compute_and_memory():
-    r = aot.roofline(2e12, 1e9, peak_flops=1e15, bandwidth=1e12, global_batch=512, mfu=0.5)
+    r = cost.roofline(2e12, 1e9, peak_flops=1e15, bandwidth=1e12, global_batch=512, mfu=0.5)
     assert r.compute_seconds == pytest.approx(2e-3) and r.memory_seconds == pytest.approx(1e-3)
     assert r.bound_seconds == pytest.approx(2e-3)
     assert r.images_per_second_bound == pytest.approx(512 / 2e-3)
     # At 50 % MFU a chip runs 5e14 FLOP/s: 2e12 FLOPs per step take 4 ms for 512 images.
     assert r.images_per_second_at_mfu == pytest.approx(512 / 4e-3)
-    memory_bound = aot.roofline(1e9, 4e9, peak_flops=1e15, bandwidth=1e12, global_batch=8)
+    memory_bound = cost.roofline(1e9, 4e9, peak_flops=1e15, bandwidth=1e12, global_batch=8)
     assert memory_bound.bound_seconds == pytest.approx(4e-3)
 
 
 def test_mesh_candidates_split_the_devices_as_the_experts_allow():
-    assert aot.mesh_candidates(8, 8, dense=False) == [(1, 8), (2, 4), (4, 2), (8, 1)]
-    assert aot.mesh_candidates(16, 8, dense=False) == [(1, 16), (2, 8), (4, 4), (8, 2), (16, 1)]
-    assert aot.mesh_candidates(6, 4, dense=False) == [(3, 2), (6, 1)]
-    assert aot.mesh_candidates(4, 3, dense=False) == [(4, 1)]
-    assert aot.mesh_candidates(8, 8, dense=True) == [(8, 1)]
+    assert cost.mesh_candidates(8, 8, dense=False) == [(1, 8), (2, 4), (4, 2), (8, 1)]
+    assert cost.mesh_candidates(16, 8, dense=False) == [(1, 16), (2, 8), (4, 4), (8, 2), (16, 1)]
+    assert cost.mesh_candidates(6, 4, dense=False) == [(3, 2), (6, 1)]
+    assert cost.mesh_candidates(4, 3, dense=False) == [(4, 1)]
+    assert cost.mesh_candidates(8, 8, dense=True) == [(8, 1)]
 
 
 def test_dropless_expert_flops_by_hand():
@@ -47,24 +49,24 @@ def test_dropless_expert_flops_by_hand():
     # 144 tokens, 12 MoE blocks, 2 experts per token, two 512x2048 matmuls of 2 FLOPs per MAC,
     # forward + backward = 3 forwards.
     per_image = 3 * 12 * 144 * 2 * (2 * 512 * 2048 * 2)
-    assert aot.dropless_expert_flops(vit, 16) == pytest.approx(16 * per_image)
+    assert cost.dropless_expert_flops(vit, 16) == pytest.approx(16 * per_image)
     vit.capacity_factor = 1.5  # the capacity path's einsums are in XLA's count
-    assert aot.dropless_expert_flops(vit, 16) == 0.0
+    assert cost.dropless_expert_flops(vit, 16) == 0.0
     swin = swin_moe_120.get_config().model
     # 120 / 6 = 20 patches a side: stages of 20, 10, 5 tokens a side, widths 384, 768, 1536.
     tokens_width = [(400, 384)] * 2 + [(100, 768)] * 18 + [(25, 1536)] * 2
     forward = sum(t * 2 * 4 * w * 4 * w for t, w in tokens_width)
-    assert aot.dropless_expert_flops(swin, 2) == pytest.approx(3 * 2 * forward)
+    assert cost.dropless_expert_flops(swin, 2) == pytest.approx(3 * 2 * forward)
     swin.moe_layers = "none"
-    assert aot.dropless_expert_flops(swin, 2) == 0.0
+    assert cost.dropless_expert_flops(swin, 2) == 0.0
 
 
 def test_state_bytes_split_centres_experts_and_the_rest():
     config = demo.get_config()
     config.data.num_classes = 100
     mesh = mesh_lib.make_mesh(config.mesh)
-    _, _, _, state, _ = aot.abstract_sharded_state(config, mesh)
-    split = aot.state_bytes_by_kind(state)
+    _, _, _, state, _ = aot_compile.abstract_sharded_state(config, mesh)
+    split = cost.state_bytes_by_kind(state)
     model = build_model(config.model)
     params = jax.eval_shape(
         lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 48, 48, 3)), train=False)
@@ -81,13 +83,13 @@ def test_state_bytes_split_centres_experts_and_the_rest():
 
 
 def test_without_libtpu_the_error_says_how_to_get_it(monkeypatch):
-    monkeypatch.delenv(aot.LIBTPU_DIR_ENV, raising=False)
+    monkeypatch.delenv(topology.LIBTPU_DIR_ENV, raising=False)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(aot.AotError, match=r"tpu-aot.*FACEMOE_LIBTPU_DIR"):
-        aot.use_libtpu()
-    monkeypatch.setenv(aot.LIBTPU_DIR_ENV, "/nonexistent/libtpu_dir")
-    with pytest.raises(aot.AotError, match="/nonexistent/libtpu_dir holds no libtpu"):
-        aot.use_libtpu()
+    with pytest.raises(topology.AotError, match=r"tpu-aot.*FACEMOE_LIBTPU_DIR"):
+        topology.use_libtpu()
+    monkeypatch.setenv(topology.LIBTPU_DIR_ENV, "/nonexistent/libtpu_dir")
+    with pytest.raises(topology.AotError, match="/nonexistent/libtpu_dir holds no libtpu"):
+        topology.use_libtpu()
 
 
 def test_the_printed_report_names_the_verdict_and_a_fitting_mesh():
@@ -132,7 +134,7 @@ def test_the_printed_report_names_the_verdict_and_a_fitting_mesh():
         ],
         "fitting_mesh": {"data": 1, "expert": 4},
     }
-    text = aot.format_report(report)
+    text = aot_report.format_report(report)
     assert "total        20.00 GiB of 16.00 GiB: DOES NOT FIT" in text
     assert "parameters   centres 2.00 GiB, experts 1.00 GiB, rest 512.0 MiB" in text
     assert "(XLA 30.000 T + dropless experts 10.000 T)" in text
@@ -143,7 +145,7 @@ def test_the_printed_report_names_the_verdict_and_a_fitting_mesh():
 
 def libtpu_dir():
     """$FACEMOE_LIBTPU_DIR, or "" when libtpu is installed here; None when neither."""
-    folder = os.environ.get(aot.LIBTPU_DIR_ENV, "")
+    folder = os.environ.get(topology.LIBTPU_DIR_ENV, "")
     if folder and os.path.isdir(os.path.join(folder, "libtpu")):
         return folder
     return "" if importlib.util.find_spec("libtpu") is not None else None
@@ -210,17 +212,20 @@ def test_an_unknown_topology_is_one_line(tmp_path):
 
 
 def test_missing_flags_and_a_missing_libtpu_are_one_line_each(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != aot.LIBTPU_DIR_ENV}
+    env = {k: v for k, v in os.environ.items() if k != topology.LIBTPU_DIR_ENV}
     command = [sys.executable, "-m", "facemoe_jax.aot", "--config", "configs/demo.py"]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     assert done.stderr.strip() == "error: both --config and --topology are required"
-    env[aot.LIBTPU_DIR_ENV] = str(tmp_path)  # a folder without libtpu
+    env[topology.LIBTPU_DIR_ENV] = str(tmp_path)  # a folder without libtpu
     done = subprocess.run(
         command + ["--topology", "v5e:2x2"], cwd=ROOT, env=env, capture_output=True, text=True
     )
     assert done.returncode == 2
-    assert done.stderr.strip() == f"error: {aot.LIBTPU_DIR_ENV}={tmp_path} holds no libtpu package"
+    assert (
+        done.stderr.strip()
+        == f"error: {topology.LIBTPU_DIR_ENV}={tmp_path} holds no libtpu package"
+    )
 
 
 OOM = (
@@ -231,10 +236,10 @@ OOM = (
 
 def test_out_of_memory_is_read_from_xlas_refusal_only():
     error = jax.errors.JaxRuntimeError(f"some prefix\n{OOM}\nmore")
-    assert aot.out_of_memory(error).startswith("RESOURCE_EXHAUSTED: Ran out of memory on HBM")
-    assert "(17.43G)" in aot.out_of_memory(error)
-    assert aot.out_of_memory(ValueError("shapes do not match")) is None
-    assert aot.out_of_memory(RuntimeError("RESOURCE_EXHAUSTED: too many threads")) is None
+    assert cost.out_of_memory(error).startswith("RESOURCE_EXHAUSTED: Ran out of memory on HBM")
+    assert "(17.43G)" in cost.out_of_memory(error)
+    assert cost.out_of_memory(ValueError("shapes do not match")) is None
+    assert cost.out_of_memory(RuntimeError("RESOURCE_EXHAUSTED: too many threads")) is None
 
 
 def test_a_program_xla_refuses_for_memory_is_a_does_not_fit_verdict(monkeypatch):
@@ -248,7 +253,7 @@ def test_a_program_xla_refuses_for_memory_is_a_does_not_fit_verdict(monkeypatch)
     config.data.num_classes = 64
     config.train.batch_size = 8
     chip = chips.Chip("TPU test", 1e14, 16 * 2**30, 1e12, "test")
-    monkeypatch.setattr(aot, "topology_devices", lambda name: jax.devices()[:1])
+    monkeypatch.setattr(aot_report, "topology_devices", lambda name: jax.devices()[:1])
     monkeypatch.setattr(chips, "chip_of", lambda kind: chip)
     calls = []
 
@@ -256,12 +261,12 @@ def test_a_program_xla_refuses_for_memory_is_a_does_not_fit_verdict(monkeypatch)
         calls.append(dict(candidate.mesh))
         raise jax.errors.JaxRuntimeError(OOM)
 
-    monkeypatch.setattr(aot, "compile_train_step", refuse)
-    r = aot.report(config, "test:1x1")
+    monkeypatch.setattr(aot_report, "compile_train_step", refuse)
+    r = aot_report.report(config, "test:1x1")
     assert r["fits"] is False and r["compile_error"].startswith("RESOURCE_EXHAUSTED")
     assert r["state_bytes_per_chip"]["params"]["experts"] > 0
     assert "fitting_mesh" not in r and len(calls) == 1 + len(r["search"])
-    text = aot.format_report(r)
+    text = aot_report.format_report(r)
     assert "train step not compiled" in text
     assert "XLA refused the program: RESOURCE_EXHAUSTED" in text
     assert "more than 16.00 GiB: DOES NOT FIT" in text
@@ -270,6 +275,6 @@ def test_a_program_xla_refuses_for_memory_is_a_does_not_fit_verdict(monkeypatch)
     def other_error(candidate, mesh, batch_size=0):
         raise jax.errors.JaxRuntimeError("INTERNAL: something else")
 
-    monkeypatch.setattr(aot, "compile_train_step", other_error)
+    monkeypatch.setattr(aot_report, "compile_train_step", other_error)
     with pytest.raises(jax.errors.JaxRuntimeError, match="something else"):
-        aot.report(config, "test:1x1")
+        aot_report.report(config, "test:1x1")
