@@ -47,6 +47,10 @@ def get_base_config() -> ml_collections.ConfigDict:
             # insightface CNNs (name="iresnet" with depth 18/34/50/100/200, or "mobilefacenet";
             # models/iresnet.py, models/mobilefacenet.py). dtype="bfloat16" is their fp16=True.
             dropout=0.0,  # IResNet: dropout before the fc layer of the head (arcface_torch's)
+            # Evaluation-mode 3x3 stride-1 convolutions of IResNets and ONNX graphs: "winograd"
+            # (kernels/winograd.py, where it is faster; equal to "direct" to about 1e-6 of the
+            # layer's scale) or "direct" (XLA's). Training always uses the direct convolution.
+            conv_algorithm="winograd",
             mobilefacenet_blocks=(1, 4, 6, 2),  # arcface_torch mbf; mbf_large: (2, 8, 12, 4)
             mobilefacenet_scale=2,  # width multiplier: mbf 2, mbf_large 4
             # Swin (name="swin_moe"; its stage fields are set by its configs): PETALface's Swin

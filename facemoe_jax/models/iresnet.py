@@ -39,6 +39,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from facemoe_jax.kernels import winograd
 from facemoe_jax.models.layers import batch_norm, check_image_size
 from facemoe_jax.models.recognizability import (
     HeadSettings,
@@ -57,6 +58,7 @@ STAGE_BLOCKS = {
     200: (6, 26, 60, 6),
 }
 STAGE_WIDTHS = (64, 128, 256, 512)
+CONV_ALGORITHMS = ("winograd", "direct")
 PRELU_INIT = 0.25
 
 
@@ -82,8 +84,10 @@ def conv(
     name: str,
     groups: int = 1,
     kernel_init=nn.initializers.normal(0.1),
+    conv_general_dilated=None,
 ) -> nn.Conv:
-    """A bias-free conv with PyTorch's explicit symmetric padding (not Flax's "SAME")."""
+    """A bias-free conv with PyTorch's explicit symmetric padding (not Flax's "SAME");
+    `conv_general_dilated`: lax's (None) or a drop-in such as kernels/winograd.py's."""
     return nn.Conv(
         features,
         (kernel, kernel),
@@ -93,8 +97,18 @@ def conv(
         use_bias=False,
         dtype=dtype,
         kernel_init=kernel_init,
+        conv_general_dilated=conv_general_dilated,
         name=name,
     )
+
+
+def inference_conv(conv_algorithm: str, train: bool):
+    """The convolution of an evaluation-mode forward: "winograd" computes the 3x3 stride-1
+    convolutions with enough channels by F(2x2, 3x3) (kernels/winograd.py; equal to the direct
+    convolution to about 1e-6 of its scale), "direct" keeps XLA's. Training is always direct."""
+    if conv_algorithm not in CONV_ALGORITHMS:
+        raise ValueError(f"conv_algorithm={conv_algorithm!r} is not one of {CONV_ALGORITHMS}")
+    return winograd.conv_general_dilated if conv_algorithm == "winograd" and not train else None
 
 
 def torch_linear_bias_init(fan_in: int):
@@ -112,14 +126,18 @@ class IBasicBlock(nn.Module):
     stride: int = 1
     downsample: bool = False
     dtype: Any = jnp.float32
+    conv_algorithm: str = "direct"
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
+        conv3x3 = inference_conv(self.conv_algorithm, train)
         out = batch_norm(train, "bn1", dtype=self.dtype)(x)
-        out = conv(self.planes, 3, 1, 1, self.dtype, "conv1")(out)
+        out = conv(self.planes, 3, 1, 1, self.dtype, "conv1", conv_general_dilated=conv3x3)(out)
         out = batch_norm(train, "bn2", dtype=self.dtype)(out)
         out = PReLU(self.dtype, name="prelu")(out)
-        out = conv(self.planes, 3, self.stride, 1, self.dtype, "conv2")(out)
+        out = conv(
+            self.planes, 3, self.stride, 1, self.dtype, "conv2", conv_general_dilated=conv3x3
+        )(out)
         out = batch_norm(train, "bn3", dtype=self.dtype)(out)
         if self.downsample:  # PyTorch: downsample = Sequential(conv1x1, BatchNorm2d)
             x = conv(self.planes, 1, self.stride, 0, self.dtype, "downsample_0")(x)
@@ -135,6 +153,7 @@ class IResNet(nn.Module):
     dropout: float = 0.0
     image_size: int = 112
     dtype: Any = jnp.float32
+    conv_algorithm: str = "winograd"  # evaluation-mode 3x3 convolutions (inference_conv)
     heads: HeadSettings = HeadSettings()  # perceptibility attention, quality head (off)
 
     @nn.compact
@@ -155,6 +174,7 @@ class IResNet(nn.Module):
                     stride,
                     downsample=i == 0 and (stride != 1 or inplanes != planes),
                     dtype=self.dtype,
+                    conv_algorithm=self.conv_algorithm,
                     name=f"layer{stage + 1}_{i}",
                 )(x, train)
                 inplanes = planes

@@ -28,7 +28,7 @@ from facemoe_jax.models.onnx_graph import (
     stem_nodes,
 )
 from facemoe_jax.models.quality import QualitySettings, estimator
-from facemoe_jax.models.iresnet import STAGE_BLOCKS, IResNet
+from facemoe_jax.models.iresnet import CONV_ALGORITHMS, STAGE_BLOCKS, IResNet
 from facemoe_jax.models.lora import settings_from_config
 from facemoe_jax.models.mobilefacenet import MobileFaceNet
 from facemoe_jax.models.moe import COMBINE_MODES
@@ -238,6 +238,14 @@ def _check_cnn(cfg: ml_collections.ConfigDict) -> None:
         )
 
 
+def _conv_algorithm(cfg: ml_collections.ConfigDict) -> str:
+    if cfg.conv_algorithm not in CONV_ALGORITHMS:
+        raise ValueError(
+            f"config.model.conv_algorithm={cfg.conv_algorithm!r} is not one of {CONV_ALGORITHMS}"
+        )
+    return str(cfg.conv_algorithm)
+
+
 def build_iresnet(cfg: ml_collections.ConfigDict) -> IResNet:
     """arcface_torch's IResNet: config.model.depth 18, 34, 50, 100 or 200, head dropout
     config.model.dropout."""
@@ -255,6 +263,7 @@ def build_iresnet(cfg: ml_collections.ConfigDict) -> IResNet:
         dropout=cfg.dropout,
         image_size=cfg.image_size,
         dtype=DTYPES[cfg.dtype],
+        conv_algorithm=_conv_algorithm(cfg),
         **_heads(cfg),
     )
 

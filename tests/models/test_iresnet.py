@@ -51,6 +51,7 @@ def test_parameter_count_is_the_official_less_the_frozen_features_scale(depth, o
         ("dropout", 1.0, "config.model.dropout=1.0"),
         ("dtype", "float16", "config.model.dtype='float16'"),
         ("image_size", 8, "config.model.image_size=8"),
+        ("conv_algorithm", "fft", "config.model.conv_algorithm='fft'"),
     ],
 )
 def test_config_errors_name_the_field(field, value, message):
