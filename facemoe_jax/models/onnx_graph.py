@@ -358,6 +358,7 @@ class OnnxModel(nn.Module):
     quality: QualitySettings = QualitySettings()
     heads: HeadSettings = HeadSettings()  # the quality head (off)
     batchnorm: str = "off"  # BATCHNORM_MODES: "every_conv" inserts the BatchNorms below
+    conv_algorithm: str = "winograd"  # evaluation-mode 3x3 convolutions (models/iresnet.py)
 
     def _inserted_batchnorm(self, node: Node, x: Array) -> Array:
         """The BatchNorm after convolution `node` (x: its output, NCHW), for test-time
@@ -410,7 +411,9 @@ class OnnxModel(nn.Module):
         }
         for name, variable in statistics.items():
             values[name] = variable.value
-        context = Context(train, graph.fixed_batch, statistics, self.is_initializing())
+        context = Context(
+            train, graph.fixed_batch, statistics, self.is_initializing(), self.conv_algorithm
+        )
         values[graph.input_name] = self._graph_input(x)
         values[""] = None  # an omitted optional input
         adapted = adapted_nodes(graph) if self.lora is not None else {}
@@ -446,7 +449,9 @@ class OnnxModel(nn.Module):
         """The first convolution's response (B, H', W', C) to images x in [-1, 1], run again
         on other images (the detail x - U_k(x)) with the same weights and constants."""
         local = {**values, self.graph.input_name: self._graph_input(x)}
-        context = Context(False, self.graph.fixed_batch, {}, self.is_initializing())
+        context = Context(
+            False, self.graph.fixed_batch, {}, self.is_initializing(), self.conv_algorithm
+        )
         for node in stem:
             outputs = OPS[node.op](context, node, [local[name] for name in node.inputs])
             local.update(zip(node.outputs, outputs))

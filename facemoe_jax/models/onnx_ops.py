@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from facemoe_jax.kernels import winograd
+
 Array = jax.Array
 
 
@@ -30,6 +32,7 @@ class Context:
     fixed_batch: int | None
     statistics: dict  # ONNX name -> flax Variable (batch_stats)
     initializing: bool
+    conv_algorithm: str = "direct"  # "winograd": evaluation-mode 3x3 convolutions by F(2x2, 3x3)
 
     def update_statistic(self, name: str, batch_value: Array, momentum: float) -> None:
         variable = self.statistics[name]
@@ -77,6 +80,10 @@ def _conv(context, node, inputs):
         y = _pointwise_conv(x, w)
     elif spatial == 2 and groups == x.shape[1] and w.shape[1] == 1:
         y = _depthwise_conv(x, w, strides, padding, dilations)
+    elif _winograd_applies(context, x, w, strides, padding, dilations, groups):
+        # kernels/winograd.py computes NHWC x HWIO; XLA:CPU lays its convolutions out so too.
+        y = winograd.conv3x3(x.transpose(0, 2, 3, 1), w.transpose(2, 3, 1, 0))
+        y = y.transpose(0, 3, 1, 2)
     else:
         spec = ("NCH", "OIH", "NCH") if spatial == 1 else ("NCHW", "OIHW", "NCHW")
         y = jax.lax.conv_general_dilated(
@@ -92,6 +99,21 @@ def _conv(context, node, inputs):
     if len(inputs) > 2 and inputs[2] is not None:
         y = y + inputs[2].reshape((1, -1) + (1,) * spatial)
     return (y,)
+
+
+def _winograd_applies(context, x, w, strides, padding, dilations, groups) -> bool:
+    if context.conv_algorithm != "winograd" or context.train or x.ndim != 4:
+        return False
+    return winograd.applies(
+        x.transpose(0, 2, 3, 1),
+        w.transpose(2, 3, 1, 0),
+        strides,
+        padding,
+        None,
+        dilations,
+        winograd.NHWC,
+        groups,
+    )
 
 
 def _unit_window(strides, padding) -> bool:

@@ -329,6 +329,7 @@ def build_onnx(cfg: ml_collections.ConfigDict) -> OnnxModel:
         input_std=std,
         channel_order=order,
         batchnorm=batchnorm,
+        conv_algorithm=_conv_algorithm(cfg),
         **adapters,
         **heads,
     )

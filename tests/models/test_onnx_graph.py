@@ -151,6 +151,36 @@ def test_pointwise_convolutions_match_onnxruntime(tmp_path):
     np.testing.assert_allclose(ours(path, x), reference(path, x), rtol=1e-5, atol=1e-5)
 
 
+def test_wide_3x3_convolutions_by_winograd_match_onnxruntime(tmp_path):
+    """A 3x3 stride-1 padding-1 conv with 128 input channels takes kernels/winograd.py in
+    evaluation (a strided one does not); both match onnxruntime and the direct convolution."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[0, 0, 0, 0], kernel_shape=[1, 1]),
+        helper.make_node("Conv", ["c1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["c2", "w3"], ["c3"], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Flatten", ["c3"], ["y"]),
+    ]
+    inits = [_weight("w1", 128, 3, 1, 1), _weight("w2", 16, 128, 3, 3, scale=0.05)]
+    inits += [_weight("b2", 16), _weight("w3", 4, 16, 3, 3)]
+    path = write_graph(tmp_path / "g.onnx", nodes, inits, size=7)
+    x = images(size=7)
+    graph = onnx_graph.read_graph(path)
+    mean, std = onnx_graph.input_normalization(graph, -1.0, -1.0)
+    variables = onnx_graph.onnx_variables(graph)
+    normalised = (jnp.asarray(x, jnp.float32) / 255.0 - 0.5) / 0.5
+    out = {
+        algorithm: np.asarray(
+            onnx_graph.OnnxModel(graph, mean, std, conv_algorithm=algorithm).apply(
+                variables, normalised
+            )[0]
+        )
+        for algorithm in ("winograd", "direct")
+    }
+    scale = np.abs(out["direct"]).max()
+    np.testing.assert_allclose(out["winograd"], reference(path, x), rtol=0, atol=1e-5 * scale)
+    assert 0 < np.abs(out["winograd"] - out["direct"]).max() < 1e-5 * scale
+
+
 def _adapter_graph(tmp_path, initializers=None):
     nodes = [
         helper.make_node("Conv", ["x", "w1", "b1"], ["c1"]),
