@@ -147,13 +147,19 @@ class FaceEncoder:
             if normalize:
                 emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
             return emb.astype(np.float32)
-        out = []
+        out, in_flight = [], []
         for start in range(0, len(images), batch_size):
             batch = images[start : start + batch_size]
             n = len(batch)
             if n < batch_size and len(images) > batch_size:  # pad the tail: no recompilation
                 batch = np.concatenate([batch, np.zeros((batch_size - n, s, s, 3), np.uint8)])
-            out.append(np.asarray(self._embed(self.variables, batch, flip_test))[:n])
+            # Dispatch is asynchronous: the next batch is sent before this one is read back, so
+            # the host's work overlaps the device's.
+            in_flight.append((self._embed(self.variables, batch, flip_test), n))
+            if len(in_flight) > 1:
+                emb, n_first = in_flight.pop(0)
+                out.append(np.asarray(emb)[:n_first])
+        out += [np.asarray(emb)[:n] for emb, n in in_flight]
         emb = np.concatenate(out) if out else np.zeros((0, self.embed_dim), np.float32)
         if normalize:
             emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
