@@ -1,16 +1,23 @@
 r"""CPU inference: `FaceEncoder.embed` against onnxruntime running our own exported model.onnx,
 the same images, batch and threads, measured side by side in one run.
 
-  python -m benchmarks.inference [--models demo,r50] [--batch 64] [--threads 2] [--repeats 5]
+  python -m benchmarks.inference [--models demo,r50] [--batch 64] [--threads 2] [--repeats 3]
+      [--batches 4] [--in-process]
 
 For each model (random weights with non-trivial BatchNorm statistics; speed does not depend on
 their values): the JAX variables are exported with our exporter (`interop/onnx.py`, the
 `--mode=export` path) to model.onnx, whose embeddings are checked against JAX's first. Then the
-same 4 batches of uint8 RGB faces are embedded, alternately, `--repeats` times by
+same `--batches` batches of uint8 RGB faces are embedded by
   * ours: `FaceEncoder.embed(images, flip_test=False, normalize=False, batch_size=B)`, the
-    uint8 -> [-1, 1] conversion inside the compiled function;
+    uint8 -> [-1, 1] conversion inside the compiled function, the model's own defaults
+    (IResNets: Winograd 3x3 convolutions, `config.model.conv_algorithm`);
   * onnxruntime: the same conversion and NHWC -> NCHW in numpy (as a deployment does), then
     `InferenceSession.run` with `intra_op_num_threads=T`, `inter_op_num_threads=1`.
+Each runtime runs alone in a process of its own, one after the other, `--repeats` rounds
+(alternating; each process warms up on one batch, then times all the batches twice and keeps
+the faster), as each runs when deployed. `--in-process` times both in this one process instead,
+alternately: there the runtime that follows the other runs up to 25 % slower on the development
+host (one's idle threads still hold a core), see benchmarks/RESULTS.md.
 XLA:CPU's thread pool takes the process's cores; `--threads` should equal them (taskset the
 process to compare at fewer). Reports the median images/s of each and ours / onnxruntime, then
 one JSON line. "demo": configs/demo.py's ViT-MoE (48 px, capacity path); "r50": IResNet-50 at
@@ -23,6 +30,8 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -77,38 +86,109 @@ def ort_embed(session, images: np.ndarray, batch: int) -> np.ndarray:
     return np.concatenate(out)
 
 
-def bench_model(name: str, batch: int, threads: int, repeats: int, batches: int) -> dict:
+def prepare(name: str):
+    """(config, variables, images) of a model, the same in every process: seeded."""
     path, arg = MODELS[name]
     config = load_config(path, arg)
     config.model.dtype = "float32"  # the exported graph's precision (r50 trains in bfloat16)
-    variables = random_variables(config)
-    encoder = FaceEncoder(config, variables)
+    return config, random_variables(config)
+
+
+def bench_images(config, batch: int, batches: int) -> np.ndarray:
     size = config.model.image_size
-    images = np.random.default_rng(1).integers(0, 256, (batch * batches, size, size, 3), np.uint8)
+    return np.random.default_rng(1).integers(0, 256, (batch * batches, size, size, 3), np.uint8)
+
+
+def export_checked(name: str, config, variables, folder: str, batch: int, threads: int) -> dict:
+    """Writes model.onnx into `folder` and checks it against JAX on one batch."""
+    onnx_path = os.path.join(folder, "model.onnx")
+    state = convert.jax_to_torch(config.model, variables)
+    onnx_export.export_onnx(config.model, state, onnx_path)
+    images = bench_images(config, batch, 1)
+    ours = FaceEncoder(config, variables).embed(
+        images, flip_test=False, normalize=False, batch_size=batch
+    )
+    theirs = ort_embed(onnx_session(onnx_path, threads), images, batch)
+    worst = float(np.max(np.abs(ours - theirs)) / np.max(np.abs(theirs)))
+    if worst > 1e-3:
+        raise AssertionError(f"{name}: model.onnx differs from JAX by {worst:.2e} (relative)")
+    return {"onnx_path": onnx_path, "max_relative_difference": worst}
+
+
+def runner(kind: str, config, variables, onnx_path: str, batch: int, threads: int):
+    """A function embedding a set of images with runtime `kind`."""
+    if kind == "ours":
+        encoder = FaceEncoder(config, variables)
+        return lambda x: encoder.embed(x, flip_test=False, normalize=False, batch_size=batch)
+    session = onnx_session(onnx_path, threads)
+    return lambda x: ort_embed(session, x, batch)
+
+
+def timed(run, images: np.ndarray, batch: int, times: int) -> float:
+    """Seconds of the fastest of `times` passes over the images, after one warm-up batch."""
+    run(images[:batch])
+    best = float("inf")
+    for _ in range(times):
+        start = time.perf_counter()
+        run(images)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def worker(args) -> None:
+    """One runtime, one round, in this process: prints its seconds as JSON."""
+    config, variables = prepare(args.models)
+    run = runner(args.worker, config, variables, args.onnx, args.batch, args.threads)
+    images = bench_images(config, args.batch, args.batches)
+    print(json.dumps({"seconds": timed(run, images, args.batch, 2)}))
+
+
+def isolated_seconds(name: str, onnx_path: str, args) -> dict:
+    """{runtime: [seconds per round]}, each round one process per runtime, alternating."""
+    seconds = {"ours": [], "onnxruntime": []}
+    for _ in range(args.repeats):
+        for kind in seconds:
+            command = [sys.executable, "-m", "benchmarks.inference", "--worker", kind]
+            command += ["--models", name, "--onnx", onnx_path, "--batch", str(args.batch)]
+            command += ["--threads", str(args.threads), "--batches", str(args.batches)]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                sys.stderr.write(done.stderr[-4000:])
+                raise SystemExit(f"benchmark worker {kind} ({name}) failed: {done.returncode}")
+            seconds[kind].append(json.loads(done.stdout.strip().splitlines()[-1])["seconds"])
+    return seconds
+
+
+def in_process_seconds(name: str, onnx_path: str, args) -> dict:
+    config, variables = prepare(name)
+    images = bench_images(config, args.batch, args.batches)
+    runs = {
+        kind: runner(kind, config, variables, onnx_path, args.batch, args.threads)
+        for kind in ("ours", "onnxruntime")
+    }
+    seconds = {kind: [] for kind in runs}
+    for _ in range(args.repeats):
+        for kind, run in runs.items():
+            seconds[kind].append(timed(run, images, args.batch, 1))
+    return seconds
+
+
+def bench_model(name: str, args) -> dict:
+    config, variables = prepare(name)
     with tempfile.TemporaryDirectory() as folder:
-        onnx_path = os.path.join(folder, "model.onnx")
-        state = convert.jax_to_torch(config.model, variables)
-        onnx_export.export_onnx(config.model, state, onnx_path)
-        session = onnx_session(onnx_path, threads)
-        ours_emb = encoder.embed(images[:batch], flip_test=False, normalize=False, batch_size=batch)
-        ort_emb = ort_embed(session, images[:batch], batch)  # also the first (warm-up) run
-        worst = float(np.max(np.abs(ours_emb - ort_emb)) / np.max(np.abs(ort_emb)))
-        if worst > 1e-3:
-            raise AssertionError(f"{name}: model.onnx differs from JAX by {worst:.2e} (relative)")
-        times = {"ours": [], "onnxruntime": []}
-        for _ in range(repeats):
-            start = time.perf_counter()
-            encoder.embed(images, flip_test=False, normalize=False, batch_size=batch)
-            times["ours"].append(time.perf_counter() - start)
-            start = time.perf_counter()
-            ort_embed(session, images, batch)
-            times["onnxruntime"].append(time.perf_counter() - start)
-    rates = {k: len(images) / statistics.median(v) for k, v in times.items()}
+        checked = export_checked(name, config, variables, folder, args.batch, args.threads)
+        measure = in_process_seconds if args.in_process else isolated_seconds
+        seconds = measure(name, checked["onnx_path"], args)
+    count = args.batch * args.batches
+    rates = {k: count / statistics.median(v) for k, v in seconds.items()}
     return {
-        "image_size": size,
+        "image_size": int(config.model.image_size),
         "images_per_second": {k: round(v, 1) for k, v in rates.items()},
+        "images_per_second_each_round": {
+            k: [round(count / t, 1) for t in v] for k, v in seconds.items()
+        },
         "ratio": round(rates["ours"] / rates["onnxruntime"], 3),
-        "max_relative_difference": worst,
+        "max_relative_difference": checked["max_relative_difference"],
     }
 
 
@@ -119,10 +199,18 @@ def main():
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batches", type=int, default=4, help="batches per timed run")
+    parser.add_argument("--in-process", action="store_true", help="both in this process")
+    parser.add_argument("--worker", choices=("ours", "onnxruntime"), help=argparse.SUPPRESS)
+    parser.add_argument("--onnx", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    unknown = [m for m in args.models.split(",") if m not in MODELS]
+    if unknown:
+        parser.error(f"--models: {', '.join(unknown)} not among {', '.join(MODELS)}")
+    if args.worker:
+        return worker(args)
     results = {}
     for name in args.models.split(","):
-        r = bench_model(name, args.batch, args.threads, args.repeats, args.batches)
+        r = bench_model(name, args)
         results[name] = r
         ips = r["images_per_second"]
         print(
@@ -131,7 +219,12 @@ def main():
             f"ratio {r['ratio']:.2f}",
             flush=True,
         )
-    print(json.dumps({"batch": args.batch, "threads": args.threads, "results": results}))
+    method = "in-process" if args.in_process else "isolated"
+    print(
+        json.dumps(
+            {"batch": args.batch, "threads": args.threads, "method": method, "results": results}
+        )
+    )
 
 
 if __name__ == "__main__":

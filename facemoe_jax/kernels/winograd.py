@@ -19,8 +19,8 @@ about 1e-5 per layer, compounds over a 50-layer network).
 
 `conv_general_dilated` is a drop-in for `jax.lax.conv_general_dilated` (flax's
 `nn.Conv(conv_general_dilated=...)`): it takes the Winograd path for a float32 NHWC/HWIO 3x3
-convolution with stride 1, padding 1, no dilation, no groups and at least `MIN_CHANNELS` input
-channels, and calls the direct convolution for everything else.
+convolution with stride 1, padding 1, no dilation, no groups, at least `MIN_CHANNELS` input
+channels and `MIN_SIZE` pixels a side, and calls the direct convolution for everything else.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ KERNEL_TRANSFORM = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0
 OUTPUT_TRANSFORM = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float32)
 TILE = 4  # input tile side
 STEP = 2  # output tile side
-MIN_CHANNELS = 128
+MIN_CHANNELS = 64
+MIN_SIZE = 8  # height and width
 NHWC = ("NHWC", "HWIO", "NHWC")
 
 
@@ -90,15 +91,14 @@ def conv3x3(x: Array, kernel: Array) -> Array:
     transformed = [
         _combine(INPUT_TRANSFORM, [by_column[j][p] for j in range(TILE)]) for p in range(TILE)
     ]
-    stacked = jnp.stack([transformed[p][q] for p in range(TILE) for q in range(TILE)])
-    products = jnp.einsum(
-        "tnc,tck->tnk",
-        stacked.reshape(TILE * TILE, batch * rows * cols, channels),
-        transform_kernel(kernel).astype(x.dtype).reshape(TILE * TILE, channels, out_channels),
-    ).reshape(TILE, TILE, batch, rows, cols, out_channels)
-    by_row = [
-        _combine(OUTPUT_TRANSFORM, [products[p, q] for q in range(TILE)]) for p in range(TILE)
+    # 16 separate products, not one batched product over a stacked copy: XLA fuses each
+    # transform into its product's operand, and the stack's copy cost more than it saved.
+    u = transform_kernel(kernel).astype(x.dtype)
+    products = [
+        [jnp.einsum("brcC,CK->brcK", transformed[p][q], u[p, q]) for q in range(TILE)]
+        for p in range(TILE)
     ]
+    by_row = [_combine(OUTPUT_TRANSFORM, products[p]) for p in range(TILE)]
     out = [_combine(OUTPUT_TRANSFORM, [by_row[p][s] for p in range(TILE)]) for s in range(STEP)]
     # out[s][r]: output row r, column s of every tile -> (batch, rows, r, cols, s, K)
     y = jnp.stack([jnp.stack([out[s][r] for s in range(STEP)], axis=3) for r in range(STEP)], 2)
@@ -124,6 +124,7 @@ def applies(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimen
         and rhs.dtype == jnp.float32
         and tuple(rhs.shape[:2]) == (3, 3)
         and lhs.shape[-1] == rhs.shape[2] >= MIN_CHANNELS
+        and min(lhs.shape[1:3]) >= MIN_SIZE
         and tuple(window_strides) == (1, 1)
         and not isinstance(padding, str)
         and tuple(map(tuple, padding)) == ((1, 1), (1, 1))

@@ -50,7 +50,7 @@ def test_conv3x3_rejects_a_kernel_of_another_shape():
 
 
 def lax_arguments(channels=128, **changes):
-    x = jnp.zeros((1, 6, 6, channels))
+    x = jnp.zeros((1, 8, 8, channels))
     w = jnp.zeros((3, 3, channels, 8))
     args = dict(
         lhs=x,
@@ -76,14 +76,15 @@ def lax_arguments(channels=128, **changes):
         ({"padding": "SAME"}, False),
         ({"rhs_dilation": (2, 2)}, False),
         ({"dimension_numbers": ("NCHW", "OIHW", "NCHW")}, False),
-        ({"lhs": jnp.zeros((1, 6, 6, 128), jnp.bfloat16)}, False),
-        ({"lhs": jnp.zeros((1, 6, 6, 64)), "rhs": jnp.zeros((3, 3, 64, 8))}, False),
+        ({"lhs": jnp.zeros((1, 8, 8, 128), jnp.bfloat16)}, False),
+        ({"lhs": jnp.zeros((1, 8, 8, 32)), "rhs": jnp.zeros((3, 3, 32, 8))}, False),
+        ({"lhs": jnp.zeros((1, 7, 9, 128))}, False),
         ({"rhs": jnp.zeros((1, 1, 128, 8))}, False),
     ],
 )
 def test_winograd_takes_only_the_convolutions_it_computes(changes, applies):
-    """3x3, stride 1, padding 1, NHWC float32 with at least MIN_CHANNELS inputs; everything
-    else goes to lax unchanged."""
+    """3x3, stride 1, padding 1, NHWC float32 with at least MIN_CHANNELS inputs on a map of at
+    least MIN_SIZE a side; everything else goes to lax unchanged."""
     assert winograd.applies(**lax_arguments(**changes)) is applies
 
 
@@ -99,7 +100,8 @@ def test_the_drop_in_falls_back_to_lax_exactly():
 
 
 def test_iresnet_evaluation_with_winograd_equals_direct_and_training_is_direct():
-    """An IResNet-18 whose last two stages (128+ channels) go through Winograd in evaluation:
+    """An IResNet-18 whose 3x3 stride-1 convolutions on maps of 8+ pixels go through Winograd in
+    evaluation:
     its embeddings equal the direct convolution's to 1e-5 of their scale, and the training
     forward (batch statistics) is the direct one bit for bit."""
     fast = IResNet(depth=18, embed_dim=16, image_size=32, conv_algorithm="winograd")

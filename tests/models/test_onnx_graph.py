@@ -152,7 +152,7 @@ def test_pointwise_convolutions_match_onnxruntime(tmp_path):
 
 
 def test_wide_3x3_convolutions_by_winograd_match_onnxruntime(tmp_path):
-    """A 3x3 stride-1 padding-1 conv with 128 input channels takes kernels/winograd.py in
+    """A 3x3 stride-1 padding-1 conv with 128 input channels on an 8x8 map takes kernels/winograd.py in
     evaluation (a strided one does not); both match onnxruntime and the direct convolution."""
     nodes = [
         helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[0, 0, 0, 0], kernel_shape=[1, 1]),
@@ -162,8 +162,8 @@ def test_wide_3x3_convolutions_by_winograd_match_onnxruntime(tmp_path):
     ]
     inits = [_weight("w1", 128, 3, 1, 1), _weight("w2", 16, 128, 3, 3, scale=0.05)]
     inits += [_weight("b2", 16), _weight("w3", 4, 16, 3, 3)]
-    path = write_graph(tmp_path / "g.onnx", nodes, inits, size=7)
-    x = images(size=7)
+    path = write_graph(tmp_path / "g.onnx", nodes, inits, size=8)
+    x = images(size=8)
     graph = onnx_graph.read_graph(path)
     mean, std = onnx_graph.input_normalization(graph, -1.0, -1.0)
     variables = onnx_graph.onnx_variables(graph)
