@@ -14,10 +14,11 @@ same `--batches` batches of uint8 RGB faces are embedded by
   * onnxruntime: the same conversion and NHWC -> NCHW in numpy (as a deployment does), then
     `InferenceSession.run` with `intra_op_num_threads=T`, `inter_op_num_threads=1`.
 Each runtime runs alone in a process of its own, one after the other, `--repeats` rounds
-(alternating; each process warms up on one batch, then times all the batches twice and keeps
-the faster), as each runs when deployed. `--in-process` times both in this one process instead,
-alternately: there the runtime that follows the other runs up to 25 % slower on the development
-host (one's idle threads still hold a core), see benchmarks/RESULTS.md.
+(alternating; each process warms up on one batch, then passes over all the batches at least
+twice and for at least `--min-seconds` (3), and reports the median pass), as each runs when
+deployed.
+`--in-process` times both in this one process instead, alternately, half that a turn
+(the earlier method; benchmarks/RESULTS.md compares the two).
 XLA:CPU's thread pool takes the process's cores; `--threads` should equal them (taskset the
 process to compare at fewer). Reports the median images/s of each and ours / onnxruntime, then
 one JSON line. "demo": configs/demo.py's ViT-MoE (48 px, capacity path); "r50": IResNet-50 at
@@ -124,15 +125,16 @@ def runner(kind: str, config, variables, onnx_path: str, batch: int, threads: in
     return lambda x: ort_embed(session, x, batch)
 
 
-def timed(run, images: np.ndarray, batch: int, times: int) -> float:
-    """Seconds of the fastest of `times` passes over the images, after one warm-up batch."""
+def timed(run, images: np.ndarray, batch: int, passes: int, min_seconds: float) -> float:
+    """The median seconds of a pass over the images, after one warm-up batch: at least `passes`
+    passes and `min_seconds` of them (a fast model makes many short passes)."""
     run(images[:batch])
-    best = float("inf")
-    for _ in range(times):
+    times = []
+    while len(times) < passes or sum(times) < min_seconds:
         start = time.perf_counter()
         run(images)
-        best = min(best, time.perf_counter() - start)
-    return best
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def worker(args) -> None:
@@ -140,7 +142,7 @@ def worker(args) -> None:
     config, variables = prepare(args.models)
     run = runner(args.worker, config, variables, args.onnx, args.batch, args.threads)
     images = bench_images(config, args.batch, args.batches)
-    print(json.dumps({"seconds": timed(run, images, args.batch, 2)}))
+    print(json.dumps({"seconds": timed(run, images, args.batch, 2, args.min_seconds)}))
 
 
 def isolated_seconds(name: str, onnx_path: str, args) -> dict:
@@ -151,6 +153,7 @@ def isolated_seconds(name: str, onnx_path: str, args) -> dict:
             command = [sys.executable, "-m", "benchmarks.inference", "--worker", kind]
             command += ["--models", name, "--onnx", onnx_path, "--batch", str(args.batch)]
             command += ["--threads", str(args.threads), "--batches", str(args.batches)]
+            command += ["--min-seconds", str(args.min_seconds)]
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode != 0:
                 sys.stderr.write(done.stderr[-4000:])
@@ -169,7 +172,7 @@ def in_process_seconds(name: str, onnx_path: str, args) -> dict:
     seconds = {kind: [] for kind in runs}
     for _ in range(args.repeats):
         for kind, run in runs.items():
-            seconds[kind].append(timed(run, images, args.batch, 1))
+            seconds[kind].append(timed(run, images, args.batch, 1, args.min_seconds / 2))
     return seconds
 
 
@@ -199,6 +202,7 @@ def main():
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batches", type=int, default=4, help="batches per timed run")
+    parser.add_argument("--min-seconds", type=float, default=3.0, help="of passes per round")
     parser.add_argument("--in-process", action="store_true", help="both in this process")
     parser.add_argument("--worker", choices=("ours", "onnxruntime"), help=argparse.SUPPRESS)
     parser.add_argument("--onnx", help=argparse.SUPPRESS)
