@@ -71,6 +71,8 @@ DATA_KNOBS = (
     "data.synthetic_cache",
     "data.tfds_data_dir",
 )
+# Model fields that choose how the evaluation forward computes, not what the state holds.
+MODEL_KNOBS = ("model.conv_algorithm",)
 # Top-level sections that say how an evaluation or export runs, not what was trained: they come
 # from the command line; every other field comes from the checkpoint's saved config.
 RUNTIME_SECTIONS = ("eval", "mesh", "sharding_rules", "export")
@@ -98,7 +100,7 @@ def _config_dict(config) -> dict:
 
 
 def _is_fixed(field: str) -> bool:
-    if field in DATA_KNOBS:
+    if field in DATA_KNOBS or field in MODEL_KNOBS:
         return False
     if field in STATE_SWITCHES:
         return True

@@ -67,10 +67,12 @@ def test_config_changes_split_fixed_fields_from_knobs():
     now.optimizer.learning_rate = 1e-4
     now.train.num_steps = 900
     now.data.worker_count = 4
+    now.model.conv_algorithm = "direct"
     assert checkpoint_lib.config_changes(saved, now) == (
         [],
         [
             "data.worker_count 0 -> 4",
+            "model.conv_algorithm 'winograd' -> 'direct'",
             "optimizer.learning_rate 0.002 -> 0.0001",
             "train.num_steps 700 -> 900",
         ],
