@@ -113,13 +113,14 @@ def applies(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimen
     def ones(value):
         return value is None or all(v == 1 for v in value)
 
+    if lhs.ndim != 4 or rhs.ndim != 4:
+        return False
     if isinstance(dimension_numbers, jax.lax.ConvDimensionNumbers):  # a NamedTuple: test first
         nhwc = dimension_numbers == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC)
     else:
         nhwc = dimension_numbers is not None and tuple(dimension_numbers) == NHWC
     return (
         nhwc
-        and lhs.ndim == 4
         and lhs.dtype == jnp.float32
         and rhs.dtype == jnp.float32
         and tuple(rhs.shape[:2]) == (3, 3)

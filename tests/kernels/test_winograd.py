@@ -88,6 +88,17 @@ def test_winograd_takes_only_the_convolutions_it_computes(changes, applies):
     assert winograd.applies(**lax_arguments(**changes)) is applies
 
 
+def test_a_1d_convolution_goes_to_lax():
+    """flax's nn.Conv with a 1-D kernel hands the drop-in 3-D operands."""
+    x = jnp.ones((2, 9, 128))
+    w = jnp.ones((3, 128, 4))
+    spec = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHC", "HIO", "NHC"))
+    args = dict(lhs_dilation=(1,), rhs_dilation=(1,), dimension_numbers=spec)
+    assert not winograd.applies(x, w, (1,), ((1, 1),), feature_group_count=1, **args)
+    got = winograd.conv_general_dilated(x, w, (1,), ((1, 1),), **args)
+    assert got.shape == (2, 9, 4)
+
+
 def test_the_drop_in_falls_back_to_lax_exactly():
     """A stride-2 convolution through the drop-in is lax's, bit for bit."""
     rng = np.random.default_rng(2)
