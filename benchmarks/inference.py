@@ -45,6 +45,7 @@ from facemoe_jax.interop import convert
 from facemoe_jax.interop import onnx as onnx_export
 from facemoe_jax.models import build_model
 
+RUNTIMES = ("ours", "onnxruntime")
 MODELS = {"demo": ("configs/demo.py", None), "r50": ("configs/iresnet.py", "r50")}
 
 
@@ -88,7 +89,7 @@ def ort_embed(session, images: np.ndarray, batch: int) -> np.ndarray:
 
 
 def prepare(name: str):
-    """(config, variables, images) of a model, the same in every process: seeded."""
+    """(config, variables) of a model, the same in every process: seeded."""
     path, arg = MODELS[name]
     config = load_config(path, arg)
     config.model.dtype = "float32"  # the exported graph's precision (r50 trains in bfloat16)
@@ -145,9 +146,11 @@ def worker(args) -> None:
     print(json.dumps({"seconds": timed(run, images, args.batch, 2, args.min_seconds)}))
 
 
-def isolated_seconds(name: str, onnx_path: str, args) -> dict:
-    """{runtime: [seconds per round]}, each round one process per runtime, alternating."""
-    seconds = {"ours": [], "onnxruntime": []}
+def isolated_seconds(name: str, config, variables, onnx_path: str, args) -> dict:
+    """{runtime: [seconds per round]}, each round one process per runtime, alternating (each
+    worker rebuilds the seeded config and variables)."""
+    del config, variables
+    seconds = {kind: [] for kind in RUNTIMES}
     for _ in range(args.repeats):
         for kind in seconds:
             command = [sys.executable, "-m", "benchmarks.inference", "--worker", kind]
@@ -162,12 +165,13 @@ def isolated_seconds(name: str, onnx_path: str, args) -> dict:
     return seconds
 
 
-def in_process_seconds(name: str, onnx_path: str, args) -> dict:
-    config, variables = prepare(name)
+def in_process_seconds(name: str, config, variables, onnx_path: str, args) -> dict:
+    """{runtime: [seconds per round]}, both runtimes in this process, alternating."""
+    del name
     images = bench_images(config, args.batch, args.batches)
     runs = {
         kind: runner(kind, config, variables, onnx_path, args.batch, args.threads)
-        for kind in ("ours", "onnxruntime")
+        for kind in RUNTIMES
     }
     seconds = {kind: [] for kind in runs}
     for _ in range(args.repeats):
@@ -181,7 +185,7 @@ def bench_model(name: str, args) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         checked = export_checked(name, config, variables, folder, args.batch, args.threads)
         measure = in_process_seconds if args.in_process else isolated_seconds
-        seconds = measure(name, checked["onnx_path"], args)
+        seconds = measure(name, config, variables, checked["onnx_path"], args)
     count = args.batch * args.batches
     rates = {k: count / statistics.median(v) for k, v in seconds.items()}
     return {
@@ -204,7 +208,7 @@ def main():
     parser.add_argument("--batches", type=int, default=4, help="batches per timed run")
     parser.add_argument("--min-seconds", type=float, default=3.0, help="of passes per round")
     parser.add_argument("--in-process", action="store_true", help="both in this process")
-    parser.add_argument("--worker", choices=("ours", "onnxruntime"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=RUNTIMES, help=argparse.SUPPRESS)
     parser.add_argument("--onnx", help=argparse.SUPPRESS)
     args = parser.parse_args()
     unknown = [m for m in args.models.split(",") if m not in MODELS]
