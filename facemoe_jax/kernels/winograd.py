@@ -40,6 +40,8 @@ STEP = 2  # output tile side
 MIN_CHANNELS = 64
 MIN_SIZE = 8  # height and width
 NHWC = ("NHWC", "HWIO", "NHWC")
+# config.model.conv_algorithm: this file's convolution where it applies, or always XLA's.
+ALGORITHMS = ("winograd", "direct")
 
 
 def _combine(matrix: np.ndarray, terms: list[Array]) -> list[Array]:

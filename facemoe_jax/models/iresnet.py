@@ -58,7 +58,6 @@ STAGE_BLOCKS = {
     200: (6, 26, 60, 6),
 }
 STAGE_WIDTHS = (64, 128, 256, 512)
-CONV_ALGORITHMS = ("winograd", "direct")
 PRELU_INIT = 0.25
 
 
@@ -106,8 +105,8 @@ def inference_conv(conv_algorithm: str, train: bool):
     """The convolution of an evaluation-mode forward: "winograd" computes the 3x3 stride-1
     convolutions with enough channels by F(2x2, 3x3) (kernels/winograd.py; equal to the direct
     convolution to about 1e-6 of its scale), "direct" keeps XLA's. Training is always direct."""
-    if conv_algorithm not in CONV_ALGORITHMS:
-        raise ValueError(f"conv_algorithm={conv_algorithm!r} is not one of {CONV_ALGORITHMS}")
+    if conv_algorithm not in winograd.ALGORITHMS:
+        raise ValueError(f"conv_algorithm={conv_algorithm!r} is not one of {winograd.ALGORITHMS}")
     return winograd.conv_general_dilated if conv_algorithm == "winograd" and not train else None
 
 

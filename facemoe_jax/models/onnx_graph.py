@@ -358,7 +358,7 @@ class OnnxModel(nn.Module):
     quality: QualitySettings = QualitySettings()
     heads: HeadSettings = HeadSettings()  # the quality head (off)
     batchnorm: str = "off"  # BATCHNORM_MODES: "every_conv" inserts the BatchNorms below
-    conv_algorithm: str = "winograd"  # evaluation-mode 3x3 convolutions (models/iresnet.py)
+    conv_algorithm: str = "winograd"  # evaluation-mode 3x3 convolutions (kernels/winograd.py)
 
     def _inserted_batchnorm(self, node: Node, x: Array) -> Array:
         """The BatchNorm after convolution `node` (x: its output, NCHW), for test-time

@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 import jax.numpy as jnp
 import ml_collections
 
+from facemoe_jax.kernels import winograd
 from facemoe_jax.models.onnx_graph import (
     BATCHNORM_MODES,
     OnnxModel,
@@ -28,7 +29,7 @@ from facemoe_jax.models.onnx_graph import (
     stem_nodes,
 )
 from facemoe_jax.models.quality import QualitySettings, estimator
-from facemoe_jax.models.iresnet import CONV_ALGORITHMS, STAGE_BLOCKS, IResNet
+from facemoe_jax.models.iresnet import STAGE_BLOCKS, IResNet
 from facemoe_jax.models.lora import settings_from_config
 from facemoe_jax.models.mobilefacenet import MobileFaceNet
 from facemoe_jax.models.moe import COMBINE_MODES
@@ -239,9 +240,10 @@ def _check_cnn(cfg: ml_collections.ConfigDict) -> None:
 
 
 def _conv_algorithm(cfg: ml_collections.ConfigDict) -> str:
-    if cfg.conv_algorithm not in CONV_ALGORITHMS:
+    if cfg.conv_algorithm not in winograd.ALGORITHMS:
         raise ValueError(
-            f"config.model.conv_algorithm={cfg.conv_algorithm!r} is not one of {CONV_ALGORITHMS}"
+            f"config.model.conv_algorithm={cfg.conv_algorithm!r} is not one of "
+            f"{winograd.ALGORITHMS}"
         )
     return str(cfg.conv_algorithm)
 
